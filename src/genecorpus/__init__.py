@@ -1,0 +1,57 @@
+"""genecorpus: Genecorpus-style rank-value-encoded single-cell corpora, built fast and exactly.
+
+The public API::
+
+    from genecorpus import BuildConfig, DatasetSpec, build_corpus, load_manifest
+    config = load_manifest("corpus.toml")
+    result = build_corpus(config, "out/corpus", workers=2)
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from genecorpus.errors import GenecorpusError
+
+if TYPE_CHECKING:
+    from genecorpus.build import BuildResult, build_corpus
+    from genecorpus.config import BuildConfig, DatasetSpec, QCParams, load_manifest
+    from genecorpus.encode import rank_value_encode
+    from genecorpus.io import open_dataset
+    from genecorpus.vocab import TokenDictionary, load_gene_medians
+
+# Imported on first use, so that `import genecorpus.vocab` or the CLI's --help stay fast.
+_LAZY = {
+    "BuildResult": "build", "build_corpus": "build",
+    "BuildConfig": "config", "DatasetSpec": "config", "QCParams": "config", "load_manifest": "config",
+    "rank_value_encode": "encode", "open_dataset": "io",
+    "TokenDictionary": "vocab", "load_gene_medians": "vocab",
+}
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildConfig",
+    "BuildResult",
+    "DatasetSpec",
+    "GenecorpusError",
+    "QCParams",
+    "TokenDictionary",
+    "__version__",
+    "build_corpus",
+    "load_gene_medians",
+    "load_manifest",
+    "open_dataset",
+    "rank_value_encode",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"genecorpus.{_LAZY[name]}"), name)
+    msg = f"module 'genecorpus' has no attribute {name!r}"
+    raise AttributeError(msg)

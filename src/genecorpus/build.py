@@ -1,0 +1,680 @@
+"""The corpus builder: plan → QC statistics → medians → encode and write → publish.
+
+Stages are plain functions over *tasks* (a dataset and a range of :attr:`BuildConfig.shard_cells` input
+cells) run through an :class:`~genecorpus.executors.Executor`. Tasks reopen their file from its path and
+read it in blocks of :attr:`BuildConfig.block_size` cells; each returns a small mergeable result (or
+writes its own shard), and results are merged in task order. Neither the block size nor the number of
+workers changes a byte of the output.
+
+Data is read at most four times: QC statistics (with each gene's value range), median histogram,
+median selection, encoding. ``tokenize`` (given medians, no QC) reads it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import pickle
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+
+from genecorpus import _kernels, genes, medians
+from genecorpus.config import BuildConfig, DatasetSpec, QCParams
+from genecorpus.encode import apply_layout, rank_value_encode
+from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
+from genecorpus.executors import Executor, LocalExecutor
+from genecorpus.io import open_dataset
+from genecorpus.qc import (
+    DROP_REASONS,
+    NO_VOCAB_REASON,
+    CellStats,
+    DatasetQC,
+    QCMoments,
+    count_reasons,
+    keep_mask,
+)
+from genecorpus.shards import ColumnSpec, ShardWriter, corpus_schema, publish_shards
+from genecorpus.vocab import LAYOUTS, TokenDictionary, load_gene_medians, load_pickled_dict, write_gene_medians
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from genecorpus.io import CellSource
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BuildResult", "build_corpus"]
+
+_FIXED_COLUMNS = ("dataset_id", "cell_id")
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """What every task needs to know about one dataset (small and picklable)."""
+
+    index: int
+    spec: DatasetSpec
+    n_cells: int
+    n_genes_in: int
+    col_to_gene: np.ndarray
+    """Input column → index into the gene universe, or -1 (int32)."""
+    is_mito_col: np.ndarray
+    """Input column is a mitochondrial gene (bool)."""
+    gene_summary: dict[str, Any]
+    obs_n_counts: bool
+    """Depth comes from ``obs["n_counts"]``."""
+    filter_column: str | None
+    source: Any = None
+    """An in-memory AnnData (Python API only; runs in this process)."""
+
+    def open(self) -> CellSource:
+        """Open the dataset for reading."""
+        s = self.spec
+        target = self.source if self.source is not None else s.path
+        return open_dataset(target, format=s.format, layer=s.layer, use_raw=s.use_raw,
+                            cells_as_rows=s.cells_as_rows)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Settings shared by all tasks of a build."""
+
+    plans: tuple[DatasetPlan, ...]
+    n_genes: int
+    """Size of the gene universe (candidate genes, or the token dictionary's genes)."""
+    block_size: int
+    qc: QCParams
+    need_window: bool
+    """Whether the statistics pass also records each gene's value range (medians are computed)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """Input cells ``start:stop`` of dataset ``dataset``; ``index`` orders tasks and shards."""
+
+    index: int
+    dataset: int
+    start: int
+    stop: int
+
+
+def _plan_tasks(plans: Sequence[DatasetPlan], shard_cells: int) -> list[Task]:
+    tasks: list[Task] = []
+    for plan in plans:
+        for start in range(0, max(plan.n_cells, 1), shard_cells):
+            tasks.append(Task(len(tasks), plan.index, start, min(start + shard_cells, plan.n_cells)))
+    return tasks
+
+
+def _gene_identifiers(source: CellSource, spec: DatasetSpec) -> np.ndarray:
+    if spec.gene_column:
+        if spec.gene_column not in source.var_columns:
+            msg = (f"{source.path}: no var column {spec.gene_column!r}; available: "
+                   f"{', '.join(source.var_columns) or 'none'} (or omit gene_column to use the index)")
+            raise ConfigError(msg)
+        return source.var_column(spec.gene_column)
+    if "ensembl_id" in source.var_columns:
+        return source.var_column("ensembl_id")
+    return source.var_names
+
+
+def _plan_dataset(index: int, spec: DatasetSpec, source: CellSource, *, universe: np.ndarray,
+                  mito: np.ndarray, mapping: dict[str, str] | None, use_obs_n_counts: bool,
+                  in_memory: Any = None) -> DatasetPlan:
+    ids = _gene_identifiers(source, spec)
+    try:
+        mapped = genes.map_to_ensembl(ids, kind=spec.gene_id, release=spec.release, mapping=mapping)
+    except GenecorpusError as e:
+        msg = f"{source.path}: {e}"
+        raise type(e)(msg) from None
+    col_to_gene = genes.collapse_index(mapped.ensembl_ids, universe)
+    is_mito = np.isin(mapped.ensembl_ids, mito)
+    n_used = int((col_to_gene >= 0).sum())
+    summary = {
+        "n_input_genes": len(ids),
+        "id_kind": mapped.kind,
+        "release": mapped.release,
+        "n_unmapped": int(mapped.n_unmapped),
+        "n_ambiguous": int(mapped.n_ambiguous),
+        "n_columns_in_universe": n_used,
+        "n_genes_in_universe": int(np.unique(col_to_gene[col_to_gene >= 0]).shape[0]),
+        "n_mito_columns": int(is_mito.sum()),
+    }
+    if n_used == 0:
+        msg = (f"{source.path}: none of its {len(ids)} genes is in the gene universe; check gene_id, "
+               f"release or the gene mapping")
+        raise InputError(msg)
+    obs = set(source.obs_columns)
+    missing = [c for c in spec.obs_columns if c not in obs]
+    if missing:
+        msg = (f"{source.path}: obs column {missing[0]!r} not found; available: "
+               f"{', '.join(sorted(obs)) or 'none'}")
+        raise ConfigError(msg)
+    return DatasetPlan(
+        index=index, spec=spec, n_cells=source.n_cells, n_genes_in=len(ids), col_to_gene=col_to_gene,
+        is_mito_col=is_mito, gene_summary=summary,
+        obs_n_counts=use_obs_n_counts and "n_counts" in obs,
+        filter_column=spec.filter_column if spec.filter_column in obs else None,
+        source=in_memory,
+    )
+
+
+# ------------------------------------------------------------------------------------ block reading
+
+
+@dataclass(frozen=True)
+class _Block:
+    start: int
+    cell_ids: np.ndarray
+    obs: dict[str, np.ndarray]
+    genes: sp.csr_matrix
+    """Cells × universe genes, duplicate columns summed (int64 data, sorted int32 indices)."""
+    stats: CellStats
+    depth: np.ndarray
+
+
+def _read_blocks(ctx: Context, plan: DatasetPlan, task: Task, extra_obs: Sequence[str] = ()) -> Iterator[_Block]:
+    """Read a task's cells block by block, mapped to the gene universe, with their statistics."""
+    want = list(dict.fromkeys([*extra_obs, *(["n_counts"] if plan.obs_n_counts else []),
+                               *([plan.filter_column] if plan.filter_column else [])]))
+    source = plan.open()
+    try:
+        for start in range(task.start, task.stop, ctx.block_size):
+            stop = min(start + ctx.block_size, task.stop)
+            try:
+                block = source.read_block(start, stop, obs_columns=want)
+            except GenecorpusError:
+                raise
+            except (OSError, ValueError, KeyError) as e:
+                msg = f"{plan.spec.path}: cannot read cells {start}:{stop} ({e}); the file may be corrupt"
+                raise InputError(msg) from None
+            x = block.counts
+            indptr = x.indptr.astype(np.int64)
+            totals, mito = _kernels._cell_totals_csr(x.data, indptr, x.indices, plan.is_mito_col)
+            gdata, gidx, gptr = _kernels._collapse_csr(x.data, x.indices, indptr, plan.col_to_gene,
+                                                       ctx.n_genes)
+            g = sp.csr_matrix((gdata, gidx, gptr), shape=(x.shape[0], ctx.n_genes))
+            if plan.filter_column:
+                pre = np.asarray(block.obs[plan.filter_column]).astype(bool)
+            else:
+                pre = np.ones(x.shape[0], dtype=bool)
+            stats = CellStats(totals, mito, np.diff(gptr), pre)
+            depth = totals.astype(np.float64)
+            if plan.obs_n_counts:
+                depth = np.asarray(block.obs["n_counts"], dtype=np.float64)
+                bad = (np.diff(gptr) > 0) & ~(depth > 0)
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    msg = (f"{plan.spec.path}: cell {block.cell_ids[i]!r} has obs n_counts "
+                           f"{depth[i]} but nonzero counts; fix obs['n_counts'] or drop the column")
+                    raise InputError(msg)
+            yield _Block(start, block.cell_ids, block.obs, g, stats, depth)
+    finally:
+        source.close()
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+@dataclass
+class StatsResult:
+    """QC moments and gene value window of one task."""
+
+    moments: QCMoments
+    window: medians.GeneWindow
+
+
+def _stats_task(ctx: Context, task: Task) -> StatsResult:
+    plan = ctx.plans[task.dataset]
+    moments = QCMoments()
+    window = medians.GeneWindow.empty(ctx.n_genes)
+    for b in _read_blocks(ctx, plan, task):
+        moments.add(b.stats, ctx.qc.mito)
+        if ctx.need_window and plan.spec.use_for_medians:
+            g, k = _kernels._value_keys_csr(b.genes.data, b.genes.indices, b.genes.indptr,
+                                            b.depth, b.stats.preselected)
+            window.add(g, k)
+    return StatsResult(moments, window)
+
+
+def _kept_keys(b: _Block, qc: DatasetQC) -> tuple[np.ndarray, np.ndarray]:
+    keep, _ = keep_mask(b.stats, qc)
+    return _kernels._value_keys_csr(b.genes.data, b.genes.indices, b.genes.indptr, b.depth, keep)
+
+
+def _histogram_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.GeneWindow,
+                    shift: np.ndarray) -> np.ndarray:
+    hist = np.zeros((ctx.n_genes, medians.N_BINS), dtype=np.int64)
+    for b in _read_blocks(ctx, ctx.plans[task.dataset], task):
+        g, k = _kept_keys(b, qc)
+        medians.histogram_values(g, k, window, shift, hist)
+    return hist
+
+
+def _select_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.GeneWindow,
+                 shift: np.ndarray, targets: medians.MedianTargets) -> medians.ValueMultiset:
+    acc = medians.ValueMultiset.empty()
+    for b in _read_blocks(ctx, ctx.plans[task.dataset], task):
+        g, k = _kept_keys(b, qc)
+        acc = acc.merge(medians.select_in_bins(g, k, window, shift, targets))
+    return acc
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What the encoding pass needs besides the context."""
+
+    medians: np.ndarray
+    tokens: np.ndarray
+    layout: str
+    special: dict[str, int]
+    schema: pa.Schema
+    metadata: tuple[ColumnSpec, ...]
+
+
+@dataclass
+class EncodeResult:
+    """What one encoding task wrote."""
+
+    n_in: int
+    n_rows: int
+    n_tokens: int
+    dropped: dict[str, int]
+    lengths: np.ndarray
+    part: Path
+
+
+def _encode_task(ctx: Context, task: Task, qc: DatasetQC, enc: EncodeSettings, part: Path) -> EncodeResult:
+    plan = ctx.plans[task.dataset]
+    layout = LAYOUTS[enc.layout]
+    wanted = [c.name for c in enc.metadata if c.name not in _FIXED_COLUMNS and c.name in plan.spec.obs_columns]
+    writer = ShardWriter(part, enc.schema)
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    lengths_all: list[np.ndarray] = []
+    n_in = 0
+    try:
+        for b in _read_blocks(ctx, plan, task, extra_obs=wanted):
+            n_in += b.genes.shape[0]
+            keep, reason = keep_mask(b.stats, qc)
+            rows = np.flatnonzero(keep)
+            x = b.genes[rows]
+            tokens, lengths = rank_value_encode(x, depth=b.depth[rows], medians=enc.medians,
+                                                tokens=enc.tokens, max_genes=layout.max_genes)
+            empty = lengths == 0
+            reason[rows[empty]] = NO_VOCAB_REASON
+            for name, c in count_reasons(reason).items():
+                dropped[name] += c
+            rows, lengths = rows[~empty], lengths[~empty]
+            tokens, lengths = apply_layout(tokens, lengths, layout=layout, special=enc.special)
+            columns = {"dataset_id": np.full(rows.shape[0], plan.spec.dataset_id, dtype=object),
+                       "cell_id": np.asarray(b.cell_ids, dtype=object)[rows]}
+            for c in enc.metadata:
+                if c.name in _FIXED_COLUMNS:
+                    continue
+                if c.name in b.obs:
+                    columns[c.name] = _as_column(np.asarray(b.obs[c.name])[rows], c)
+                else:
+                    columns[c.name] = np.full(rows.shape[0], None, dtype=object)
+            writer.write(tokens, lengths, columns)
+            lengths_all.append(lengths)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    lengths_arr = np.concatenate(lengths_all) if lengths_all else np.empty(0, np.int64)
+    return EncodeResult(n_in, writer.n_rows, int(lengths_arr.sum()), dropped, lengths_arr, part)
+
+
+def _as_column(values: np.ndarray, col: ColumnSpec) -> np.ndarray:
+    if col.type == pa.string():
+        return np.array([None if v is None else str(v) for v in values.tolist()], dtype=object)
+    return values
+
+
+def _arrow_type(values: np.ndarray) -> pa.DataType:
+    kind = values.dtype.kind
+    if kind == "b":
+        return pa.bool_()
+    if kind in "iu":
+        return pa.int64()
+    if kind == "f":
+        return pa.float64()
+    return pa.string()
+
+
+def _metadata_columns(plans: Sequence[DatasetPlan]) -> tuple[ColumnSpec, ...]:
+    types: dict[str, set[pa.DataType]] = {}
+    for plan in plans:
+        if not plan.spec.obs_columns or plan.n_cells == 0:
+            for name in plan.spec.obs_columns:
+                types.setdefault(name, set())
+            continue
+        source = plan.open()
+        try:
+            sample = source.read_block(0, 1, obs_columns=list(plan.spec.obs_columns)).obs
+        finally:
+            source.close()
+        for name in plan.spec.obs_columns:
+            types.setdefault(name, set()).add(_arrow_type(np.asarray(sample[name])))
+    cols = [ColumnSpec("dataset_id", pa.string()), ColumnSpec("cell_id", pa.string())]
+    for name, kinds in types.items():
+        if name in _FIXED_COLUMNS:
+            continue
+        if len(kinds) == 1:
+            (t,) = kinds
+        elif kinds and kinds <= {pa.int64(), pa.float64()}:
+            t = pa.float64()
+        else:
+            t = pa.string()
+        cols.append(ColumnSpec(name, t))
+    return tuple(cols)
+
+
+# ------------------------------------------------------------------------------------------- build
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """Where the corpus is and what is in it."""
+
+    path: Path
+    n_cells: int
+    n_tokens: int
+    n_shards: int
+    manifest: dict[str, Any] = field(repr=False)
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    if path.is_dir():
+        h = hashlib.sha256()
+        size = 0
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            digest, n = _sha256(p)
+            h.update(f"{p.relative_to(path)}\0{digest}\n".encode())
+            size += n
+        return h.hexdigest(), size
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest(), path.stat().st_size
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("genecorpus", "numpy", "scipy", "numba", "pyarrow", "anndata", "h5py", "datasets"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _prepare_out(out: Path, *, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        msg = f"{out}: already exists; choose another --out or pass --overwrite"
+        raise ConfigError(msg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def build_corpus(
+    config: BuildConfig,
+    out: str | os.PathLike[str],
+    *,
+    workers: int = 1,
+    mode: str = "build",
+    overwrite: bool = False,
+    executor: Executor | None = None,
+    sources: Sequence[Any] = (),
+) -> BuildResult:
+    """Build a corpus folder from the datasets of ``config`` (SPEC §2.1–§2.8).
+
+    Parameters
+    ----------
+    config
+        Datasets and settings; see :class:`~genecorpus.config.BuildConfig`.
+    out
+        The corpus folder to create; written to a temporary sibling and renamed when complete.
+    workers
+        Local worker processes (output is identical for any number).
+    mode
+        ``"build"`` (QC, medians computed unless given) or ``"tokenize"`` (given dictionaries, no QC
+        beyond ``filter_pass`` and empty cells).
+    overwrite
+        Replace an existing ``out``.
+    executor
+        Run tasks through this executor instead of a :class:`LocalExecutor`.
+    sources
+        In-memory ``AnnData`` objects matching ``config.datasets`` by position (Python API).
+
+    Returns
+    -------
+    BuildResult with the folder, cell, token and shard counts and the manifest dict.
+    """
+    out = Path(out)
+    tmp = _prepare_out(out, overwrite=overwrite)
+    own_executor = executor is None
+    if sources and workers > 1:
+        workers = 1  # in-memory objects are not sent to other processes
+    executor = executor or LocalExecutor(workers)
+    try:
+        manifest = _run(config, tmp, executor=executor, mode=mode, sources=sources)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if own_executor:
+            executor.close()
+    return BuildResult(out, manifest["corpus"]["n_cells"], manifest["corpus"]["n_tokens"],
+                       len(manifest["corpus"]["shards"]), manifest)
+
+
+def _load_dictionaries(config: BuildConfig, mode: str) -> tuple[TokenDictionary | None, dict[str, float] | None, dict[str, str] | None]:
+    token_dict = TokenDictionary.load(config.token_dictionary) if config.token_dictionary else None
+    given_medians = load_gene_medians(config.gene_medians) if config.gene_medians else None
+    mapping = None
+    if config.gene_mapping:
+        raw = load_pickled_dict(config.gene_mapping)
+        bad = [k for k, v in raw.items() if not isinstance(v, str)]
+        if bad:
+            msg = f"{config.gene_mapping}: value of {bad[0]!r} is not an Ensembl ID string; give an ensembl_mapping_dict"
+            raise DictionaryError(msg)
+        mapping = {str(k): str(v) for k, v in raw.items()}
+    if mode == "tokenize" and (token_dict is None or given_medians is None):
+        msg = "tokenize needs --token-dictionary and --gene-medians (e.g. Geneformer's gc30M or gc104M files)"
+        raise ConfigError(msg)
+    if token_dict is not None:
+        layout = LAYOUTS[config.layout]
+        missing = [t for t in layout.special_tokens if t not in token_dict.special]
+        if missing:
+            msg = (f"{config.token_dictionary}: has no {missing[0]} token, which layout {config.layout} "
+                   f"needs; use --layout {token_dict.layout().name} or another dictionary")
+            raise DictionaryError(msg)
+    return token_dict, given_medians, mapping
+
+
+def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sources: Sequence[Any]) -> dict[str, Any]:
+    layout = LAYOUTS[config.layout]
+    token_dict, given_medians, mapping = _load_dictionaries(config, mode)
+    qc_params = config.qc if mode == "build" else QCParams(enabled=False)
+
+    if mode == "tokenize":
+        assert token_dict is not None and given_medians is not None
+        universe = token_dict.gene_ids
+        mito = np.empty(0, dtype=object)
+    else:
+        universe = genes.candidate_genes(config.reference)
+        mito = genes.mito_genes(config.reference)
+
+    plans = []
+    for i, spec in enumerate(config.datasets):
+        in_memory = sources[i] if i < len(sources) else None
+        source = open_dataset(in_memory if in_memory is not None else spec.path, format=spec.format,
+                              layer=spec.layer, use_raw=spec.use_raw, cells_as_rows=spec.cells_as_rows)
+        try:
+            plans.append(_plan_dataset(i, spec, source, universe=universe, mito=mito, mapping=mapping,
+                                       use_obs_n_counts=config.use_obs_n_counts, in_memory=in_memory))
+        finally:
+            source.close()
+    need_medians = given_medians is None
+    ctx = Context(tuple(plans), len(universe), config.block_size, qc_params, need_medians)
+    tasks = _plan_tasks(plans, config.shard_cells)
+    logger.info("%d datasets, %d cells, %d tasks", len(plans), sum(p.n_cells for p in plans), len(tasks))
+
+    # QC statistics and value windows
+    if qc_params.enabled or need_medians:
+        stats = executor.map("qc", _stats_task, [(ctx, t) for t in tasks])
+    else:
+        stats = [StatsResult(QCMoments(), medians.GeneWindow.empty(0)) for _ in tasks]
+    dataset_qc: list[DatasetQC] = []
+    for plan in plans:
+        moments = QCMoments()
+        for t, s in zip(tasks, stats, strict=True):
+            if t.dataset == plan.index:
+                moments.merge(s.moments)
+        dataset_qc.append(DatasetQC.from_moments(moments, qc_params, has_mito=bool(plan.is_mito_col.any())))
+
+    # medians over the universe
+    if need_medians:
+        window = medians.GeneWindow.empty(len(universe))
+        for s in stats:
+            window.merge(s.window)
+        shift = window.shifts()
+        med_tasks = [t for t in tasks if plans[t.dataset].spec.use_for_medians]
+        hist = np.zeros((len(universe), medians.N_BINS), dtype=np.int64)
+        for h in executor.map("medians (histogram)", _histogram_task,
+                              [(ctx, t, dataset_qc[t.dataset], window, shift) for t in med_tasks]):
+            hist += h
+        targets = medians.MedianTargets.from_histogram(hist)
+        values = medians.ValueMultiset.empty()
+        for v in executor.map("medians (selection)", _select_task,
+                              [(ctx, t, dataset_qc[t.dataset], window, shift, targets) for t in med_tasks]):
+            values = values.merge(v)
+        gene_median = medians.select_medians(targets, values)
+        provenance: dict[str, Any] = {
+            "source": "computed",
+            "method": "exact nonzero median of count / n_counts * 10000 (float64), radix selection",
+            "datasets": [p.spec.dataset_id for p in plans if p.spec.use_for_medians],
+            "n_detected_genes": int(np.isfinite(gene_median).sum()),
+        }
+    else:
+        assert given_medians is not None
+        gene_median = np.array([given_medians.get(g, np.nan) for g in universe.tolist()], dtype=np.float64)
+        provenance = {"source": str(config.gene_medians), "sha256": _sha256(Path(config.gene_medians))[0]}
+        if mode == "tokenize":
+            missing = np.flatnonzero(np.isnan(gene_median))
+            if missing.size:
+                msg = (f"{config.gene_medians}: no median for {missing.size} genes of the token dictionary "
+                       f"(e.g. {universe[missing[0]]}); give the matching gene_median_dictionary")
+                raise DictionaryError(msg)
+
+    # vocabulary and tokens
+    if token_dict is None:
+        vocab = universe[np.isfinite(gene_median)]
+        token_dict = TokenDictionary.from_genes(vocab, layout)
+    pos = {g: t for g, t in zip(token_dict.gene_ids.tolist(), token_dict.gene_tokens.tolist(), strict=True)}
+    tokens = np.array([pos.get(g, -1) for g in universe.tolist()], dtype=np.int32)
+    in_vocab = (tokens >= 0) & np.isfinite(gene_median)
+    if np.any(np.diff(tokens[in_vocab]) <= 0):
+        msg = "the token dictionary's gene ids are not in ascending Ensembl-ID order; genecorpus needs that order"
+        raise DictionaryError(msg)
+    enc_medians = np.where(in_vocab, gene_median, 0.0)
+
+    # encode and write
+    metadata = _metadata_columns(plans)
+    token_type = pa.int16() if token_dict.max_token <= np.iinfo(np.int16).max else pa.int32()
+    schema = corpus_schema(token_type, metadata)
+    enc = EncodeSettings(enc_medians, tokens, layout.name, token_dict.special, schema, metadata)
+    parts_dir = tmp / "_parts"
+    parts_dir.mkdir()
+    results: list[EncodeResult] = executor.map(
+        "encode", _encode_task,
+        [(ctx, t, dataset_qc[t.dataset], enc, parts_dir / f"part-{t.index:06d}.arrow") for t in tasks],
+    )
+    vocab_genes = universe[in_vocab]
+    # everything that determines the bytes; the block size does not
+    fingerprint = json.dumps([config.model_dump(mode="json", exclude={"block_size"}), mode], sort_keys=True)
+    shard_names = publish_shards(tmp, [(r.part, r.n_rows) for r in results], schema, fingerprint)
+    parts_dir.rmdir()
+
+    token_dict_out = TokenDictionary(
+        np.array(list(token_dict.gene_ids), dtype=object), token_dict.gene_tokens, token_dict.special)
+    token_dict_out.save(tmp / "token_dictionary.pkl")
+    write_gene_medians({g: float(m) for g, m in zip(vocab_genes.tolist(), gene_median[in_vocab].tolist(), strict=True)},
+                       tmp / "gene_medians.tsv", tmp / "gene_medians.pkl")
+    lengths = np.concatenate([r.lengths for r in results]) if results else np.empty(0, np.int64)
+    with (tmp / "lengths.pkl").open("wb") as fh:
+        pickle.dump(lengths.tolist(), fh, protocol=4)
+
+    return _manifest(config, mode, plans, tasks, dataset_qc, results, provenance, shard_names,
+                     token_dict, vocab_genes, lengths, [c.name for c in metadata])
+
+
+def _manifest(config: BuildConfig, mode: str, plans: Sequence[DatasetPlan], tasks: Sequence[Task],
+              dataset_qc: Sequence[DatasetQC], results: Sequence[EncodeResult], provenance: dict[str, Any],
+              shard_names: list[str], token_dict: TokenDictionary, vocab_genes: np.ndarray,
+              lengths: np.ndarray, columns: list[str]) -> dict[str, Any]:
+    datasets = []
+    for plan in plans:
+        rs = [r for t, r in zip(tasks, results, strict=True) if t.dataset == plan.index]
+        dropped = {name: sum(r.dropped[name] for r in rs) for name in DROP_REASONS}
+        n_in = sum(r.n_in for r in rs)
+        kept = sum(r.n_rows for r in rs)
+        if n_in != kept + sum(dropped.values()) or n_in != plan.n_cells:
+            msg = f"internal accounting error for {plan.spec.path}: {n_in} in, {kept} kept, {dropped}"
+            raise RuntimeError(msg)
+        path = Path(plan.spec.path)
+        digest, size = _sha256(path) if plan.source is None and path.exists() else ("in-memory", 0)
+        datasets.append({
+            "dataset_id": plan.spec.dataset_id,
+            "path": plan.spec.path if plan.source is None else "<AnnData>",
+            "sha256": digest,
+            "bytes": size,
+            "spec": plan.spec.model_dump(mode="json"),
+            "genes": plan.gene_summary,
+            "depth": "obs n_counts" if plan.obs_n_counts else "sum of counts over all input genes",
+            "filter_column": plan.filter_column,
+            "qc": dataset_qc[plan.index].to_json(),
+            "cells": {"in": n_in, "kept": kept, "dropped": dropped},
+        })
+    return {
+        "format": "genecorpus/1",
+        "mode": mode,
+        "parameters": config.model_dump(mode="json"),
+        "versions": _versions(),
+        "datasets": datasets,
+        "medians": provenance,
+        "vocabulary": {"n_genes": int(len(vocab_genes)), "n_tokens": len(token_dict.to_mapping()),
+                       "special_tokens": token_dict.special},
+        "corpus": {
+            "n_cells": int(lengths.shape[0]),
+            "n_tokens": int(lengths.sum()),
+            "layout": config.layout,
+            "shards": shard_names,
+            "columns": ["input_ids", *columns, "length"],
+        },
+    }

@@ -1,0 +1,221 @@
+"""The ``genecorpus`` command line: thin commands that parse, call the Python API and report.
+
+Errors caused by input are printed as one line (``error: …``) with exit code 1; ``--debug`` shows the
+traceback. Progress bars go to stderr and are off when stderr is not a terminal or
+``GENECORPUS_NO_PROGRESS`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from genecorpus.errors import GenecorpusError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Build Genecorpus-style rank-value-encoded single-cell corpora (Geneformer format).",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+_err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=_err)])
+    for noisy in ("numba", "h5py", "fsspec", "distributed", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Progress:
+    """Driver-side progress bars, one per stage."""
+
+    def __init__(self) -> None:
+        self.enabled = _err.is_terminal and not os.environ.get("GENECORPUS_NO_PROGRESS")
+        self._progress = None
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+            self._progress = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), console=_err, transient=False)
+            self._progress.start()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self._progress is None:
+            return
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(stage, total=total)
+        self._progress.update(self._tasks[stage], completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _fail(e: BaseException) -> None:
+    if _state["debug"]:
+        raise e
+    _err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _summary(result: object) -> None:
+    from genecorpus.inspect import describe_corpus
+
+    typer.echo(describe_corpus(result.path, n_examples=0))  # type: ignore[attr-defined]
+
+
+@app.command()
+def build(
+    manifest: Annotated[Path, typer.Argument(help="TOML manifest listing the datasets.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to create.")],
+    workers: Annotated[int, typer.Option(help="Local worker processes (same output for any number).")] = 1,
+    block_size: Annotated[Optional[int], typer.Option(help="Cells read at a time (overrides the manifest).")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="gc30m or gc104m (overrides the manifest).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Build a corpus: read, map genes, QC, exact medians, rank value encoding, Arrow shards.
+
+    Example:
+
+        genecorpus build examples/pbmc.toml --out pbmc-corpus --workers 2
+    """
+    from genecorpus.build import build_corpus
+    from genecorpus.config import load_manifest
+
+    try:
+        config = load_manifest(manifest, block_size=block_size, layout=layout)
+        with _Progress() as progress:
+            from genecorpus.executors import LocalExecutor
+
+            executor = LocalExecutor(workers, progress=progress)
+            try:
+                result = build_corpus(config, out, workers=workers, overwrite=overwrite, executor=executor)
+            finally:
+                executor.close()
+    except GenecorpusError as e:
+        _fail(e)
+    _summary(result)
+
+
+@app.command()
+def tokenize(
+    inputs: Annotated[list[Path], typer.Argument(help="Input files (h5ad, loom, 10x, CSV/TSV).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to create.")],
+    token_dictionary: Annotated[Path, typer.Option(help="Token dictionary pickle (e.g. Geneformer's).")],
+    gene_medians: Annotated[Path, typer.Option(help="Gene median dictionary (.pkl) or genecorpus TSV.")],
+    gene_mapping: Annotated[Optional[Path], typer.Option(help="Geneformer ensembl_mapping_dict pickle.")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="gc30m or gc104m; default from the dictionary.")] = None,
+    obs_columns: Annotated[str, typer.Option(help="Comma-separated obs columns to keep.")] = "",
+    gene_id: Annotated[str, typer.Option(help="Kind of gene identifiers: auto, ensembl or symbol.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
+    block_size: Annotated[int, typer.Option(help="Cells read at a time.")] = 10_000,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Tokenize datasets with given dictionaries, as Geneformer's TranscriptomeTokenizer does.
+
+    No QC beyond the filter_pass column and cells without vocabulary genes. Examples:
+
+        genecorpus tokenize pbmc.h5ad --out pbmc-gc30m \\
+            --token-dictionary token_dictionary_gc30M.pkl \\
+            --gene-medians gene_median_dictionary_gc30M.pkl
+
+        genecorpus tokenize a.h5ad b.loom --out v2 --layout gc104m \\
+            --token-dictionary token_dictionary_gc104M.pkl \\
+            --gene-medians gene_median_dictionary_gc104M.pkl \\
+            --gene-mapping ensembl_mapping_dict_gc104M.pkl --obs-columns cell_type
+    """
+    from genecorpus.build import build_corpus
+    from genecorpus.config import BuildConfig, DatasetSpec
+    from genecorpus.executors import LocalExecutor
+    from genecorpus.vocab import TokenDictionary
+
+    try:
+        if layout is None:
+            layout = TokenDictionary.load(token_dictionary).layout().name
+        columns = tuple(c.strip() for c in obs_columns.split(",") if c.strip())
+        datasets = [DatasetSpec(path=str(p), gene_id=gene_id, obs_columns=columns) for p in inputs]
+        ids = [d.dataset_id for d in datasets]
+        if len(set(ids)) != len(ids):
+            datasets = [d.model_copy(update={"id": f"{i}-{d.dataset_id}"}) for i, d in enumerate(datasets)]
+        config = _validated(BuildConfig, datasets=datasets, layout=layout, block_size=block_size,
+                            token_dictionary=str(token_dictionary), gene_medians=str(gene_medians),
+                            gene_mapping=str(gene_mapping) if gene_mapping else None)
+        with _Progress() as progress:
+            executor = LocalExecutor(workers, progress=progress)
+            try:
+                result = build_corpus(config, out, workers=workers, mode="tokenize", overwrite=overwrite,
+                                      executor=executor)
+            finally:
+                executor.close()
+    except GenecorpusError as e:
+        _fail(e)
+    _summary(result)
+
+
+def _validated(model: type, **values: object) -> object:
+    from pydantic import ValidationError
+
+    from genecorpus.errors import ConfigError
+
+    try:
+        return model(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = f"{where}: {err['msg']}"
+        raise ConfigError(msg) from None
+
+
+@app.command()
+def inspect(
+    corpus: Annotated[Path, typer.Argument(help="A corpus folder (or published parquet files).")],
+    token_dictionary: Annotated[Optional[Path], typer.Option(help="Token dictionary, if not in the folder.")] = None,
+    cells: Annotated[int, typer.Option(help="How many cells to decode to gene symbols.")] = 1,
+) -> None:
+    """Summarize a corpus: cells, tokens, lengths, per-dataset counts, and decoded example cells.
+
+    Example:
+
+        genecorpus inspect pbmc-corpus --cells 2
+    """
+    from genecorpus.inspect import describe_corpus
+
+    try:
+        typer.echo(describe_corpus(corpus, token_dictionary=token_dictionary, n_examples=cells))
+    except GenecorpusError as e:
+        _fail(e)
+
+
+def main() -> None:
+    """Entry point of the ``genecorpus`` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        _err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Typed, frozen configuration: datasets, QC parameters, build settings; TOML manifests.
+
+A build manifest is a TOML file::
+
+    layout = "gc30m"            # or "gc104m"
+    block_size = 10000          # cells read at a time (does not change the output)
+
+    [qc]
+    mito = "counts"             # or "fraction"
+
+    [[datasets]]
+    path = "data/pbmc.h5ad"     # relative to the manifest's folder
+    id = "pbmc"                 # dataset_id column; default: file name without suffix
+    gene_id = "symbol"          # "ensembl", "symbol" or "auto"
+    release = "grch37"          # annotation release of the symbols; detected when omitted
+    obs_columns = ["cell_type"]
+    use_for_medians = true
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from genecorpus.errors import ConfigError
+
+__all__ = ["BuildConfig", "DatasetSpec", "QCParams", "load_manifest"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DatasetSpec(_Frozen):
+    """One input dataset of a corpus."""
+
+    path: str
+    """File or folder (10x matrix folder) to read."""
+    id: str | None = None
+    """Value of the ``dataset_id`` column; defaults to the file name without its suffixes."""
+    format: str | None = None
+    """Reader name (``h5ad``, ``loom``, ``10x-mtx``, ``10x-h5``, ``csv``, ``tsv``); sniffed when omitted."""
+    gene_id: Literal["auto", "ensembl", "symbol"] = "auto"
+    """Kind of gene identifiers in the input."""
+    gene_column: str | None = None
+    """var column holding the identifiers; default ``ensembl_id`` when present, else the var index."""
+    release: str | None = None
+    """Annotation release of gene symbols (e.g. ``grch37``, ``ensembl93``); detected when omitted."""
+    layer: str | None = None
+    """Read ``layers[layer]`` instead of X (h5ad, loom)."""
+    use_raw: bool = False
+    """Read ``raw.X`` instead of X (h5ad)."""
+    cells_as_rows: bool | None = None
+    """Orientation of a CSV/TSV file; detected when omitted."""
+    obs_columns: tuple[str, ...] = ()
+    """Per-cell metadata columns copied into the corpus (after ``dataset_id`` and ``cell_id``)."""
+    use_for_medians: bool = True
+    """Whether this dataset's kept cells contribute to the corpus medians."""
+    filter_column: str = "filter_pass"
+    """Boolean obs column that pre-selects cells when present (Geneformer's convention)."""
+
+    @property
+    def dataset_id(self) -> str:
+        """The dataset's identifier in the corpus."""
+        if self.id:
+            return self.id
+        name = Path(self.path.rstrip("/")).name
+        for suffix in (".gz", ".h5ad", ".loom", ".h5", ".csv", ".tsv", ".txt"):
+            name = name.removesuffix(suffix)
+        return name
+
+
+class QCParams(_Frozen):
+    """Per-dataset quality control (SPEC §2.3)."""
+
+    enabled: bool = True
+    """False skips the outlier and minimum-gene rules (``tokenize`` does this)."""
+    n_sd: float = 3.0
+    """Cells further than this many population SDs from the dataset mean are dropped."""
+    mito: Literal["counts", "fraction"] = "counts"
+    """Apply the mitochondrial rule to counts (the card) or to the fraction of counts."""
+    min_genes: int = 7
+    """Cells with fewer detected candidate genes are dropped."""
+
+
+class BuildConfig(_Frozen):
+    """Everything that determines a corpus's bytes (the worker count does not)."""
+
+    datasets: tuple[DatasetSpec, ...] = Field(min_length=1)
+    layout: Literal["gc30m", "gc104m"] = "gc30m"
+    qc: QCParams = QCParams()
+    reference: str = "gencode48"
+    """Annotation whose protein-coding and miRNA genes are the candidate genes."""
+    gene_medians: str | None = None
+    """Read medians (and so the vocabulary) from this file instead of computing them."""
+    token_dictionary: str | None = None
+    """Use this token dictionary instead of building one from the vocabulary."""
+    gene_mapping: str | None = None
+    """Geneformer ``ensembl_mapping_dict`` applied to input gene identifiers."""
+    block_size: int = Field(default=10_000, ge=1)
+    """Cells read at a time; changes memory use, never the output."""
+    shard_cells: int = Field(default=100_000, ge=1)
+    """Input cells per task and output shard; a shard holds the kept cells of that many input cells."""
+    use_obs_n_counts: bool = True
+    """Take each cell's depth from ``obs["n_counts"]`` when present (Geneformer compatibility)."""
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_ids(cls, value: tuple[DatasetSpec, ...]) -> tuple[DatasetSpec, ...]:
+        seen: set[str] = set()
+        for spec in value:
+            if spec.dataset_id in seen:
+                msg = f"dataset id {spec.dataset_id!r} appears twice; give each dataset a unique id"
+                raise ValueError(msg)
+            seen.add(spec.dataset_id)
+        return value
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "manifest"
+    return f"{where}: {err['msg']}"
+
+
+def load_manifest(path: str | os.PathLike[str], **overrides: object) -> BuildConfig:
+    """Read a TOML build manifest; dataset paths are resolved against the manifest's folder."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        msg = f"{path}: manifest not found; check the path"
+        raise ConfigError(msg) from None
+    except (OSError, UnicodeDecodeError) as e:
+        msg = f"{path}: cannot read the manifest ({e})"
+        raise ConfigError(msg) from None
+    except tomllib.TOMLDecodeError as e:
+        msg = f"{path}: not valid TOML ({e}); fix the manifest"
+        raise ConfigError(msg) from None
+    datasets = raw.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        msg = f"{path}: no [[datasets]] entries; list at least one dataset with a path"
+        raise ConfigError(msg)
+    base = path.resolve().parent
+    for entry in datasets:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            entry["path"] = str((base / entry["path"]).resolve())
+    for key in ("gene_medians", "token_dictionary", "gene_mapping"):
+        if isinstance(raw.get(key), str):
+            raw[key] = str((base / raw[key]).resolve())
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return BuildConfig.model_validate(raw)
+    except ValidationError as e:
+        msg = f"{path}: {_first_error(e)}; fix the manifest"
+        raise ConfigError(msg) from None

@@ -1,0 +1,86 @@
+"""Where tasks run: in this process, or in a pool of local worker processes.
+
+Every executor returns results **in task order**, whatever order they finish in, so reductions are
+merged in a fixed order and the output does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Executor", "LocalExecutor", "ProgressCallback"]
+
+
+class ProgressCallback(Protocol):
+    """Told about each finished task: stage name, tasks done, tasks in the stage."""
+
+    def __call__(self, stage: str, done: int, total: int) -> None: ...
+
+
+class Executor(Protocol):
+    """Runs ``fn(*args)`` for each task and returns the results in task order."""
+
+    def map(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Run every task; raise the first task error after stopping the rest."""
+        ...
+
+    def close(self) -> None:
+        """Release workers."""
+        ...
+
+
+class LocalExecutor:
+    """Runs tasks in this process (``workers=1``) or in ``workers`` spawned processes."""
+
+    def __init__(self, workers: int = 1, *, progress: ProgressCallback | None = None) -> None:
+        self.workers = max(1, int(workers))
+        self.progress = progress
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+        return self._pool
+
+    def map(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Run every task; results come back in task order."""
+        total = len(tasks)
+        if self.progress:
+            self.progress(stage, 0, total)
+        if self.workers == 1 or total <= 1:
+            results = []
+            for i, args in enumerate(tasks):
+                results.append(fn(*args))
+                if self.progress:
+                    self.progress(stage, i + 1, total)
+            return results
+        pool = self._get_pool()
+        futures = [pool.submit(fn, *args) for args in tasks]
+        done_count = 0
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                if fut.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise fut.exception()  # type: ignore[misc]
+            done_count += len(done)
+            if self.progress:
+                self.progress(stage, done_count, total)
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Shut the worker pool down."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

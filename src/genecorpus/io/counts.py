@@ -1,0 +1,353 @@
+"""Raw-count validation shared by every reader, and the skeleton every reader builds on.
+
+:func:`validate_counts` is the single gate between a file and the rest of genecorpus (SPEC §2.1):
+each block a reader produces goes through it, so every stage downstream can rely on int32,
+non-negative, canonical CSR counts. :class:`BaseReader` implements :meth:`CellSource.read_block`
+once on top of three small per-format hooks, so range checks, obs-column checks and error messages
+are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
+import scipy.sparse as sp
+
+from genecorpus.errors import CountsError, InputError
+from genecorpus.io.block import CellBlock
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import TracebackType
+
+__all__ = ["MAX_COUNT", "BaseReader", "one_line", "validate_counts"]
+
+logger = logging.getLogger(__name__)
+
+MAX_COUNT = 2**31 - 1
+"""Largest count a cell can hold for one gene (counts are stored as int32)."""
+
+INTEGER_TOLERANCE = 1e-6
+"""Floats within this distance of an integer are accepted as that integer (SPEC §2.1)."""
+
+_RAW_COUNTS_HINT = (
+    "genecorpus needs raw integer counts: pass layer=... or use_raw=True if the file also holds "
+    "them, or re-export the raw counts"
+)
+
+
+def one_line(exc: BaseException) -> str:
+    """Return a library exception's message on one line, for embedding in our one-line errors."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _describe_bad_value(value: float) -> str:
+    if np.isnan(value):
+        return "is NaN or missing"
+    if np.isinf(value):
+        return f"is {'-' if value < 0 else ''}infinite"
+    if value < 0:
+        return f"{value!r} is negative"
+    if value > MAX_COUNT:
+        return f"{value!r} is larger than 2**31-1"
+    return f"{value!r} is not an integer"
+
+
+def _raise_first_bad(
+    bad: np.ndarray,
+    csr: sp.csr_matrix,
+    *,
+    path: str,
+    cell_ids: Sequence[str] | np.ndarray,
+    gene_ids: Sequence[str] | np.ndarray,
+    start: int,
+) -> None:
+    """Raise a CountsError naming the first bad entry (row order, then column order)."""
+    positions = np.flatnonzero(bad)
+    rows = np.searchsorted(csr.indptr, positions, side="right") - 1
+    first_row = int(rows[0])
+    in_row = positions[rows == first_row]
+    pick = int(in_row[np.argmin(csr.indices[in_row])])
+    gene_index = int(csr.indices[pick])
+    value = float(csr.data[pick]) if csr.data.dtype.kind == "f" else int(csr.data[pick])
+    cell = cell_ids[first_row] if first_row < len(cell_ids) else "?"
+    gene = gene_ids[gene_index] if gene_index < len(gene_ids) else "?"
+    msg = (
+        f"{path}: cell {cell!r} (row {start + first_row}), gene {gene!r} (column {gene_index}): "
+        f"value {_describe_bad_value(value)} ({len(positions)} bad value(s) in rows "
+        f"{start}:{start + csr.shape[0]}); {_RAW_COUNTS_HINT}"
+    )
+    raise CountsError(msg)
+
+
+def _check_values(
+    csr: sp.csr_matrix,
+    *,
+    path: str,
+    cell_ids: Sequence[str] | np.ndarray,
+    gene_ids: Sequence[str] | np.ndarray,
+    start: int,
+) -> np.ndarray:
+    """Return the stored values as int64 after checking they are raw counts (vectorized)."""
+    data: np.ndarray = np.asarray(csr.data)
+    kind = data.dtype.kind
+    if kind == "b":
+        return data.astype(np.int64)
+    if kind in "iu":
+        bad = None
+        if kind == "i" and data.size and data.min() < 0:
+            bad = data < 0
+        # only uint32 and 64-bit types can hold values above 2**31-1
+        wide = data.dtype.itemsize > 4 or (kind == "u" and data.dtype.itemsize == 4)  # noqa: PLR2004
+        if wide and data.size and data.max() > MAX_COUNT:
+            over = data > MAX_COUNT
+            bad = over if bad is None else bad | over
+        if bad is not None:
+            _raise_first_bad(bad, csr, path=path, cell_ids=cell_ids, gene_ids=gene_ids, start=start)
+        return data.astype(np.int64, copy=False)
+    if kind != "f":
+        msg = (
+            f"{path}: the count matrix has dtype {data.dtype} in rows "
+            f"{start}:{start + csr.shape[0]}, not a number; {_RAW_COUNTS_HINT}"
+        )
+        raise CountsError(msg)
+    if data.dtype.itemsize < 4:  # noqa: PLR2004 - float16 cannot even hold 2**31-1
+        data = data.astype(np.float32)
+    rounded = np.rint(data)
+    # Comparisons that are all False for NaN and +/-inf (inf - inf is NaN), so one mask finds all.
+    with np.errstate(invalid="ignore"):
+        diff = np.subtract(data, rounded)
+        np.abs(diff, out=diff)
+        ok = diff <= INTEGER_TOLERANCE
+        ok &= rounded >= 0
+        ok &= rounded <= MAX_COUNT
+    if not ok.all():
+        _raise_first_bad(~ok, csr, path=path, cell_ids=cell_ids, gene_ids=gene_ids, start=start)
+    return np.asarray(rounded, dtype=np.int64)
+
+
+def validate_counts(
+    matrix: Any,
+    *,
+    path: str,
+    cell_ids: Sequence[str] | np.ndarray,
+    gene_ids: Sequence[str] | np.ndarray,
+    start: int = 0,
+) -> sp.csr_matrix:
+    """Check that one block holds raw counts and return it in genecorpus' canonical CSR form.
+
+    Accepted values are finite, non-negative, at most 2**31-1, and within 1e-6 of an integer (floats
+    are rounded to the nearest integer). The work is vectorized over the stored values, so it costs
+    a few passes over ``nnz`` whatever the number of cells.
+
+    Parameters
+    ----------
+    matrix
+        The block, ideally a ``scipy.sparse`` CSR matrix of any numeric dtype (other sparse formats
+        and dense arrays are converted), shape (n_cells_in_block, n_genes).
+    path
+        File the block comes from, used in error messages.
+    cell_ids
+        The block's cell identifiers (one per row), for error messages.
+    gene_ids
+        The dataset's gene identifiers (one per column), for error messages.
+    start
+        Row index of the block's first cell within the dataset, for error messages.
+
+    Returns
+    -------
+    ``scipy.sparse.csr_matrix`` with int32 ``data`` (rounded counts, no explicit zeros, duplicates
+    summed), int32 ``indices`` sorted within each row, and int64 ``indptr``.
+
+    Raises
+    ------
+    CountsError
+        On the first value (in row, then column order) that is NaN, infinite, negative, not an
+        integer or larger than 2**31-1; the one-line message names the file, the cell (id and row
+        within the dataset), the gene (id), the value and what to do.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> block = validate_counts(
+    ...     sp.csr_matrix(np.array([[0.0, 2.0000001], [3.0, 0.0]])),
+    ...     path="x.h5ad", cell_ids=["a", "b"], gene_ids=["g1", "g2"],
+    ... )
+    >>> block.data.tolist(), block.data.dtype.name, block.indptr.dtype.name
+    ([2, 3], 'int32', 'int64')
+    """
+    if isinstance(matrix, sp.csr_matrix | sp.csr_array):
+        csr = matrix
+    elif sp.issparse(matrix):
+        csr = sp.csr_matrix(matrix)
+    else:
+        csr = sp.csr_matrix(np.asarray(matrix))
+    n_rows, n_cols = csr.shape
+    values = _check_values(csr, path=path, cell_ids=cell_ids, gene_ids=gene_ids, start=start)
+    indices = csr.indices
+    indptr = csr.indptr.astype(np.int64, copy=False)
+    keep = values != 0
+    if not keep.all():
+        kept_before = np.zeros(len(values) + 1, dtype=np.int64)
+        np.cumsum(keep, out=kept_before[1:])
+        indptr = kept_before[indptr]
+        values = values[keep]
+        indices = indices[keep]
+    index_dtype = np.int32 if len(values) <= MAX_COUNT else np.int64
+    out = sp.csr_matrix(
+        (values, indices.astype(index_dtype, copy=False), indptr.astype(index_dtype, copy=False)),
+        shape=(n_rows, n_cols),
+        copy=False,
+    )
+    if not out.has_canonical_format:
+        out.sum_duplicates()  # sorts indices too; sums in int64 so overflow is caught below
+        if out.data.size and out.data.max() > MAX_COUNT:
+            pick = int(np.argmax(out.data))
+            row = int(np.searchsorted(out.indptr, pick, side="right") - 1)
+            msg = (
+                f"{path}: cell {cell_ids[row]!r} (row {start + row}), gene "
+                f"{gene_ids[out.indices[pick]]!r}: duplicate entries sum to {int(out.data[pick])}, "
+                f"larger than 2**31-1; {_RAW_COUNTS_HINT}"
+            )
+            raise CountsError(msg)
+    # Assigning the arrays keeps the promised dtypes (the constructor would unify index dtypes).
+    result = sp.csr_matrix((n_rows, n_cols), dtype=np.int32)
+    result.data = out.data.astype(np.int32, copy=False)
+    result.indices = out.indices.astype(np.int32, copy=False)
+    result.indptr = out.indptr.astype(np.int64, copy=False)
+    result.has_canonical_format = True
+    return result
+
+
+class BaseReader(abc.ABC):
+    """Common implementation of :class:`~genecorpus.io.CellSource` for every registered format.
+
+    A format implements the hooks ``_read_counts`` (raw counts of a row range, any numeric CSR),
+    ``_read_cell_ids`` and ``_read_obs`` and sets ``n_cells``, ``var_names`` and its column tables
+    in ``__init__``; :meth:`read_block` checks the range and the requested columns, validates the
+    counts with :func:`validate_counts` and assembles the :class:`CellBlock`. Readers are context
+    managers.
+    """
+
+    path: str
+    format: str
+
+    def __init__(self, path: str, format_name: str) -> None:
+        self.path = path
+        self.format = format_name
+
+    # -- what every format provides -------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def n_cells(self) -> int:
+        """Number of cells (rows) in the dataset."""
+
+    @property
+    @abc.abstractmethod
+    def var_names(self) -> np.ndarray:
+        """Object array of str: the gene identifier of each input column (var index)."""
+
+    @property
+    def n_genes(self) -> int:
+        """Number of input gene columns."""
+        return len(self.var_names)
+
+    @property
+    def var_columns(self) -> list[str]:
+        """Names of the per-gene annotation columns available."""
+        return []
+
+    def var_column(self, name: str) -> np.ndarray:
+        """Return one per-gene annotation column as an object array of str."""
+        self._check_var_column(name)
+        raise NotImplementedError  # pragma: no cover - subclasses with columns override
+
+    @property
+    def obs_columns(self) -> list[str]:
+        """Names of the per-cell metadata columns available."""
+        return []
+
+    @abc.abstractmethod
+    def _read_counts(self, start: int, stop: int) -> Any:
+        """Return rows ``start:stop`` as a sparse matrix (any numeric dtype), unvalidated."""
+
+    @abc.abstractmethod
+    def _read_cell_ids(self, start: int, stop: int) -> np.ndarray:
+        """Return the ids of cells ``start:stop`` as an object array of str."""
+
+    def _read_obs(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Return rows ``start:stop`` of obs column ``name`` (already checked to exist)."""
+        raise NotImplementedError  # pragma: no cover - only reached for formats with obs columns
+
+    # -- shared ---------------------------------------------------------------------------------
+    def _check_var_column(self, name: str) -> None:
+        if name not in self.var_columns:
+            known = ", ".join(self.var_columns) or "none"
+            msg = f"{self.path}: no gene annotation column {name!r}; available: {known}"
+            raise InputError(msg)
+
+    def read_block(self, start: int, stop: int, *, obs_columns: Sequence[str] = ()) -> CellBlock:
+        """Read cells ``start:stop`` as validated raw counts, with the requested obs columns.
+
+        Parameters
+        ----------
+        start, stop
+            Row range within the dataset, ``0 <= start <= stop <= n_cells``.
+        obs_columns
+            Names from :attr:`obs_columns` to slice alongside the counts.
+
+        Returns
+        -------
+        The :class:`CellBlock` (counts as described by :func:`validate_counts`).
+        """
+        if isinstance(obs_columns, str):
+            obs_columns = [obs_columns]
+        if not 0 <= start <= stop <= self.n_cells:
+            msg = f"{self.path}: rows {start}:{stop} are outside the dataset's {self.n_cells} cells"
+            raise IndexError(msg)
+        missing = [name for name in obs_columns if name not in self.obs_columns]
+        if missing:
+            known = ", ".join(self.obs_columns) or "none"
+            msg = f"{self.path}: no cell annotation column {missing[0]!r}; available: {known}"
+            raise InputError(msg)
+        try:
+            raw = self._read_counts(start, stop)
+            cell_ids = self._read_cell_ids(start, stop)
+            obs = {name: self._read_obs(name, start, stop) for name in obs_columns}
+        except OSError as exc:
+            msg = (
+                f"{self.path}: rows {start}:{stop} could not be read ({one_line(exc)}); the file "
+                "is truncated or corrupt: re-download or re-export it"
+            )
+            raise InputError(msg) from exc
+        try:
+            counts = validate_counts(
+                raw, path=self.path, cell_ids=cell_ids, gene_ids=self.var_names, start=start
+            )
+        except CountsError as exc:
+            exc.add_note(f"while reading rows {start}:{stop} of {self.path} ({self.format})")
+            raise
+        return CellBlock(counts=counts, cell_ids=cell_ids, start=start, obs=obs)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release open file handles (a no-op for readers that hold none)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.format} {self.path!r}: "
+            f"{self.n_cells} cells x {self.n_genes} genes>"
+        )

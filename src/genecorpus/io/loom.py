@@ -1,0 +1,170 @@
+"""Loom files (http://linnarssonlab.org/loompy/format/) read block by block with h5py.
+
+``/matrix`` (or ``/layers/<name>``) is a dense genes x cells dataset; a block of cells is a column
+slab, read in pieces of at most :data:`~genecorpus.io.h5ad.DENSE_PIECE_VALUES` values and
+transposed, so memory does not grow with the file.
+
+Genes: every 1-D ``/row_attrs`` dataset is a var column under its own name (``Gene``, ``Accession``,
+``ensembl_id``...). The var index is ``Gene`` when present, else ``var_names`` (anndata's loom
+writer), else the first string row attribute in HDF5 (alphabetical) order, else the row number.
+Cells: every 1-D ``/col_attrs`` dataset is an obs column; cell ids are ``CellID``, else
+``obs_names``, else ``cell_names``, else the first string column attribute, else the column number.
+Strings are decoded from loom's XML-escaped ASCII.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+
+from genecorpus.errors import InputError
+from genecorpus.io import register_reader
+from genecorpus.io.counts import BaseReader, one_line
+from genecorpus.io.h5ad import DenseRows, H5Column, as_str_array, is_hdf5_with, open_hdf5
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import scipy.sparse as sp
+
+__all__ = ["CELL_ID_ATTRS", "GENE_INDEX_ATTRS", "LoomReader"]
+
+logger = logging.getLogger(__name__)
+
+GENE_INDEX_ATTRS = ("Gene", "var_names")
+"""Row attributes tried, in order, as the var index."""
+
+CELL_ID_ATTRS = ("CellID", "obs_names", "cell_names")
+"""Column attributes tried, in order, as the cell ids."""
+
+
+def _attr_columns(group: h5py.Group | None, n_rows: int) -> dict[str, H5Column]:
+    if not isinstance(group, h5py.Group):
+        return {}
+    columns = {}
+    for name in group:
+        elem = group[name]
+        if isinstance(elem, h5py.Dataset) and elem.ndim == 1 and elem.shape[0] == n_rows:
+            columns[name] = H5Column(elem, xml_entities=True)
+    return columns
+
+
+def _pick_index(columns: dict[str, H5Column], preferred: tuple[str, ...]) -> str | None:
+    for name in preferred:
+        if name in columns:
+            return name
+    for name, column in columns.items():
+        if column.is_string:
+            return name
+    return None
+
+
+class LoomReader(BaseReader):
+    """A ``.loom`` file read one block of cells (a column slab of genes x cells) at a time."""
+
+    def __init__(self, path: Path, *, layer: str | None = None) -> None:
+        super().__init__(str(path), "loom")
+        self._file = open_hdf5(path, kind="HDF5/loom")
+        try:
+            self._setup(layer)
+        except (OSError, KeyError) as exc:  # h5py's errors for damaged or incomplete files
+            self._file.close()
+            msg = (
+                f"{self.path}: not a readable loom file ({one_line(exc)}); "
+                "re-download or re-export it"
+            )
+            raise InputError(msg) from exc
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _setup(self, layer: str | None) -> None:
+        f = self._file
+        if layer is None:
+            matrix = f.get("matrix")
+            what = "/matrix"
+        else:
+            layers = f.get("layers")
+            names = sorted(layers) if isinstance(layers, h5py.Group) else []
+            if layer not in names:
+                known = ", ".join(names) or "none"
+                msg = f"{self.path}: no layer {layer!r}; available layers: {known}"
+                raise InputError(msg)
+            matrix, what = layers[layer], f"/layers/{layer}"
+        if not isinstance(matrix, h5py.Dataset) or matrix.ndim != 2:  # noqa: PLR2004
+            msg = (
+                f"{self.path}: {what} is missing or not a 2-D matrix, so not a loom file; "
+                "re-export it"
+            )
+            raise InputError(msg)
+        self._matrix = DenseRows(matrix, transposed=True)
+        n_cells, n_genes = self._matrix.shape
+        self._n_cells = n_cells
+        self._var = _attr_columns(f.get("row_attrs"), n_genes)
+        self._obs = _attr_columns(f.get("col_attrs"), n_cells)
+        gene_index = _pick_index(self._var, GENE_INDEX_ATTRS)
+        if gene_index is None:
+            logger.warning("%s: no string row attribute; gene ids are row numbers", self.path)
+            self._var_names = np.arange(n_genes).astype(str).astype(object)
+        else:
+            logger.debug("%s: gene ids from row_attrs/%s", self.path, gene_index)
+            self._var_names = as_str_array(self._var[gene_index].read(0, None))
+        cell_index = _pick_index(self._obs, CELL_ID_ATTRS)
+        if cell_index is None:
+            logger.warning("%s: no string column attribute; cell ids are column numbers", self.path)
+        self._cell_index = None if cell_index is None else self._obs[cell_index]
+        self._var_cache: dict[str, np.ndarray] = {}
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells (columns of ``/matrix``)."""
+        return self._n_cells
+
+    @property
+    def var_names(self) -> np.ndarray:
+        """Object array of str: the gene ids (see the module docstring for which attribute)."""
+        return self._var_names
+
+    @property
+    def var_columns(self) -> list[str]:
+        """Names of the 1-D ``/row_attrs`` datasets."""
+        return list(self._var)
+
+    def var_column(self, name: str) -> np.ndarray:
+        """Return row attribute ``name`` as an object array of str."""
+        self._check_var_column(name)
+        if name not in self._var_cache:
+            self._var_cache[name] = as_str_array(self._var[name].read(0, None))
+        return self._var_cache[name]
+
+    @property
+    def obs_columns(self) -> list[str]:
+        """Names of the 1-D ``/col_attrs`` datasets."""
+        return list(self._obs)
+
+    def _read_counts(self, start: int, stop: int) -> sp.csr_matrix:
+        return self._matrix.read(start, stop)
+
+    def _read_cell_ids(self, start: int, stop: int) -> np.ndarray:
+        if self._cell_index is None:
+            return np.arange(start, stop).astype(str).astype(object)
+        return as_str_array(self._cell_index.read(start, stop))
+
+    def _read_obs(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._obs[name].read(start, stop)
+
+    def close(self) -> None:
+        """Close the HDF5 file."""
+        self._file.close()
+
+
+def _sniff_loom(source: Any) -> bool:
+    return is_hdf5_with(source, required=("matrix", "row_attrs", "col_attrs"))
+
+
+@register_reader("loom", suffixes=(".loom",), sniff=_sniff_loom, options=("layer",))
+def _open_loom(path: Path, *, layer: str | None = None) -> LoomReader:
+    return LoomReader(path, layer=layer)

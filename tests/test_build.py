@@ -1,0 +1,134 @@
+"""The builder end to end on real public data, checked against the slow reference in reference.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import anndata as ad
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from genecorpus import genes
+from genecorpus.build import build_corpus
+from genecorpus.config import BuildConfig, DatasetSpec
+
+from reference import RefDataset, collapse, encode_cell, gene_values, medians_of, qc_keep
+
+pytestmark = pytest.mark.slow
+
+
+def _load_reference_datasets(kang: Path, celltypist: Path) -> list[RefDataset]:
+    a = ad.read_h5ad(kang)
+    x = sp.csr_matrix(a.X).astype(np.float64)
+    ids = genes.map_to_ensembl(np.asarray(a.var_names, dtype=object), kind="symbol").ensembl_ids
+    ds1 = RefDataset(sp.csr_matrix(np.round(x.toarray())), ids, np.asarray(a.obs_names, dtype=object))
+    df = pd.read_csv(celltypist, index_col=0)
+    ids2 = genes.map_to_ensembl(np.asarray(df.columns, dtype=object), kind="symbol").ensembl_ids
+    ds2 = RefDataset(sp.csr_matrix(np.round(df.to_numpy(dtype=np.float64))), ids2,
+                     np.asarray(df.index, dtype=object))
+    return [ds1, ds2]
+
+
+@pytest.fixture(scope="module")
+def real_config(kang_control: Path, celltypist_csv: Path) -> BuildConfig:
+    return BuildConfig(datasets=(
+        DatasetSpec(path=str(kang_control), id="kang", gene_id="symbol"),
+        DatasetSpec(path=str(celltypist_csv), id="celltypist", gene_id="symbol"),
+    ), block_size=700, shard_cells=1000)
+
+
+@pytest.fixture(scope="module")
+def real_corpus(real_config: BuildConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("real") / "corpus"
+    build_corpus(real_config, out, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(kang_control: Path, celltypist_csv: Path) -> dict:
+    cands = genes.candidate_genes()
+    mito = genes.mito_genes()
+    dsets = _load_reference_datasets(kang_control, celltypist_csv)
+    values: dict[int, list[float]] = {}
+    keeps, dropped = [], []
+    for ds in dsets:
+        keep, counts = qc_keep(ds, cands, mito)
+        keeps.append(keep)
+        dropped.append(counts)
+        for j, v in gene_values(ds, cands, keep).items():
+            values.setdefault(j, []).extend(v)
+    med = medians_of(values, len(cands))
+    return {"genes": cands, "datasets": dsets, "keep": keeps, "dropped": dropped, "medians": med}
+
+
+def test_output_opens_with_datasets(real_corpus: Path) -> None:
+    ds = datasets.load_from_disk(str(real_corpus))
+    assert ds.column_names == ["input_ids", "dataset_id", "cell_id", "length"]
+    assert ds.features["input_ids"].feature.dtype == "int16"
+    assert ds.features["length"].dtype == "int64"
+    lengths = pickle.loads((real_corpus / "lengths.pkl").read_bytes())
+    assert lengths == ds["length"]
+    assert all(len(ids) == n for ids, n in zip(ds["input_ids"], ds["length"]))
+    for name in ("token_dictionary.pkl", "gene_medians.tsv", "gene_medians.pkl", "manifest.json"):
+        assert (real_corpus / name).is_file()
+    assert not list(real_corpus.parent.glob(".corpus.incomplete*"))
+
+
+def test_medians_match_brute_force(real_corpus: Path, reference: dict) -> None:
+    table = pd.read_csv(real_corpus / "gene_medians.tsv", sep="\t", dtype={"median": str})
+    got = {g: float(v) for g, v in zip(table["ensembl_id"], table["median"])}
+    expected = {g: m for g, m in zip(reference["genes"].tolist(), reference["medians"]) if np.isfinite(m)}
+    assert got.keys() == expected.keys()
+    bad = [g for g in got if got[g] != expected[g]]
+    assert not bad, f"{len(bad)} medians differ, e.g. {bad[:3]}"
+    assert pickle.loads((real_corpus / "gene_medians.pkl").read_bytes()) == got
+
+
+def test_cells_match_reference_encoding(real_corpus: Path, reference: dict) -> None:
+    tokens = pickle.loads((real_corpus / "token_dictionary.pkl").read_bytes())
+    assert tokens["<pad>"] == 0 and tokens["<mask>"] == 1
+    gene_list = reference["genes"]
+    vocab = sorted(g for g, m in zip(gene_list.tolist(), reference["medians"]) if np.isfinite(m))
+    assert [tokens[g] for g in vocab] == list(range(2, 2 + len(vocab)))
+    tok = np.array([tokens.get(g, -1) for g in gene_list.tolist()])
+    ds = datasets.load_from_disk(str(real_corpus))
+    expected_ids, expected_cells = [], []
+    for name, d, keep in zip(("kang", "celltypist"), reference["datasets"], reference["keep"]):
+        g = collapse(d, gene_list)
+        depth = np.asarray(d.counts.sum(axis=1)).ravel()
+        for i in np.flatnonzero(keep):
+            expected_ids.append((name, d.cell_ids[i]))
+            expected_cells.append(encode_cell(g.getrow(i), depth[i], reference["medians"], tok, 2048))
+    assert list(zip(ds["dataset_id"], ds["cell_id"])) == expected_ids
+    assert ds["input_ids"] == expected_cells
+
+
+def test_qc_accounting(real_corpus: Path, reference: dict) -> None:
+    manifest = json.loads((real_corpus / "manifest.json").read_text())
+    for d, ref_dropped in zip(manifest["datasets"], reference["dropped"]):
+        cells = d["cells"]
+        assert cells["in"] == cells["kept"] + sum(cells["dropped"].values())
+        for reason, n in ref_dropped.items():
+            assert cells["dropped"][reason] == n, (d["dataset_id"], reason)
+        assert len(d["sha256"]) == 64
+    celltypist = manifest["datasets"][1]
+    assert celltypist["qc"]["mito_rule"] is True
+    assert celltypist["cells"]["dropped"]["mito_outlier"] > 0  # the mito rule removes real cells here
+    assert manifest["datasets"][0]["genes"]["release"] == "grch37"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.suffix in (".arrow", ".pkl", ".tsv") or p.name.endswith(".json") and p.name != "manifest.json"}
+
+
+def test_two_workers_give_identical_bytes(real_config: BuildConfig, real_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w2"
+    build_corpus(real_config.model_copy(update={"block_size": 333}), out, workers=2)
+    assert _digests(out) == _digests(real_corpus)

@@ -1,0 +1,125 @@
+"""The command line on bad input: one clear line, non-zero exit, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+GENES = ["ENSG00000141510", "ENSG00000012048", "ENSG00000139618", "ENSG00000157764", "ENSG00000146648",
+         "ENSG00000133703", "ENSG00000121879", "ENSG00000171862", "ENSG00000198804"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GENECORPUS_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "genecorpus", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300, check=False)
+
+
+def write_h5ad(path: Path, x: np.ndarray) -> Path:
+    a = ad.AnnData(sp.csr_matrix(x.astype(np.float32)))
+    a.var_names = GENES[: x.shape[1]]
+    a.obs_names = [f"c{i}" for i in range(x.shape[0])]
+    a.write_h5ad(path)
+    return path
+
+
+def good_counts() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 5, size=(40, len(GENES))).astype(np.float64)
+
+
+def manifest(tmp: Path, data: Path, extra: str = "") -> Path:
+    p = tmp / "m.toml"
+    p.write_text(f'{extra}\n[[datasets]]\npath = "{data}"\n')
+    return p
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], out: Path, *needles: str) -> None:
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize(("value", "word"), [(0.5, "c3"), (-2.0, "c3"), (np.nan, "c3")])
+def test_build_refuses_values_that_are_not_counts(tmp_path: Path, value: float, word: str) -> None:
+    x = good_counts()
+    x[3, 2] = value
+    data = write_h5ad(tmp_path / "bad.h5ad", x)
+    out = tmp_path / "corpus"
+    result = run("build", str(manifest(tmp_path, data)), "--out", str(out), cwd=tmp_path)
+    assert_clean_failure(result, out, "bad.h5ad", word, GENES[2])
+
+
+def test_truncated_h5ad(tmp_path: Path) -> None:
+    data = write_h5ad(tmp_path / "cut.h5ad", good_counts())
+    raw = data.read_bytes()
+    data.write_bytes(raw[: len(raw) // 2])
+    out = tmp_path / "corpus"
+    assert_clean_failure(run("build", str(manifest(tmp_path, data)), "--out", str(out), cwd=tmp_path),
+                         out, "cut.h5ad")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    out = tmp_path / "corpus"
+    result = run("build", str(manifest(tmp_path, tmp_path / "nowhere.h5ad")), "--out", str(out), cwd=tmp_path)
+    assert_clean_failure(result, out, "nowhere.h5ad")
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("layout = 'gc31m'", "layout"),
+    ("colour = 'red'", "colour"),
+    ("this is not toml", "TOML"),
+])
+def test_manifest_errors(tmp_path: Path, text: str, needle: str) -> None:
+    data = write_h5ad(tmp_path / "ok.h5ad", good_counts())
+    out = tmp_path / "corpus"
+    assert_clean_failure(run("build", str(manifest(tmp_path, data, text)), "--out", str(out), cwd=tmp_path),
+                         out, "m.toml", needle)
+
+
+class Evil:
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+@pytest.mark.parametrize("payload", [[1, 2, 3], Evil(), {"<pad>": 0, "<mask>": [1]}])
+def test_dictionary_that_is_not_a_plain_dict(tmp_path: Path, payload: object) -> None:
+    data = write_h5ad(tmp_path / "ok.h5ad", good_counts())
+    bad = tmp_path / "token_dictionary.pkl"
+    bad.write_bytes(pickle.dumps(payload))
+    medians = tmp_path / "medians.pkl"
+    medians.write_bytes(pickle.dumps(dict.fromkeys(GENES, 1.0)))
+    out = tmp_path / "corpus"
+    result = run("tokenize", str(data), "--out", str(out), "--token-dictionary", str(bad),
+                 "--gene-medians", str(medians), cwd=tmp_path)
+    assert_clean_failure(result, out, "token_dictionary.pkl")
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_tokenize_with_own_dictionaries_and_inspect(tmp_path: Path) -> None:
+    data = write_h5ad(tmp_path / "ok.h5ad", good_counts())
+    tokens = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(sorted(GENES))}}
+    (tmp_path / "t.pkl").write_bytes(pickle.dumps(tokens))
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(dict.fromkeys(GENES, 2.0)))
+    out = tmp_path / "corpus"
+    result = run("tokenize", str(data), "--out", str(out), "--token-dictionary", "t.pkl",
+                 "--gene-medians", "m.pkl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run("inspect", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "cells:" in result.stdout and "TP53" in result.stdout or "top genes" in result.stdout
+    again = run("tokenize", str(data), "--out", str(out), "--token-dictionary", "t.pkl",
+                "--gene-medians", "m.pkl", cwd=tmp_path)
+    assert again.returncode != 0 and "already exists" in again.stderr
