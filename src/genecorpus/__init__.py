@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from genecorpus.errors import GenecorpusError
 
 if TYPE_CHECKING:
-    from genecorpus.build import BuildResult, build_corpus
+    from genecorpus.build import BuildResult, build_corpus, tokenize
     from genecorpus.config import BuildConfig, DatasetSpec, QCParams, load_manifest
     from genecorpus.encode import rank_value_encode
     from genecorpus.io import open_dataset
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 # Imported on first use, so that `import genecorpus.vocab` or the CLI's --help stay fast.
 _LAZY = {
-    "BuildResult": "build", "build_corpus": "build",
+    "BuildResult": "build", "build_corpus": "build", "tokenize": "build",
     "BuildConfig": "config", "DatasetSpec": "config", "QCParams": "config", "load_manifest": "config",
     "rank_value_encode": "encode", "open_dataset": "io",
     "TokenDictionary": "vocab", "load_gene_medians": "vocab",
@@ -45,6 +45,7 @@ __all__ = [
     "load_manifest",
     "open_dataset",
     "rank_value_encode",
+    "tokenize",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
+from pydantic import ValidationError
 
 from genecorpus import _kernels, genes, medians
-from genecorpus.config import BuildConfig, DatasetSpec, QCParams
+from genecorpus.config import BuildConfig, DatasetSpec, QCParams, describe_validation_error
 from genecorpus.encode import apply_layout, rank_value_encode
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
 from genecorpus.executors import Executor, LocalExecutor
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BuildResult", "build_corpus"]
+__all__ = ["BuildResult", "build_corpus", "tokenize"]
 
 _FIXED_COLUMNS = ("dataset_id", "cell_id")
 
@@ -230,25 +231,37 @@ def _read_blocks(ctx: Context, plan: DatasetPlan, task: Task, extra_obs: Sequenc
 # ------------------------------------------------------------------------------------------ stages
 
 
+QC_SAMPLE_CELLS = 20_000
+"""At most about this many cells per dataset keep their QC statistics for the report."""
+
+
 @dataclass
 class StatsResult:
-    """QC moments and gene value window of one task."""
+    """QC moments, gene value window and a fixed sample of per-cell statistics of one task."""
 
     moments: QCMoments
     window: medians.GeneWindow
+    sample: CellStats | None = None
 
 
 def _stats_task(ctx: Context, task: Task) -> StatsResult:
     plan = ctx.plans[task.dataset]
     moments = QCMoments()
     window = medians.GeneWindow.empty(ctx.n_genes)
+    stride = -(-plan.n_cells // QC_SAMPLE_CELLS)
+    samples = []
     for b in _read_blocks(ctx, plan, task):
         moments.add(b.stats, ctx.qc.mito)
+        rows = np.flatnonzero((np.arange(b.start, b.start + b.genes.shape[0]) % stride) == 0)
+        samples.append(CellStats(*(np.asarray(a)[rows] for a in (
+            b.stats.n_counts, b.stats.mito_counts, b.stats.n_genes, b.stats.preselected))))
         if ctx.need_window and plan.spec.use_for_medians:
             g, k = _kernels._value_keys_csr(b.genes.data, b.genes.indices, b.genes.indptr,
                                             b.depth, b.stats.preselected)
             window.add(g, k)
-    return StatsResult(moments, window)
+    sample = CellStats(*(np.concatenate(parts) for parts in zip(
+        *((c.n_counts, c.mito_counts, c.n_genes, c.preselected) for c in samples), strict=True))) if samples else None
+    return StatsResult(moments, window, sample)
 
 
 def _kept_keys(b: _Block, qc: DatasetQC) -> tuple[np.ndarray, np.ndarray]:
@@ -476,7 +489,7 @@ def build_corpus(
     out = Path(out)
     tmp = _prepare_out(out, overwrite=overwrite)
     own_executor = executor is None
-    if sources and workers > 1:
+    if any(s is not None for s in sources) and workers > 1:
         workers = 1  # in-memory objects are not sent to other processes
     executor = executor or LocalExecutor(workers)
     try:
@@ -532,7 +545,7 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
 
     plans = []
     for i, spec in enumerate(config.datasets):
-        in_memory = sources[i] if i < len(sources) else None
+        in_memory = sources[i] if i < len(sources) else None  # None: read spec.path
         source = open_dataset(in_memory if in_memory is not None else spec.path, format=spec.format,
                               layer=spec.layer, use_raw=spec.use_raw, cells_as_rows=spec.cells_as_rows)
         try:
@@ -557,6 +570,8 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
             if t.dataset == plan.index:
                 moments.merge(s.moments)
         dataset_qc.append(DatasetQC.from_moments(moments, qc_params, has_mito=bool(plan.is_mito_col.any())))
+
+    _write_qc_sample(tmp / "report" / "qc_sample.npz", tasks, stats, dataset_qc, qc_params.mito)
 
     # medians over the universe
     if need_medians:
@@ -634,6 +649,24 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
                      token_dict, vocab_genes, lengths, [c.name for c in metadata])
 
 
+def _write_qc_sample(path: Path, tasks: Sequence[Task], stats: Sequence[StatsResult],
+                     dataset_qc: Sequence[DatasetQC], mito_mode: str) -> None:
+    """Per-cell QC statistics of a fixed sample of cells, with their QC verdict, for the report."""
+    parts = [(t.dataset, s.sample) for t, s in zip(tasks, stats, strict=True) if s.sample is not None]
+    if not parts:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reasons = [keep_mask(sample, dataset_qc[d])[1] for d, sample in parts]
+    np.savez_compressed(
+        path,
+        dataset=np.concatenate([np.full(len(s.n_counts), d, dtype=np.int32) for d, s in parts]),
+        n_counts=np.concatenate([s.n_counts for _, s in parts]),
+        mito=np.concatenate([s.mito_values(mito_mode).astype(np.float64) for _, s in parts]),
+        n_genes=np.concatenate([s.n_genes for _, s in parts]),
+        reason=np.concatenate(reasons),
+    )
+
+
 def _manifest(config: BuildConfig, mode: str, plans: Sequence[DatasetPlan], tasks: Sequence[Task],
               dataset_qc: Sequence[DatasetQC], results: Sequence[EncodeResult], provenance: dict[str, Any],
               shard_names: list[str], token_dict: TokenDictionary, vocab_genes: np.ndarray,
@@ -678,3 +711,71 @@ def _manifest(config: BuildConfig, mode: str, plans: Sequence[DatasetPlan], task
             "columns": ["input_ids", *columns, "length"],
         },
     }
+
+
+def tokenize(
+    inputs: Sequence[str | os.PathLike[str] | Any],
+    out: str | os.PathLike[str],
+    *,
+    token_dictionary: str | os.PathLike[str],
+    gene_medians: str | os.PathLike[str],
+    gene_mapping: str | os.PathLike[str] | None = None,
+    layout: str | None = None,
+    obs_columns: Sequence[str] = (),
+    gene_id: str = "auto",
+    workers: int = 1,
+    block_size: int = 10_000,
+    overwrite: bool = False,
+    executor: Executor | None = None,
+) -> BuildResult:
+    """Tokenize datasets with given dictionaries, as Geneformer's ``TranscriptomeTokenizer`` does.
+
+    No QC beyond the ``filter_pass`` column and cells without vocabulary genes (SPEC §3).
+
+    Parameters
+    ----------
+    inputs
+        Paths (h5ad, loom, 10x folder or .h5, CSV/TSV) or in-memory ``anndata.AnnData`` objects.
+    out
+        The corpus folder to create.
+    token_dictionary, gene_medians, gene_mapping
+        Geneformer dictionaries (``token_dictionary*.pkl``, ``gene_median_dictionary*.pkl`` or our TSV,
+        optional ``ensembl_mapping_dict*.pkl``).
+    layout
+        ``"gc30m"`` or ``"gc104m"``; by default the one the token dictionary was made for.
+    obs_columns
+        Per-cell metadata columns to copy.
+    gene_id
+        ``"auto"``, ``"ensembl"`` or ``"symbol"``.
+    workers, block_size, overwrite, executor
+        As for :func:`build_corpus`.
+
+    Returns
+    -------
+    BuildResult
+    """
+    if layout is None:
+        layout = TokenDictionary.load(token_dictionary).layout().name
+    specs, sources = [], []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str | os.PathLike):
+            specs.append(DatasetSpec(path=str(item), gene_id=gene_id, obs_columns=tuple(obs_columns)))
+            sources.append(None)
+        else:
+            specs.append(DatasetSpec(path=f"<AnnData {i}>", id=f"anndata-{i}", gene_id=gene_id,
+                                     obs_columns=tuple(obs_columns)))
+            sources.append(item)
+    ids = [s.dataset_id for s in specs]
+    if len(set(ids)) != len(ids):
+        specs = [s.model_copy(update={"id": f"{i}-{s.dataset_id}"}) for i, s in enumerate(specs)]
+    try:
+        config = BuildConfig(
+            datasets=tuple(specs), layout=layout, block_size=block_size,
+            token_dictionary=str(token_dictionary), gene_medians=str(gene_medians),
+            gene_mapping=str(gene_mapping) if gene_mapping else None,
+        )
+    except ValidationError as e:
+        msg = f"invalid tokenize settings: {describe_validation_error(e)}"
+        raise ConfigError(msg) from None
+    return build_corpus(config, out, workers=workers, mode="tokenize", overwrite=overwrite,
+                        executor=executor, sources=sources if any(s is not None for s in sources) else ())

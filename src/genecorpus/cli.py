@@ -83,7 +83,7 @@ def _fail(e: BaseException) -> None:
 def _summary(result: object) -> None:
     from genecorpus.inspect import describe_corpus
 
-    typer.echo(describe_corpus(result.path, n_examples=0))  # type: ignore[attr-defined]
+    typer.echo(describe_corpus(result.path, n_examples=1))  # type: ignore[attr-defined]
 
 
 @app.command()
@@ -146,46 +146,23 @@ def tokenize(
             --gene-medians gene_median_dictionary_gc104M.pkl \\
             --gene-mapping ensembl_mapping_dict_gc104M.pkl --obs-columns cell_type
     """
-    from genecorpus.build import build_corpus
-    from genecorpus.config import BuildConfig, DatasetSpec
+    from genecorpus.build import tokenize as tokenize_datasets
     from genecorpus.executors import LocalExecutor
-    from genecorpus.vocab import TokenDictionary
 
     try:
-        if layout is None:
-            layout = TokenDictionary.load(token_dictionary).layout().name
-        columns = tuple(c.strip() for c in obs_columns.split(",") if c.strip())
-        datasets = [DatasetSpec(path=str(p), gene_id=gene_id, obs_columns=columns) for p in inputs]
-        ids = [d.dataset_id for d in datasets]
-        if len(set(ids)) != len(ids):
-            datasets = [d.model_copy(update={"id": f"{i}-{d.dataset_id}"}) for i, d in enumerate(datasets)]
-        config = _validated(BuildConfig, datasets=datasets, layout=layout, block_size=block_size,
-                            token_dictionary=str(token_dictionary), gene_medians=str(gene_medians),
-                            gene_mapping=str(gene_mapping) if gene_mapping else None)
+        columns = [c.strip() for c in obs_columns.split(",") if c.strip()]
         with _Progress() as progress:
             executor = LocalExecutor(workers, progress=progress)
             try:
-                result = build_corpus(config, out, workers=workers, mode="tokenize", overwrite=overwrite,
-                                      executor=executor)
+                result = tokenize_datasets(
+                    inputs, out, token_dictionary=token_dictionary, gene_medians=gene_medians,
+                    gene_mapping=gene_mapping, layout=layout, obs_columns=columns, gene_id=gene_id,
+                    workers=workers, block_size=block_size, overwrite=overwrite, executor=executor)
             finally:
                 executor.close()
     except GenecorpusError as e:
         _fail(e)
     _summary(result)
-
-
-def _validated(model: type, **values: object) -> object:
-    from pydantic import ValidationError
-
-    from genecorpus.errors import ConfigError
-
-    try:
-        return model(**values)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        msg = f"{where}: {err['msg']}"
-        raise ConfigError(msg) from None
 
 
 @app.command()

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from genecorpus.errors import ConfigError
 
-__all__ = ["BuildConfig", "DatasetSpec", "QCParams", "load_manifest"]
+__all__ = ["BuildConfig", "DatasetSpec", "QCParams", "describe_validation_error", "load_manifest"]
 
 
 class _Frozen(BaseModel):
@@ -120,7 +120,8 @@ class BuildConfig(_Frozen):
         return value
 
 
-def _first_error(e: ValidationError) -> str:
+def describe_validation_error(e: ValidationError) -> str:
+    """The first problem of a pydantic validation error as ``field: message``."""
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "manifest"
     return f"{where}: {err['msg']}"
@@ -155,5 +156,5 @@ def load_manifest(path: str | os.PathLike[str], **overrides: object) -> BuildCon
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as e:
-        msg = f"{path}: {_first_error(e)}; fix the manifest"
+        msg = f"{path}: {describe_validation_error(e)}; fix the manifest"
         raise ConfigError(msg) from None

@@ -1,0 +1,789 @@
+"""The corpus report: one static HTML page with summary tables and PNG plots (SPEC §2.8).
+
+:func:`write_report` reads what a build left in a corpus folder — ``manifest.json``, ``lengths.pkl``,
+``gene_medians.tsv`` and, for ``build`` corpora, ``report/qc_sample.npz`` (per-cell QC statistics of a
+fixed sample of cells) — and writes ``report/index.html`` with its PNGs beside it. It never reads the
+input datasets, so it can be re-run on any finished corpus.
+
+The output depends only on the corpus's files: no paths, dates or matplotlib version are written, figure
+sizes are fixed per number of datasets, and everything is drawn in manifest order. matplotlib draws with
+its Agg canvas on :class:`~matplotlib.figure.Figure` objects (no pyplot state) under matplotlib's default
+style, so a user's ``matplotlibrc`` does not change the bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from genecorpus.errors import ConfigError, InputError
+from genecorpus.qc import DROP_REASONS
+from genecorpus.vocab import LAYOUTS
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MAX_DATASET_PANELS", "write_report"]
+
+MAX_DATASET_PANELS = 24
+"""Datasets drawn as small multiples in the QC figures; the others are only in the tables."""
+
+MAX_BAR_DATASETS = 60
+"""Datasets drawn in the cells-per-dataset bar chart."""
+
+REPORT_DIR = "report"
+QC_SAMPLE = "qc_sample.npz"
+
+_KEPT_COLOR = "#4c72b0"
+_REASON_COLORS = {
+    "filter_pass": "#8c8c8c",
+    "n_counts_outlier": "#dd8452",
+    "mito_outlier": "#c44e52",
+    "min_genes": "#8172b3",
+    "no_vocab_genes": "#937860",
+}
+_CUT_COLOR = "#222222"
+_DPI = 100
+_PNG_METADATA: dict[str, str | None] = {"Software": None}
+"""Keeps the matplotlib version out of the PNG, so bytes only change when the picture does."""
+
+_SAMPLE_ARRAYS = ("dataset", "n_counts", "mito", "n_genes", "reason")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class _QCSample:
+    """``report/qc_sample.npz``: per-cell statistics of a fixed sample of cells."""
+
+    dataset: np.ndarray
+    n_counts: np.ndarray
+    mito: np.ndarray
+    n_genes: np.ndarray
+    reason: np.ndarray
+
+    def of(self, index: int) -> _QCSample:
+        """The cells of dataset ``index``."""
+        sel = self.dataset == index
+        return _QCSample(*(getattr(self, name)[sel] for name in _SAMPLE_ARRAYS))
+
+
+@dataclass(frozen=True)
+class _Corpus:
+    """Everything the report shows, read from a corpus folder."""
+
+    root: Path
+    manifest: dict[str, Any]
+    lengths: np.ndarray
+    gene_medians: np.ndarray | None
+    sample: _QCSample | None
+
+    @property
+    def datasets(self) -> list[dict[str, Any]]:
+        return list(self.manifest["datasets"])
+
+    @property
+    def layout(self) -> str:
+        return str(self.manifest["corpus"].get("layout", "gc30m"))
+
+    @property
+    def length_limit(self) -> int:
+        layout = LAYOUTS[self.layout]
+        return layout.max_genes + (2 if layout.wrap_cls_eos else 0)
+
+
+_REQUIRED_KEYS = ("datasets", "corpus", "medians", "vocabulary")
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / "manifest.json"
+    if not root.is_dir():
+        msg = f"{root}: not a folder; give a corpus folder written by genecorpus build or tokenize"
+        raise InputError(msg)
+    if not path.is_file():
+        msg = (f"{root}: not a genecorpus corpus folder (no manifest.json); give the --out folder of "
+               f"genecorpus build or tokenize")
+        raise InputError(msg)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        msg = f"{path}: not valid JSON ({e}); rebuild the corpus"
+        raise InputError(msg) from None
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        msg = (f"{path}: not a genecorpus manifest (no {missing[0]!r}); give a corpus folder written by "
+               f"genecorpus build or tokenize")
+        raise InputError(msg)
+    layout = manifest["corpus"].get("layout", "gc30m")
+    if layout not in LAYOUTS:
+        msg = f"{path}: unknown layout {layout!r}; known layouts are {', '.join(sorted(LAYOUTS))}"
+        raise InputError(msg)
+    return manifest
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Loads plain lists of ints only; a lengths file has no reason to reference any class."""
+
+    def find_class(self, module: str, name: str) -> Any:  # noqa: ANN401
+        msg = f"refuses to load {module}.{name}"
+        raise pickle.UnpicklingError(msg)
+
+
+def _read_lengths(root: Path, n_cells: int) -> np.ndarray:
+    path = root / "lengths.pkl"
+    if path.is_file():
+        try:
+            with path.open("rb") as fh:
+                raw = _NoGlobalsUnpickler(fh).load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            msg = f"{path}: not a pickled list of lengths ({e}); rebuild the corpus"
+            raise InputError(msg) from None
+        if not isinstance(raw, list) or not all(isinstance(v, int) for v in raw):
+            msg = f"{path}: not a pickled list of int lengths; rebuild the corpus"
+            raise InputError(msg)
+        lengths = np.asarray(raw, dtype=np.int64)
+    else:
+        from genecorpus.inspect import CorpusFiles, iter_corpus_batches
+
+        files = CorpusFiles.locate(root)
+        parts = [b.column("length").to_numpy() for b in iter_corpus_batches(files, ["length"])]
+        lengths = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+        path = root
+    if lengths.shape[0] != n_cells:
+        msg = (f"{path}: {lengths.shape[0]} lengths but manifest.json counts {n_cells} cells; the folder "
+               f"is inconsistent, rebuild the corpus")
+        raise InputError(msg)
+    return lengths
+
+
+def _read_gene_medians(root: Path) -> np.ndarray | None:
+    path = root / "gene_medians.tsv"
+    if not path.is_file():
+        return None
+    values = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = csv.reader(fh, delimiter="\t")
+        header = next(rows, None)
+        if header != ["ensembl_id", "median"]:
+            msg = f"{path}: header is {header}, expected ensembl_id<TAB>median; rebuild the corpus"
+            raise InputError(msg)
+        for n, row in enumerate(rows, start=2):
+            try:
+                values.append(float(row[1]))
+            except (IndexError, ValueError):
+                msg = f"{path}: line {n} is not ensembl_id<TAB>median; rebuild the corpus"
+                raise InputError(msg) from None
+    return np.asarray(values, dtype=np.float64)
+
+
+def _read_sample(root: Path, n_datasets: int) -> _QCSample | None:
+    path = root / REPORT_DIR / QC_SAMPLE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: np.asarray(z[name]) for name in _SAMPLE_ARRAYS}
+    except KeyError as e:
+        msg = f"{path}: no array {e}; delete it (QC plots are then skipped) or rebuild the corpus"
+        raise InputError(msg) from None
+    except (OSError, ValueError) as e:
+        msg = f"{path}: unreadable ({e}); delete it (QC plots are then skipped) or rebuild the corpus"
+        raise InputError(msg) from None
+    n = {a.shape[0] for a in arrays.values()}
+    d, r = arrays["dataset"], arrays["reason"]
+    if (len(n) != 1 or (d.size and (d.min() < 0 or d.max() >= n_datasets))
+            or (r.size and (r.min() < -1 or r.max() >= len(DROP_REASONS)))):
+        msg = (f"{path}: does not match manifest.json (array lengths, dataset or reason indices); "
+               f"rebuild the corpus")
+        raise InputError(msg)
+    return _QCSample(**arrays)
+
+
+def _read_corpus(root: Path) -> _Corpus:
+    manifest = _read_manifest(root)
+    n_cells = int(manifest["corpus"].get("n_cells", 0))
+    return _Corpus(root, manifest, _read_lengths(root, n_cells), _read_gene_medians(root),
+                   _read_sample(root, len(manifest["datasets"])))
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, format="png", dpi=_DPI, metadata=_PNG_METADATA)
+
+
+def _short(name: str, width: int = 32) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _edges(values: np.ndarray, lo: float, hi: float, *, bins: int = 50) -> np.ndarray:
+    """Histogram bin edges over [lo, hi]: one bin per integer when integers span few values."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo, hi = 0.0, 1.0
+    integer = values.dtype.kind in "iu" or bool(np.all(np.mod(values, 1) == 0))
+    if integer and hi - lo <= bins:
+        return np.arange(math.floor(lo) - 0.5, math.ceil(hi) + 1.0, 1.0)
+    if hi <= lo:
+        pad = abs(lo) * 0.05 or 0.5
+        lo, hi = lo - pad, hi + pad
+    return np.linspace(lo, hi, bins + 1)
+
+
+def _stacked_hist(ax: Axes, edges: np.ndarray, layers: Sequence[tuple[str, str, np.ndarray]]) -> None:
+    """Draw histograms stacked in the given order; layers are (label, colour, values)."""
+    bottom = np.zeros(edges.shape[0] - 1, dtype=np.float64)
+    for label, color, values in layers:
+        counts = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0].astype(np.float64)
+        if counts.any():
+            ax.stairs(bottom + counts, edges, baseline=bottom, fill=True, color=color, label=label,
+                      linewidth=0)
+        bottom += counts
+
+
+def _sample_layers(values: np.ndarray, reason: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+    layers = [("kept", _KEPT_COLOR, values[reason < 0])]
+    for i, name in enumerate(DROP_REASONS):
+        layers.append((f"dropped: {name}", _REASON_COLORS[name], values[reason == i]))
+    return layers
+
+
+def _legend(fig: Figure, labels: Sequence[str], *, ncols: int) -> None:
+    from matplotlib.patches import Patch
+
+    colors = {"kept": _KEPT_COLOR} | {f"dropped: {k}": v for k, v in _REASON_COLORS.items()}
+    handles = [Patch(color=colors[label], label=label) for label in labels]
+    handles.append(_cut_handle())
+    fig.legend(handles=handles, loc="outside upper center", ncols=ncols, frameon=False, fontsize=9)
+
+
+def _cut_handle() -> Any:  # noqa: ANN401
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=_CUT_COLOR, linestyle="--", linewidth=1, label="3-SD cut")
+
+
+def _used_labels(sample: _QCSample) -> list[str]:
+    present = {int(r) for r in np.unique(sample.reason).tolist()}
+    return ["kept"] + [f"dropped: {name}" for i, name in enumerate(DROP_REASONS) if i in present]
+
+
+def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def _qc_panel(ax: Axes, ds: dict[str, Any], sample: _QCSample, *, stat: str) -> None:
+    """One dataset's histogram of n_counts or mito, with the cut lines of its rule."""
+    qc = ds.get("qc", {})
+    values = sample.n_counts if stat == "n_counts" else sample.mito
+    title = _short(str(ds["dataset_id"]))
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    if stat == "mito" and not qc.get("mito_rule", False):
+        why = "QC disabled" if not qc.get("enabled", False) else "no mitochondrial genes"
+        ax.text(0.5, 0.5, f"mito rule skipped\n({why})", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9, color="#555555")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    if values.size == 0:
+        ax.text(0.5, 0.5, "no cells", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        return
+    rng = qc.get("n_counts_range" if stat == "n_counts" else "mito_range")
+    cuts = [float(c) for c in rng] if qc.get("enabled", False) and rng else []
+    # values are never negative, so a cut below zero removes nothing and is not drawn
+    cuts = sorted({c for c in cuts if c >= 0})
+    lo = min([float(values.min()), *cuts])
+    hi = max([float(values.max()), *cuts])
+    edges = _edges(values, lo, hi)
+    _stacked_hist(ax, edges, _sample_layers(values, sample.reason))
+    for c in cuts:
+        ax.axvline(c, color=_CUT_COLOR, linestyle="--", linewidth=1)
+    kept = int((sample.reason < 0).sum())
+    text = f"sample {values.size:,} of {ds['cells']['in']:,}\nkept {100 * kept / values.size:.1f}%"
+    if rng and qc.get("enabled", False):
+        text += f"\nkeep [{_fmt(float(rng[0]))}, {_fmt(float(rng[1]))}]"
+    ax.text(0.98, 0.95, text, ha="right", va="top", transform=ax.transAxes, fontsize=7,
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+    ax.set_xlim(edges[0], edges[-1])
+
+
+def _plot_qc(corpus: _Corpus, sample: _QCSample, *, stat: str, max_panels: int, path: Path) -> None:
+    shown = corpus.datasets[:max_panels]
+    ncols = min(len(shown), 4) or 1
+    nrows = max(math.ceil(len(shown) / ncols), 1)
+    fig = _new_figure(3.4 * ncols + 0.4, 2.5 * nrows + 0.9)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        if i >= len(shown):
+            ax.set_axis_off()
+            continue
+        _qc_panel(ax, shown[i], sample.of(i), stat=stat)
+    modes = {str(d.get("qc", {}).get("mito_mode", "counts")) for d in shown}
+    xlabel = ("total counts per cell (n_counts)" if stat == "n_counts"
+              else "mitochondrial " + (" / ".join(sorted(modes)) if modes else "counts") + " per cell")
+    fig.supxlabel(xlabel, fontsize=10)
+    fig.supylabel("cells in the QC sample", fontsize=10)
+    _legend(fig, _used_labels(sample), ncols=6)
+    _save(fig, path)
+
+
+def _plot_cells(corpus: _Corpus, path: Path) -> None:
+    shown = corpus.datasets[:MAX_BAR_DATASETS]
+    n = max(len(shown), 1)
+    fig = _new_figure(9.0, 1.4 + 0.32 * n)
+    ax = fig.subplots()
+    y = np.arange(len(shown))
+    left = np.zeros(len(shown), dtype=np.float64)
+    layers = [("kept", _KEPT_COLOR, [d["cells"]["kept"] for d in shown])]
+    layers += [(f"dropped: {r}", _REASON_COLORS[r], [d["cells"]["dropped"].get(r, 0) for d in shown])
+               for r in DROP_REASONS]
+    for label, color, counts in layers:
+        width = np.asarray(counts, dtype=np.float64)
+        if width.any() or label == "kept":
+            ax.barh(y, width, left=left, color=color, label=label, height=0.7)
+        left += width
+    for yi, d, total in zip(y, shown, left, strict=True):
+        n_in = d["cells"]["in"]
+        pct = 100 * d["cells"]["kept"] / n_in if n_in else 0.0
+        ax.text(total, yi, f"  {pct:.1f}% kept", va="center", fontsize=8)
+    ax.set_yticks(y, [_short(str(d["dataset_id"]), 40) for d in shown], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, (left.max() if left.size and left.max() > 0 else 1) * 1.18)
+    ax.set_xlabel("cells (all cells, from manifest.json)")
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.set_title("Cells in, kept and dropped by reason, per dataset", fontsize=11)
+    _save(fig, path)
+
+
+def _plot_lengths(corpus: _Corpus, path: Path) -> None:
+    limit = corpus.length_limit
+    lengths = corpus.lengths
+    fig = _new_figure(8.0, 3.6)
+    ax = fig.subplots()
+    hi = max(limit, int(lengths.max()) if lengths.size else 0)
+    edges = np.linspace(0, hi, 65) if hi > 64 else np.arange(-0.5, hi + 1.5)
+    _stacked_hist(ax, edges, [("cells", _KEPT_COLOR, lengths)])
+    ax.axvline(limit, color=_CUT_COLOR, linestyle="--", linewidth=1,
+               label=f"truncation limit {limit:,} ({corpus.layout})")
+    at_limit = int((lengths >= limit).sum())
+    if lengths.size:
+        text = (f"{lengths.size:,} cells, mean {lengths.mean():,.1f}, median {np.median(lengths):,.0f}\n"
+                f"{at_limit:,} cells ({100 * at_limit / lengths.size:.1f}%) truncated at the limit")
+    else:
+        text = "no cells"
+    ax.text(0.5, 0.95, text, ha="center", va="top", transform=ax.transAxes, fontsize=8)
+    ax.set_xlim(0, hi * 1.03 + 1)
+    ax.set_xlabel("length (tokens per cell, special tokens included)")
+    ax.set_ylabel("cells")
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    ax.set_title("Length of the encoded cells", fontsize=11)
+    _save(fig, path)
+
+
+def _plot_genes(corpus: _Corpus, path: Path) -> None:
+    fig = _new_figure(8.0, 3.6)
+    ax = fig.subplots()
+    sample = corpus.sample
+    if sample is not None:
+        values = sample.n_genes
+        hi = float(values.max()) if values.size else 1.0
+        _stacked_hist(ax, _edges(values, 0.0, hi, bins=60), _sample_layers(values, sample.reason))
+        rules = sorted({int(d["qc"]["min_genes"]) for d in corpus.datasets
+                        if d.get("qc", {}).get("enabled", False)})
+        for m in rules:
+            ax.axvline(m, color=_CUT_COLOR, linestyle="--", linewidth=1, label=f"min_genes = {m}")
+        ax.set_xlabel("detected candidate genes per cell (QC sample, all datasets)")
+        ax.set_ylabel("cells in the QC sample")
+        ax.set_title("Genes detected per cell", fontsize=11)
+    else:
+        layout = LAYOUTS[corpus.layout]
+        values = corpus.lengths - (2 if layout.wrap_cls_eos else 0)
+        hi = float(max(layout.max_genes, int(values.max()) if values.size else 0))
+        _stacked_hist(ax, _edges(values, 0.0, hi, bins=64), [("kept", _KEPT_COLOR, values)])
+        ax.axvline(layout.max_genes, color=_CUT_COLOR, linestyle="--", linewidth=1,
+                   label=f"at most {layout.max_genes:,} genes ({layout.name})")
+        ax.set_xlabel("vocabulary genes encoded per cell (from lengths; truncated)")
+        ax.set_ylabel("cells")
+        ax.set_title("Genes per cell in the corpus (no QC sample)", fontsize=11)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    _save(fig, path)
+
+
+def _plot_medians(values: np.ndarray, path: Path) -> None:
+    fig = _new_figure(8.0, 3.6)
+    ax = fig.subplots()
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size:
+        lo, hi = float(positive.min()), float(positive.max())
+        if hi <= lo * 1.001:
+            lo, hi = lo / 2, hi * 2
+        edges = np.geomspace(lo, hi, 61)
+        _stacked_hist(ax, edges, [("genes", _KEPT_COLOR, positive)])
+        ax.set_xscale("log")
+        ax.set_xlim(edges[0], edges[-1])
+        ax.text(0.02, 0.95, f"{positive.size:,} genes\nmedian of medians {np.median(positive):.3g}",
+                ha="left", va="top", transform=ax.transAxes, fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no positive gene medians", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("gene median (nonzero counts / n_counts × 10,000), log scale")
+    ax.set_ylabel("genes")
+    ax.set_title("Distribution of the gene medians", fontsize=11)
+    _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------------- html
+
+
+_TEMPLATE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>genecorpus report — {{ datasets|length }} dataset(s), {{ "{:,}".format(corpus.n_cells) }} cells</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 78em; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; }
+th { background: #f2f2f2; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.total td { font-weight: bold; background: #fafafa; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.4em 0.8em; margin: 0.6em 0; }
+caption { text-align: left; font-style: italic; padding: 0.2em 0; }
+</style>
+</head>
+<body>
+<h1>genecorpus report</h1>
+<table>
+<tr><th>mode</th><td>{{ mode }}</td></tr>
+<tr><th>layout</th><td>{{ corpus.layout }} (length limit {{ "{:,}".format(limit) }} tokens)</td></tr>
+<tr><th>datasets</th><td class="num">{{ datasets|length }}</td></tr>
+<tr><th>cells</th><td class="num">{{ "{:,}".format(corpus.n_cells) }}</td></tr>
+<tr><th>tokens</th><td class="num">{{ "{:,}".format(corpus.n_tokens) }}</td></tr>
+<tr><th>mean length</th><td class="num">{{ mean_length }}</td></tr>
+<tr><th>shards</th><td class="num">{{ corpus.n_shards }}</td></tr>
+<tr><th>columns</th><td>{{ corpus.columns }}</td></tr>
+<tr><th>vocabulary</th><td>{{ vocab }}</td></tr>
+<tr><th>gene medians</th><td>{{ medians_source }}</td></tr>
+</table>
+{% for note in notes %}<p class="note">{{ note }}</p>
+{% endfor %}
+<h2>Cells per dataset</h2>
+<table id="cells">
+<caption>From manifest.json: every input cell is kept or counted under the first drop reason that applies.</caption>
+<tr><th>dataset</th><th>cells in</th><th>kept</th><th>% kept</th>{% for r in reasons %}<th>{{ r }}</th>{% endfor %}</tr>
+{% for row in cell_rows %}<tr{% if row.total %} class="total"{% endif %}><td>{{ row.name }}</td><td class="num">{{ row.n_in }}</td><td class="num">{{ row.kept }}</td><td class="num">{{ row.pct }}</td>{% for v in row.dropped %}<td class="num">{{ v }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+<img src="cells.png" alt="Cells in, kept and dropped by reason, per dataset">
+
+<h2>Quality control</h2>
+{% if qc_plots %}
+<p>Histograms of a fixed sample of cells of each dataset (at most about 20,000 per dataset), coloured by QC
+verdict; dashed lines are the mean ± {{ n_sd }} SD cuts from manifest.json (a cut below zero removes nothing and is
+not drawn). Cells dropped later because none of their genes is in the vocabulary appear as kept here.</p>
+<h3>Total counts per cell</h3>
+<img src="qc_n_counts.png" alt="Per-dataset histograms of n_counts with the 3-SD cut lines">
+<h3>Mitochondrial {{ mito_modes }} per cell</h3>
+<img src="qc_mito.png" alt="Per-dataset histograms of mitochondrial counts with the 3-SD cut lines">
+{% endif %}
+<table id="qc">
+<caption>Thresholds per dataset (population SD over the dataset's preselected cells).</caption>
+<tr><th>dataset</th><th>QC</th><th>n_counts mean ± SD</th><th>n_counts kept range</th><th>mito rule</th><th>mito mean ± SD</th><th>mito kept range</th><th>min genes</th></tr>
+{% for row in qc_rows %}<tr><td>{{ row.name }}</td><td>{{ row.enabled }}</td><td class="num">{{ row.n_counts }}</td><td class="num">{{ row.n_counts_range }}</td><td>{{ row.mito_rule }}</td><td class="num">{{ row.mito }}</td><td class="num">{{ row.mito_range }}</td><td class="num">{{ row.min_genes }}</td></tr>
+{% endfor %}</table>
+
+<h2>Genes</h2>
+<table id="genes">
+<caption>Gene mapping per dataset: input columns, identifiers that could not be mapped or were ambiguous, and what reached the gene universe.</caption>
+<tr><th>dataset</th><th>ids</th><th>release</th><th>input genes</th><th>unmapped</th><th>ambiguous</th><th>columns in universe</th><th>genes in universe</th><th>mito columns</th><th>depth</th></tr>
+{% for row in gene_rows %}<tr><td>{{ row.name }}</td><td>{{ row.id_kind }}</td><td>{{ row.release }}</td><td class="num">{{ row.n_input_genes }}</td><td class="num">{{ row.n_unmapped }}</td><td class="num">{{ row.n_ambiguous }}</td><td class="num">{{ row.n_columns_in_universe }}</td><td class="num">{{ row.n_genes_in_universe }}</td><td class="num">{{ row.n_mito_columns }}</td><td>{{ row.depth }}</td></tr>
+{% endfor %}</table>
+<img src="genes_detected.png" alt="Genes detected per cell">
+
+<h2>Lengths</h2>
+<img src="lengths.png" alt="Histogram of lengths with the truncation limit">
+
+<h2>Gene medians</h2>
+<table id="medians">
+<caption>Median provenance (manifest.json).</caption>
+{% for key, value in provenance %}<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
+{% endfor %}</table>
+{% if medians_plot %}<img src="medians.png" alt="Distribution of gene medians, log scale">{% endif %}
+
+<h2>Software</h2>
+<table id="versions">
+{% for key, value in versions %}<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
+{% endfor %}</table>
+</body>
+</html>
+"""
+
+
+def _num(x: Any) -> str:  # noqa: ANN401
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def _plain(value: Any) -> str:  # noqa: ANN401
+    if isinstance(value, list | tuple):
+        return ", ".join(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_plain(v)}" for k, v in sorted(value.items()))
+    return _num(value)
+
+
+def _cell_rows(datasets: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    tot_in = tot_kept = 0
+    tot_dropped = dict.fromkeys(DROP_REASONS, 0)
+    for d in datasets:
+        c = d["cells"]
+        tot_in += c["in"]
+        tot_kept += c["kept"]
+        for r in DROP_REASONS:
+            tot_dropped[r] += c["dropped"].get(r, 0)
+        rows.append({"name": d["dataset_id"], "n_in": _num(c["in"]), "kept": _num(c["kept"]),
+                     "pct": f"{100 * c['kept'] / c['in']:.1f}" if c["in"] else "–",
+                     "dropped": [_num(c["dropped"].get(r, 0)) for r in DROP_REASONS], "total": False})
+    rows.append({"name": "total", "n_in": _num(tot_in), "kept": _num(tot_kept),
+                 "pct": f"{100 * tot_kept / tot_in:.1f}" if tot_in else "–",
+                 "dropped": [_num(tot_dropped[r]) for r in DROP_REASONS], "total": True})
+    return rows
+
+
+def _mito_rule_text(qc: dict[str, Any]) -> str:
+    if not qc.get("enabled", False):
+        return "skipped (QC disabled)"
+    if not qc.get("mito_rule", False):
+        return "skipped (no mitochondrial genes)"
+    return f"on {qc.get('mito_mode', 'counts')}"
+
+
+def _qc_rows(datasets: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    rows = []
+    for d in datasets:
+        qc = d.get("qc", {})
+        on = bool(qc.get("enabled", False))
+        mito_on = on and bool(qc.get("mito_rule", False))
+        nr, mr = qc.get("n_counts_range", ["", ""]), qc.get("mito_range", ["", ""])
+        rows.append({
+            "name": d["dataset_id"],
+            "enabled": "on" if on else "off",
+            "n_counts": f"{_fmt(qc['n_counts_mean'])} ± {_fmt(qc['n_counts_sd'])}" if on else "–",
+            "n_counts_range": f"[{_fmt(nr[0])}, {_fmt(nr[1])}]" if on else "–",
+            "mito_rule": _mito_rule_text(qc),
+            "mito": f"{_fmt(qc['mito_mean'])} ± {_fmt(qc['mito_sd'])}" if mito_on else "–",
+            "mito_range": f"[{_fmt(mr[0])}, {_fmt(mr[1])}]" if mito_on else "–",
+            "min_genes": str(qc.get("min_genes", "–")) if on else "–",
+        })
+    return rows
+
+
+def _gene_rows(datasets: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    keys = ("id_kind", "release", "n_input_genes", "n_unmapped", "n_ambiguous", "n_columns_in_universe",
+            "n_genes_in_universe", "n_mito_columns")
+    rows = []
+    for d in datasets:
+        g = d.get("genes", {})
+        row = {k: _num(g[k]) if g.get(k) is not None else "–" for k in keys}
+        rows.append(row | {"name": d["dataset_id"], "depth": str(d.get("depth", "–"))})
+    return rows
+
+
+def _notes(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> list[str]:
+    notes = []
+    mode = corpus.manifest.get("mode", "build")
+    if corpus.sample is None:
+        if mode == "tokenize":
+            notes.append("This corpus was made by tokenize, which does no QC beyond filter_pass and cells "
+                         "without vocabulary genes: there are no QC plots.")
+        else:
+            notes.append(f"{REPORT_DIR}/{QC_SAMPLE} is missing, so the QC plots are skipped; rebuild "
+                         "the corpus to get them.")
+    n = len(corpus.datasets)
+    if qc_plots and n > max_panels:
+        notes.append(f"The QC figures show the first {max_panels} of {n} datasets; the tables list all.")
+    if n > MAX_BAR_DATASETS:
+        notes.append(f"The cells-per-dataset chart shows the first {MAX_BAR_DATASETS} of {n} datasets; "
+                     "the table lists all.")
+    skipped = [str(d["dataset_id"]) for d in corpus.datasets
+               if d.get("qc", {}).get("enabled", False) and not d["qc"].get("mito_rule", False)]
+    if skipped:
+        notes.append("Mitochondrial rule skipped (no mitochondrial genes in the dataset): "
+                     + ", ".join(skipped) + ".")
+    if corpus.gene_medians is None:
+        notes.append("gene_medians.tsv is missing, so the median distribution is not drawn.")
+    return notes
+
+
+def _render_html(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> str:
+    import jinja2
+
+    m = corpus.manifest
+    c = m["corpus"]
+    vocab = m["vocabulary"]
+    special = vocab.get("special_tokens", {})
+    specials = ", ".join(f"{k} = {v}" for k, v in sorted(special.items(), key=lambda kv: (kv[1], kv[0])))
+    provenance = sorted((str(k), _plain(v)) for k, v in m["medians"].items())
+    versions = sorted((str(k), str(v)) for k, v in m.get("versions", {}).items())
+    modes = sorted({str(d.get("qc", {}).get("mito_mode", "counts")) for d in corpus.datasets})
+    n_sd = float(m.get("parameters", {}).get("qc", {}).get("n_sd", 3.0))
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(_TEMPLATE).render(
+        mode=m.get("mode", "build"),
+        corpus={"layout": corpus.layout, "n_cells": int(c.get("n_cells", 0)),
+                "n_tokens": int(c.get("n_tokens", 0)), "n_shards": len(c.get("shards", [])),
+                "columns": ", ".join(c.get("columns", []))},
+        limit=corpus.length_limit,
+        mean_length=f"{corpus.lengths.mean():,.1f}" if corpus.lengths.size else "–",
+        datasets=corpus.datasets,
+        vocab=(f"{_num(vocab.get('n_genes', 0))} genes, {_num(vocab.get('n_tokens', 0))} tokens"
+               + (f" (special: {specials})" if specials else "")),
+        medians_source=_plain(m["medians"].get("source", "–")),
+        notes=_notes(corpus, qc_plots=qc_plots, max_panels=max_panels),
+        reasons=DROP_REASONS,
+        cell_rows=_cell_rows(corpus.datasets),
+        qc_plots=qc_plots,
+        n_sd=_fmt(n_sd),
+        mito_modes=" / ".join(modes) or "counts",
+        qc_rows=_qc_rows(corpus.datasets),
+        gene_rows=_gene_rows(corpus.datasets),
+        provenance=provenance,
+        medians_plot=corpus.gene_medians is not None,
+        versions=versions,
+    )
+
+
+# ----------------------------------------------------------------------------------------- publish
+
+
+def _owned(name: str) -> bool:
+    """Files of ``report/`` that a report run writes (and so replaces); others are carried over."""
+    return name == "index.html" or name.endswith(".png")
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    for p in sorted(old.iterdir()):
+        if _owned(p.name) or (new / p.name).exists():
+            continue
+        try:
+            os.link(p, new / p.name)
+        except OSError:
+            if p.is_dir():
+                shutil.copytree(p, new / p.name)
+            else:
+                shutil.copy2(p, new / p.name)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Swap the finished folder in; a reader sees the old or the new report, never half of one."""
+    if final.exists():
+        _carry_over(final, tmp)
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def write_report(corpus: str | os.PathLike[str], *, max_panels: int = MAX_DATASET_PANELS) -> Path:
+    """Write the HTML report of a corpus folder into ``<corpus>/report/`` and return its ``index.html``.
+
+    The page has summary tables (cells in, kept and dropped by reason per dataset with totals, QC
+    thresholds, gene mapping, median provenance, versions) and plots: per-dataset QC histograms of
+    ``n_counts`` and the mitochondrial statistic with the 3-SD cut lines (``build`` corpora only; they
+    come from ``report/qc_sample.npz``), cells per dataset, the length histogram with the layout's
+    truncation limit, genes detected per cell, and the gene medians (log scale). An existing report is
+    replaced; other files in ``report/`` (such as ``qc_sample.npz``) are kept.
+
+    Parameters
+    ----------
+    corpus
+        A corpus folder written by ``genecorpus build`` or ``genecorpus tokenize``.
+    max_panels
+        At most this many datasets (in manifest order) are drawn in the QC figures; all are in the tables.
+
+    Returns
+    -------
+    The path of ``report/index.html``.
+
+    Raises
+    ------
+    InputError
+        ``corpus`` is not a corpus folder, or one of its files is unreadable or inconsistent.
+    ConfigError
+        matplotlib or jinja2 is not installed.
+
+    Examples
+    --------
+    >>> from genecorpus.report import write_report
+    >>> write_report("pbmc-corpus")  # doctest: +SKIP
+    PosixPath('pbmc-corpus/report/index.html')
+    """
+    if max_panels < 1:
+        msg = f"max_panels must be at least 1, got {max_panels}"
+        raise ConfigError(msg)
+    try:
+        import jinja2  # noqa: F401
+        import matplotlib.style
+    except ImportError as e:
+        msg = f"the report needs matplotlib and jinja2 ({e}); install them with pip install 'genecorpus[report]'"
+        raise ConfigError(msg) from None
+
+    data = _read_corpus(Path(corpus))
+    final = data.root / REPORT_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}.incomplete-", dir=data.root))
+    try:
+        # a user's matplotlibrc must not change the pictures
+        with matplotlib.style.context("default"):
+            sample = data.sample if data.datasets else None
+            qc_plots = sample is not None
+            if sample is not None:
+                _plot_qc(data, sample, stat="n_counts", max_panels=max_panels, path=tmp / "qc_n_counts.png")
+                _plot_qc(data, sample, stat="mito", max_panels=max_panels, path=tmp / "qc_mito.png")
+            _plot_cells(data, tmp / "cells.png")
+            _plot_lengths(data, tmp / "lengths.png")
+            _plot_genes(data, tmp / "genes_detected.png")
+            if data.gene_medians is not None:
+                _plot_medians(data.gene_medians, tmp / "medians.png")
+        html = _render_html(data, qc_plots=qc_plots, max_panels=max_panels)
+        (tmp / "index.html").write_text(html, encoding="utf-8")
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("report written to %s", final / "index.html")
+    return final / "index.html"
