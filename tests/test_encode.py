@@ -59,3 +59,42 @@ def test_gc104m_layout_wraps_cls_eos() -> None:
     out, new = apply_layout(tokens, lengths, layout=LAYOUTS["gc104m"], special={"<cls>": 2, "<eos>": 3})
     assert new.tolist() == [5, 2, 3]
     assert out.tolist() == [2, 7, 8, 9, 3, 2, 3, 2, 5, 3]
+
+
+def test_geneformer_sparse_arithmetic_is_reproduced() -> None:
+    """Geneformer's expression on a sparse float32 matrix with float32 n_counts: SciPy multiplies by
+    float32 reciprocals of n_counts, then by float64 reciprocals of the medians."""
+    rng = np.random.default_rng(9)
+    n_cells, n_genes = 50, 400
+    dense = rng.integers(0, 6, size=(n_cells, n_genes)).astype(np.float32)
+    depth32 = (dense.sum(axis=1) * rng.uniform(1, 3, n_cells)).astype(np.float32)
+    medians = rng.uniform(0.2, 5.0, n_genes)
+    tokens = np.arange(4, n_genes + 4, dtype=np.int32)
+    # Geneformer's own expression, on scipy/numpy objects
+    x32 = sp.csr_matrix(dense)
+    norm = sp.csr_matrix(x32 / depth32[:, None] * 10_000 / medians)
+    expected = []
+    for i in range(n_cells):
+        row = norm.getrow(i)
+        order = sorted(zip(-row.data, tokens[row.indices]))
+        expected.append([int(t) for _, t in order])
+    got, lengths = rank_value_encode(sp.csr_matrix(dense.astype(np.int64)), depth=depth32.astype(np.float64),
+                                     medians=medians, tokens=tokens, max_genes=4096, head_dtype="float32",
+                                     reciprocal=True)
+    assert _split(got, lengths) == expected
+
+
+@pytest.mark.parametrize("n_dtype", [np.float32, np.float64])
+def test_geneformer_dense_arithmetic_is_reproduced(n_dtype: type) -> None:
+    """On a dense float32 matrix (loom, dense h5ad) NumPy really divides, in float32 when n_counts is."""
+    rng = np.random.default_rng(10)
+    dense = rng.integers(0, 6, size=(60, 300)).astype(np.float32)
+    depth = (dense.sum(axis=1) * rng.uniform(1, 3, 60)).astype(n_dtype)
+    medians = rng.uniform(0.2, 5.0, 300)
+    tokens = np.arange(2, 302, dtype=np.int32)
+    norm = dense / depth[:, None] * 10_000 / medians
+    expected = [[int(t) for _, t in sorted(zip(-row[row > 0], tokens[row > 0]))] for row in norm]
+    head = "float32" if n_dtype is np.float32 else "float64"
+    got, lengths = rank_value_encode(sp.csr_matrix(dense.astype(np.int64)), depth=depth.astype(np.float64),
+                                     medians=medians, tokens=tokens, max_genes=4096, head_dtype=head)
+    assert _split(got, lengths) == expected

@@ -106,3 +106,44 @@ def test_truncation_and_filter_pass(wide_h5ad: Path, geneformer_dicts: Path, tmp
     assert out["cell_id"] == ["cell0", "cell1", "cell3", "cell4", "cell5"]
     assert out["length"] == [length] * 5
     assert all(len(c) == length for c in out["input_ids"])
+
+
+def geneformer_expression(adata: ad.AnnData, token_dict: dict, medians: dict, max_genes: int) -> list[list[int]]:
+    """Geneformer's TranscriptomeTokenizer.tokenize_anndata arithmetic, on the same scipy objects.
+
+    ``X_view / n_counts * target_sum / norm_factor_vector`` — so float32 counts with float32 n_counts are
+    divided in float32 — then genes by descending value; ties (which the original leaves to an unstable
+    argsort) by ascending token id.
+    """
+    ids = adata.var["ensembl_id"].tolist()
+    loc = np.array([i for i, g in enumerate(ids) if g in token_dict and g in medians])
+    norm_factor = np.array([medians[ids[i]] for i in loc])
+    toks = np.array([token_dict[ids[i]] for i in loc])
+    n_counts = adata.obs["n_counts"].values[:, None]
+    x_norm = sp.csr_matrix(adata.X[:, loc] / n_counts * 10_000 / norm_factor)
+    cells = []
+    for i in range(x_norm.shape[0]):
+        row = x_norm.getrow(i)
+        cells.append([int(t) for _, t in sorted(zip(-row.data, toks[row.indices]))][:max_genes])
+    return cells
+
+
+def test_float32_inputs_match_geneformer_arithmetic(kang_control: Path, geneformer_dicts: Path,
+                                                    tmp_path: Path) -> None:
+    a = ad.read_h5ad(kang_control)
+    ids = genes.map_to_ensembl(np.asarray(a.var_names, dtype=object), kind="symbol").ensembl_ids
+    ids = np.asarray(ids)
+    _, first = np.unique(ids, return_index=True)
+    cols = np.array(sorted(i for i in first if ids[i]))
+    b = ad.AnnData(sp.csr_matrix(a.X[:, cols]).astype(np.float32))
+    b.var_names = ids[cols]
+    b.var["ensembl_id"] = ids[cols]
+    b.obs_names = a.obs_names
+    b.obs["n_counts"] = np.asarray(a.X.sum(axis=1), dtype=np.float32).ravel()  # float32, as users make it
+    assert b.obs["n_counts"].dtype == np.float32
+    path = tmp_path / "kang_ensembl.h5ad"
+    b.write_h5ad(path)
+    out = _tokenize([path], tmp_path / "v1", geneformer_dicts, "V1")
+    expected = geneformer_expression(b, _plain_load(geneformer_dicts / "token_dictionary_gc30M.pkl"),
+                                     _plain_load(geneformer_dicts / "gene_median_dictionary_gc30M.pkl"), 2048)
+    assert out["input_ids"] == [c for c in expected if c]

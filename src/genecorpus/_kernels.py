@@ -143,14 +143,18 @@ def _select_keys_in_bins(genes, keys, lo, shift, bin_lo, bin_hi):  # type: ignor
 
 @njit(cache=True, nogil=True)
 def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
-    data, indices, indptr, depth, medians, tokens, max_genes
+    data, indices, indptr, depth, medians, tokens, max_genes, float32_head, reciprocal
 ):
     """Rank value encoding of each row: tokens of its genes by descending normalized value.
 
     ``indices`` index genes ordered by ascending token id, so a stable sort of the values in descending
     order breaks ties by ascending token id (SPEC §2.6). ``medians[g] <= 0`` marks a gene outside the
-    vocabulary (skipped). Returns the flat token array (int32) and the length of each row (int64),
-    truncated to ``max_genes``.
+    vocabulary (skipped). With ``float32_head``, ``count / depth * 10,000`` is evaluated in float32
+    (then divided by the float64 median), as Geneformer's NumPy/SciPy code does for float32 inputs.
+    With ``reciprocal``, divisions become multiplications by reciprocals,
+    ``count * (1 / depth) * 10,000 * (1 / median)``, which is what SciPy computes for a sparse matrix
+    divided by a dense array (``spmatrix._divide`` → ``multiply(1 / other)``).
+    Returns the flat token array (int32) and the length of each row (int64), truncated to ``max_genes``.
     """
     n = indptr.shape[0] - 1
     lengths = np.zeros(n, dtype=np.int64)
@@ -169,12 +173,25 @@ def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
     pos = 0
     for i in range(n):
         d = depth[i]
+        d32 = np.float32(d)
+        r32 = np.float32(1.0) / d32
+        r64 = 1.0 / d
         m = 0
         for k in range(indptr[i], indptr[i + 1]):
             g = indices[k]
             med = medians[g]
             if med > 0:
-                neg[m] = -(data[k] / d * TARGET_SUM / med)
+                if reciprocal:
+                    if float32_head:
+                        head = np.float64((np.float32(data[k]) * r32) * np.float32(TARGET_SUM))
+                    else:
+                        head = (data[k] * r64) * TARGET_SUM
+                    neg[m] = -(head * (1.0 / med))
+                elif float32_head:
+                    head = np.float64((np.float32(data[k]) / d32) * np.float32(TARGET_SUM))
+                    neg[m] = -(head / med)
+                else:
+                    neg[m] = -(data[k] / d * TARGET_SUM / med)
                 tok[m] = tokens[g]
                 m += 1
         order = np.argsort(neg[:m], kind="mergesort")

@@ -186,6 +186,10 @@ class _Block:
     """Cells × universe genes, duplicate columns summed (int64 data, sorted int32 indices)."""
     stats: CellStats
     depth: np.ndarray
+    head_dtype: str
+    """dtype Geneformer would divide in: float32 when counts and obs n_counts are both float32."""
+    dense_input: bool
+    """The input stores a dense matrix (Geneformer then divides; on sparse ones SciPy multiplies)."""
 
 
 def _read_blocks(ctx: Context, plan: DatasetPlan, task: Task, extra_obs: Sequence[str] = ()) -> Iterator[_Block]:
@@ -210,20 +214,29 @@ def _read_blocks(ctx: Context, plan: DatasetPlan, task: Task, extra_obs: Sequenc
                                                        ctx.n_genes)
             g = sp.csr_matrix((gdata, gidx, gptr), shape=(x.shape[0], ctx.n_genes))
             if plan.filter_column:
-                pre = np.asarray(block.obs[plan.filter_column]).astype(bool)
+                flags = np.asarray(block.obs[plan.filter_column])
+                if flags.dtype.kind not in "biuf":
+                    msg = (f"{plan.spec.path}: obs column {plan.filter_column!r} holds {flags.dtype} values; "
+                           f"it must be boolean or 0/1 (cells with 1/True are kept)")
+                    raise InputError(msg)
+                pre = flags == 1  # Geneformer's test: a cell passes when its value equals 1
             else:
                 pre = np.ones(x.shape[0], dtype=bool)
             stats = CellStats(totals, mito, np.diff(gptr), pre)
             depth = totals.astype(np.float64)
+            head_dtype = "float64"
             if plan.obs_n_counts:
-                depth = np.asarray(block.obs["n_counts"], dtype=np.float64)
+                stored = np.asarray(block.obs["n_counts"])
+                if block.value_dtype is not None and np.result_type(block.value_dtype, stored.dtype) == np.float32:
+                    head_dtype = "float32"
+                depth = stored.astype(np.float64)
                 bad = (np.diff(gptr) > 0) & ~(depth > 0)
                 if bad.any():
                     i = int(np.flatnonzero(bad)[0])
                     msg = (f"{plan.spec.path}: cell {block.cell_ids[i]!r} has obs n_counts "
                            f"{depth[i]} but nonzero counts; fix obs['n_counts'] or drop the column")
                     raise InputError(msg)
-            yield _Block(start, block.cell_ids, block.obs, g, stats, depth)
+            yield _Block(start, block.cell_ids, block.obs, g, stats, depth, head_dtype, block.dense_input)
     finally:
         source.close()
 
@@ -297,6 +310,8 @@ class EncodeSettings:
     special: dict[str, int]
     schema: pa.Schema
     metadata: tuple[ColumnSpec, ...]
+    geneformer_arithmetic: bool
+    """Divide in the dtype Geneformer's NumPy code would use (``tokenize``); float64 otherwise."""
 
 
 @dataclass
@@ -325,8 +340,10 @@ def _encode_task(ctx: Context, task: Task, qc: DatasetQC, enc: EncodeSettings, p
             keep, reason = keep_mask(b.stats, qc)
             rows = np.flatnonzero(keep)
             x = b.genes[rows]
-            tokens, lengths = rank_value_encode(x, depth=b.depth[rows], medians=enc.medians,
-                                                tokens=enc.tokens, max_genes=layout.max_genes)
+            tokens, lengths = rank_value_encode(
+                x, depth=b.depth[rows], medians=enc.medians, tokens=enc.tokens, max_genes=layout.max_genes,
+                head_dtype=b.head_dtype if enc.geneformer_arithmetic else "float64",
+                reciprocal=enc.geneformer_arithmetic and not b.dense_input)
             empty = lengths == 0
             reason[rows[empty]] = NO_VOCAB_REASON
             for name, c in count_reasons(reason).items():
@@ -623,7 +640,8 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
     metadata = _metadata_columns(plans)
     token_type = pa.int16() if token_dict.max_token <= np.iinfo(np.int16).max else pa.int32()
     schema = corpus_schema(token_type, metadata)
-    enc = EncodeSettings(enc_medians, tokens, layout.name, token_dict.special, schema, metadata)
+    enc = EncodeSettings(enc_medians, tokens, layout.name, token_dict.special, schema, metadata,
+                         geneformer_arithmetic=mode == "tokenize")
     parts_dir = tmp / "_parts"
     parts_dir.mkdir()
     results: list[EncodeResult] = executor.map(

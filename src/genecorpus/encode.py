@@ -28,6 +28,8 @@ def rank_value_encode(
     medians: np.ndarray,
     tokens: np.ndarray,
     max_genes: int,
+    head_dtype: str = "float64",
+    reciprocal: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank value encode the cells of a block.
 
@@ -44,6 +46,13 @@ def rank_value_encode(
         Per-gene token id (int32).
     max_genes
         Keep at most this many genes per cell.
+    head_dtype
+        dtype of ``count / depth * 10,000``: ``"float64"`` (SPEC §2.6), or ``"float32"``, which
+        reproduces Geneformer's arithmetic bit for bit when both the counts and ``obs["n_counts"]`` are
+        stored as float32 (NumPy then divides in float32 before the float64 median).
+    reciprocal
+        Multiply by ``1 / n_counts`` and ``1 / median`` instead of dividing: Geneformer's arithmetic on a
+        *sparse* matrix, since SciPy divides a sparse matrix by a dense array that way.
 
     Returns
     -------
@@ -61,6 +70,7 @@ def rank_value_encode(
     return _kernels._rank_value_encode_csr(
         counts.data, counts.indices, counts.indptr.astype(np.int64),
         np.asarray(depth, dtype=np.float64), med, np.asarray(tokens, dtype=np.int32), max_genes,
+        head_dtype == "float32", reciprocal,
     )
 
 

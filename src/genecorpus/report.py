@@ -14,13 +14,14 @@ style, so a user's ``matplotlibrc`` does not change the bytes.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import math
 import os
 import pickle
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_DATASET_PANELS", "write_report"]
+__all__ = ["MAX_DATASET_PANELS", "require_report_dependencies", "write_report"]
 
 MAX_DATASET_PANELS = 24
 """Datasets drawn as small multiples in the QC figures; the others are only in the tables."""
@@ -62,6 +63,9 @@ _CUT_COLOR = "#222222"
 _DPI = 100
 _PNG_METADATA: dict[str, str | None] = {"Software": None}
 """Keeps the matplotlib version out of the PNG, so bytes only change when the picture does."""
+
+_OVERFLOW_QUANTILE = 0.005
+"""QC histograms span the cut lines and all but this fraction of the largest values."""
 
 _SAMPLE_ARRAYS = ("dataset", "n_counts", "mito", "n_genes", "reason")
 
@@ -102,6 +106,10 @@ class _Corpus:
     @property
     def layout(self) -> str:
         return str(self.manifest["corpus"].get("layout", "gc30m"))
+
+    @property
+    def n_sd(self) -> float:
+        return float(self.manifest.get("parameters", {}).get("qc", {}).get("n_sd", 3.0))
 
     @property
     def length_limit(self) -> int:
@@ -148,29 +156,24 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 
 def _read_lengths(root: Path, n_cells: int) -> np.ndarray:
     path = root / "lengths.pkl"
-    if path.is_file():
-        try:
-            with path.open("rb") as fh:
-                raw = _NoGlobalsUnpickler(fh).load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
-            msg = f"{path}: not a pickled list of lengths ({e}); rebuild the corpus"
-            raise InputError(msg) from None
-        if not isinstance(raw, list) or not all(isinstance(v, int) for v in raw):
-            msg = f"{path}: not a pickled list of int lengths; rebuild the corpus"
-            raise InputError(msg)
-        lengths = np.asarray(raw, dtype=np.int64)
-    else:
-        from genecorpus.inspect import CorpusFiles, iter_corpus_batches
-
-        files = CorpusFiles.locate(root)
-        parts = [b.column("length").to_numpy() for b in iter_corpus_batches(files, ["length"])]
-        lengths = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
-        path = root
+    if not path.is_file():
+        msg = f"{path}: missing; the corpus folder is incomplete, rebuild it"
+        raise InputError(msg)
+    try:
+        with path.open("rb") as fh:
+            raw = _NoGlobalsUnpickler(fh).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        msg = f"{path}: not a pickled list of lengths ({e}); rebuild the corpus"
+        raise InputError(msg) from None
+    lengths = np.asarray(raw) if isinstance(raw, list) else np.empty((0, 0))
+    if lengths.ndim != 1 or (lengths.size and lengths.dtype.kind not in "iu"):
+        msg = f"{path}: not a pickled list of int lengths; rebuild the corpus"
+        raise InputError(msg)
     if lengths.shape[0] != n_cells:
         msg = (f"{path}: {lengths.shape[0]} lengths but manifest.json counts {n_cells} cells; the folder "
                f"is inconsistent, rebuild the corpus")
         raise InputError(msg)
-    return lengths
+    return lengths.astype(np.int64)
 
 
 def _read_gene_medians(root: Path) -> np.ndarray | None:
@@ -274,19 +277,19 @@ def _sample_layers(values: np.ndarray, reason: np.ndarray) -> list[tuple[str, st
     return layers
 
 
-def _legend(fig: Figure, labels: Sequence[str], *, ncols: int) -> None:
+def _legend(fig: Figure, labels: Sequence[str], *, ncols: int, n_sd: float) -> None:
     from matplotlib.patches import Patch
 
     colors = {"kept": _KEPT_COLOR} | {f"dropped: {k}": v for k, v in _REASON_COLORS.items()}
     handles = [Patch(color=colors[label], label=label) for label in labels]
-    handles.append(_cut_handle())
+    handles.append(_cut_handle(n_sd))
     fig.legend(handles=handles, loc="outside upper center", ncols=ncols, frameon=False, fontsize=9)
 
 
-def _cut_handle() -> Any:  # noqa: ANN401
+def _cut_handle(n_sd: float) -> Any:  # noqa: ANN401
     from matplotlib.lines import Line2D
 
-    return Line2D([], [], color=_CUT_COLOR, linestyle="--", linewidth=1, label="3-SD cut")
+    return Line2D([], [], color=_CUT_COLOR, linestyle="--", linewidth=1, label=f"{_fmt(n_sd)}-SD cut")
 
 
 def _used_labels(sample: _QCSample) -> list[str]:
@@ -325,17 +328,31 @@ def _qc_panel(ax: Axes, ds: dict[str, Any], sample: _QCSample, *, stat: str) -> 
     cuts = sorted({c for c in cuts if c >= 0})
     lo = min([float(values.min()), *cuts])
     hi = max([float(values.max()), *cuts])
+    # a few extreme cells would squeeze everything else into one bin: they go in the last bin instead
+    top = max([float(np.quantile(values, 1 - _OVERFLOW_QUANTILE)), *cuts])
+    n_over = 0
+    if top > lo and hi > lo + 1.25 * (top - lo):
+        hi = lo + 1.1 * (top - lo)
+        n_over = int((values > hi).sum())
     edges = _edges(values, lo, hi)
     _stacked_hist(ax, edges, _sample_layers(values, sample.reason))
     for c in cuts:
         ax.axvline(c, color=_CUT_COLOR, linestyle="--", linewidth=1)
     kept = int((sample.reason < 0).sum())
     text = f"sample {values.size:,} of {ds['cells']['in']:,}\nkept {100 * kept / values.size:.1f}%"
+    ax.set_xlim(edges[0], edges[-1])
+    if lo == hi:
+        span = edges[-1] - edges[0]
+        ax.set_xlim(edges[0] - 2 * span, edges[-1] + 2 * span)
+        ax.set_xticks([lo], [_fmt(lo)])
+        text += f"\nevery cell: {_fmt(lo)}"
     if rng and qc.get("enabled", False):
         text += f"\nkeep [{_fmt(float(rng[0]))}, {_fmt(float(rng[1]))}]"
+    if n_over:
+        text += f"\n{n_over:,} above {_fmt(hi)} in last bin"
     ax.text(0.98, 0.95, text, ha="right", va="top", transform=ax.transAxes, fontsize=7,
             bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
-    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # headroom for the text
 
 
 def _plot_qc(corpus: _Corpus, sample: _QCSample, *, stat: str, max_panels: int, path: Path) -> None:
@@ -352,9 +369,11 @@ def _plot_qc(corpus: _Corpus, sample: _QCSample, *, stat: str, max_panels: int, 
     modes = {str(d.get("qc", {}).get("mito_mode", "counts")) for d in shown}
     xlabel = ("total counts per cell (n_counts)" if stat == "n_counts"
               else "mitochondrial " + (" / ".join(sorted(modes)) if modes else "counts") + " per cell")
+    if len(corpus.datasets) > len(shown):
+        xlabel += f"\n(the first {len(shown)} of {len(corpus.datasets)} datasets; the tables list all)"
     fig.supxlabel(xlabel, fontsize=10)
     fig.supylabel("cells in the QC sample", fontsize=10)
-    _legend(fig, _used_labels(sample), ncols=6)
+    _legend(fig, _used_labels(sample), ncols=6 if ncols > 2 else 3, n_sd=corpus.n_sd)
     _save(fig, path)
 
 
@@ -377,12 +396,15 @@ def _plot_cells(corpus: _Corpus, path: Path) -> None:
         n_in = d["cells"]["in"]
         pct = 100 * d["cells"]["kept"] / n_in if n_in else 0.0
         ax.text(total, yi, f"  {pct:.1f}% kept", va="center", fontsize=8)
-    ax.set_yticks(y, [_short(str(d["dataset_id"]), 40) for d in shown], fontsize=8)
-    ax.invert_yaxis()
+    ax.set_yticks(y, [_short(str(d["dataset_id"])) for d in shown], fontsize=8)
+    ax.set_ylim(len(shown) - 0.5, -0.5)
     ax.set_xlim(0, (left.max() if left.size and left.max() > 0 else 1) * 1.18)
     ax.set_xlabel("cells (all cells, from manifest.json)")
-    ax.legend(loc="lower right", fontsize=8, frameon=False)
-    ax.set_title("Cells in, kept and dropped by reason, per dataset", fontsize=11)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    title = "Cells in, kept and dropped by reason, per dataset"
+    if len(corpus.datasets) > len(shown):
+        title += f" (the first {len(shown)} of {len(corpus.datasets)})"
+    ax.set_title(title, fontsize=11)
     _save(fig, path)
 
 
@@ -393,7 +415,7 @@ def _plot_lengths(corpus: _Corpus, path: Path) -> None:
     ax = fig.subplots()
     hi = max(limit, int(lengths.max()) if lengths.size else 0)
     edges = np.linspace(0, hi, 65) if hi > 64 else np.arange(-0.5, hi + 1.5)
-    _stacked_hist(ax, edges, [("cells", _KEPT_COLOR, lengths)])
+    _stacked_hist(ax, edges, [("_cells", _KEPT_COLOR, lengths)])
     ax.axvline(limit, color=_CUT_COLOR, linestyle="--", linewidth=1,
                label=f"truncation limit {limit:,} ({corpus.layout})")
     at_limit = int((lengths >= limit).sum())
@@ -430,15 +452,13 @@ def _plot_genes(corpus: _Corpus, path: Path) -> None:
         layout = LAYOUTS[corpus.layout]
         values = corpus.lengths - (2 if layout.wrap_cls_eos else 0)
         hi = float(max(layout.max_genes, int(values.max()) if values.size else 0))
-        _stacked_hist(ax, _edges(values, 0.0, hi, bins=64), [("kept", _KEPT_COLOR, values)])
+        _stacked_hist(ax, _edges(values, 0.0, hi, bins=64), [("_cells", _KEPT_COLOR, values)])
         ax.axvline(layout.max_genes, color=_CUT_COLOR, linestyle="--", linewidth=1,
                    label=f"at most {layout.max_genes:,} genes ({layout.name})")
         ax.set_xlabel("vocabulary genes encoded per cell (from lengths; truncated)")
         ax.set_ylabel("cells")
         ax.set_title("Genes per cell in the corpus (no QC sample)", fontsize=11)
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     _save(fig, path)
 
 
@@ -451,7 +471,7 @@ def _plot_medians(values: np.ndarray, path: Path) -> None:
         if hi <= lo * 1.001:
             lo, hi = lo / 2, hi * 2
         edges = np.geomspace(lo, hi, 61)
-        _stacked_hist(ax, edges, [("genes", _KEPT_COLOR, positive)])
+        _stacked_hist(ax, edges, [("_genes", _KEPT_COLOR, positive)])
         ax.set_xscale("log")
         ax.set_xlim(edges[0], edges[-1])
         ax.text(0.02, 0.95, f"{positive.size:,} genes\nmedian of medians {np.median(positive):.3g}",
@@ -659,7 +679,6 @@ def _render_html(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> str:
     provenance = sorted((str(k), _plain(v)) for k, v in m["medians"].items())
     versions = sorted((str(k), str(v)) for k, v in m.get("versions", {}).items())
     modes = sorted({str(d.get("qc", {}).get("mito_mode", "counts")) for d in corpus.datasets})
-    n_sd = float(m.get("parameters", {}).get("qc", {}).get("n_sd", 3.0))
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.from_string(_TEMPLATE).render(
         mode=m.get("mode", "build"),
@@ -676,7 +695,7 @@ def _render_html(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> str:
         reasons=DROP_REASONS,
         cell_rows=_cell_rows(corpus.datasets),
         qc_plots=qc_plots,
-        n_sd=_fmt(n_sd),
+        n_sd=_fmt(corpus.n_sd),
         mito_modes=" / ".join(modes) or "counts",
         qc_rows=_qc_rows(corpus.datasets),
         gene_rows=_gene_rows(corpus.datasets),
@@ -719,6 +738,23 @@ def _publish(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
+def require_report_dependencies() -> None:
+    """Raise :class:`~genecorpus.errors.ConfigError` unless matplotlib and jinja2 are installed.
+
+    Cheap (nothing is imported), so a build can check before it starts rather than fail at the end.
+
+    Examples
+    --------
+    >>> from genecorpus.report import require_report_dependencies
+    >>> require_report_dependencies()
+    """
+    missing = [name for name in ("matplotlib", "jinja2") if importlib.util.find_spec(name) is None]
+    if missing:
+        msg = (f"the report needs {' and '.join(missing)}, which is not installed; "
+               f"pip install 'genecorpus[report]'")
+        raise ConfigError(msg)
+
+
 def write_report(corpus: str | os.PathLike[str], *, max_panels: int = MAX_DATASET_PANELS) -> Path:
     """Write the HTML report of a corpus folder into ``<corpus>/report/`` and return its ``index.html``.
 
@@ -756,16 +792,14 @@ def write_report(corpus: str | os.PathLike[str], *, max_panels: int = MAX_DATASE
     if max_panels < 1:
         msg = f"max_panels must be at least 1, got {max_panels}"
         raise ConfigError(msg)
-    try:
-        import jinja2  # noqa: F401
-        import matplotlib.style
-    except ImportError as e:
-        msg = f"the report needs matplotlib and jinja2 ({e}); install them with pip install 'genecorpus[report]'"
-        raise ConfigError(msg) from None
+    require_report_dependencies()
+    import matplotlib.style
 
     data = _read_corpus(Path(corpus))
     final = data.root / REPORT_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}.incomplete-", dir=data.root))
+    # mkdir (not mkdtemp, which makes it private) so the published folder gets the usual permissions
+    tmp = data.root / f".{REPORT_DIR}.incomplete-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         # a user's matplotlibrc must not change the pictures
         with matplotlib.style.context("default"):

@@ -33,12 +33,19 @@ class CellBlock:
         Requested per-cell metadata columns, each a numpy array of length n_cells.
     start
         Index of the first row within the dataset.
+    value_dtype
+        dtype in which the input stored the counts (e.g. float32), before validation; Geneformer's
+        arithmetic depends on it (see :func:`genecorpus.encode.rank_value_encode`).
+    dense_input
+        The input stores a dense matrix (so does Geneformer's arithmetic on it).
     """
 
     counts: sp.csr_matrix
     cell_ids: np.ndarray
     start: int
     obs: dict[str, np.ndarray] = field(default_factory=dict)
+    value_dtype: np.dtype | None = None
+    dense_input: bool = False
 
     @property
     def n_cells(self) -> int:

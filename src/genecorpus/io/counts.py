@@ -234,6 +234,8 @@ class BaseReader(abc.ABC):
 
     path: str
     format: str
+    stored_dense: bool = False
+    """The file stores a dense matrix (h5ad dense X, loom); set by the format."""
 
     def __init__(self, path: str, format_name: str) -> None:
         self.path = path
@@ -330,7 +332,8 @@ class BaseReader(abc.ABC):
         except CountsError as exc:
             exc.add_note(f"while reading rows {start}:{stop} of {self.path} ({self.format})")
             raise
-        return CellBlock(counts=counts, cell_ids=cell_ids, start=start, obs=obs)
+        return CellBlock(counts=counts, cell_ids=cell_ids, start=start, obs=obs,
+                         value_dtype=np.dtype(raw.dtype), dense_input=self.stored_dense)
 
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release open file handles (a no-op for readers that hold none)."""

@@ -483,6 +483,7 @@ class H5adReader(BaseReader):
             matrix, what, var = f["X"], "X", self._group("var")
         self._what = what
         self._matrix = matrix_rows(matrix, path=self.path, what=what)
+        self.stored_dense = isinstance(self._matrix, DenseRows)
         n_cells, n_genes = self._matrix.shape
 
         obs = self._group("obs")

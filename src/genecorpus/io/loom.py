@@ -101,6 +101,7 @@ class LoomReader(BaseReader):
             )
             raise InputError(msg)
         self._matrix = DenseRows(matrix, transposed=True)
+        self.stored_dense = True
         n_cells, n_genes = self._matrix.shape
         self._n_cells = n_cells
         self._var = _attr_columns(f.get("row_attrs"), n_genes)

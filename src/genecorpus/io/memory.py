@@ -88,6 +88,7 @@ class AnnDataReader(BaseReader):
             logger.info("%s: converting the CSC matrix to CSR once (a copy) for row blocks", name)
             matrix = sp.csr_matrix(matrix)
         self._matrix = matrix
+        self.stored_dense = not sp.issparse(matrix)
         self._n_cells = int(adata.n_obs)
         self._cell_ids = as_str_array(adata.obs_names.to_numpy())
         self._var_names = as_str_array(var.index.to_numpy())
