@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from genecorpus.encode import apply_layout, rank_value_encode
+from genecorpus.encode import Arithmetic, apply_layout, rank_value_encode
 from genecorpus.vocab import LAYOUTS
 
 
@@ -79,8 +79,9 @@ def test_geneformer_sparse_arithmetic_is_reproduced() -> None:
         order = sorted(zip(-row.data, tokens[row.indices]))
         expected.append([int(t) for _, t in order])
     got, lengths = rank_value_encode(sp.csr_matrix(dense.astype(np.int64)), depth=depth32.astype(np.float64),
-                                     medians=medians, tokens=tokens, max_genes=4096, head_dtype="float32",
-                                     reciprocal=True)
+                                     medians=medians, tokens=tokens, max_genes=4096,
+                                     arithmetic=Arithmetic.geneformer(value_dtype=np.dtype(np.float32),
+                                                                      depth_dtype=np.dtype(np.float32), dense=False))
     assert _split(got, lengths) == expected
 
 
@@ -94,7 +95,25 @@ def test_geneformer_dense_arithmetic_is_reproduced(n_dtype: type) -> None:
     tokens = np.arange(2, 302, dtype=np.int32)
     norm = dense / depth[:, None] * 10_000 / medians
     expected = [[int(t) for _, t in sorted(zip(-row[row > 0], tokens[row > 0]))] for row in norm]
-    head = "float32" if n_dtype is np.float32 else "float64"
+    arithmetic = Arithmetic.geneformer(value_dtype=np.dtype(np.float32), depth_dtype=np.dtype(n_dtype), dense=True)
     got, lengths = rank_value_encode(sp.csr_matrix(dense.astype(np.int64)), depth=depth.astype(np.float64),
-                                     medians=medians, tokens=tokens, max_genes=4096, head_dtype=head)
+                                     medians=medians, tokens=tokens, max_genes=4096, arithmetic=arithmetic)
+    assert _split(got, lengths) == expected
+
+
+@pytest.mark.parametrize("x_dtype", [np.float32, np.float64, np.int32])
+@pytest.mark.parametrize("n_dtype", [np.float32, np.float64, np.int64])
+def test_geneformer_sparse_arithmetic_for_every_dtype_pair(x_dtype: type, n_dtype: type) -> None:
+    rng = np.random.default_rng(11)
+    dense = rng.integers(0, 7, size=(40, 500))
+    depth = (dense.sum(axis=1) * rng.uniform(1, 3, 40)).astype(n_dtype)
+    depth = np.maximum(depth, 1)
+    medians = rng.uniform(0.2, 5.0, 500)
+    tokens = np.arange(2, 502, dtype=np.int32)
+    norm = sp.csr_matrix(sp.csr_matrix(dense.astype(x_dtype)) / depth[:, None] * 10_000 / medians)
+    expected = [[int(t) for _, t in sorted(zip(-norm.getrow(i).data, tokens[norm.getrow(i).indices]))]
+                for i in range(40)]
+    arithmetic = Arithmetic.geneformer(value_dtype=np.dtype(x_dtype), depth_dtype=np.dtype(n_dtype), dense=False)
+    got, lengths = rank_value_encode(sp.csr_matrix(dense), depth=depth.astype(np.float64), medians=medians,
+                                     tokens=tokens, max_genes=4096, arithmetic=arithmetic)
     assert _split(got, lengths) == expected

@@ -189,11 +189,30 @@ def test_not_a_corpus(tmp_path: Path, case: str) -> None:
     assert not (folder / "report").exists()
 
 
-def test_inconsistent_lengths(built: Path, tmp_path: Path) -> None:
+class _Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("unpickled",))
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("lengths-missing", "lengths.pkl: missing"),
+    ("lengths-count", "inconsistent"),
+    ("lengths-global", "not a pickled list"),
+    ("sample-corrupt", "qc_sample.npz"),
+])
+def test_broken_corpus_files(built: Path, tmp_path: Path, case: str, message: str) -> None:
     copy = tmp_path / "corpus"
-    copy.mkdir()
-    for name in ("manifest.json", "gene_medians.tsv"):
+    (copy / "report").mkdir(parents=True)
+    for name in ("manifest.json", "gene_medians.tsv", "lengths.pkl"):
         (copy / name).write_bytes((built / name).read_bytes())
-    (copy / "lengths.pkl").write_bytes(pickle.dumps([1, 2, 3]))
-    with pytest.raises(InputError, match="inconsistent"):
+    if case == "lengths-missing":
+        (copy / "lengths.pkl").unlink()
+    if case == "lengths-count":
+        (copy / "lengths.pkl").write_bytes(pickle.dumps([1, 2, 3]))
+    if case == "lengths-global":
+        (copy / "lengths.pkl").write_bytes(pickle.dumps(_Evil()))
+    if case == "sample-corrupt":
+        (copy / "report" / "qc_sample.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(InputError, match=re.escape(message)):
         write_report(copy)
+    assert not [p for p in copy.iterdir() if p.name.startswith(".report")]

@@ -143,7 +143,7 @@ def _select_keys_in_bins(genes, keys, lo, shift, bin_lo, bin_hi):  # type: ignor
 
 @njit(cache=True, nogil=True)
 def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
-    data, indices, indptr, depth, medians, tokens, max_genes, float32_head, reciprocal
+    data, indices, indptr, depth, medians, tokens, max_genes, float32_head, reciprocal, float32_reciprocal
 ):
     """Rank value encoding of each row: tokens of its genes by descending normalized value.
 
@@ -153,7 +153,8 @@ def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
     (then divided by the float64 median), as Geneformer's NumPy/SciPy code does for float32 inputs.
     With ``reciprocal``, divisions become multiplications by reciprocals,
     ``count * (1 / depth) * 10,000 * (1 / median)``, which is what SciPy computes for a sparse matrix
-    divided by a dense array (``spmatrix._divide`` → ``multiply(1 / other)``).
+    divided by a dense array (``spmatrix._divide`` → ``multiply(1 / other)``); ``float32_reciprocal``
+    computes ``1 / depth`` in float32 (NumPy does for a float32 ``n_counts``).
     Returns the flat token array (int32) and the length of each row (int64), truncated to ``max_genes``.
     """
     n = indptr.shape[0] - 1
@@ -175,7 +176,7 @@ def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
         d = depth[i]
         d32 = np.float32(d)
         r32 = np.float32(1.0) / d32
-        r64 = 1.0 / d
+        r64 = np.float64(r32) if float32_reciprocal else 1.0 / d
         m = 0
         for k in range(indptr[i], indptr[i + 1]):
             g = indices[k]

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from genecorpus import _kernels, genes, medians
 from genecorpus.config import BuildConfig, DatasetSpec, QCParams, describe_validation_error
-from genecorpus.encode import apply_layout, rank_value_encode
+from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic, apply_layout, rank_value_encode
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
 from genecorpus.executors import Executor, LocalExecutor
 from genecorpus.io import open_dataset
@@ -186,10 +186,8 @@ class _Block:
     """Cells × universe genes, duplicate columns summed (int64 data, sorted int32 indices)."""
     stats: CellStats
     depth: np.ndarray
-    head_dtype: str
-    """dtype Geneformer would divide in: float32 when counts and obs n_counts are both float32."""
-    dense_input: bool
-    """The input stores a dense matrix (Geneformer then divides; on sparse ones SciPy multiplies)."""
+    geneformer: Arithmetic
+    """How Geneformer's tokenizer would evaluate the values of this block (used by ``tokenize``)."""
 
 
 def _read_blocks(ctx: Context, plan: DatasetPlan, task: Task, extra_obs: Sequence[str] = ()) -> Iterator[_Block]:
@@ -224,19 +222,19 @@ def _read_blocks(ctx: Context, plan: DatasetPlan, task: Task, extra_obs: Sequenc
                 pre = np.ones(x.shape[0], dtype=bool)
             stats = CellStats(totals, mito, np.diff(gptr), pre)
             depth = totals.astype(np.float64)
-            head_dtype = "float64"
+            depth_dtype = np.dtype(np.int64)
             if plan.obs_n_counts:
                 stored = np.asarray(block.obs["n_counts"])
-                if block.value_dtype is not None and np.result_type(block.value_dtype, stored.dtype) == np.float32:
-                    head_dtype = "float32"
-                depth = stored.astype(np.float64)
+                depth, depth_dtype = stored.astype(np.float64), stored.dtype
                 bad = (np.diff(gptr) > 0) & ~(depth > 0)
                 if bad.any():
                     i = int(np.flatnonzero(bad)[0])
                     msg = (f"{plan.spec.path}: cell {block.cell_ids[i]!r} has obs n_counts "
                            f"{depth[i]} but nonzero counts; fix obs['n_counts'] or drop the column")
                     raise InputError(msg)
-            yield _Block(start, block.cell_ids, block.obs, g, stats, depth, head_dtype, block.dense_input)
+            geneformer = Arithmetic.geneformer(value_dtype=block.value_dtype or np.dtype(np.float32),
+                                               depth_dtype=depth_dtype, dense=block.dense_input)
+            yield _Block(start, block.cell_ids, block.obs, g, stats, depth, geneformer)
     finally:
         source.close()
 
@@ -342,8 +340,7 @@ def _encode_task(ctx: Context, task: Task, qc: DatasetQC, enc: EncodeSettings, p
             x = b.genes[rows]
             tokens, lengths = rank_value_encode(
                 x, depth=b.depth[rows], medians=enc.medians, tokens=enc.tokens, max_genes=layout.max_genes,
-                head_dtype=b.head_dtype if enc.geneformer_arithmetic else "float64",
-                reciprocal=enc.geneformer_arithmetic and not b.dense_input)
+                arithmetic=b.geneformer if enc.geneformer_arithmetic else SPEC_ARITHMETIC)
             empty = lengths == 0
             reason[rows[empty]] = NO_VOCAB_REASON
             for name, c in count_reasons(reason).items():

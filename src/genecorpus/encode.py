@@ -7,6 +7,7 @@ id; the first ``layout.max_genes`` are kept, and the gc104m layout wraps them in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +19,42 @@ if TYPE_CHECKING:
 
     from genecorpus.vocab import Layout
 
-__all__ = ["apply_layout", "rank_value_encode"]
+__all__ = ["SPEC_ARITHMETIC", "Arithmetic", "apply_layout", "rank_value_encode"]
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """How ``count / n_counts * 10,000 / median`` is evaluated, to the bit.
+
+    The default is SPEC §2.6: true divisions, float64, left to right. :meth:`geneformer` describes what
+    Geneformer's NumPy/SciPy expression does for a given input.
+    """
+
+    head_dtype: str = "float64"
+    """dtype of ``count / n_counts * 10,000`` (``"float32"`` or ``"float64"``)."""
+    reciprocal: bool = False
+    """Multiply by ``1 / n_counts`` and ``1 / median`` instead of dividing."""
+    reciprocal_dtype: str = "float64"
+    """dtype in which ``1 / n_counts`` is computed when ``reciprocal``."""
+
+    @classmethod
+    def geneformer(cls, *, value_dtype: np.dtype, depth_dtype: np.dtype, dense: bool) -> Arithmetic:
+        """What ``X / n_counts * target_sum / medians`` does in Geneformer's tokenizer.
+
+        On a dense matrix NumPy divides, in ``result_type(X, n_counts)``. On a sparse matrix SciPy
+        computes ``X.multiply(1 / n_counts)`` (the reciprocal in n_counts' float dtype, the product in the
+        promoted dtype), then ``* 10,000`` in that dtype, then ``.multiply(1 / medians)`` in float64.
+        """
+        if dense:
+            head = np.result_type(value_dtype, depth_dtype)
+            return cls("float32" if head == np.float32 else "float64")
+        recip = np.result_type(np.divide(1, np.ones(1, dtype=depth_dtype)))
+        head = np.result_type(value_dtype, recip)
+        return cls("float32" if head == np.float32 else "float64", True,
+                   "float32" if recip == np.float32 else "float64")
+
+
+SPEC_ARITHMETIC = Arithmetic()
 
 
 def rank_value_encode(
@@ -28,8 +64,7 @@ def rank_value_encode(
     medians: np.ndarray,
     tokens: np.ndarray,
     max_genes: int,
-    head_dtype: str = "float64",
-    reciprocal: bool = False,
+    arithmetic: Arithmetic = SPEC_ARITHMETIC,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank value encode the cells of a block.
 
@@ -46,13 +81,9 @@ def rank_value_encode(
         Per-gene token id (int32).
     max_genes
         Keep at most this many genes per cell.
-    head_dtype
-        dtype of ``count / depth * 10,000``: ``"float64"`` (SPEC §2.6), or ``"float32"``, which
-        reproduces Geneformer's arithmetic bit for bit when both the counts and ``obs["n_counts"]`` are
-        stored as float32 (NumPy then divides in float32 before the float64 median).
-    reciprocal
-        Multiply by ``1 / n_counts`` and ``1 / median`` instead of dividing: Geneformer's arithmetic on a
-        *sparse* matrix, since SciPy divides a sparse matrix by a dense array that way.
+    arithmetic
+        How the value is evaluated: the specification's float64 divisions (default), or
+        :meth:`Arithmetic.geneformer` to reproduce Geneformer's output bit for bit.
 
     Returns
     -------
@@ -70,7 +101,7 @@ def rank_value_encode(
     return _kernels._rank_value_encode_csr(
         counts.data, counts.indices, counts.indptr.astype(np.int64),
         np.asarray(depth, dtype=np.float64), med, np.asarray(tokens, dtype=np.int32), max_genes,
-        head_dtype == "float32", reciprocal,
+        arithmetic.head_dtype == "float32", arithmetic.reciprocal, arithmetic.reciprocal_dtype == "float32",
     )
 
 

@@ -22,6 +22,7 @@ import os
 import pickle
 import secrets
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,7 +207,7 @@ def _read_sample(root: Path, n_datasets: int) -> _QCSample | None:
     except KeyError as e:
         msg = f"{path}: no array {e}; delete it (QC plots are then skipped) or rebuild the corpus"
         raise InputError(msg) from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         msg = f"{path}: unreadable ({e}); delete it (QC plots are then skipped) or rebuild the corpus"
         raise InputError(msg) from None
     n = {a.shape[0] for a in arrays.values()}
@@ -277,12 +278,13 @@ def _sample_layers(values: np.ndarray, reason: np.ndarray) -> list[tuple[str, st
     return layers
 
 
-def _legend(fig: Figure, labels: Sequence[str], *, ncols: int, n_sd: float) -> None:
+def _legend(fig: Figure, labels: Sequence[str], *, ncols: int, n_sd: float | None) -> None:
     from matplotlib.patches import Patch
 
     colors = {"kept": _KEPT_COLOR} | {f"dropped: {k}": v for k, v in _REASON_COLORS.items()}
     handles = [Patch(color=colors[label], label=label) for label in labels]
-    handles.append(_cut_handle(n_sd))
+    if n_sd is not None:
+        handles.append(_cut_handle(n_sd))
     fig.legend(handles=handles, loc="outside upper center", ncols=ncols, frameon=False, fontsize=9)
 
 
@@ -312,9 +314,10 @@ def _qc_panel(ax: Axes, ds: dict[str, Any], sample: _QCSample, *, stat: str) -> 
     title = _short(str(ds["dataset_id"]))
     ax.set_title(title, fontsize=9)
     ax.tick_params(labelsize=7)
-    if stat == "mito" and not qc.get("mito_rule", False):
-        why = "QC disabled" if not qc.get("enabled", False) else "no mitochondrial genes"
-        ax.text(0.5, 0.5, f"mito rule skipped\n({why})", ha="center", va="center",
+    enabled = bool(qc.get("enabled", False))
+    no_mito = (enabled and not qc.get("mito_rule", False)) or ds.get("genes", {}).get("n_mito_columns") == 0
+    if stat == "mito" and no_mito:
+        ax.text(0.5, 0.5, "mito rule skipped\n(no mitochondrial genes)", ha="center", va="center",
                 transform=ax.transAxes, fontsize=9, color="#555555")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -323,7 +326,7 @@ def _qc_panel(ax: Axes, ds: dict[str, Any], sample: _QCSample, *, stat: str) -> 
         ax.text(0.5, 0.5, "no cells", ha="center", va="center", transform=ax.transAxes, fontsize=9)
         return
     rng = qc.get("n_counts_range" if stat == "n_counts" else "mito_range")
-    cuts = [float(c) for c in rng] if qc.get("enabled", False) and rng else []
+    cuts = [float(c) for c in rng] if enabled and rng else []
     # values are never negative, so a cut below zero removes nothing and is not drawn
     cuts = sorted({c for c in cuts if c >= 0})
     lo = min([float(values.min()), *cuts])
@@ -346,8 +349,10 @@ def _qc_panel(ax: Axes, ds: dict[str, Any], sample: _QCSample, *, stat: str) -> 
         ax.set_xlim(edges[0] - 2 * span, edges[-1] + 2 * span)
         ax.set_xticks([lo], [_fmt(lo)])
         text += f"\nevery cell: {_fmt(lo)}"
-    if rng and qc.get("enabled", False):
+    if rng and enabled:
         text += f"\nkeep [{_fmt(float(rng[0]))}, {_fmt(float(rng[1]))}]"
+    if not enabled:
+        text += "\nQC disabled: no cut"
     if n_over:
         text += f"\n{n_over:,} above {_fmt(hi)} in last bin"
     ax.text(0.98, 0.95, text, ha="right", va="top", transform=ax.transAxes, fontsize=7,
@@ -373,7 +378,8 @@ def _plot_qc(corpus: _Corpus, sample: _QCSample, *, stat: str, max_panels: int, 
         xlabel += f"\n(the first {len(shown)} of {len(corpus.datasets)} datasets; the tables list all)"
     fig.supxlabel(xlabel, fontsize=10)
     fig.supylabel("cells in the QC sample", fontsize=10)
-    _legend(fig, _used_labels(sample), ncols=6 if ncols > 2 else 3, n_sd=corpus.n_sd)
+    any_cut = any(d.get("qc", {}).get("enabled", False) for d in shown)
+    _legend(fig, _used_labels(sample), ncols=6 if ncols > 2 else 3, n_sd=corpus.n_sd if any_cut else None)
     _save(fig, path)
 
 
@@ -652,6 +658,9 @@ def _notes(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> list[str]:
         else:
             notes.append(f"{REPORT_DIR}/{QC_SAMPLE} is missing, so the QC plots are skipped; rebuild "
                          "the corpus to get them.")
+    off = [str(d["dataset_id"]) for d in corpus.datasets if not d.get("qc", {}).get("enabled", False)]
+    if mode == "build" and off:
+        notes.append("QC was disabled (no 3-SD or min_genes rule) for: " + ", ".join(off) + ".")
     n = len(corpus.datasets)
     if qc_plots and n > max_panels:
         notes.append(f"The QC figures show the first {max_panels} of {n} datasets; the tables list all.")
@@ -799,7 +808,11 @@ def write_report(corpus: str | os.PathLike[str], *, max_panels: int = MAX_DATASE
     final = data.root / REPORT_DIR
     # mkdir (not mkdtemp, which makes it private) so the published folder gets the usual permissions
     tmp = data.root / f".{REPORT_DIR}.incomplete-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        msg = f"{data.root}: cannot write the report ({e.strerror}); check the folder's permissions"
+        raise InputError(msg) from None
     try:
         # a user's matplotlibrc must not change the pictures
         with matplotlib.style.context("default"):
