@@ -36,6 +36,7 @@ from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic, apply_layout, rank_va
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
 from genecorpus.executors import Executor, LocalExecutor
 from genecorpus.io import open_dataset
+from genecorpus.report import write_report
 from genecorpus.qc import (
     DROP_REASONS,
     NO_VOCAB_REASON,
@@ -475,6 +476,7 @@ def build_corpus(
     overwrite: bool = False,
     executor: Executor | None = None,
     sources: Sequence[Any] = (),
+    report: bool = True,
 ) -> BuildResult:
     """Build a corpus folder from the datasets of ``config`` (SPEC §2.1–§2.8).
 
@@ -495,6 +497,8 @@ def build_corpus(
         Run tasks through this executor instead of a :class:`LocalExecutor`.
     sources
         In-memory ``AnnData`` objects matching ``config.datasets`` by position (Python API).
+    report
+        Write ``report/index.html`` with its plots (SPEC §2.8).
 
     Returns
     -------
@@ -509,6 +513,8 @@ def build_corpus(
     try:
         manifest = _run(config, tmp, executor=executor, mode=mode, sources=sources)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if report:
+            write_report(tmp)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -742,6 +748,7 @@ def tokenize(
     block_size: int = 10_000,
     overwrite: bool = False,
     executor: Executor | None = None,
+    report: bool = True,
 ) -> BuildResult:
     """Tokenize datasets with given dictionaries, as Geneformer's ``TranscriptomeTokenizer`` does.
 
@@ -762,7 +769,7 @@ def tokenize(
         Per-cell metadata columns to copy.
     gene_id
         ``"auto"``, ``"ensembl"`` or ``"symbol"``.
-    workers, block_size, overwrite, executor
+    workers, block_size, overwrite, executor, report
         As for :func:`build_corpus`.
 
     Returns
@@ -793,4 +800,5 @@ def tokenize(
         msg = f"invalid tokenize settings: {describe_validation_error(e)}"
         raise ConfigError(msg) from None
     return build_corpus(config, out, workers=workers, mode="tokenize", overwrite=overwrite,
-                        executor=executor, sources=sources if any(s is not None for s in sources) else ())
+                        executor=executor, sources=sources if any(s is not None for s in sources) else (),
+                        report=report)

@@ -94,6 +94,7 @@ def build(
     block_size: Annotated[Optional[int], typer.Option(help="Cells read at a time (overrides the manifest).")] = None,
     layout: Annotated[Optional[str], typer.Option(help="gc30m or gc104m (overrides the manifest).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
 ) -> None:
     """Build a corpus: read, map genes, QC, exact medians, rank value encoding, Arrow shards.
 
@@ -111,7 +112,8 @@ def build(
 
             executor = LocalExecutor(workers, progress=progress)
             try:
-                result = build_corpus(config, out, workers=workers, overwrite=overwrite, executor=executor)
+                result = build_corpus(config, out, workers=workers, overwrite=overwrite, executor=executor,
+                                      report=report)
             finally:
                 executor.close()
     except GenecorpusError as e:
@@ -132,6 +134,7 @@ def tokenize(
     workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
     block_size: Annotated[int, typer.Option(help="Cells read at a time.")] = 10_000,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
 ) -> None:
     """Tokenize datasets with given dictionaries, as Geneformer's TranscriptomeTokenizer does.
 
@@ -157,7 +160,8 @@ def tokenize(
                 result = tokenize_datasets(
                     inputs, out, token_dictionary=token_dictionary, gene_medians=gene_medians,
                     gene_mapping=gene_mapping, layout=layout, obs_columns=columns, gene_id=gene_id,
-                    workers=workers, block_size=block_size, overwrite=overwrite, executor=executor)
+                    workers=workers, block_size=block_size, overwrite=overwrite, executor=executor,
+                    report=report)
             finally:
                 executor.close()
     except GenecorpusError as e:
@@ -183,6 +187,27 @@ def inspect(
         typer.echo(describe_corpus(corpus, token_dictionary=token_dictionary, n_examples=cells))
     except GenecorpusError as e:
         _fail(e)
+
+
+@app.command()
+def report(
+    corpus: Annotated[Path, typer.Argument(help="A corpus folder written by build or tokenize.")],
+    max_panels: Annotated[int, typer.Option(help="Datasets drawn in the QC figures (all are in the tables).")] = 24,
+) -> None:
+    """Write CORPUS/report/index.html: QC histograms with the 3-SD cuts, cells per dataset,
+    lengths, genes per cell, gene medians, and summary tables.
+
+    Example:
+
+        genecorpus report pbmc-corpus
+    """
+    from genecorpus.report import write_report
+
+    try:
+        index = write_report(corpus, max_panels=max_panels)
+    except GenecorpusError as e:
+        _fail(e)
+    typer.echo(f"report: {index}")
 
 
 def main() -> None:
