@@ -117,3 +117,44 @@ def test_geneformer_sparse_arithmetic_for_every_dtype_pair(x_dtype: type, n_dtyp
     got, lengths = rank_value_encode(sp.csr_matrix(dense), depth=depth.astype(np.float64), medians=medians,
                                      tokens=tokens, max_genes=4096, arithmetic=arithmetic)
     assert _split(got, lengths) == expected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_adversarial_near_ties_against_reference(seed: int) -> None:
+    """Medians equal or one ulp apart, counts across the bucket boundary, wide cells, shuffled tokens."""
+    rng = np.random.default_rng(100 + seed)
+    n_genes = 3000
+    base = rng.choice([0.5, 1.0, 2.0, 3.0, 1.0 / 3.0], size=n_genes)
+    medians = base.copy()
+    bump = rng.random(n_genes) < 0.3
+    medians[bump] = np.nextafter(base[bump], np.inf)
+    medians[rng.random(n_genes) < 0.05] = 0.0  # outside the vocabulary
+    tokens = rng.permutation(n_genes).astype(np.int32) + 2  # token order unrelated to columns
+    n_cells = 40
+    dense = np.zeros((n_cells, n_genes), dtype=np.int64)
+    for i in range(n_cells):
+        k = rng.integers(1, 2500)
+        cols = rng.choice(n_genes, k, replace=False)
+        dense[i, cols] = rng.choice([1, 1, 1, 2, 2, 3, 4, 7, 8, 9, 10, 16, 30], size=k)
+    x = sp.csr_matrix(dense)
+    depth = dense.sum(axis=1).astype(np.float64)
+    depth[::3] = 3 * depth[::3]  # ratios with many exact ties (2/6 == 1/3)
+    keep = rng.random(n_cells) > 0.2
+    for arithmetic in (Arithmetic(), Arithmetic.geneformer(value_dtype=np.dtype(np.float32),
+                                                           depth_dtype=np.dtype(np.float32), dense=False)):
+        got, lengths = rank_value_encode(x, depth=depth, medians=medians, tokens=tokens, max_genes=1000,
+                                         arithmetic=arithmetic, keep=keep)
+        assert (lengths[~keep] == 0).all()
+        cells = _split(got, lengths[keep])
+        for i, cell in zip(np.flatnonzero(keep), cells):
+            row = x.getrow(i)
+            pairs = []
+            for g, c in zip(row.indices, row.data):
+                if medians[g] > 0:
+                    if arithmetic.reciprocal:
+                        head = np.float64(np.float32(c) * (np.float32(1) / np.float32(depth[i])) * np.float32(10_000))
+                        v = head * (1.0 / medians[g])
+                    else:
+                        v = float(c) / depth[i] * 10_000.0 / medians[g]
+                    pairs.append((-v, int(tokens[g])))
+            assert cell == [t for _, t in sorted(pairs)][:1000]

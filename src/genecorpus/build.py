@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from genecorpus import _kernels, genes, medians
 from genecorpus.config import BuildConfig, DatasetSpec, QCParams, describe_validation_error
-from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic, apply_layout, rank_value_encode
+from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic, RankOrder, apply_layout, rank_value_encode
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
 from genecorpus.executors import Executor, LocalExecutor
 from genecorpus.io import open_dataset
@@ -303,8 +303,8 @@ def _select_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.GeneWi
 class EncodeSettings:
     """What the encoding pass needs besides the context."""
 
-    medians: np.ndarray
-    tokens: np.ndarray
+    order: RankOrder
+    """The vocabulary's genes (universe indices) in rank positions, with tokens and medians."""
     layout: str
     special: dict[str, int]
     schema: pa.Schema
@@ -337,11 +337,11 @@ def _encode_task(ctx: Context, task: Task, qc: DatasetQC, enc: EncodeSettings, p
         for b in _read_blocks(ctx, plan, task, extra_obs=wanted):
             n_in += b.genes.shape[0]
             keep, reason = keep_mask(b.stats, qc)
-            rows = np.flatnonzero(keep)
-            x = b.genes[rows]
             tokens, lengths = rank_value_encode(
-                x, depth=b.depth[rows], medians=enc.medians, tokens=enc.tokens, max_genes=layout.max_genes,
+                b.genes, depth=b.depth, order=enc.order, keep=keep, max_genes=layout.max_genes,
                 arithmetic=b.geneformer if enc.geneformer_arithmetic else SPEC_ARITHMETIC)
+            rows = np.flatnonzero(keep)
+            lengths = lengths[rows]
             empty = lengths == 0
             reason[rows[empty]] = NO_VOCAB_REASON
             for name, c in count_reasons(reason).items():
@@ -643,7 +643,7 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
     metadata = _metadata_columns(plans)
     token_type = pa.int16() if token_dict.max_token <= np.iinfo(np.int16).max else pa.int32()
     schema = corpus_schema(token_type, metadata)
-    enc = EncodeSettings(enc_medians, tokens, layout.name, token_dict.special, schema, metadata,
+    enc = EncodeSettings(RankOrder.from_genes(enc_medians, tokens), layout.name, token_dict.special, schema, metadata,
                          geneformer_arithmetic=mode == "tokenize")
     parts_dir = tmp / "_parts"
     parts_dir.mkdir()

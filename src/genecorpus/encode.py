@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from genecorpus.vocab import Layout
 
-__all__ = ["SPEC_ARITHMETIC", "Arithmetic", "apply_layout", "rank_value_encode"]
+__all__ = ["SPEC_ARITHMETIC", "Arithmetic", "RankOrder", "apply_layout", "rank_value_encode"]
 
 
 @dataclass(frozen=True)
@@ -57,37 +57,71 @@ class Arithmetic:
 SPEC_ARITHMETIC = Arithmetic()
 
 
+@dataclass(frozen=True)
+class RankOrder:
+    """The vocabulary in rank positions: genes sorted by (median ascending, token ascending).
+
+    Built once per corpus from per-gene medians and tokens; the encoder works on rank positions.
+    """
+
+    rank_of: np.ndarray
+    """Per gene (column): its rank position, or -1 outside the vocabulary (int32)."""
+    token: np.ndarray
+    """Per rank position: token id (int32)."""
+    median: np.ndarray
+    """Per rank position: median (float64)."""
+    inv_median: np.ndarray
+    """Per rank position: ``1 / median`` in float64 (for the reciprocal arithmetic)."""
+
+    @classmethod
+    def from_genes(cls, medians: np.ndarray, tokens: np.ndarray) -> RankOrder:
+        """From per-gene medians (``<= 0`` or NaN: not in the vocabulary) and token ids."""
+        med = np.asarray(medians, dtype=np.float64)
+        tok = np.asarray(tokens, dtype=np.int32)
+        in_vocab = np.flatnonzero(np.isfinite(med) & (med > 0))
+        order = in_vocab[np.lexsort((tok[in_vocab], med[in_vocab]))]
+        rank_of = np.full(med.shape[0], -1, dtype=np.int32)
+        rank_of[order] = np.arange(order.shape[0], dtype=np.int32)
+        median = med[order]
+        return cls(rank_of, tok[order], median, np.divide(1.0, median))
+
+
 def rank_value_encode(
     counts: sp.csr_matrix,
     *,
     depth: np.ndarray,
-    medians: np.ndarray,
-    tokens: np.ndarray,
+    medians: np.ndarray | None = None,
+    tokens: np.ndarray | None = None,
     max_genes: int,
     arithmetic: Arithmetic = SPEC_ARITHMETIC,
+    order: RankOrder | None = None,
+    keep: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank value encode the cells of a block.
 
     Parameters
     ----------
     counts
-        Cells × genes CSR of raw counts (integer-valued; sorted indices). Gene columns must be ordered
-        by ascending token id, which is how ties are broken.
+        Cells × genes CSR of raw counts (integer-valued, positive).
     depth
         Per-cell ``n_counts`` (float64), the denominator of the normalization.
     medians
         Per-gene nonzero median (float64); ``<= 0`` or NaN marks a gene outside the vocabulary.
     tokens
-        Per-gene token id (int32).
+        Per-gene token id (int32); ties are broken by ascending token id.
     max_genes
         Keep at most this many genes per cell.
     arithmetic
         How the value is evaluated: the specification's float64 divisions (default), or
         :meth:`Arithmetic.geneformer` to reproduce Geneformer's output bit for bit.
+    order
+        A prepared :class:`RankOrder` (instead of ``medians`` and ``tokens``), to save its set-up.
+    keep
+        Encode only these rows (bool per row); the others get length 0 and no tokens.
 
     Returns
     -------
-    Flat token ids (int32) of all cells, and the number of tokens of each cell (int64).
+    Flat token ids (int32) of the encoded cells, and the number of tokens of each cell (int64).
 
     Examples
     --------
@@ -97,13 +131,16 @@ def rank_value_encode(
     ...                   tokens=np.array([2, 3, 4, 5], dtype=np.int32), max_genes=2048)
     (array([3, 5, 2], dtype=int32), array([3]))
     """
-    med = np.where(np.isnan(medians), 0.0, medians).astype(np.float64)
+    if order is None:
+        order = RankOrder.from_genes(medians, tokens)
+    n = counts.shape[0]
+    keep = np.ones(n, dtype=np.bool_) if keep is None else np.asarray(keep, dtype=np.bool_)
     return _kernels._rank_value_encode_csr(
-        counts.data, counts.indices, counts.indptr.astype(np.int64),
-        np.asarray(depth, dtype=np.float64), med, np.asarray(tokens, dtype=np.int32), max_genes,
-        arithmetic.head_dtype == "float32", arithmetic.reciprocal, arithmetic.reciprocal_dtype == "float32",
+        counts.data, counts.indices, counts.indptr.astype(np.int64, copy=False), keep,
+        np.asarray(depth, dtype=np.float64), order.rank_of, order.token, order.median, order.inv_median,
+        max_genes, arithmetic.head_dtype == "float32", arithmetic.reciprocal,
+        arithmetic.reciprocal_dtype == "float32",
     )
-
 
 def apply_layout(
     tokens: np.ndarray, lengths: np.ndarray, *, layout: Layout, special: dict[str, int]
