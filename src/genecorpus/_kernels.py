@@ -33,42 +33,43 @@ def _cell_totals_csr(data, indptr, indices, is_mito_col):  # type: ignore[no-unt
 
 
 @njit(cache=True, nogil=True)
-def _collapse_csr(data, indices, indptr, col_to_gene, n_genes):  # type: ignore[no-untyped-def]
+def _collapse_csr(data, indices, indptr, col_to_gene, n_genes, injective):  # type: ignore[no-untyped-def]
     """Sum input columns into genes: ``col_to_gene[col]`` is the gene index or -1 (dropped).
 
-    Returns a CSR (int64 data, int32 sorted indices, int64 indptr) over ``n_genes`` columns.
+    With ``injective`` (no two columns map to one gene) entries are only renamed and filtered.
+    Returns a CSR (int64 data, int32 indices, int64 indptr) over ``n_genes`` columns whose indices are
+    unique within a row but not necessarily sorted (no consumer needs them sorted).
     """
     n = indptr.shape[0] - 1
-    acc = np.zeros(n_genes, dtype=np.int64)
-    touched = np.empty(n_genes, dtype=np.int32)
     out_indptr = np.zeros(n + 1, dtype=np.int64)
     out_indices = np.empty(indices.shape[0], dtype=np.int32)
     out_data = np.empty(indices.shape[0], dtype=np.int64)
     pos = 0
+    if injective:
+        for i in range(n):
+            for k in range(indptr[i], indptr[i + 1]):
+                g = col_to_gene[indices[k]]
+                if g >= 0:
+                    out_indices[pos] = g
+                    out_data[pos] = data[k]
+                    pos += 1
+            out_indptr[i + 1] = pos
+        return out_data[:pos], out_indices[:pos], out_indptr
+    acc = np.zeros(n_genes, dtype=np.int64)
     for i in range(n):
-        nt = 0
-        monotone = True
-        last = -1
+        start = pos
         for k in range(indptr[i], indptr[i + 1]):
             g = col_to_gene[indices[k]]
             if g < 0:
                 continue
             if acc[g] == 0:
-                touched[nt] = g
-                nt += 1
-                if g < last:
-                    monotone = False
-                last = g
+                out_indices[pos] = g
+                pos += 1
             acc[g] += data[k]
-        genes = touched[:nt]
-        if not monotone:
-            genes.sort()
-        for j in range(nt):
-            g = genes[j]
-            out_indices[pos] = g
-            out_data[pos] = acc[g]
+        for j in range(start, pos):
+            g = out_indices[j]
+            out_data[j] = acc[g]
             acc[g] = 0
-            pos += 1
         out_indptr[i + 1] = pos
     return out_data[:pos], out_indices[:pos], out_indptr
 
@@ -337,3 +338,37 @@ def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
             fill[best] += 1
         lengths[i] = length
     return out[:pos], lengths
+
+
+@njit(cache=True, nogil=True)
+def _counts_from_values_csr(data, indices, indptr, tolerance, max_count):  # type: ignore[no-untyped-def]
+    """One pass over a CSR block: check raw counts, round to int32, drop zeros, check index order.
+
+    Returns (values int32, indices int32, indptr int64, ok): ``ok`` is False when any value is not a
+    raw count (NaN, infinite, negative, further than ``tolerance`` from an integer, above
+    ``max_count``) or a row's indices are not strictly increasing; the caller then takes the slow path
+    that names the offending value, or sorts and sums duplicates.
+    """
+    n = indptr.shape[0] - 1
+    nnz = indptr[n] - indptr[0]
+    values = np.empty(nnz, dtype=np.int32)
+    out_indices = np.empty(nnz, dtype=np.int32)
+    out_indptr = np.zeros(n + 1, dtype=np.int64)
+    pos = 0
+    for i in range(n):
+        last = -1
+        for k in range(indptr[i], indptr[i + 1]):
+            x = data[k]
+            r = np.rint(x)
+            if not (r >= 0 and r <= max_count and abs(x - r) <= tolerance):
+                return values[:0], out_indices[:0], out_indptr, False
+            j = indices[k]
+            if j <= last:
+                return values[:0], out_indices[:0], out_indptr, False
+            last = j
+            if r != 0:
+                values[pos] = np.int32(r)
+                out_indices[pos] = j
+                pos += 1
+        out_indptr[i + 1] = pos
+    return values[:pos], out_indices[:pos], out_indptr, True

@@ -35,7 +35,7 @@ from genecorpus.config import BuildConfig, DatasetSpec, QCParams, describe_valid
 from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic, RankOrder, apply_layout, rank_value_encode
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
 from genecorpus.executors import Executor, LocalExecutor
-from genecorpus.io import open_dataset
+from genecorpus.io import DEFAULT_BLOCK_SIZE, open_dataset
 from genecorpus.report import write_report
 from genecorpus.qc import (
     DROP_REASONS,
@@ -80,6 +80,8 @@ class DatasetPlan:
     obs_n_counts: bool
     """Depth comes from ``obs["n_counts"]``."""
     filter_column: str | None
+    injective: bool
+    """No two input columns map to the same gene (nothing to sum)."""
     source: Any = None
     """An in-memory AnnData (Python API only; runs in this process)."""
 
@@ -171,6 +173,7 @@ def _plan_dataset(index: int, spec: DatasetSpec, source: CellSource, *, universe
         is_mito_col=is_mito, gene_summary=summary,
         obs_n_counts=use_obs_n_counts and "n_counts" in obs,
         filter_column=spec.filter_column if spec.filter_column in obs else None,
+        injective=bool(np.unique(col_to_gene[col_to_gene >= 0]).shape[0] == n_used),
         source=in_memory,
     )
 
@@ -184,7 +187,7 @@ class _Block:
     cell_ids: np.ndarray
     obs: dict[str, np.ndarray]
     genes: sp.csr_matrix
-    """Cells × universe genes, duplicate columns summed (int64 data, sorted int32 indices)."""
+    """Cells × universe genes, duplicate columns summed (int64 data, int32 indices, unsorted)."""
     stats: CellStats
     depth: np.ndarray
     geneformer: Arithmetic
@@ -210,7 +213,7 @@ def _read_blocks(ctx: Context, plan: DatasetPlan, task: Task, extra_obs: Sequenc
             indptr = x.indptr.astype(np.int64)
             totals, mito = _kernels._cell_totals_csr(x.data, indptr, x.indices, plan.is_mito_col)
             gdata, gidx, gptr = _kernels._collapse_csr(x.data, x.indices, indptr, plan.col_to_gene,
-                                                       ctx.n_genes)
+                                                       ctx.n_genes, plan.injective)
             g = sp.csr_matrix((gdata, gidx, gptr), shape=(x.shape[0], ctx.n_genes))
             if plan.filter_column:
                 flags = np.asarray(block.obs[plan.filter_column])
@@ -745,7 +748,7 @@ def tokenize(
     obs_columns: Sequence[str] = (),
     gene_id: str = "auto",
     workers: int = 1,
-    block_size: int = 10_000,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     overwrite: bool = False,
     executor: Executor | None = None,
     report: bool = True,

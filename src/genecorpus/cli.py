@@ -132,7 +132,7 @@ def tokenize(
     obs_columns: Annotated[str, typer.Option(help="Comma-separated obs columns to keep.")] = "",
     gene_id: Annotated[str, typer.Option(help="Kind of gene identifiers: auto, ensembl or symbol.")] = "auto",
     workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
-    block_size: Annotated[int, typer.Option(help="Cells read at a time.")] = 10_000,
+    block_size: Annotated[int, typer.Option(help="Cells read at a time (memory, not output).")] = 2_000,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
 ) -> None:

@@ -3,7 +3,7 @@
 A build manifest is a TOML file::
 
     layout = "gc30m"            # or "gc104m"
-    block_size = 10000          # cells read at a time (does not change the output)
+    block_size = 2000           # cells read at a time (does not change the output)
 
     [qc]
     mito = "counts"             # or "fraction"
@@ -27,6 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from genecorpus.errors import ConfigError
+from genecorpus.io.block import DEFAULT_BLOCK_SIZE
 
 __all__ = ["BuildConfig", "DatasetSpec", "QCParams", "describe_validation_error", "load_manifest"]
 
@@ -101,7 +102,7 @@ class BuildConfig(_Frozen):
     """Use this token dictionary instead of building one from the vocabulary."""
     gene_mapping: str | None = None
     """Geneformer ``ensembl_mapping_dict`` applied to input gene identifiers."""
-    block_size: int = Field(default=10_000, ge=1)
+    block_size: int = Field(default=DEFAULT_BLOCK_SIZE, ge=1)
     """Cells read at a time; changes memory use, never the output."""
     shard_cells: int = Field(default=100_000, ge=1)
     """Input cells per task and output shard; a shard holds the kept cells of that many input cells."""

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "CellBlock", "CellSource"]
 
-DEFAULT_BLOCK_SIZE = 10_000
+DEFAULT_BLOCK_SIZE = 2_000
 """Cells per block when the caller does not say."""
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 import scipy.sparse as sp
 
+from genecorpus import _kernels
 from genecorpus.errors import CountsError, InputError
 from genecorpus.io.block import CellBlock
 
@@ -186,6 +187,15 @@ def validate_counts(
     else:
         csr = sp.csr_matrix(np.asarray(matrix))
     n_rows, n_cols = csr.shape
+    if csr.data.dtype.kind in "fiu" and csr.data.dtype.itemsize >= 4 and csr.nnz <= MAX_COUNT:  # noqa: PLR2004
+        # the common case in one compiled pass; anything unusual takes the vectorized path below
+        values, indices, indptr, ok = _kernels._counts_from_values_csr(
+            csr.data, csr.indices, csr.indptr.astype(np.int64, copy=False), INTEGER_TOLERANCE, MAX_COUNT)
+        if ok:
+            result = sp.csr_matrix((n_rows, n_cols), dtype=np.int32)
+            result.data, result.indices, result.indptr = values, indices, indptr
+            result.has_canonical_format = True
+            return result
     values = _check_values(csr, path=path, cell_ids=cell_ids, gene_ids=gene_ids, start=start)
     indices = csr.indices
     indptr = csr.indptr.astype(np.int64, copy=False)
