@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from genecorpus import _kernels, medians
+from genecorpus import medians
 
 
 def brute_force_medians(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -30,21 +30,16 @@ def exact_medians(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, cuts: l
     window = medians.GeneWindow.empty(x.shape[1])
     for xb, db, kb in blocks:
         part = medians.GeneWindow.empty(x.shape[1])
-        g, k = _kernels._value_keys_csr(xb.data, xb.indices, xb.indptr.astype(np.int64), db,
-                                        np.ones(xb.shape[0], bool))
-        part.add(g, k)
+        part.add(xb, db, np.ones(xb.shape[0], bool))  # the window may be wider than the kept cells
         window.merge(part)
     shift = window.shifts()
     hist = np.zeros((x.shape[1], medians.N_BINS), dtype=np.int64)
-    keyed = []
     for xb, db, kb in blocks:
-        g, k = _kernels._value_keys_csr(xb.data, xb.indices, xb.indptr.astype(np.int64), db, kb)
-        keyed.append((g, k))
-        medians.histogram_values(g, k, window, shift, hist)
+        medians.histogram_values(xb, db, kb, window, shift, hist)
     targets = medians.MedianTargets.from_histogram(hist)
     acc = medians.ValueMultiset.empty()
-    for g, k in keyed:
-        acc = acc.merge(medians.select_in_bins(g, k, window, shift, targets))
+    for xb, db, kb in blocks:
+        acc = acc.merge(medians.select_in_bins(xb, db, kb, window, shift, targets))
     return medians.select_medians(targets, acc)
 
 

@@ -89,57 +89,74 @@ def _count_nonzero_genes_csr(indptr, indices, is_candidate):  # type: ignore[no-
 
 
 @njit(cache=True, nogil=True)
-def _value_keys_csr(data, indices, indptr, depth, keep):  # type: ignore[no-untyped-def]
-    """Bit patterns (uint64) of ``count / depth * 10,000`` for the entries of kept rows.
+def _value_window_csr(data, indices, indptr, depth, keep, lo, hi):  # type: ignore[no-untyped-def]
+    """Widen each gene's [lo, hi] key window (uint64, in place) with the values of the kept rows.
 
-    Positive float64 values order exactly like their IEEE-754 bit patterns read as unsigned integers,
-    so medians can be selected on integer keys. Returns (gene index int32, key uint64) per entry.
+    A value is ``count / depth * 10,000`` (float64); its key is its IEEE-754 bit pattern read as uint64,
+    which orders positive floats exactly like the floats.
     """
-    n = indptr.shape[0] - 1
-    total = 0
-    for i in range(n):
-        if keep[i]:
-            total += indptr[i + 1] - indptr[i]
-    genes = np.empty(total, dtype=np.int32)
-    keys = np.empty(total, dtype=np.uint64)
-    vals = np.empty(1, dtype=np.float64)
-    bits = vals.view(np.uint64)
-    pos = 0
-    for i in range(n):
+    buf = np.empty(1, dtype=np.float64)
+    bits = buf.view(np.uint64)
+    for i in range(indptr.shape[0] - 1):
         if not keep[i]:
             continue
         d = depth[i]
         for k in range(indptr[i], indptr[i + 1]):
-            vals[0] = data[k] / d * TARGET_SUM
-            genes[pos] = indices[k]
-            keys[pos] = bits[0]
-            pos += 1
-    return genes, keys
+            buf[0] = data[k] / d * TARGET_SUM
+            key = bits[0]
+            g = indices[k]
+            if key < lo[g]:
+                lo[g] = key
+            if key > hi[g]:
+                hi[g] = key
 
 
 @njit(cache=True, nogil=True)
-def _histogram_keys(genes, keys, lo, shift, n_bins, hist):  # type: ignore[no-untyped-def]
-    """Add each (gene, key) to ``hist[gene, (key - lo[gene]) >> shift[gene]]`` (int64, in place)."""
-    for j in range(genes.shape[0]):
-        g = genes[j]
-        b = np.int64((keys[j] - lo[g]) >> shift[g])
-        if b >= n_bins:
-            b = n_bins - 1
-        hist[g, b] += 1
-
-
-@njit(cache=True, nogil=True)
-def _select_keys_in_bins(genes, keys, lo, shift, bin_lo, bin_hi):  # type: ignore[no-untyped-def]
-    """Mask of entries whose bin lies in ``[bin_lo[gene], bin_hi[gene]]`` (bins as in the histogram)."""
-    out = np.zeros(genes.shape[0], dtype=np.bool_)
-    for j in range(genes.shape[0]):
-        g = genes[j]
-        if bin_lo[g] < 0:
+def _value_histogram_csr(data, indices, indptr, depth, keep, lo, shift, hist):  # type: ignore[no-untyped-def]
+    """Count the kept rows' value keys in ``hist[gene, (key - lo[gene]) >> shift[gene]]`` (in place)."""
+    buf = np.empty(1, dtype=np.float64)
+    bits = buf.view(np.uint64)
+    n_bins = hist.shape[1]
+    for i in range(indptr.shape[0] - 1):
+        if not keep[i]:
             continue
-        b = np.int64((keys[j] - lo[g]) >> shift[g])
-        if bin_lo[g] <= b <= bin_hi[g]:
-            out[j] = True
-    return out
+        d = depth[i]
+        for k in range(indptr[i], indptr[i + 1]):
+            buf[0] = data[k] / d * TARGET_SUM
+            g = indices[k]
+            b = np.int64((bits[0] - lo[g]) >> shift[g])
+            if b >= n_bins:
+                b = n_bins - 1
+            hist[g, b] += 1
+
+
+@njit(cache=True, nogil=True)
+def _value_select_csr(data, indices, indptr, depth, keep, lo, shift, bin_lo, bin_hi):  # type: ignore[no-untyped-def]
+    """(gene int32, key uint64) of the kept rows' values whose bin lies in ``[bin_lo, bin_hi]`` of the gene."""
+    buf = np.empty(1, dtype=np.float64)
+    bits = buf.view(np.uint64)
+    genes = np.empty(16, dtype=np.int32)
+    keys = np.empty(16, dtype=np.uint64)
+    pos = 0
+    for i in range(indptr.shape[0] - 1):
+        if not keep[i]:
+            continue
+        d = depth[i]
+        for k in range(indptr[i], indptr[i + 1]):
+            g = indices[k]
+            if bin_lo[g] < 0:
+                continue
+            buf[0] = data[k] / d * TARGET_SUM
+            key = bits[0]
+            b = np.int64((key - lo[g]) >> shift[g])
+            if bin_lo[g] <= b <= bin_hi[g]:
+                if pos == genes.shape[0]:
+                    genes = np.concatenate((genes, np.empty_like(genes)))
+                    keys = np.concatenate((keys, np.empty_like(keys)))
+                genes[pos] = g
+                keys[pos] = key
+                pos += 1
+    return genes[:pos].copy(), keys[:pos].copy()
 
 
 N_COUNT_BUCKETS = 8

@@ -12,6 +12,7 @@ median selection, encoding. ``tokenize`` (given medians, no QC) reads it once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -21,6 +22,7 @@ import pickle
 import platform
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,35 +273,25 @@ def _stats_task(ctx: Context, task: Task) -> StatsResult:
         samples.append(CellStats(*(np.asarray(a)[rows] for a in (
             b.stats.n_counts, b.stats.mito_counts, b.stats.n_genes, b.stats.preselected))))
         if ctx.need_window and plan.spec.use_for_medians:
-            g, k = _kernels._value_keys_csr(b.genes.data, b.genes.indices, b.genes.indptr,
-                                            b.depth, b.stats.preselected)
-            window.add(g, k)
+            window.add(b.genes, b.depth, b.stats.preselected)
     sample = CellStats(*(np.concatenate(parts) for parts in zip(
         *((c.n_counts, c.mito_counts, c.n_genes, c.preselected) for c in samples), strict=True))) if samples else None
     return StatsResult(moments, window, sample)
-
-
-def _kept_keys(b: _Block, qc: DatasetQC) -> tuple[np.ndarray, np.ndarray]:
-    keep, _ = keep_mask(b.stats, qc)
-    return _kernels._value_keys_csr(b.genes.data, b.genes.indices, b.genes.indptr, b.depth, keep)
 
 
 def _histogram_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.GeneWindow,
                     shift: np.ndarray) -> np.ndarray:
     hist = np.zeros((ctx.n_genes, medians.N_BINS), dtype=np.int64)
     for b in _read_blocks(ctx, ctx.plans[task.dataset], task):
-        g, k = _kept_keys(b, qc)
-        medians.histogram_values(g, k, window, shift, hist)
+        medians.histogram_values(b.genes, b.depth, keep_mask(b.stats, qc)[0], window, shift, hist)
     return hist
 
 
 def _select_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.GeneWindow,
                  shift: np.ndarray, targets: medians.MedianTargets) -> medians.ValueMultiset:
-    acc = medians.ValueMultiset.empty()
-    for b in _read_blocks(ctx, ctx.plans[task.dataset], task):
-        g, k = _kept_keys(b, qc)
-        acc = acc.merge(medians.select_in_bins(g, k, window, shift, targets))
-    return acc
+    parts = [medians.select_in_bins(b.genes, b.depth, keep_mask(b.stats, qc)[0], window, shift, targets)
+             for b in _read_blocks(ctx, ctx.plans[task.dataset], task)]
+    return medians.ValueMultiset.union(parts)
 
 
 @dataclass(frozen=True)
@@ -553,7 +545,21 @@ def _load_dictionaries(config: BuildConfig, mode: str) -> tuple[TokenDictionary 
     return token_dict, given_medians, mapping
 
 
+class _Timings(dict[str, float]):
+    """Wall-clock seconds per stage, for the manifest (``timings``) and the benchmarks."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = round(time.perf_counter() - start, 3)
+
+
 def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sources: Sequence[Any]) -> dict[str, Any]:
+    timings = _Timings()
+    started = time.perf_counter()
     layout = LAYOUTS[config.layout]
     token_dict, given_medians, mapping = _load_dictionaries(config, mode)
     qc_params = config.qc if mode == "build" else QCParams(enabled=False)
@@ -583,7 +589,8 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
 
     # QC statistics and value windows
     if qc_params.enabled or need_medians:
-        stats = executor.map("qc", _stats_task, [(ctx, t) for t in tasks])
+        with timings.stage("qc"):
+            stats = executor.map("qc", _stats_task, [(ctx, t) for t in tasks])
     else:
         stats = [StatsResult(QCMoments(), medians.GeneWindow.empty(0)) for _ in tasks]
     dataset_qc: list[DatasetQC] = []
@@ -604,14 +611,15 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
         shift = window.shifts()
         med_tasks = [t for t in tasks if plans[t.dataset].spec.use_for_medians]
         hist = np.zeros((len(universe), medians.N_BINS), dtype=np.int64)
-        for h in executor.map("medians (histogram)", _histogram_task,
-                              [(ctx, t, dataset_qc[t.dataset], window, shift) for t in med_tasks]):
-            hist += h
+        with timings.stage("medians_histogram"):
+            for h in executor.map("medians (histogram)", _histogram_task,
+                                  [(ctx, t, dataset_qc[t.dataset], window, shift) for t in med_tasks]):
+                hist += h
         targets = medians.MedianTargets.from_histogram(hist)
-        values = medians.ValueMultiset.empty()
-        for v in executor.map("medians (selection)", _select_task,
-                              [(ctx, t, dataset_qc[t.dataset], window, shift, targets) for t in med_tasks]):
-            values = values.merge(v)
+        with timings.stage("medians_selection"):
+            values = medians.ValueMultiset.union(executor.map(
+                "medians (selection)", _select_task,
+                [(ctx, t, dataset_qc[t.dataset], window, shift, targets) for t in med_tasks]))
         gene_median = medians.select_medians(targets, values)
         provenance: dict[str, Any] = {
             "source": "computed",
@@ -650,10 +658,11 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
                          geneformer_arithmetic=mode == "tokenize")
     parts_dir = tmp / "_parts"
     parts_dir.mkdir()
-    results: list[EncodeResult] = executor.map(
-        "encode", _encode_task,
-        [(ctx, t, dataset_qc[t.dataset], enc, parts_dir / f"part-{t.index:06d}.arrow") for t in tasks],
-    )
+    with timings.stage("encode"):
+        results: list[EncodeResult] = executor.map(
+            "encode", _encode_task,
+            [(ctx, t, dataset_qc[t.dataset], enc, parts_dir / f"part-{t.index:06d}.arrow") for t in tasks],
+        )
     vocab_genes = universe[in_vocab]
     # everything that determines the bytes; the block size does not
     fingerprint = json.dumps([config.model_dump(mode="json", exclude={"block_size"}), mode], sort_keys=True)
@@ -669,8 +678,11 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
     with (tmp / "lengths.pkl").open("wb") as fh:
         pickle.dump(lengths.tolist(), fh, protocol=4)
 
-    return _manifest(config, mode, plans, tasks, dataset_qc, results, provenance, shard_names,
-                     token_dict, vocab_genes, lengths, [c.name for c in metadata])
+    manifest = _manifest(config, mode, plans, tasks, dataset_qc, results, provenance, shard_names,
+                         token_dict, vocab_genes, lengths, [c.name for c in metadata])
+    timings["total"] = round(time.perf_counter() - started, 3)
+    manifest["timings"] = dict(timings)
+    return manifest
 
 
 def _write_qc_sample(path: Path, tasks: Sequence[Task], stats: Sequence[StatsResult],

@@ -18,10 +18,14 @@ selected bins — independent of the number of cells for a given spread of value
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from genecorpus import _kernels
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 __all__ = ["N_BINS", "GeneWindow", "MedianTargets", "ValueMultiset", "select_medians"]
 
@@ -43,10 +47,9 @@ class GeneWindow:
         """A window that holds nothing yet."""
         return cls(np.full(n_genes, _EMPTY_LO, dtype=np.uint64), np.zeros(n_genes, dtype=np.uint64))
 
-    def add(self, genes: np.ndarray, keys: np.ndarray) -> None:
-        """Widen the window with (gene index, key) pairs."""
-        np.minimum.at(self.lo, genes, keys)
-        np.maximum.at(self.hi, genes, keys)
+    def add(self, counts: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray) -> None:
+        """Widen the window with the values of the kept cells of a block (cells × genes counts)."""
+        _kernels._value_window_csr(counts.data, counts.indices, counts.indptr, depth, keep, self.lo, self.hi)
 
     def merge(self, other: GeneWindow) -> None:
         """Combine with another partial window."""
@@ -69,10 +72,11 @@ class GeneWindow:
         return shift
 
 
-def histogram_values(genes: np.ndarray, keys: np.ndarray, window: GeneWindow,
+def histogram_values(counts: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, window: GeneWindow,
                      shift: np.ndarray, hist: np.ndarray) -> None:
-    """Add (gene, key) pairs to the per-gene histogram ``hist`` (int64, n_genes × N_BINS, in place)."""
-    _kernels._histogram_keys(genes, keys, window.lo, shift, N_BINS, hist)
+    """Count the values of the kept cells of a block in the per-gene histogram (n_genes × N_BINS, in place)."""
+    _kernels._value_histogram_csr(counts.data, counts.indices, counts.indptr, depth, keep, window.lo, shift,
+                                  hist)
 
 
 @dataclass(frozen=True)
@@ -134,18 +138,24 @@ class ValueMultiset:
 
     def merge(self, other: ValueMultiset) -> ValueMultiset:
         """Union with multiplicities added."""
-        return ValueMultiset.from_pairs(
-            np.concatenate([self.genes, other.genes]),
-            np.concatenate([self.keys, other.keys]),
-            np.concatenate([self.counts, other.counts]),
-        )
+        return ValueMultiset.union([self, other])
+
+    @classmethod
+    def union(cls, parts: list[ValueMultiset]) -> ValueMultiset:
+        """Union of several multisets (one sort of everything, whatever the number of parts)."""
+        if not parts:
+            return cls.empty()
+        return cls.from_pairs(np.concatenate([p.genes for p in parts]),
+                              np.concatenate([p.keys for p in parts]),
+                              np.concatenate([p.counts for p in parts]))
 
 
-def select_in_bins(genes: np.ndarray, keys: np.ndarray, window: GeneWindow, shift: np.ndarray,
-                   targets: MedianTargets) -> ValueMultiset:
-    """The (gene, key) pairs that fall in each gene's target bins, as a multiset."""
-    mask = _kernels._select_keys_in_bins(genes, keys, window.lo, shift, targets.bin_lo, targets.bin_hi)
-    return ValueMultiset.from_pairs(genes[mask], keys[mask])
+def select_in_bins(counts: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, window: GeneWindow,
+                   shift: np.ndarray, targets: MedianTargets) -> ValueMultiset:
+    """The values of the kept cells of a block that fall in each gene's target bins, as a multiset."""
+    genes, keys = _kernels._value_select_csr(counts.data, counts.indices, counts.indptr, depth, keep,
+                                             window.lo, shift, targets.bin_lo, targets.bin_hi)
+    return ValueMultiset.from_pairs(genes, keys)
 
 
 def select_medians(targets: MedianTargets, values: ValueMultiset) -> np.ndarray:

@@ -84,9 +84,17 @@ class _Moments:
     def add(self, values: np.ndarray) -> None:
         self.n += int(values.shape[0])
         if values.dtype.kind in "iu":
-            v = values.astype(object)
-            self.s1 += int(v.sum()) if len(v) else 0
-            self.s2 += int((v * v).sum()) if len(v) else 0
+            if values.size and int(values.max()) < 2**24 and int(values.min()) >= 0:
+                # squares < 2**48: int64 sums of chunks of 2**14 values are exact
+                v = values.astype(np.int64)
+                for start in range(0, v.shape[0], 2**14):
+                    chunk = v[start:start + 2**14]
+                    self.s1 += int(chunk.sum())
+                    self.s2 += int((chunk * chunk).sum())
+            else:
+                v = values.astype(object)
+                self.s1 += int(v.sum()) if len(v) else 0
+                self.s2 += int((v * v).sum()) if len(v) else 0
         else:
             self.s1 += sum(map(Fraction, _two_sum_partials(values)), Fraction(0))
             self.s2 += sum(map(Fraction, _two_sum_partials(values * values)), Fraction(0))
