@@ -11,12 +11,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from genecorpus.errors import GenecorpusError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from genecorpus.build import BuildResult
+    from genecorpus.executors import Executor
 
 app = typer.Typer(
     add_completion=False,
@@ -80,10 +86,21 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(1)
 
 
-def _summary(result: object) -> None:
+def _run_with_progress(run: Callable[[Executor], BuildResult], workers: int) -> None:
+    """Run a corpus job on local workers with progress bars; print its summary or the error line."""
+    from genecorpus.executors import LocalExecutor
     from genecorpus.inspect import describe_corpus
 
-    typer.echo(describe_corpus(result.path, n_examples=1))  # type: ignore[attr-defined]
+    try:
+        with _Progress() as progress:
+            executor = LocalExecutor(workers, progress=progress)
+            try:
+                result = run(executor)
+            finally:
+                executor.close()
+        typer.echo(describe_corpus(result.path, n_examples=1))
+    except GenecorpusError as e:
+        _fail(e)
 
 
 @app.command()
@@ -105,20 +122,11 @@ def build(
     from genecorpus.build import build_corpus
     from genecorpus.config import load_manifest
 
-    try:
+    def run(executor: Executor) -> BuildResult:
         config = load_manifest(manifest, block_size=block_size, layout=layout)
-        with _Progress() as progress:
-            from genecorpus.executors import LocalExecutor
+        return build_corpus(config, out, workers=workers, overwrite=overwrite, executor=executor, report=report)
 
-            executor = LocalExecutor(workers, progress=progress)
-            try:
-                result = build_corpus(config, out, workers=workers, overwrite=overwrite, executor=executor,
-                                      report=report)
-            finally:
-                executor.close()
-    except GenecorpusError as e:
-        _fail(e)
-    _summary(result)
+    _run_with_progress(run, workers)
 
 
 @app.command()
@@ -150,23 +158,15 @@ def tokenize(
             --gene-mapping ensembl_mapping_dict_gc104M.pkl --obs-columns cell_type
     """
     from genecorpus.build import tokenize as tokenize_datasets
-    from genecorpus.executors import LocalExecutor
 
-    try:
-        columns = [c.strip() for c in obs_columns.split(",") if c.strip()]
-        with _Progress() as progress:
-            executor = LocalExecutor(workers, progress=progress)
-            try:
-                result = tokenize_datasets(
-                    inputs, out, token_dictionary=token_dictionary, gene_medians=gene_medians,
-                    gene_mapping=gene_mapping, layout=layout, obs_columns=columns, gene_id=gene_id,
-                    workers=workers, block_size=block_size, overwrite=overwrite, executor=executor,
-                    report=report)
-            finally:
-                executor.close()
-    except GenecorpusError as e:
-        _fail(e)
-    _summary(result)
+    def run(executor: Executor) -> BuildResult:
+        return tokenize_datasets(
+            inputs, out, token_dictionary=token_dictionary, gene_medians=gene_medians,
+            gene_mapping=gene_mapping, layout=layout, gene_id=gene_id, workers=workers,
+            obs_columns=[c.strip() for c in obs_columns.split(",") if c.strip()],
+            block_size=block_size, overwrite=overwrite, executor=executor, report=report)
+
+    _run_with_progress(run, workers)
 
 
 @app.command()
