@@ -281,7 +281,8 @@ def _stats_task(ctx: Context, task: Task) -> StatsResult:
 
 def _histogram_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.GeneWindow,
                     shift: np.ndarray) -> np.ndarray:
-    hist = np.zeros((ctx.n_genes, medians.N_BINS), dtype=np.int64)
+    # int32 keeps the table small enough for the CPU cache (a task has far fewer than 2**31 cells)
+    hist = np.zeros((ctx.n_genes, medians.N_BINS), dtype=np.int32)
     for b in _read_blocks(ctx, ctx.plans[task.dataset], task):
         medians.histogram_values(b.genes, b.depth, keep_mask(b.stats, qc)[0], window, shift, hist)
     return hist

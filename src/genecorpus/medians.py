@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["N_BINS", "GeneWindow", "MedianTargets", "ValueMultiset", "select_medians"]
 
-N_BINS = 256
-"""Histogram bins per gene in the first median pass."""
+N_BINS = 64
+"""Histogram bins per gene in the first median pass (64 × 4 bytes × 22k genes fits a CPU cache)."""
 
 _EMPTY_LO = np.iinfo(np.uint64).max
 
