@@ -104,7 +104,7 @@ class BuildConfig(_Frozen):
     """Geneformer ``ensembl_mapping_dict`` applied to input gene identifiers."""
     block_size: int = Field(default=DEFAULT_BLOCK_SIZE, ge=1)
     """Cells read at a time; changes memory use, never the output."""
-    shard_cells: int = Field(default=100_000, ge=1)
+    shard_cells: int = Field(default=50_000, ge=1)
     """Input cells per task and output shard; a shard holds the kept cells of that many input cells."""
     use_obs_n_counts: bool = True
     """Take each cell's depth from ``obs["n_counts"]`` when present (Geneformer compatibility)."""
