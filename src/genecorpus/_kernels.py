@@ -75,20 +75,6 @@ def _collapse_csr(data, indices, indptr, col_to_gene, n_genes, injective):  # ty
 
 
 @njit(cache=True, nogil=True)
-def _count_nonzero_genes_csr(indptr, indices, is_candidate):  # type: ignore[no-untyped-def]
-    """Number of stored (nonzero) entries per row whose column is flagged."""
-    n = indptr.shape[0] - 1
-    out = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        c = 0
-        for k in range(indptr[i], indptr[i + 1]):
-            if is_candidate[indices[k]]:
-                c += 1
-        out[i] = c
-    return out
-
-
-@njit(cache=True, nogil=True)
 def _value_window_csr(data, indices, indptr, depth, keep, lo, hi):  # type: ignore[no-untyped-def]
     """Widen each gene's [lo, hi] key window (uint64, in place) with the values of the kept rows.
 
