@@ -20,6 +20,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+bench: venv
+	$(PY) benchmarks/run.py $(if $(QUICK),--quick,)
+
 gene-tables: venv
 	$(PY) scripts/make_gene_tables.py
 
