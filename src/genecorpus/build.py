@@ -48,7 +48,7 @@ from genecorpus.qc import (
     count_reasons,
     keep_mask,
 )
-from genecorpus.shards import ColumnSpec, ShardWriter, corpus_schema, publish_shards
+from genecorpus.shards import ColumnSpec, ShardWriter, corpus_schema, publish_folder, publish_shards
 from genecorpus.vocab import LAYOUTS, TokenDictionary, load_gene_medians, load_pickled_dict, write_gene_medians
 
 if TYPE_CHECKING:
@@ -453,16 +453,6 @@ def _prepare_out(out: Path, *, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 def build_corpus(
     config: BuildConfig,
     out: str | os.PathLike[str],
@@ -511,7 +501,7 @@ def build_corpus(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if report:
             write_report(tmp)
-        _publish(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

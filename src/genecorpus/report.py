@@ -31,6 +31,7 @@ import numpy as np
 
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.qc import DROP_REASONS
+from genecorpus.shards import publish_folder
 from genecorpus.vocab import LAYOUTS
 
 if TYPE_CHECKING:
@@ -739,12 +740,7 @@ def _publish(tmp: Path, final: Path) -> None:
     """Swap the finished folder in; a reader sees the old or the new report, never half of one."""
     if final.exists():
         _carry_over(final, tmp)
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+    publish_folder(tmp, final)
 
 
 def require_report_dependencies() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,9 @@ import pyarrow as pa
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["ROWS_PER_BATCH", "ColumnSpec", "ShardWriter", "corpus_schema", "publish_shards"]
+__all__ = [
+    "ROWS_PER_BATCH", "ColumnSpec", "ShardWriter", "corpus_schema", "publish_folder", "publish_shards",
+]
 
 ROWS_PER_BATCH = 1000
 """Rows per Arrow record batch (HuggingFace's default writer batch size)."""
@@ -148,3 +151,14 @@ def publish_shards(
     (folder / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return names
 
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; an existing one is replaced, never seen half-written."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
