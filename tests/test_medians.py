@@ -38,8 +38,9 @@ def exact_medians(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, cuts: l
         medians.histogram_values(xb, db, kb, window, shift, hist)
     targets = medians.MedianTargets.from_histogram(hist)
     acc = medians.ValueMultiset.empty()
-    for xb, db, kb in blocks:
-        acc = acc.merge(medians.select_in_bins(xb, db, kb, window, shift, targets))
+    for xb, db, kb in blocks:  # merged block by block, as tasks are merged
+        acc = acc.merge(medians.ValueMultiset.from_pairs(*medians.select_in_bins(xb, db, kb, window, shift,
+                                                                                 targets)))
     return medians.select_medians(targets, acc)
 
 

@@ -290,9 +290,12 @@ def _histogram_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.Gen
 
 def _select_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.GeneWindow,
                  shift: np.ndarray, targets: medians.MedianTargets) -> medians.ValueMultiset:
-    parts = [medians.select_in_bins(b.genes, b.depth, keep_mask(b.stats, qc)[0], window, shift, targets)
+    pairs = [medians.select_in_bins(b.genes, b.depth, keep_mask(b.stats, qc)[0], window, shift, targets)
              for b in _read_blocks(ctx, ctx.plans[task.dataset], task)]
-    return medians.ValueMultiset.union(parts)
+    if not pairs:
+        return medians.ValueMultiset.empty()
+    return medians.ValueMultiset.from_pairs(np.concatenate([g for g, _ in pairs]),
+                                            np.concatenate([k for _, k in pairs]))
 
 
 @dataclass(frozen=True)

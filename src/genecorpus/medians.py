@@ -151,11 +151,14 @@ class ValueMultiset:
 
 
 def select_in_bins(counts: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, window: GeneWindow,
-                   shift: np.ndarray, targets: MedianTargets) -> ValueMultiset:
-    """The values of the kept cells of a block that fall in each gene's target bins, as a multiset."""
-    genes, keys = _kernels._value_select_csr(counts.data, counts.indices, counts.indptr, depth, keep,
-                                             window.lo, shift, targets.bin_lo, targets.bin_hi)
-    return ValueMultiset.from_pairs(genes, keys)
+                   shift: np.ndarray, targets: MedianTargets) -> tuple[np.ndarray, np.ndarray]:
+    """The values of the kept cells of a block that fall in each gene's target bins.
+
+    Returns unsorted (gene index int32, key uint64) pairs; collect a task's pairs and make one
+    :meth:`ValueMultiset.from_pairs` of them (one sort instead of one per block).
+    """
+    return _kernels._value_select_csr(counts.data, counts.indices, counts.indptr, depth, keep,
+                                      window.lo, shift, targets.bin_lo, targets.bin_hi)
 
 
 def select_medians(targets: MedianTargets, values: ValueMultiset) -> np.ndarray:
