@@ -144,6 +144,58 @@ class TreeMemoryMonitor:
             self._stop.wait(self.interval)
 
 
+# ------------------------------------------------------------------------------- other load on the machine
+
+QUIET_OTHER_CORES = 0.25
+"""A machine is quiet when other processes use less than this many cores."""
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process (and the hypervisor's steal) has spent since boot, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as fh:  # noqa: PTH123
+        fields = [int(v) for v in fh.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped descendants."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class OtherLoad:
+    """CPU used by *other* processes on the machine while a block runs (cores, averaged over its time).
+
+    Our own CPU is this process plus the children it has reaped, so the block must wait for the
+    commands it starts. Others' work (e.g. a test suite started by someone else) inflates our times.
+    """
+
+    def __enter__(self) -> OtherLoad:
+        self._busy = machine_busy_seconds()
+        self._own = own_cpu_seconds()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = max(time.perf_counter() - self._t0, 1e-9)
+        other = (machine_busy_seconds() - self._busy) - (own_cpu_seconds() - self._own)
+        self.cpu_seconds = max(0.0, other)
+        self.cores = self.cpu_seconds / wall
+
+
+def wait_for_quiet(*, max_wait: float, probe: float = 1.0, threshold: float = QUIET_OTHER_CORES) -> float:
+    """Wait until other processes use less than ``threshold`` cores (probed for ``probe`` s); return s waited."""
+    t0 = time.perf_counter()
+    while True:
+        with OtherLoad() as load:
+            time.sleep(probe)
+        waited = time.perf_counter() - t0
+        if load.cores < threshold or waited >= max_wait:
+            return waited
+
+
 @dataclass(frozen=True)
 class CommandResult:
     """What one monitored command did."""
@@ -160,6 +212,8 @@ class CommandResult:
     max_processes: int
     n_samples: int
     timed_out: bool
+    other_cores: float
+    """Cores used by other processes on the machine meanwhile (see :class:`OtherLoad`)."""
     stderr_tail: str = field(repr=False)
 
     @property
@@ -188,9 +242,10 @@ def run_monitored(argv: Sequence[str], *, env: dict[str, str] | None = None, tim
     stdout and stderr go to ``log_path`` (or are discarded); the last lines of stderr are kept.
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    sink = log_path.open("wb") if log_path else subprocess.DEVNULL
     timed_out = False
-    try:
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(log_path.open("wb")) if log_path else subprocess.DEVNULL
+        other = stack.enter_context(OtherLoad())
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(argv), env=env, stdout=sink, stderr=sink, start_new_session=True)
         with TreeMemoryMonitor(proc.pid, interval=interval) as monitor:
@@ -203,16 +258,14 @@ def run_monitored(argv: Sequence[str], *, env: dict[str, str] | None = None, tim
                 _end_group(proc)
                 raise
         wall = time.perf_counter() - t0
-    finally:
-        if log_path:
-            sink.close()  # type: ignore[union-attr]
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     tail = ""
     if log_path and log_path.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
     return CommandResult(list(argv), proc.returncode, wall, cpu, monitor.peak_rss_kib * 1024,
-                         monitor.peak_hwm_kib * 1024, monitor.max_processes, monitor.n_samples, timed_out, tail)
+                         monitor.peak_hwm_kib * 1024, monitor.max_processes, monitor.n_samples, timed_out,
+                         other.cores, tail)
 
 
 # ----------------------------------------------------------------------------------------- floors
@@ -422,12 +475,16 @@ def machine_info(repo: Path) -> dict[str, Any]:
 
 
 __all__ = [
+    "QUIET_OTHER_CORES",
     "CommandResult",
     "FloorResult",
+    "OtherLoad",
     "TreeMemoryMonitor",
     "baseline_rank_value_encode",
     "identical_cells",
+    "machine_busy_seconds",
     "machine_info",
+    "own_cpu_seconds",
     "process_tree",
     "read_floor",
     "repository_state",
@@ -435,4 +492,5 @@ __all__ = [
     "single_core",
     "stored_bytes_of_x",
     "time_repeated",
+    "wait_for_quiet",
 ]

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -58,6 +59,7 @@ OUTPUT_BYTES_PER_CELL = 6000
 """Conservative disk space a corpus written from one cell takes while it is being built."""
 
 FORMAT_LABELS = {"h5ad": "h5ad", "h5ad_gzip": "h5ad gzip", "loom": "loom"}
+CONTENDED_NOTE = f"! other processes used > {measure.QUIET_OTHER_CORES} cores meanwhile"
 
 # The issue's targets.
 TARGET_SIZE = 1_000_000
@@ -151,6 +153,17 @@ class Benchmark:
         return synthetic.ensure_dataset(n_cells, self.cache_dir, vocab=self.vocab, dict_dir=self.dict_dir,
                                         reference=lambda: fetch_public_file("kang_pbmc_ctrl"), log=log)
 
+    def wait_for_quiet(self) -> float:
+        """Wait (up to ``--quiet-wait`` s) until other processes leave the CPUs to us; return s waited."""
+        if self.args.quiet_wait <= 0:
+            return 0.0
+        waited = measure.wait_for_quiet(max_wait=self.args.quiet_wait)
+        if waited > self.args.quiet_wait - 1:
+            log(f"other processes kept the CPUs busy for {waited:.0f} s; measuring anyway (marked '!')")
+        elif waited > 2:  # noqa: PLR2004
+            log(f"waited {waited:.0f} s for other processes to leave the CPUs")
+        return waited
+
     def check_disk(self) -> None:
         """Fail early, before generating anything, when the whole run cannot fit on the disk."""
         sizes = [*self.sizes, WARMUP_CELLS]
@@ -195,6 +208,7 @@ class Benchmark:
         log_path = self.logs_dir / f"{name}.log"
         argv = self.command(tool, path, workers, name)
         timeout = self.args.timeout or max(900.0, 0.018 * n_cells)
+        waited = 0.0 if warming else self.wait_for_quiet()
         load = os.getloadavg()[0]
         result = measure.run_monitored(argv, env=self.env, timeout=timeout, log_path=log_path)
         record: dict[str, Any] = {
@@ -205,7 +219,8 @@ class Benchmark:
             "peak_rss_bytes": result.peak_rss_bytes, "peak_process_hwm_bytes": result.peak_process_hwm_bytes,
             "max_processes": result.max_processes, "rss_samples": result.n_samples,
             "n_cells_in": n_cells, "cells_per_second": round(n_cells / result.wall_seconds, 1),
-            "load_average_before": round(load, 2), "src_sha256": source, "log": str(log_path),
+            "load_average_before": round(load, 2), "waited_for_quiet_seconds": round(waited, 1),
+            "other_cores": round(result.other_cores, 2), "src_sha256": source, "log": str(log_path),
         }
         manifest_path = out / "manifest.json"
         if result.ok and manifest_path.exists():
@@ -254,13 +269,20 @@ class Benchmark:
         for fmt in self.formats:
             path = ds.paths[fmt]
             repeats = 3 if path.stat().st_size < mem / 3 else 1
+            self.wait_for_quiet()
             load = os.getloadavg()[0]
-            runs = [measure.read_floor(path, fmt) for _ in range(repeats)]
-            best = min(runs, key=lambda r: r.seconds)
+            runs, others = [], []
+            for _ in range(repeats):
+                with measure.OtherLoad() as other:
+                    runs.append(measure.read_floor(path, fmt))
+                others.append(other.cores)
+            best_index = min(range(repeats), key=lambda i: runs[i].seconds)
+            best = runs[best_index]
             out[fmt] = {"seconds": round(best.seconds, 3), "all_seconds": [round(r.seconds, 3) for r in runs],
                         "n_cells": best.n_cells, "values_read": best.n_values, "stored_bytes": best.stored_bytes,
                         "cells_per_second": round(best.cells_per_second, 1),
-                        "mb_per_second": round(best.mb_per_second, 1), "load_average_before": round(load, 2)}
+                        "mb_per_second": round(best.mb_per_second, 1), "load_average_before": round(load, 2),
+                        "other_cores": round(others[best_index], 2)}
             log(f"[{label}] floor {FORMAT_LABELS[fmt]}: {best.seconds:.2f} s, {best.cells_per_second:,.0f} cells/s, "
                 f"{best.mb_per_second:,.0f} MB/s of {best.stored_bytes / 1e6:,.0f} MB")
 
@@ -295,7 +317,8 @@ class Benchmark:
         inputs: dict[str, Any] = {"depth": depth, "medians": self.vocab.medians, "tokens": self.vocab.tokens,
                                   "max_genes": MAX_GENES}
         record: dict[str, Any] = {"n_cells": n, "nnz": int(counts.nnz), "source": str(ds.paths["h5ad"])}
-        with measure.single_core() as cpu:
+        self.wait_for_quiet()
+        with measure.single_core() as cpu, measure.OtherLoad() as other:
             record["cpu"] = cpu
             try:
                 ours = encode.rank_value_encode(counts, **inputs)
@@ -308,6 +331,7 @@ class Benchmark:
             base = measure.baseline_rank_value_encode(counts, **inputs)
             base_times = measure.time_repeated(lambda: measure.baseline_rank_value_encode(counts, **inputs),
                                                repeats=max(3, self.args.repeats // 2), min_seconds=1.0)
+        record["other_cores"] = round(other.cores, 2)
         n_tokens = int(base[1].sum())
         record["baseline"] = self._timing(base_times, n_tokens, counts.nnz)
         if ours is not None:
@@ -509,8 +533,11 @@ def _floor_table(results: dict[str, Any]) -> Table:
         table.add_column(col, justify="left" if col in {"size", "file"} else "right")
     for label, by_fmt in results["floor"].items():
         for fmt, r in by_fmt.items():
-            table.add_row(label, FORMAT_LABELS[fmt], f"{r['stored_bytes'] / 1e6:,.0f} MB", f"{r['seconds']:.2f}",
+            table.add_row(label, FORMAT_LABELS[fmt] + ("!" if _contended(r) else ""),
+                          f"{r['stored_bytes'] / 1e6:,.0f} MB", f"{r['seconds']:.2f}",
                           f"{r['cells_per_second']:,.0f}", f"{r['mb_per_second']:,.0f}")
+    if any(_contended(r) for by_fmt in results["floor"].values() for r in by_fmt.values()):
+        table.caption = CONTENDED_NOTE
     return table
 
 
@@ -538,12 +565,20 @@ def _tool_table(results: dict[str, Any], tool: str) -> Table:
     for label, by_fmt in results[tool].items():
         for fmt, by_workers in by_fmt.items():
             for w, r in by_workers.items():
-                marker = "*" if r.get("src_sha256", start) != start else ""
+                marker = ("*" if r.get("src_sha256", start) != start else "") + ("!" if _contended(r) else "")
                 table.add_row(label, FORMAT_LABELS[fmt], w + marker, *_tool_row(tool, r))
-    if any(r.get("src_sha256", start) != start for by_fmt in results[tool].values()
-           for by_workers in by_fmt.values() for r in by_workers.values()):
-        table.caption = "* measured after src/ changed during the run (see repository_at_end in the JSON)"
+    records = [r for by_fmt in results[tool].values() for by_workers in by_fmt.values() for r in by_workers.values()]
+    notes = []
+    if any(r.get("src_sha256", start) != start for r in records):
+        notes.append("* measured after src/ changed during the run")
+    if any(_contended(r) for r in records):
+        notes.append(CONTENDED_NOTE)
+    table.caption = "; ".join(notes) or None
     return table
+
+
+def _contended(record: dict[str, Any]) -> bool:
+    return float(record.get("other_cores", 0.0)) > measure.QUIET_OTHER_CORES
 
 
 def _kernel_table(k: dict[str, Any]) -> Table:
@@ -605,6 +640,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="1,2", help="worker counts for tokenize and build (default 1,2)")
     parser.add_argument("--skip", default="", help="skip some of: startup,kernel,floor,tokenize,build")
     parser.add_argument("--repeats", type=int, default=5, help="kernel repeats (at least; default 5)")
+    parser.add_argument("--quiet-wait", type=float, default=600.0,
+                        help="before each measurement, wait up to this many seconds while other processes use "
+                             f"more than {measure.QUIET_OTHER_CORES} cores (0: do not wait; default 600)")
     parser.add_argument("--runs", type=int, default=1,
                         help="runs of each tokenize/build command; the fastest is reported (default 1)")
     parser.add_argument("--timeout", type=float, default=None,
@@ -621,6 +659,8 @@ def main(argv: list[str] | None = None) -> None:
         args.sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
     if args.output is None:
         args.output = str(BENCH_DIR / ("results-quick.json" if args.quick else "results.json"))
+    # end our subprocess groups on SIGTERM too (run_monitored cleans up on any exception)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     Benchmark(args).run()
 
 
