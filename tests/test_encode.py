@@ -121,7 +121,7 @@ def test_geneformer_sparse_arithmetic_for_every_dtype_pair(x_dtype: type, n_dtyp
 
 @pytest.mark.parametrize("seed", range(6))
 def test_adversarial_near_ties_against_reference(seed: int) -> None:
-    """Medians equal or one ulp apart, counts across the bucket boundary, wide cells, shuffled tokens."""
+    """Medians equal or one ulp apart, counts on both sides of SMALL_COUNTS, wide cells, shuffled tokens."""
     rng = np.random.default_rng(100 + seed)
     n_genes = 3000
     base = rng.choice([0.5, 1.0, 2.0, 3.0, 1.0 / 3.0], size=n_genes)
@@ -135,7 +135,9 @@ def test_adversarial_near_ties_against_reference(seed: int) -> None:
     for i in range(n_cells):
         k = rng.integers(1, 2500)
         cols = rng.choice(n_genes, k, replace=False)
-        dense[i, cols] = rng.choice([1, 1, 1, 2, 2, 3, 4, 7, 8, 9, 10, 16, 30], size=k)
+        dense[i, cols] = rng.choice([1, 1, 1, 2, 2, 3, 4, 7, 8, 9, 10, 15, 16, 17, 30, 34, 100], size=k)
+    # deep cells (Smart-seq-like): every count above the encoder's small counts, many exact ties
+    dense[:3][dense[:3] > 0] = rng.choice([17, 34, 51, 68], size=int((dense[:3] > 0).sum()))
     x = sp.csr_matrix(dense)
     depth = dense.sum(axis=1).astype(np.float64)
     depth[::3] = 3 * depth[::3]  # ratios with many exact ties (2/6 == 1/3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 TARGET_SUM = 10_000.0
 """Counts are scaled to this many per cell before dividing by the gene's median (SPEC §2.4, §2.6)."""
@@ -145,96 +146,93 @@ def _value_select_csr(data, indices, indptr, depth, keep, lo, shift, bin_lo, bin
     return genes[:pos].copy(), keys[:pos].copy()
 
 
-N_COUNT_BUCKETS = 8
-"""Counts 1..N_COUNT_BUCKETS get a bucket of their own in the encoder; larger counts share one."""
-
-_DEBRUIJN = np.array([
-    0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36, 53, 51, 43, 22, 45, 39,
-    33, 30, 24, 18, 12, 5, 63, 47, 56, 27, 60, 41, 37, 16, 54, 35, 52, 21, 44, 32, 23, 11, 46, 26, 40,
-    15, 34, 20, 31, 10, 25, 14, 19, 9, 13, 8, 7, 6], dtype=np.int64)
-_DEBRUIJN_MAGIC = np.uint64(0x03F79D71B4CB0A89)
-
-
 @njit(cache=True, nogil=True, inline="always")
-def _value(c, head_c, d, d32, r32, r64, med, inv_med, float32_head, reciprocal):  # type: ignore[no-untyped-def]
-    """The normalized value of count ``c`` (``head_c`` = its precomputed head, or NaN)."""
-    if head_c == head_c:  # not NaN: precomputed
-        head = head_c
-    elif reciprocal:
+def _value(c, d, d32, r32, r64, scale, float32_head, reciprocal):  # type: ignore[no-untyped-def]
+    """The normalized value of count ``c``; ``scale`` is the median, or ``1 / median`` if ``reciprocal``."""
+    if reciprocal:
         if float32_head:
             head = np.float64((np.float32(c) * r32) * np.float32(TARGET_SUM))
         else:
             head = (c * r64) * TARGET_SUM
-    elif float32_head:
+        return head * scale
+    if float32_head:
         head = np.float64((np.float32(c) / d32) * np.float32(TARGET_SUM))
     else:
         head = c / d * TARGET_SUM
-    if reciprocal:
-        return head * inv_med
-    return head / med
+    return head / scale
+
+
+CHAIN_TOLERANCE = 1e-6
+"""Relative gap of ``count / median`` below which two (count, gene) pairs may swap under rounding.
+
+A value is at most ~3 roundings (float32 at worst: 2 × 2**-24, plus one float64) away from its exact
+``count / depth * 10,000 / median``, i.e. within 2.4e-7 relative; pairs further apart keep their order.
+"""
 
 
 @njit(cache=True, nogil=True)
-def _sort_ranks(rs, lo, hi, bitmap):  # type: ignore[no-untyped-def]
-    """Sort the distinct rank positions ``rs[lo:hi]`` ascending (bitmap for many, insertion for few)."""
-    n = hi - lo
-    if n <= 48:
-        for i in range(lo + 1, hi):
-            x = rs[i]
-            j = i - 1
-            while j >= lo and rs[j] > x:
-                rs[j + 1] = rs[j]
-                j -= 1
-            rs[j + 1] = x
+def _sort_value_desc_token_asc(vals, toks, n):  # type: ignore[no-untyped-def]
+    """Sort ``vals[:n]``/``toks[:n]`` in place by (value descending, token ascending)."""
+    if n <= 32:
+        for m in range(1, n):
+            v = vals[m]
+            t = toks[m]
+            q = m
+            while q > 0 and (vals[q - 1] < v or (vals[q - 1] == v and toks[q - 1] > t)):
+                vals[q] = vals[q - 1]
+                toks[q] = toks[q - 1]
+                q -= 1
+            vals[q] = v
+            toks[q] = t
         return
-    wmin = bitmap.shape[0]
-    wmax = -1
-    for i in range(lo, hi):
-        r = rs[i]
-        w = r >> 6
-        bitmap[w] |= np.uint64(1) << np.uint64(r & 63)
-        wmin = min(wmin, w)
-        wmax = max(wmax, w)
-    pos = lo
-    for w in range(wmin, wmax + 1):
-        x = bitmap[w]
-        if x == 0:
-            continue
-        bitmap[w] = np.uint64(0)
-        while x != 0:
-            t = x & (~x + np.uint64(1))
-            bit = _DEBRUIJN[(t * _DEBRUIJN_MAGIC) >> np.uint64(58)]
-            rs[pos] = (w << 6) + bit
-            pos += 1
-            x ^= t
+    order = np.argsort(-vals[:n])
+    v_sorted = vals[:n][order]
+    t_sorted = toks[:n][order]
+    vals[:n] = v_sorted
+    toks[:n] = t_sorted
+    u = 0
+    while u < n:
+        e = u + 1
+        while e < n and vals[e] == vals[u]:
+            e += 1
+        if e - u > 1:
+            toks[u:e].sort()
+        u = e
+
+
+SMALL_COUNTS = 16
+"""Counts 1..SMALL_COUNTS are ranked through the precomputed order of (count, gene) pairs."""
 
 
 @njit(cache=True, nogil=True)
 def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
-    data, indices, indptr, keep, depth, rank_of, rank_token, rank_median, rank_inv_median,
-    max_genes, float32_head, reciprocal, float32_reciprocal,
+    data, indices, indptr, keep, depth, pos_of, pos_token, pos_count, pos_scale, pos_chain,
+    rank_of, rank_token, rank_scale, max_genes, float32_head, reciprocal, float32_reciprocal,
 ):
     """Rank value encoding of the kept rows: tokens of their genes by descending normalized value.
 
-    Genes are given *rank positions*: the vocabulary sorted by (median ascending, token ascending);
-    ``rank_of[column]`` is the position of a column's gene, or -1 outside the vocabulary. For a fixed
-    count, a cell's values are non-increasing along rank positions (dividing by a larger median, or
-    multiplying by a smaller reciprocal, never gives a larger float). So each cell is split into buckets
-    of equal count, each bucket is put in rank order (a bitmap pass, no comparison sort), equal values
-    inside a bucket are put in token order, and the buckets are merged by (value descending, token
-    ascending) until ``max_genes`` tokens are out. Counts above :data:`N_COUNT_BUCKETS` share a bucket
-    that is sorted by comparison. The result is exactly a stable sort by descending value with ties by
-    ascending token (SPEC §2.6).
+    Within a cell, ``value = head(count) / median`` (or ``* (1 / median)``) where ``head(count) =
+    count / depth * 10,000`` is increasing in the count; so, up to rounding, the order of a cell's genes
+    is the order of ``count / median``, which does not depend on the cell. The caller precomputes that
+    order for every (count <= :data:`SMALL_COUNTS`, vocabulary gene) pair — *positions*, sorted by
+    ``count / median`` descending, then token — and ``pos_of[count - 1, column]`` (-1 outside the
+    vocabulary). A cell sets one bit per gene in a bitmap over positions and reads the bits back in
+    order: no per-cell sort. Rounding can only reorder pairs whose ``count / median`` differ by less
+    than ~3 float32 roundings; consecutive positions closer than :data:`CHAIN_TOLERANCE` share a
+    *chain* (``pos_chain`` = its first position), and within a chain the cell's actual float values are
+    sorted (value descending, token ascending). Larger counts are valued and sorted per cell, then merged.
+    The result is exactly a stable sort by descending value with ties by ascending token (SPEC §2.6).
 
     Value arithmetic: ``count / depth * 10,000 / median`` in float64 by default. ``float32_head``
     evaluates ``count / depth * 10,000`` in float32; ``reciprocal`` multiplies by ``1 / depth`` and
     ``1 / median`` instead of dividing (SciPy's sparse division), with ``1 / depth`` in float32 when
     ``float32_reciprocal`` — the combinations Geneformer's NumPy/SciPy expression produces.
+    ``pos_scale``/``rank_scale`` hold the median (dividing) or ``1 / median`` (``reciprocal``).
 
     Returns the flat tokens (int32) of the kept rows and each row's length (int64; 0 for dropped rows).
     """
     n = indptr.shape[0] - 1
-    nb = N_COUNT_BUCKETS + 1
+    n_small = pos_of.shape[0]
     bound = 0
     width = 0
     for i in range(n):
@@ -244,101 +242,117 @@ def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
             bound += min(w, max_genes)
     out = np.empty(bound, dtype=np.int32)
     lengths = np.zeros(n, dtype=np.int64)
-    rs = np.empty(width, dtype=np.int32)
-    cs = np.empty(width, dtype=np.int64)
-    vals = np.empty(width, dtype=np.float64)
-    toks = np.empty(width, dtype=np.int32)
-    cnt = np.zeros(nb, dtype=np.int64)
-    off = np.zeros(nb + 1, dtype=np.int64)
-    fill = np.zeros(nb, dtype=np.int64)
-    heads = np.empty(nb, dtype=np.float64)
-    bitmap = np.zeros((rank_token.shape[0] >> 6) + 1, dtype=np.uint64)
+    sp = np.empty(width, dtype=np.int32)
+    sv = np.empty(width, dtype=np.float64)
+    sg = np.empty(width, dtype=np.int32)
+    big_r = np.empty(width, dtype=np.int32)
+    big_c = np.empty(width, dtype=np.int64)
+    bv = np.empty(width, dtype=np.float64)
+    bt = np.empty(width, dtype=np.int32)
+    heads = np.empty(n_small, dtype=np.float64)
+    n_words = (pos_token.shape[0] >> 6) + 1
+    bitmap = np.zeros(n_words, dtype=np.uint64)
+    summary = np.zeros((n_words >> 6) + 1, dtype=np.uint64)
+    one = np.uint64(1)
     pos = 0
     for i in range(n):
         if not keep[i]:
             continue
-        a, z = indptr[i], indptr[i + 1]
-        cnt[:] = 0
-        for k in range(a, z):
-            if rank_of[indices[k]] >= 0:
-                c = data[k]
-                cnt[c - 1 if c <= N_COUNT_BUCKETS else N_COUNT_BUCKETS] += 1
-        off[0] = 0
-        for b in range(nb):
-            off[b + 1] = off[b] + cnt[b]
-            fill[b] = off[b]
-        total = off[nb]
-        if total == 0:
-            continue
-        for k in range(a, z):
-            r = rank_of[indices[k]]
-            if r >= 0:
-                c = data[k]
-                b = c - 1 if c <= N_COUNT_BUCKETS else N_COUNT_BUCKETS
-                rs[fill[b]] = r
-                cs[fill[b]] = c
-                fill[b] += 1
         d = depth[i]
         d32 = np.float32(d)
         r32 = np.float32(1.0) / d32
         r64 = np.float64(r32) if float32_reciprocal else 1.0 / d
-        for b in range(N_COUNT_BUCKETS):
-            heads[b] = _value(b + 1, np.nan, d, d32, r32, r64, 1.0, 1.0, float32_head, reciprocal)
-        # put every count bucket in rank order; compute values; equal values in token order
-        for b in range(N_COUNT_BUCKETS):
-            lo, hi = off[b], off[b + 1]
-            if hi - lo == 0:
+        nb = 0
+        ns = 0
+        for k in range(indptr[i], indptr[i + 1]):
+            c = data[k]
+            col = indices[k]
+            if c <= n_small:
+                p = pos_of[c - 1, col]
+                if p >= 0:
+                    w = p >> 6
+                    bitmap[w] |= one << np.uint64(p & 63)
+                    summary[w >> 6] |= one << np.uint64(w & 63)
+                    ns += 1
+            else:
+                r = rank_of[col]
+                if r >= 0:
+                    big_r[nb] = r
+                    big_c[nb] = c
+                    nb += 1
+        if ns + nb == 0:
+            continue
+        for b in range(n_small):
+            heads[b] = _value(b + 1, d, d32, r32, r64, 1.0, float32_head, reciprocal)
+        # the small counts, in order of their positions; chains put in (value desc, token asc) order
+        j = 0
+        for s in range(summary.shape[0]):
+            x = summary[s]
+            if x == 0:
                 continue
-            _sort_ranks(rs, lo, hi, bitmap)
-            head = heads[b]
-            for j in range(lo, hi):
-                r = rs[j]
-                if reciprocal:
-                    vals[j] = head * rank_inv_median[r]
+            summary[s] = 0
+            while x != 0:
+                w = (s << 6) + trailing_zeros(x)
+                x &= x - one
+                y = bitmap[w]
+                bitmap[w] = 0
+                while y != 0:
+                    p = (w << 6) + trailing_zeros(y)
+                    y &= y - one
+                    g = pos_chain[p]
+                    if g >= 0:  # a chain of near ties: insert by (value descending, token ascending)
+                        head = heads[pos_count[p] - 1]
+                        v = head * pos_scale[p] if reciprocal else head / pos_scale[p]
+                        t = pos_token[p]
+                        q = j
+                        while q > 0 and sg[q - 1] == g and (
+                                sv[q - 1] < v or (sv[q - 1] == v and pos_token[sp[q - 1]] > t)):
+                            sp[q] = sp[q - 1]
+                            sv[q] = sv[q - 1]
+                            sg[q] = g
+                            q -= 1
+                        sp[q] = p
+                        sv[q] = v
+                        sg[q] = g
+                    else:
+                        sp[j] = p
+                        sg[j] = -1
+                    j += 1
+        # the large counts: value and sort by (value descending, token ascending)
+        for m in range(nb):
+            r = big_r[m]
+            bv[m] = _value(big_c[m], d, d32, r32, r64, rank_scale[r], float32_head, reciprocal)
+            bt[m] = rank_token[r]
+        if nb > 1:
+            _sort_value_desc_token_asc(bv, bt, nb)
+        # merge the two sorted runs; small values are only needed while large ones remain
+        length = min(ns + nb, max_genes)
+        end = pos + length
+        a = 0
+        b = 0
+        while b < nb and pos < end:
+            if a < ns:
+                p = sp[a]
+                if sg[a] >= 0:
+                    v = sv[a]
                 else:
-                    vals[j] = head / rank_median[r]
-                toks[j] = rank_token[r]
-                t = toks[j]
-                v = vals[j]
-                q = j
-                while q > lo and vals[q - 1] == v and toks[q - 1] > t:
-                    toks[q] = toks[q - 1]
-                    q -= 1
-                toks[q] = t
-        # the bucket of large counts: sort by (value descending, token ascending)
-        lo, hi = off[N_COUNT_BUCKETS], off[nb]
-        for j in range(lo, hi):
-            r = rs[j]
-            v = _value(cs[j], np.nan, d, d32, r32, r64, rank_median[r], rank_inv_median[r],
-                       float32_head, reciprocal)
-            t = rank_token[r]
-            q = j
-            while q > lo and (vals[q - 1] < v or (vals[q - 1] == v and toks[q - 1] > t)):
-                vals[q] = vals[q - 1]
-                toks[q] = toks[q - 1]
-                q -= 1
-            vals[q] = v
-            toks[q] = t
-        # merge the buckets
-        for b in range(nb):
-            fill[b] = off[b]
-        length = min(total, max_genes)
-        for j in range(length):
-            best = -1
-            bv = 0.0
-            bt = 0
-            for b in range(nb):
-                h = fill[b]
-                if h < off[b + 1]:
-                    v = vals[h]
-                    t = toks[h]
-                    if best < 0 or v > bv or (v == bv and t < bt):
-                        best = b
-                        bv = v
-                        bt = t
-            out[pos] = bt
+                    head = heads[pos_count[p] - 1]
+                    v = head * pos_scale[p] if reciprocal else head / pos_scale[p]
+                t = pos_token[p]
+                if bv[b] > v or (bv[b] == v and bt[b] < t):
+                    out[pos] = bt[b]
+                    b += 1
+                else:
+                    out[pos] = t
+                    a += 1
+            else:
+                out[pos] = bt[b]
+                b += 1
             pos += 1
-            fill[best] += 1
+        while pos < end:
+            out[pos] = pos_token[sp[a]]
+            a += 1
+            pos += 1
         lengths[i] = length
     return out[:pos], lengths
 

@@ -8,6 +8,7 @@ id; the first ``layout.max_genes`` are kept, and the gc104m layout wraps them in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
     from genecorpus.vocab import Layout
 
-__all__ = ["SPEC_ARITHMETIC", "Arithmetic", "RankOrder", "apply_layout", "rank_value_encode"]
+__all__ = ["SPEC_ARITHMETIC", "Arithmetic", "Positions", "RankOrder", "apply_layout", "rank_value_encode"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,61 @@ class RankOrder:
         median = med[order]
         return cls(rank_of, tok[order], median, np.divide(1.0, median))
 
+    def positions(self, *, reciprocal: bool) -> Positions:
+        """The precomputed order of (count, gene) pairs the encoder reads cells through."""
+        return self._reciprocal_positions if reciprocal else self._dividing_positions
+
+    @cached_property
+    def _dividing_positions(self) -> Positions:
+        return Positions.build(self, self.median, reciprocal=False)
+
+    @cached_property
+    def _reciprocal_positions(self) -> Positions:
+        return Positions.build(self, self.inv_median, reciprocal=True)
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Every (count, gene) pair with ``count <= SMALL_COUNTS``, sorted by ``count / median`` descending.
+
+    Arrays are per position unless stated; see :func:`genecorpus._kernels._rank_value_encode_csr`.
+    """
+
+    pos_of: np.ndarray
+    """(SMALL_COUNTS, n_columns) int32: position of (count, column), -1 outside the vocabulary."""
+    token: np.ndarray
+    """Token id (int32)."""
+    count: np.ndarray
+    """The count (int32, 1..SMALL_COUNTS)."""
+    scale: np.ndarray
+    """The gene's median, or ``1 / median`` for the reciprocal arithmetic (float64)."""
+    chain: np.ndarray
+    """First position of the pair's chain — consecutive positions whose ``count / median`` lie within
+    :data:`~genecorpus._kernels.CHAIN_TOLERANCE` of each other, which rounding may reorder — or -1 for
+    a pair alone (int32)."""
+
+    @classmethod
+    def build(cls, order: RankOrder, scale: np.ndarray, *, reciprocal: bool) -> Positions:
+        """From a rank order and its per-rank scale (median, or ``1 / median`` if ``reciprocal``)."""
+        n_small, n_ranks = _kernels.SMALL_COUNTS, order.token.shape[0]
+        counts = np.repeat(np.arange(1, n_small + 1, dtype=np.int64), n_ranks)
+        ranks = np.tile(np.arange(n_ranks, dtype=np.int64), n_small)
+        key = counts * scale[ranks] if reciprocal else counts / scale[ranks]
+        sorted_pairs = np.lexsort((order.token[ranks], -key))
+        key = key[sorted_pairs]
+        close = key[1:] >= key[:-1] * (1.0 - _kernels.CHAIN_TOLERANCE)
+        starts = np.flatnonzero(np.concatenate([[True], ~close]))
+        sizes = np.diff(np.append(starts, key.shape[0]))
+        chain = np.repeat(np.where(sizes > 1, starts, -1), sizes).astype(np.int32)
+        pos_of_pair = np.empty(key.shape[0], dtype=np.int32)
+        pos_of_pair[sorted_pairs] = np.arange(key.shape[0], dtype=np.int32)
+        pos_of_rank = pos_of_pair.reshape(n_small, n_ranks)
+        in_vocab = order.rank_of >= 0
+        pos_of = np.full((n_small, order.rank_of.shape[0]), -1, dtype=np.int32)
+        pos_of[:, in_vocab] = pos_of_rank[:, order.rank_of[in_vocab]]
+        ranks = ranks[sorted_pairs]
+        return cls(pos_of, order.token[ranks], counts[sorted_pairs].astype(np.int32), scale[ranks], chain)
+
 
 def rank_value_encode(
     counts: sp.csr_matrix,
@@ -135,9 +191,11 @@ def rank_value_encode(
         order = RankOrder.from_genes(medians, tokens)
     n = counts.shape[0]
     keep = np.ones(n, dtype=np.bool_) if keep is None else np.asarray(keep, dtype=np.bool_)
+    table = order.positions(reciprocal=arithmetic.reciprocal)
     return _kernels._rank_value_encode_csr(
         counts.data, counts.indices, counts.indptr.astype(np.int64, copy=False), keep,
-        np.asarray(depth, dtype=np.float64), order.rank_of, order.token, order.median, order.inv_median,
+        np.asarray(depth, dtype=np.float64), table.pos_of, table.token, table.count, table.scale,
+        table.chain, order.rank_of, order.token, order.inv_median if arithmetic.reciprocal else order.median,
         max_genes, arithmetic.head_dtype == "float32", arithmetic.reciprocal,
         arithmetic.reciprocal_dtype == "float32",
     )
