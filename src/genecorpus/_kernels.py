@@ -15,64 +15,54 @@ TARGET_SUM = 10_000.0
 
 
 @njit(cache=True, nogil=True)
-def _cell_totals_csr(data, indptr, indices, is_mito_col):  # type: ignore[no-untyped-def]
-    """Total counts and mitochondrial counts of each row (int64) over all input columns."""
+def _collapse_csr(data, indices, indptr, col_to_gene, is_mito_col, n_genes, injective):  # type: ignore[no-untyped-def]
+    """Per-row totals, and input columns summed into genes: ``col_to_gene[col]`` is a gene index or -1.
+
+    Totals and mitochondrial totals (``is_mito_col``) are int64 sums over *all* input columns. With
+    ``injective`` (no two columns map to one gene) entries are only renamed and filtered. Returns
+    (int64 data, int32 indices, int64 indptr) of a CSR over ``n_genes`` columns whose indices are
+    unique within a row but not necessarily sorted (no consumer needs them sorted), then the totals
+    and mitochondrial totals (int64 per row).
+    """
     n = indptr.shape[0] - 1
     totals = np.zeros(n, dtype=np.int64)
     mito = np.zeros(n, dtype=np.int64)
+    out_indptr = np.zeros(n + 1, dtype=np.int64)
+    out_indices = np.empty(indices.shape[0], dtype=np.int32)
+    out_data = np.empty(indices.shape[0], dtype=np.int64)
+    acc = np.zeros(0 if injective else n_genes, dtype=np.int64)
+    pos = 0
     for i in range(n):
+        start = pos
         t = 0
         m = 0
         for k in range(indptr[i], indptr[i + 1]):
             c = data[k]
+            col = indices[k]
             t += c
-            if is_mito_col[indices[k]]:
+            if is_mito_col[col]:
                 m += c
-        totals[i] = t
-        mito[i] = m
-    return totals, mito
-
-
-@njit(cache=True, nogil=True)
-def _collapse_csr(data, indices, indptr, col_to_gene, n_genes, injective):  # type: ignore[no-untyped-def]
-    """Sum input columns into genes: ``col_to_gene[col]`` is the gene index or -1 (dropped).
-
-    With ``injective`` (no two columns map to one gene) entries are only renamed and filtered.
-    Returns a CSR (int64 data, int32 indices, int64 indptr) over ``n_genes`` columns whose indices are
-    unique within a row but not necessarily sorted (no consumer needs them sorted).
-    """
-    n = indptr.shape[0] - 1
-    out_indptr = np.zeros(n + 1, dtype=np.int64)
-    out_indices = np.empty(indices.shape[0], dtype=np.int32)
-    out_data = np.empty(indices.shape[0], dtype=np.int64)
-    pos = 0
-    if injective:
-        for i in range(n):
-            for k in range(indptr[i], indptr[i + 1]):
-                g = col_to_gene[indices[k]]
-                if g >= 0:
-                    out_indices[pos] = g
-                    out_data[pos] = data[k]
-                    pos += 1
-            out_indptr[i + 1] = pos
-        return out_data[:pos], out_indices[:pos], out_indptr
-    acc = np.zeros(n_genes, dtype=np.int64)
-    for i in range(n):
-        start = pos
-        for k in range(indptr[i], indptr[i + 1]):
-            g = col_to_gene[indices[k]]
+            g = col_to_gene[col]
             if g < 0:
                 continue
-            if acc[g] == 0:
+            if injective:
                 out_indices[pos] = g
+                out_data[pos] = c
                 pos += 1
-            acc[g] += data[k]
-        for j in range(start, pos):
-            g = out_indices[j]
-            out_data[j] = acc[g]
-            acc[g] = 0
+            else:
+                if acc[g] == 0:
+                    out_indices[pos] = g
+                    pos += 1
+                acc[g] += c
+        if not injective:
+            for j in range(start, pos):
+                g = out_indices[j]
+                out_data[j] = acc[g]
+                acc[g] = 0
+        totals[i] = t
+        mito[i] = m
         out_indptr[i + 1] = pos
-    return out_data[:pos], out_indices[:pos], out_indptr
+    return out_data[:pos], out_indices[:pos], out_indptr, totals, mito
 
 
 @njit(cache=True, nogil=True)
@@ -376,9 +366,13 @@ def _counts_from_values_csr(data, indices, indptr, tolerance, max_count):  # typ
         last = -1
         for k in range(indptr[i], indptr[i + 1]):
             x = data[k]
-            r = np.rint(x)
-            if not (r >= 0 and r <= max_count and abs(x - r) <= tolerance):
+            if not (x >= 0 and x <= max_count):  # also NaN
                 return values[:0], out_indices[:0], out_indptr, False
+            r = np.int64(x)  # truncation: exact for integral values, no libm call
+            if x != r:
+                r = np.int64(np.rint(x))
+                if abs(x - r) > tolerance:
+                    return values[:0], out_indices[:0], out_indptr, False
             j = indices[k]
             if j <= last:
                 return values[:0], out_indices[:0], out_indptr, False

@@ -22,7 +22,9 @@ import pickle
 import platform
 import shutil
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,9 +215,8 @@ def _read_blocks(ctx: Context, plan: DatasetPlan, task: Task, extra_obs: Sequenc
                 raise InputError(msg) from None
             x = block.counts
             indptr = x.indptr.astype(np.int64)
-            totals, mito = _kernels._cell_totals_csr(x.data, indptr, x.indices, plan.is_mito_col)
-            gdata, gidx, gptr = _kernels._collapse_csr(x.data, x.indices, indptr, plan.col_to_gene,
-                                                       ctx.n_genes, plan.injective)
+            gdata, gidx, gptr, totals, mito = _kernels._collapse_csr(
+                x.data, x.indices, indptr, plan.col_to_gene, plan.is_mito_col, ctx.n_genes, plan.injective)
             g = sp.csr_matrix((gdata, gidx, gptr), shape=(x.shape[0], ctx.n_genes))
             if plan.filter_column:
                 flags = np.asarray(block.obs[plan.filter_column])
@@ -425,17 +426,41 @@ class BuildResult:
     manifest: dict[str, Any] = field(repr=False)
 
 
-def _sha256(path: Path) -> tuple[str, int]:
+def _sha256(path: Path, stop: threading.Event | None = None) -> tuple[str, int]:
+    """sha256 (hex) and size in bytes of a file, or of a folder's files by relative path."""
     if path.is_dir():
         h = hashlib.sha256()
         size = 0
         for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            digest, n = _sha256(p)
+            digest, n = _sha256(p, stop)
             h.update(f"{p.relative_to(path)}\0{digest}\n".encode())
             size += n
         return h.hexdigest(), size
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest(), path.stat().st_size
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as fh:
+        while (n := fh.readinto(buf)) and not (stop is not None and stop.is_set()):
+            h.update(view[:n])  # releases the GIL: the stages run meanwhile
+    return h.hexdigest(), path.stat().st_size
+
+
+class _InputDigests:
+    """sha256 of the input files, computed in one background thread while the stages run."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="genecorpus-sha256")
+        self._futures = {p: self._pool.submit(_sha256, p, self._stop) for p in dict.fromkeys(paths)}
+
+    def get(self, path: Path) -> tuple[str, int]:
+        """Digest and size of one of the paths (waits for it)."""
+        return self._futures[path].result()
+
+    def close(self) -> None:
+        """Stop hashing (an unfinished digest is abandoned)."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _versions() -> dict[str, str]:
@@ -499,6 +524,7 @@ def build_corpus(
     if any(s is not None for s in sources) and workers > 1:
         workers = 1  # in-memory objects are not sent to other processes
     executor = executor or LocalExecutor(workers)
+    executor.start(["genecorpus.build"])  # workers import while the driver plans
     try:
         manifest = _run(config, tmp, executor=executor, mode=mode, sources=sources)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -554,7 +580,6 @@ class _Timings(dict[str, float]):
 def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sources: Sequence[Any]) -> dict[str, Any]:
     timings = _Timings()
     started = time.perf_counter()
-    layout = LAYOUTS[config.layout]
     token_dict, given_medians, mapping = _load_dictionaries(config, mode)
     qc_params = config.qc if mode == "build" else QCParams(enabled=False)
 
@@ -576,6 +601,19 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
                                        use_obs_n_counts=config.use_obs_n_counts, in_memory=in_memory))
         finally:
             source.close()
+    digests = _InputDigests([Path(p.spec.path) for p in plans if p.source is None])
+    try:
+        return _run_stages(config, tmp, executor=executor, mode=mode, plans=plans, universe=universe,
+                           token_dict=token_dict, given_medians=given_medians, qc_params=qc_params,
+                           digests=digests, timings=timings, started=started)
+    finally:
+        digests.close()
+
+
+def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, plans: list[DatasetPlan],
+                universe: np.ndarray, token_dict: TokenDictionary | None, given_medians: dict[str, float] | None,
+                qc_params: QCParams, digests: _InputDigests, timings: _Timings, started: float) -> dict[str, Any]:
+    layout = LAYOUTS[config.layout]
     need_medians = given_medians is None
     ctx = Context(tuple(plans), len(universe), config.block_size, qc_params, need_medians)
     tasks = _plan_tasks(plans, config.shard_cells)
@@ -673,7 +711,7 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
         pickle.dump(lengths.tolist(), fh, protocol=4)
 
     manifest = _manifest(config, mode, plans, tasks, dataset_qc, results, provenance, shard_names,
-                         token_dict, vocab_genes, lengths, [c.name for c in metadata])
+                         token_dict, vocab_genes, lengths, [c.name for c in metadata], digests)
     timings["total"] = round(time.perf_counter() - started, 3)
     manifest["timings"] = dict(timings)
     return manifest
@@ -700,7 +738,7 @@ def _write_qc_sample(path: Path, tasks: Sequence[Task], stats: Sequence[StatsRes
 def _manifest(config: BuildConfig, mode: str, plans: Sequence[DatasetPlan], tasks: Sequence[Task],
               dataset_qc: Sequence[DatasetQC], results: Sequence[EncodeResult], provenance: dict[str, Any],
               shard_names: list[str], token_dict: TokenDictionary, vocab_genes: np.ndarray,
-              lengths: np.ndarray, columns: list[str]) -> dict[str, Any]:
+              lengths: np.ndarray, columns: list[str], digests: _InputDigests) -> dict[str, Any]:
     datasets = []
     for plan in plans:
         rs = [r for t, r in zip(tasks, results, strict=True) if t.dataset == plan.index]
@@ -711,7 +749,7 @@ def _manifest(config: BuildConfig, mode: str, plans: Sequence[DatasetPlan], task
             msg = f"internal accounting error for {plan.spec.path}: {n_in} in, {kept} kept, {dropped}"
             raise RuntimeError(msg)
         path = Path(plan.spec.path)
-        digest, size = _sha256(path) if plan.source is None and path.exists() else ("in-memory", 0)
+        digest, size = digests.get(path) if plan.source is None else ("in-memory", 0)
         datasets.append({
             "dataset_id": plan.spec.dataset_id,
             "path": plan.spec.path if plan.source is None else "<AnnData>",

@@ -6,6 +6,7 @@ merged in a fixed order and the output does not depend on the number of workers.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -32,9 +33,18 @@ class Executor(Protocol):
         """Run every task; raise the first task error after stopping the rest."""
         ...
 
+    def start(self, modules: Sequence[str]) -> None:
+        """Start workers ahead of the first stage, importing ``modules`` (may do nothing)."""
+        ...
+
     def close(self) -> None:
         """Release workers."""
         ...
+
+
+def _import_modules(modules: Sequence[str]) -> None:
+    for name in modules:
+        importlib.import_module(name)
 
 
 class LocalExecutor:
@@ -50,6 +60,13 @@ class LocalExecutor:
             ctx = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
         return self._pool
+
+    def start(self, modules: Sequence[str]) -> None:
+        """Spawn the workers now and let them import ``modules`` (no-op for one worker)."""
+        if self.workers > 1:
+            pool = self._get_pool()
+            for _ in range(self.workers):
+                pool.submit(_import_modules, list(modules))
 
     def map(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Run every task; results come back in task order."""
