@@ -348,6 +348,37 @@ def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
+def _dense_to_csr(dense, transposed):  # type: ignore[no-untyped-def]
+    """CSR (values in ``dense``'s dtype, int32 indices sorted, int64 indptr) of the nonzeros of a 2-D
+    C-ordered array's rows — or of its columns when ``transposed`` (a genes × cells slab read as cells).
+
+    Reads the array in memory order, twice (count, then fill); NaN counts as nonzero.
+    """
+    n0, n1 = dense.shape
+    n_rows = n1 if transposed else n0
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    for a in range(n0):
+        for b in range(n1):
+            if dense[a, b] != 0:
+                indptr[(b if transposed else a) + 1] += 1
+    for r in range(n_rows):
+        indptr[r + 1] += indptr[r]
+    fill = indptr[:-1].copy()
+    data = np.empty(indptr[n_rows], dtype=dense.dtype)
+    indices = np.empty(indptr[n_rows], dtype=np.int32)
+    for a in range(n0):
+        for b in range(n1):
+            v = dense[a, b]
+            if v != 0:
+                r, c = (b, a) if transposed else (a, b)
+                k = fill[r]
+                data[k] = v
+                indices[k] = c
+                fill[r] = k + 1
+    return data, indices, indptr
+
+
+@njit(cache=True, nogil=True)
 def _counts_from_values_csr(data, indices, indptr, tolerance, max_count):  # type: ignore[no-untyped-def]
     """One pass over a CSR block: check raw counts, round to int32, drop zeros, check index order.
 

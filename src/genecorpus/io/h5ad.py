@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from genecorpus import _kernels
 from genecorpus.errors import InputError
 from genecorpus.io import register_reader
 from genecorpus.io.counts import BaseReader, one_line
@@ -373,8 +374,9 @@ class DenseRows:
         pieces = []
         for lo in range(start, stop, step):
             hi = min(lo + step, stop)
-            dense = self._ds[:, lo:hi].T if self._transposed else self._ds[lo:hi]
-            pieces.append(sp.csr_matrix(scipy_dtype(np.asarray(dense))))
+            dense = np.ascontiguousarray(scipy_dtype(self._ds[:, lo:hi] if self._transposed else self._ds[lo:hi]))
+            data, indices, indptr = _kernels._dense_to_csr(dense, self._transposed)
+            pieces.append(sp.csr_matrix((data, indices, indptr), shape=(hi - lo, self.shape[1])))
         if not pieces:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
         return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
