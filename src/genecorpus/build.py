@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["BuildResult", "build_corpus", "tokenize"]
 
 _FIXED_COLUMNS = ("dataset_id", "cell_id")
+_CORPUS_MARKERS = ("manifest.json", "state.json")
+"""Files that make a folder a corpus that ``overwrite`` may replace."""
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -221,8 +223,9 @@ def _read_blocks(ctx: Context, plan: DatasetPlan, task: Task, extra_obs: Sequenc
             if plan.filter_column:
                 flags = np.asarray(block.obs[plan.filter_column])
                 if flags.dtype.kind not in "biuf":
-                    msg = (f"{plan.spec.path}: obs column {plan.filter_column!r} holds {flags.dtype} values; "
-                           f"it must be boolean or 0/1 (cells with 1/True are kept)")
+                    msg = (f"{plan.spec.path}: obs column {plan.filter_column!r} holds {flags.dtype} values "
+                           f"(cell {block.cell_ids[0]!r}: {flags[0]!r}); it must be boolean or 0/1 "
+                           f"(cells with 1/True are kept)")
                     raise InputError(msg)
                 pre = flags == 1  # Geneformer's test: a cell passes when its value equals 1
             else:
@@ -474,11 +477,36 @@ def _versions() -> dict[str, str]:
 
 
 def _prepare_out(out: Path, *, overwrite: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        msg = f"{out}: is a file, not a corpus folder; choose another --out"
+        raise ConfigError(msg)
     if out.exists() and not overwrite:
         msg = f"{out}: already exists; choose another --out or pass --overwrite"
         raise ConfigError(msg)
+    # --overwrite replaces a corpus, never a folder of other files given as --out by mistake
+    if out.exists() and any(out.iterdir()) and not any((out / n).is_file() for n in _CORPUS_MARKERS):
+        msg = (f"{out}: is not a corpus folder (no {' or '.join(_CORPUS_MARKERS)}), so --overwrite "
+               "does not replace it; choose another --out")
+        raise ConfigError(msg)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
+
+
+def _require_cells(manifest: dict[str, Any], *, max_datasets: int = 5) -> None:
+    """Refuse a corpus without cells, saying per dataset where its cells went."""
+    if manifest["corpus"]["n_cells"]:
+        return
+    parts = []
+    for d in manifest["datasets"][:max_datasets]:
+        cells = d["cells"]
+        dropped = ", ".join(f"{n} by {reason}" for reason, n in cells["dropped"].items() if n)
+        parts.append(f"{d['path']}: " + (f"{cells['in']} cells, dropped {dropped}" if cells["in"]
+                                          else "0 cells in the input"))
+    more = len(manifest["datasets"]) - max_datasets
+    listed = "; ".join(parts) + (f"; and {more} more datasets" if more > 0 else "")
+    msg = (f"no cell is left for the corpus ({listed}); check the input files, their filter_pass "
+           "column, the QC settings and the gene ids")
+    raise InputError(msg)
 
 
 def build_corpus(
@@ -506,7 +534,7 @@ def build_corpus(
         ``"build"`` (QC, medians computed unless given) or ``"tokenize"`` (given dictionaries, no QC
         beyond ``filter_pass`` and empty cells).
     overwrite
-        Replace an existing ``out``.
+        Replace an existing corpus ``out`` (never a file or a folder that is not a corpus).
     executor
         Run tasks through this executor instead of a :class:`LocalExecutor`.
     sources
@@ -517,6 +545,12 @@ def build_corpus(
     Returns
     -------
     BuildResult with the folder, cell, token and shard counts and the manifest dict.
+
+    Raises
+    ------
+    GenecorpusError
+        On bad input or settings (one-line message naming the file and the item), including a
+        corpus left without any cell; ``out`` is then untouched and no temporary folder remains.
     """
     out = Path(out)
     tmp = _prepare_out(out, overwrite=overwrite)
@@ -527,6 +561,7 @@ def build_corpus(
     executor.start(["genecorpus.build"])  # workers import while the driver plans
     try:
         manifest = _run(config, tmp, executor=executor, mode=mode, sources=sources)
+        _require_cells(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if report:
             write_report(tmp)
@@ -588,7 +623,11 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
         universe = token_dict.gene_ids
         mito = np.empty(0, dtype=object)
     else:
-        universe = genes.candidate_genes(config.reference)
+        try:
+            universe = genes.candidate_genes(config.reference)
+        except GenecorpusError as e:
+            msg = f"reference: {e}; fix reference in the manifest"
+            raise ConfigError(msg) from None
         mito = genes.mito_genes(config.reference)
 
     plans = []
@@ -678,7 +717,8 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
     tokens = np.array([pos.get(g, -1) for g in universe.tolist()], dtype=np.int32)
     in_vocab = (tokens >= 0) & np.isfinite(gene_median)
     if np.any(np.diff(tokens[in_vocab]) <= 0):
-        msg = "the token dictionary's gene ids are not in ascending Ensembl-ID order; genecorpus needs that order"
+        msg = (f"{config.token_dictionary}: gene ids are not in ascending Ensembl-ID order, which the tie "
+               "rule of the rank value encoding needs; give a dictionary in that order (Geneformer's are)")
         raise DictionaryError(msg)
     enc_medians = np.where(in_vocab, gene_median, 0.0)
 
@@ -826,18 +866,18 @@ def tokenize(
     if layout is None:
         layout = TokenDictionary.load(token_dictionary).layout().name
     specs, sources = [], []
-    for i, item in enumerate(inputs):
-        if isinstance(item, str | os.PathLike):
-            specs.append(DatasetSpec(path=str(item), gene_id=gene_id, obs_columns=tuple(obs_columns)))
-            sources.append(None)
-        else:
-            specs.append(DatasetSpec(path=f"<AnnData {i}>", id=f"anndata-{i}", gene_id=gene_id,
-                                     obs_columns=tuple(obs_columns)))
-            sources.append(item)
-    ids = [s.dataset_id for s in specs]
-    if len(set(ids)) != len(ids):
-        specs = [s.model_copy(update={"id": f"{i}-{s.dataset_id}"}) for i, s in enumerate(specs)]
     try:
+        for i, item in enumerate(inputs):
+            if isinstance(item, str | os.PathLike):
+                specs.append(DatasetSpec(path=str(item), gene_id=gene_id, obs_columns=tuple(obs_columns)))
+                sources.append(None)
+            else:
+                specs.append(DatasetSpec(path=f"<AnnData {i}>", id=f"anndata-{i}", gene_id=gene_id,
+                                         obs_columns=tuple(obs_columns)))
+                sources.append(item)
+        ids = [s.dataset_id for s in specs]
+        if len(set(ids)) != len(ids):
+            specs = [s.model_copy(update={"id": f"{i}-{s.dataset_id}"}) for i, s in enumerate(specs)]
         config = BuildConfig(
             datasets=tuple(specs), layout=layout, block_size=block_size,
             token_dictionary=str(token_dictionary), gene_medians=str(gene_medians),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from genecorpus.errors import GenecorpusError
 
@@ -82,7 +83,8 @@ class _Progress:
 def _fail(e: BaseException) -> None:
     if _state["debug"]:
         raise e
-    _err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    # escaped: messages quote manifest syntax such as [[datasets]], which rich would take as markup
+    _err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 

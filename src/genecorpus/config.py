@@ -125,7 +125,8 @@ def describe_validation_error(e: ValidationError) -> str:
     """The first problem of a pydantic validation error as ``field: message``."""
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "manifest"
-    return f"{where}: {err['msg']}"
+    # our validators' own messages, without the "Value error, " pydantic puts before them
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def load_manifest(path: str | os.PathLike[str], **overrides: object) -> BuildConfig:
@@ -137,7 +138,7 @@ def load_manifest(path: str | os.PathLike[str], **overrides: object) -> BuildCon
         msg = f"{path}: manifest not found; check the path"
         raise ConfigError(msg) from None
     except (OSError, UnicodeDecodeError) as e:
-        msg = f"{path}: cannot read the manifest ({e})"
+        msg = f"{path}: cannot read the manifest ({e}); give a UTF-8 TOML file"
         raise ConfigError(msg) from None
     except tomllib.TOMLDecodeError as e:
         msg = f"{path}: not valid TOML ({e}); fix the manifest"

@@ -489,16 +489,17 @@ def _check_species(classified: _Classified) -> None:
     others = pd.Series(classified.raw[classified.other_species], dtype=object)
     prefixes = others.str.extract(_SPECIES_PATTERN, expand=False).value_counts()
     found = ", ".join(f"{n:,} {p}…" for p, n in prefixes.items())
+    example = f"e.g. {others.iloc[0]!r}"
     n_human = int(classified.human.sum())
     if n_human:
         msg = (
-            f"the gene IDs mix species: {n_human:,} human (ENSG…) and {found} Ensembl IDs; "
-            "a multi-species reference? keep only the human genes before building"
+            f"the gene IDs mix species: {n_human:,} human (ENSG…) and {found} Ensembl IDs "
+            f"({example}); a multi-species reference? keep only the human genes before building"
         )
     else:
         msg = (
-            f"the gene IDs are non-human Ensembl IDs ({found}); genecorpus builds human corpora: "
-            "give human Ensembl IDs (ENSG…) or human gene symbols"
+            f"the gene IDs are non-human Ensembl IDs ({found}), {example}; genecorpus builds "
+            "human corpora: give human Ensembl IDs (ENSG…) or human gene symbols"
         )
     raise GeneMappingError(msg)
 

@@ -133,19 +133,27 @@ class TokenDictionary:
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any], *, source: str = "token dictionary") -> TokenDictionary:
         """Build from a ``{token: id}`` dict such as Geneformer's ``token_dictionary*.pkl``."""
-        special = {k: int(v) for k, v in mapping.items() if k in SPECIAL_TOKENS}
-        genes = [(int(v), k) for k, v in mapping.items() if k not in SPECIAL_TOKENS]
+        for token, value in mapping.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                msg = (f"{source}: id of {token!r} is {value!r}, not an integer; "
+                       "give a Geneformer token dictionary")
+                raise DictionaryError(msg)
+        special = {k: v for k, v in mapping.items() if k in SPECIAL_TOKENS}
+        genes = [(v, k) for k, v in mapping.items() if k not in SPECIAL_TOKENS]
         for required in ("<pad>", "<mask>"):
             if required not in special:
                 msg = f"{source}: has no {required} token; give a Geneformer token dictionary"
                 raise DictionaryError(msg)
-        ids = [v for v, _ in genes] + list(special.values())
-        if len(set(ids)) != len(ids):
-            msg = f"{source}: two tokens share an id; the dictionary is corrupt"
-            raise DictionaryError(msg)
-        if any(v < 0 for v in ids):
-            msg = f"{source}: negative token id; the dictionary is corrupt"
-            raise DictionaryError(msg)
+        owner: dict[int, str] = {}
+        for token, value in mapping.items():
+            if value < 0:
+                msg = f"{source}: id of {token!r} is negative ({value}); the dictionary is corrupt"
+                raise DictionaryError(msg)
+            if value in owner:
+                msg = (f"{source}: {owner[value]!r} and {token!r} share the id {value}; "
+                       "the dictionary is corrupt")
+                raise DictionaryError(msg)
+            owner[value] = token
         genes.sort()
         gene_ids = np.array([g for _, g in genes], dtype=object)
         gene_tokens = np.array([v for v, _ in genes], dtype=np.int32)
@@ -189,14 +197,17 @@ def load_gene_medians(path: str | os.PathLike[str]) -> dict[str, float]:
         raw = load_pickled_dict(path)
         medians = {k: v for k, v in raw.items() if isinstance(v, int | float)}
         if len(medians) != len(raw):
-            msg = f"{path}: some medians are not numbers; give a gene_median_dictionary*.pkl"
+            gene = next(k for k in raw if k not in medians)
+            msg = (f"{path}: median of {gene} is {raw[gene]!r}, not a number; "
+                   "give a gene_median_dictionary*.pkl")
             raise DictionaryError(msg)
     else:
         medians = {}
         try:
             lines = path.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            msg = f"{path}: cannot read gene medians ({e}); give a .pkl or a genecorpus .tsv"
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            msg = f"{path}: cannot read gene medians ({reason}); give a .pkl or a genecorpus .tsv"
             raise DictionaryError(msg) from None
         for n, line in enumerate(lines[1:], start=2):
             parts = line.split("\t")

@@ -184,6 +184,16 @@ def _detect_format(source: Any) -> ReaderSpec:
             f"anndata.AnnData (known formats: {_known_list()})"
         )
         raise InputError(msg)
+    if source.is_dir():  # a folder's suffix says nothing: only a reader's content test decides
+        for spec in _READERS.values():
+            if _sniff(spec, source):
+                return spec
+        msg = (
+            f"{source}: a folder that no reader recognizes (folders are read as 10x matrix "
+            "folders with matrix.mtx[.gz], features.tsv[.gz] or genes.tsv[.gz] and "
+            "barcodes.tsv[.gz]); give a data file or a 10x matrix folder"
+        )
+        raise InputError(msg)
     name = source.name.lower()
     by_suffix = sorted(
         (spec for spec in _READERS.values() if _matching_suffix(spec, name)),
@@ -256,7 +266,10 @@ def open_dataset(
     elif format in _READERS:
         spec = _READERS[format]
     else:
-        msg = f"unknown input format {format!r} for {source}; known formats: {_known_list()}"
+        msg = (
+            f"{source}: unknown input format {format!r}; known formats: {_known_list()}; "
+            "fix format or omit it to detect the format"
+        )
         raise InputError(msg)
     if spec.in_memory == isinstance(source, Path):
         wanted = "an in-memory object" if spec.in_memory else "a file or folder path"
@@ -277,7 +290,27 @@ def open_dataset(
         )
         raise InputError(msg)
     options = {"layer": layer, "use_raw": use_raw, "cells_as_rows": cells_as_rows}
-    return spec.opener(source, **{name: options[name] for name in spec.options})
+    try:
+        return spec.opener(source, **{name: options[name] for name in spec.options})
+    except InputError as exc:
+        actual = _declared_format_mismatch(spec, source) if format is not None else None
+        if actual is None:
+            raise
+        msg = (
+            f"{source}: declared as format {spec.name!r} but its content is {actual.name}; "
+            f"declare format {actual.name!r} or omit format to detect it"
+        )
+        raise InputError(msg) from exc
+
+
+def _declared_format_mismatch(declared: ReaderSpec, source: Any) -> ReaderSpec | None:
+    """The format whose content test ``source`` passes when the declared one fails it, if any."""
+    if not isinstance(source, Path) or _sniff(declared, source):
+        return None
+    for spec in _READERS.values():
+        if spec is not declared and not spec.in_memory and _sniff(spec, source):
+            return spec
+    return None
 
 
 # Importing the format modules registers their readers (they import register_reader from here).

@@ -6,7 +6,8 @@ transposed, so memory does not grow with the file.
 
 Genes: every 1-D ``/row_attrs`` dataset is a var column under its own name (``Gene``, ``Accession``,
 ``ensembl_id``...). The var index is ``Gene`` when present, else ``var_names`` (anndata's loom
-writer), else the first string row attribute in HDF5 (alphabetical) order, else the row number.
+writer), else the first string row attribute in HDF5 (alphabetical) order; a file with none of
+these is refused (genes without ids cannot be mapped).
 Cells: every 1-D ``/col_attrs`` dataset is an obs column; cell ids are ``CellID``, else
 ``obs_names``, else ``cell_names``, else the first string column attribute, else the column number.
 Strings are decoded from loom's XML-escaped ASCII.
@@ -107,12 +108,15 @@ class LoomReader(BaseReader):
         self._var = _attr_columns(f.get("row_attrs"), n_genes)
         self._obs = _attr_columns(f.get("col_attrs"), n_cells)
         gene_index = _pick_index(self._var, GENE_INDEX_ATTRS)
-        if gene_index is None:
-            logger.warning("%s: no string row attribute; gene ids are row numbers", self.path)
-            self._var_names = np.arange(n_genes).astype(str).astype(object)
-        else:
-            logger.debug("%s: gene ids from row_attrs/%s", self.path, gene_index)
-            self._var_names = as_str_array(self._var[gene_index].read(0, None))
+        if gene_index is None:  # row numbers would map to no gene, so say what is missing
+            found = ", ".join(self._var) or "none"
+            msg = (
+                f"{self.path}: no gene ids: row_attrs has no Gene, var_names or other string "
+                f"attribute of {n_genes} values (found: {found}); add row_attrs/Gene or re-export it"
+            )
+            raise InputError(msg)
+        logger.debug("%s: gene ids from row_attrs/%s", self.path, gene_index)
+        self._var_names = as_str_array(self._var[gene_index].read(0, None))
         cell_index = _pick_index(self._obs, CELL_ID_ATTRS)
         if cell_index is None:
             logger.warning("%s: no string column attribute; cell ids are column numbers", self.path)

@@ -54,6 +54,8 @@ _ENSEMBL_ID = r"^ENS[A-Z]*G\d{11}(?:\.\d+)?$"
 _BARCODE = r"[ACGT]{8,}"
 _DELIMITERS = ("\t", ",", ";", " ")
 _MAJORITY = 0.5
+_MAX_DETAIL = 300
+"""Characters of a parser message quoted in an error (pyarrow quotes whole rows)."""
 
 
 def _fraction_matching(labels: Sequence[str] | np.ndarray, pattern: str) -> float:
@@ -147,6 +149,21 @@ def _columns_to_csr(columns: Sequence[pa.Array], n_rows: int) -> sp.csr_matrix:
     return out
 
 
+def _first_ragged_line(path: Path, delimiter: str, n_fields: int) -> tuple[int, int, str] | None:
+    """Return (line number, fields, label) of the first data line without ``n_fields`` fields.
+
+    Only called after a parse error: pyarrow's streaming reader does not know line numbers.
+    """
+    try:
+        with _open_text(path) as fh:
+            for number, fields in enumerate(csv.reader(fh, delimiter=delimiter), start=1):
+                if number > 1 and fields and len(fields) != n_fields:
+                    return number, len(fields), fields[0]
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error):
+        return None
+    return None
+
+
 class TextReader(BaseReader):
     """A delimited text count table, parsed once into sparse rows (see the module docstring)."""
 
@@ -210,7 +227,18 @@ class TextReader(BaseReader):
                 labels.append(batch.column(0).to_numpy(zero_copy_only=False).astype(object))
                 pieces.append(_columns_to_csr(batch.columns[1:], batch.num_rows))
         except (pa.ArrowInvalid, OSError, EOFError) as exc:
-            detail = str(exc).splitlines()[0]
+            # "Expected N columns, got M: <the whole row>" has no line number: find the line
+            ragged = (_first_ragged_line(path, delimiter, len(names))
+                      if "columns, got" in str(exc) else None)
+            if ragged is not None:
+                line, n_fields, label = ragged
+                msg = (
+                    f"{path}: line {line} (row {label!r}) has {n_fields} fields but the header "
+                    f"makes {len(names)}; every line needs a label and one value per column: "
+                    "fix or re-export the table"
+                )
+                raise InputError(msg) from exc
+            detail = str(exc).splitlines()[0][:_MAX_DETAIL]
             found = re.search(r"column #(\d+)", detail)
             where = ""
             if found and 0 < int(found.group(1)) <= len(column_labels):
