@@ -13,7 +13,6 @@ median selection, encoding. ``tokenize`` (given medians, no QC) reads it once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -38,6 +37,7 @@ from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic, RankOrder, apply_layo
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
 from genecorpus.executors import Executor, LocalExecutor
 from genecorpus.io import DEFAULT_BLOCK_SIZE, open_dataset
+from genecorpus.manifest import file_digests, sha256_of_path
 from genecorpus.report import write_report
 from genecorpus.qc import (
     DROP_REASONS,
@@ -425,19 +425,6 @@ class BuildResult:
     manifest: dict[str, Any] = field(repr=False)
 
 
-def _sha256(path: Path) -> tuple[str, int]:
-    if path.is_dir():
-        h = hashlib.sha256()
-        size = 0
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            digest, n = _sha256(p)
-            h.update(f"{p.relative_to(path)}\0{digest}\n".encode())
-            size += n
-        return h.hexdigest(), size
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest(), path.stat().st_size
-
-
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("genecorpus", "numpy", "scipy", "numba", "pyarrow", "anndata", "h5py", "datasets"):
@@ -624,7 +611,7 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
     else:
         assert given_medians is not None
         gene_median = np.array([given_medians.get(g, np.nan) for g in universe.tolist()], dtype=np.float64)
-        provenance = {"source": str(config.gene_medians), "sha256": _sha256(Path(config.gene_medians))[0]}
+        provenance = {"source": str(config.gene_medians), "sha256": sha256_of_path(Path(config.gene_medians))[0]}
         if mode == "tokenize":
             missing = np.flatnonzero(np.isnan(gene_median))
             if missing.size:
@@ -674,6 +661,7 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
 
     manifest = _manifest(config, mode, plans, tasks, dataset_qc, results, provenance, shard_names,
                          token_dict, vocab_genes, lengths, [c.name for c in metadata])
+    manifest["files"] = file_digests(tmp)
     timings["total"] = round(time.perf_counter() - started, 3)
     manifest["timings"] = dict(timings)
     return manifest
@@ -711,7 +699,7 @@ def _manifest(config: BuildConfig, mode: str, plans: Sequence[DatasetPlan], task
             msg = f"internal accounting error for {plan.spec.path}: {n_in} in, {kept} kept, {dropped}"
             raise RuntimeError(msg)
         path = Path(plan.spec.path)
-        digest, size = _sha256(path) if plan.source is None and path.exists() else ("in-memory", 0)
+        digest, size = sha256_of_path(path) if plan.source is None and path.exists() else ("in-memory", 0)
         datasets.append({
             "dataset_id": plan.spec.dataset_id,
             "path": plan.spec.path if plan.source is None else "<AnnData>",
