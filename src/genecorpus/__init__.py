@@ -2,9 +2,10 @@
 
 The public API::
 
-    from genecorpus import BuildConfig, DatasetSpec, build_corpus, load_manifest
+    from genecorpus import BuildConfig, DatasetSpec, build_corpus, load_manifest, validate_corpus
     config = load_manifest("corpus.toml")
     result = build_corpus(config, "out/corpus", workers=2)
+    report = validate_corpus("out/corpus")
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from genecorpus.config import BuildConfig, DatasetSpec, QCParams, load_manifest
     from genecorpus.encode import rank_value_encode
     from genecorpus.io import open_dataset
+    from genecorpus.validate import ValidationReport, validate_corpus
     from genecorpus.vocab import TokenDictionary, load_gene_medians
 
 # Imported on first use, so that `import genecorpus.vocab` or the CLI's --help stay fast.
@@ -28,6 +30,7 @@ _LAZY = {
     "BuildConfig": "config", "DatasetSpec": "config", "QCParams": "config", "load_manifest": "config",
     "rank_value_encode": "encode", "open_dataset": "io",
     "TokenDictionary": "vocab", "load_gene_medians": "vocab",
+    "ValidationReport": "validate", "validate_corpus": "validate",
 }
 
 __version__ = "0.1.0"
@@ -39,6 +42,7 @@ __all__ = [
     "GenecorpusError",
     "QCParams",
     "TokenDictionary",
+    "ValidationReport",
     "__version__",
     "build_corpus",
     "load_gene_medians",
@@ -46,6 +50,7 @@ __all__ = [
     "open_dataset",
     "rank_value_encode",
     "tokenize",
+    "validate_corpus",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

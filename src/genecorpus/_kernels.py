@@ -414,3 +414,88 @@ def _counts_from_values_csr(data, indices, indptr, tolerance, max_count):  # typ
                 pos += 1
         out_indptr[i + 1] = pos
     return values[:pos], out_indices[:pos], out_indptr, True
+
+
+# Problems :func:`_cell_problems_csr` finds in a corpus row (bits of its uint16 result).
+CELL_LENGTH_MISMATCH = 1
+"""The ``length`` column differs from the number of tokens."""
+CELL_TOKEN_OUT_OF_RANGE = 2
+"""A token id is negative or beyond the token dictionary."""
+CELL_TOKEN_NOT_IN_DICTIONARY = 4
+"""A token id inside the range is neither a gene nor a special token of the dictionary."""
+CELL_GENE_WITHOUT_MEDIAN = 8
+"""A gene token whose gene has no median (outside the vocabulary)."""
+CELL_DUPLICATE_TOKEN = 16
+"""A token occurs twice in the cell."""
+CELL_EMPTY = 32
+"""The cell has no gene token."""
+CELL_TOO_LONG = 64
+"""More tokens than the layout allows."""
+CELL_SPECIAL_MISPLACED = 128
+"""A special token where the layout has none, or a missing ``<cls>``/``<eos>`` (gc104m)."""
+
+# Kinds of token ids in the ``token_kind`` table of :func:`_cell_problems_csr`.
+TOKEN_UNKNOWN = 0
+TOKEN_GENE = 1
+TOKEN_GENE_WITHOUT_MEDIAN = 2
+TOKEN_SPECIAL = 3
+
+
+@njit(cache=True, nogil=True)
+def _cell_problems_csr(tokens, offsets, lengths, token_kind, cls_token, eos_token, wrap, max_length,  # type: ignore[no-untyped-def]
+                       seen, first_stamp):
+    """The problems of each row of a corpus's ``input_ids`` list column, as ``CELL_*`` bits (uint16).
+
+    ``tokens`` (any integer dtype) and ``offsets`` (row ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``)
+    are the list column's flat values and offsets; ``lengths`` is the ``length`` column. ``token_kind``
+    (int8, one ``TOKEN_*`` per token id) describes the dictionary; ids outside it are out of range.
+    With ``wrap`` (gc104m) the first token must be ``cls_token``, the last ``eos_token``, and no other
+    special token may occur. Duplicates are found through ``seen`` (int64, one slot per token id; ids
+    beyond it are out of range), which keeps the stamp ``first_stamp + i`` of the last row that held each
+    id, so it is never cleared between rows or calls as long as the stamps keep increasing.
+    """
+    n = lengths.shape[0]
+    flags = np.zeros(n, dtype=np.uint16)
+    n_kinds = token_kind.shape[0]
+    for i in range(n):
+        start = offsets[i]
+        stop = offsets[i + 1]
+        m = stop - start
+        f = 0
+        if lengths[i] != m:
+            f |= CELL_LENGTH_MISMATCH
+        if m > max_length:
+            f |= CELL_TOO_LONG
+        stamp = first_stamp + i
+        n_genes = 0
+        for k in range(start, stop):
+            t = tokens[k]
+            if t < 0 or t >= seen.shape[0]:
+                f |= CELL_TOKEN_OUT_OF_RANGE
+                n_genes += 1
+                continue
+            if seen[t] == stamp:
+                f |= CELL_DUPLICATE_TOKEN
+            seen[t] = stamp
+            if t >= n_kinds:
+                f |= CELL_TOKEN_OUT_OF_RANGE
+                n_genes += 1
+                continue
+            kind = token_kind[t]
+            if kind == TOKEN_SPECIAL:
+                at_cls = k == start and t == cls_token
+                at_eos = k == stop - 1 and t == eos_token
+                if not (wrap and (at_cls or at_eos)):
+                    f |= CELL_SPECIAL_MISPLACED
+                continue
+            n_genes += 1
+            if kind == TOKEN_UNKNOWN:
+                f |= CELL_TOKEN_NOT_IN_DICTIONARY
+            elif kind == TOKEN_GENE_WITHOUT_MEDIAN:
+                f |= CELL_GENE_WITHOUT_MEDIAN
+        if wrap and (m < 2 or tokens[start] != cls_token or tokens[stop - 1] != eos_token):
+            f |= CELL_SPECIAL_MISPLACED
+        if n_genes == 0:
+            f |= CELL_EMPTY
+        flags[i] = f
+    return flags

@@ -13,7 +13,6 @@ median selection, encoding. ``tokenize`` (given medians, no QC) reads it once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -40,6 +39,7 @@ from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic, RankOrder, apply_layo
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
 from genecorpus.executors import Executor, LocalExecutor
 from genecorpus.io import DEFAULT_BLOCK_SIZE, open_dataset
+from genecorpus.manifest import file_digests, sha256_of_path
 from genecorpus.report import write_report
 from genecorpus.qc import (
     DROP_REASONS,
@@ -429,32 +429,13 @@ class BuildResult:
     manifest: dict[str, Any] = field(repr=False)
 
 
-def _sha256(path: Path, stop: threading.Event | None = None) -> tuple[str, int]:
-    """sha256 (hex) and size in bytes of a file, or of a folder's files by relative path."""
-    if path.is_dir():
-        h = hashlib.sha256()
-        size = 0
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            digest, n = _sha256(p, stop)
-            h.update(f"{p.relative_to(path)}\0{digest}\n".encode())
-            size += n
-        return h.hexdigest(), size
-    h = hashlib.sha256()
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as fh:
-        while (n := fh.readinto(buf)) and not (stop is not None and stop.is_set()):
-            h.update(view[:n])  # releases the GIL: the stages run meanwhile
-    return h.hexdigest(), path.stat().st_size
-
-
 class _InputDigests:
     """sha256 of the input files, computed in one background thread while the stages run."""
 
     def __init__(self, paths: Sequence[Path]) -> None:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="genecorpus-sha256")
-        self._futures = {p: self._pool.submit(_sha256, p, self._stop) for p in dict.fromkeys(paths)}
+        self._futures = {p: self._pool.submit(sha256_of_path, p, stop=self._stop) for p in dict.fromkeys(paths)}
 
     def get(self, path: Path) -> tuple[str, int]:
         """Digest and size of one of the paths (waits for it)."""
@@ -701,7 +682,7 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
     else:
         assert given_medians is not None
         gene_median = np.array([given_medians.get(g, np.nan) for g in universe.tolist()], dtype=np.float64)
-        provenance = {"source": str(config.gene_medians), "sha256": _sha256(Path(config.gene_medians))[0]}
+        provenance = {"source": str(config.gene_medians), "sha256": sha256_of_path(Path(config.gene_medians))[0]}
         if mode == "tokenize":
             missing = np.flatnonzero(np.isnan(gene_median))
             if missing.size:
@@ -752,6 +733,7 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
 
     manifest = _manifest(config, mode, plans, tasks, dataset_qc, results, provenance, shard_names,
                          token_dict, vocab_genes, lengths, [c.name for c in metadata], digests)
+    manifest["files"] = file_digests(tmp)
     timings["total"] = round(time.perf_counter() - started, 3)
     manifest["timings"] = dict(timings)
     return manifest

@@ -212,6 +212,48 @@ def report(
     typer.echo(f"report: {index}")
 
 
+@app.command()
+def validate(
+    corpus: Annotated[Path, typer.Argument(help="A corpus folder (or published parquet files).")],
+    all_cells: Annotated[bool, typer.Option("--all-cells", help="Recompute every cell from the inputs, not a sample.")] = False,
+    sample_cells: Annotated[int, typer.Option(help="About how many cells to recompute from the inputs.")] = 1000,
+    check_inputs: Annotated[bool, typer.Option(help="Recompute cells from the inputs listed in the manifest.")] = True,
+    require_inputs: Annotated[bool, typer.Option("--require-inputs", help="Fail when an input is missing or changed (default: skip the recomputation).")] = False,
+    token_dictionary: Annotated[Optional[Path], typer.Option(help="Token dictionary, if not in the folder.")] = None,
+    gene_medians: Annotated[Optional[Path], typer.Option(help="Gene medians (.pkl or .tsv), if not in the folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check a corpus against its manifest, its dictionaries and its inputs.
+
+    One line per check (shards, cell counts, lengths, tokens, layout, unique tokens, non-empty
+    cells, dictionaries, lengths file, inputs, cells recomputed from the inputs), the first
+    offending rows of a failed check, and a summary line. Exit code 0 only if every check holds;
+    missing or changed inputs skip the recomputation unless --require-inputs. Examples:
+
+        genecorpus validate pbmc-corpus
+
+        genecorpus validate pbmc-corpus --all-cells --require-inputs --json
+
+        genecorpus validate genecorpus_500_samples.parquet \\
+            --token-dictionary token_dictionary_gc30M.pkl
+    """
+    import json
+
+    from genecorpus.validate import validate_corpus
+
+    try:
+        with _Progress() as progress:
+            result = validate_corpus(
+                corpus, check_inputs=check_inputs, require_inputs=require_inputs, all_cells=all_cells,
+                sample_cells=sample_cells, token_dictionary=token_dictionary, gene_medians=gene_medians,
+                progress=progress)
+    except GenecorpusError as e:
+        _fail(e)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.to_text())
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point of the ``genecorpus`` console script."""
     try:
