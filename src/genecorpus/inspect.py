@@ -66,7 +66,8 @@ def iter_corpus_batches(files: CorpusFiles, columns: list[str] | None = None) ->
     """Stream the corpus's record batches in row order."""
     for shard in files.shards:
         if files.kind == "arrow":
-            with pa.memory_map(str(shard)) as src, pa.ipc.open_stream(src) as reader:
+            # a file, not a memory map: the resident set stays one batch, not the whole corpus
+            with pa.OSFile(str(shard)) as src, pa.ipc.open_stream(src) as reader:
                 for batch in reader:
                     yield batch.select(columns) if columns else batch
         else:
@@ -93,12 +94,13 @@ def describe_corpus(
     n_tokens_max = 0
     dtype = None
     for batch in iter_corpus_batches(files, ["input_ids", "length"]):
-        lengths_parts.append(batch.column("length").to_numpy())
+        # copies: a view would keep the whole batch (all its columns) alive
+        lengths_parts.append(np.array(batch.column("length").to_numpy(), dtype=np.int64))
         ids = batch.column("input_ids")
         dtype = ids.type.value_type
         if len(first_cells) < n_examples:
             for i in range(min(n_examples - len(first_cells), len(batch))):
-                first_cells.append(np.asarray(ids[i].values))
+                first_cells.append(np.array(ids[i].values))
         if len(ids.values):
             n_tokens_max = max(n_tokens_max, int(pa.compute.max(ids.values).as_py()))
     lengths = np.concatenate(lengths_parts) if lengths_parts else np.empty(0, np.int64)

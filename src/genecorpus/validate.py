@@ -761,7 +761,7 @@ _COLUMNS = ("input_ids", "dataset_id", "cell_id", "length")
 def _open_shard(shard: Path, kind: str) -> Iterator[tuple[pa.Schema, Iterator[pa.RecordBatch]]]:
     """A shard's schema and its record batches, in row order."""
     if kind == "arrow":
-        with pa.memory_map(str(shard)) as source, pa.ipc.open_stream(source) as reader:
+        with pa.OSFile(str(shard)) as source, pa.ipc.open_stream(source) as reader:  # RSS: one batch
             yield reader.schema, iter(reader)
     else:
         parquet = pq.ParquetFile(shard)
