@@ -108,31 +108,166 @@ def _value_histogram_csr(data, indices, indptr, depth, keep, lo, shift, hist):  
 
 
 @njit(cache=True, nogil=True)
-def _value_select_csr(data, indices, indptr, depth, keep, lo, shift, bin_lo, bin_hi):  # type: ignore[no-untyped-def]
-    """(gene int32, key uint64) of the kept rows' values whose bin lies in ``[bin_lo, bin_hi]`` of the gene."""
+def _value_pairs_to_csr(n_genes, genes, keys):  # type: ignore[no-untyped-def]
+    """Collapse (gene, key) pairs into a multiset: per gene, its distinct keys ascending with multiplicities.
+
+    Returns CSR arrays over genes: ``indptr`` (int64, n_genes + 1), ``keys`` (uint64), ``counts`` (int64).
+    Counting sort by gene, then one small in-place sort per gene: no global sort of the pairs.
+    """
+    n = genes.shape[0]
+    indptr = np.zeros(n_genes + 1, dtype=np.int64)
+    for i in range(n):
+        indptr[genes[i] + 1] += 1
+    for g in range(n_genes):
+        indptr[g + 1] += indptr[g]
+    fill = indptr[:-1].copy()
+    grouped = np.empty(n, dtype=np.uint64)
+    for i in range(n):
+        g = genes[i]
+        grouped[fill[g]] = keys[i]
+        fill[g] += 1
+    out_keys = np.empty(n, dtype=np.uint64)
+    out_counts = np.empty(n, dtype=np.int64)
+    pos = 0
+    for g in range(n_genes):
+        a = indptr[g]
+        b = indptr[g + 1]
+        indptr[g] = pos
+        if b - a > 1:
+            grouped[a:b].sort()
+        for i in range(a, b):
+            if pos > indptr[g] and out_keys[pos - 1] == grouped[i]:
+                out_counts[pos - 1] += 1
+            else:
+                out_keys[pos] = grouped[i]
+                out_counts[pos] = 1
+                pos += 1
+    indptr[n_genes] = pos
+    return indptr, out_keys[:pos].copy(), out_counts[:pos].copy()
+
+
+@njit(cache=True, nogil=True)
+def _value_merge_csr(ptr_a, keys_a, counts_a, ptr_b, keys_b, counts_b):  # type: ignore[no-untyped-def]
+    """Union of two multisets in the layout of :func:`_value_pairs_to_csr`, multiplicities added (linear)."""
+    n_genes = ptr_a.shape[0] - 1
+    cap = keys_a.shape[0] + keys_b.shape[0]
+    indptr = np.zeros(n_genes + 1, dtype=np.int64)
+    keys = np.empty(cap, dtype=np.uint64)
+    counts = np.empty(cap, dtype=np.int64)
+    pos = 0
+    for g in range(n_genes):
+        i = ptr_a[g]
+        i_end = ptr_a[g + 1]
+        j = ptr_b[g]
+        j_end = ptr_b[g + 1]
+        while i < i_end and j < j_end:
+            ka = keys_a[i]
+            kb = keys_b[j]
+            if ka < kb:
+                keys[pos] = ka
+                counts[pos] = counts_a[i]
+                i += 1
+            elif kb < ka:
+                keys[pos] = kb
+                counts[pos] = counts_b[j]
+                j += 1
+            else:
+                keys[pos] = ka
+                counts[pos] = counts_a[i] + counts_b[j]
+                i += 1
+                j += 1
+            pos += 1
+        while i < i_end:
+            keys[pos] = keys_a[i]
+            counts[pos] = counts_a[i]
+            i += 1
+            pos += 1
+        while j < j_end:
+            keys[pos] = keys_b[j]
+            counts[pos] = counts_b[j]
+            j += 1
+            pos += 1
+        indptr[g + 1] = pos
+    if pos == cap:
+        return indptr, keys, counts
+    return indptr, keys[:pos].copy(), counts[:pos].copy()
+
+
+@njit(cache=True, nogil=True)
+def _value_median_csr(indptr, keys, counts, n_values, rank_lo, rank_hi):  # type: ignore[no-untyped-def]
+    """Per gene, the values of 0-based ranks ``rank_lo``/``rank_hi`` in its multiset; their median (float64).
+
+    A gene with ``n_values == 0`` gets NaN. For an odd count the middle value is returned; for an even
+    count ``(a + b) / 2`` of the two middle values, as ``numpy.median`` computes it. Returns the medians
+    and -1, or stops at the first gene whose ranks the multiset does not hold and returns its index.
+    """
+    n_genes = indptr.shape[0] - 1
+    out = np.full(n_genes, np.nan)
+    buf = np.empty(1, dtype=np.uint64)
+    as_float = buf.view(np.float64)
+    for g in range(n_genes):
+        if n_values[g] == 0:
+            continue
+        r_lo = rank_lo[g]
+        r_hi = rank_hi[g]
+        i_lo = -1
+        i_hi = -1
+        cum = 0
+        for i in range(indptr[g], indptr[g + 1]):
+            cum += counts[i]
+            if i_lo < 0 and cum > r_lo:
+                i_lo = i
+            if cum > r_hi:
+                i_hi = i
+                break
+        if i_lo < 0 or i_hi < 0:
+            return out, g
+        buf[0] = keys[i_lo]
+        a = as_float[0]
+        if n_values[g] % 2 == 1:
+            out[g] = a
+        else:
+            buf[0] = keys[i_hi]
+            out[g] = (a + as_float[0]) / 2.0
+    return out, -1
+
+
+@njit(cache=True, nogil=True)
+def _value_select_csr(data, indices, indptr, depth, keep, key_lo, key_width):  # type: ignore[no-untyped-def]
+    """(gene int32, key uint64) of the kept rows' values with ``key - key_lo[gene] <= key_width[gene]``.
+
+    The test is on uint64, so it wraps: a key below ``key_lo`` is never selected. Branch-free: every value
+    is written and the output position only advances for the selected ones.
+    """
     buf = np.empty(1, dtype=np.float64)
     bits = buf.view(np.uint64)
-    genes = np.empty(16, dtype=np.int32)
-    keys = np.empty(16, dtype=np.uint64)
+    n_rows = indptr.shape[0] - 1
+    cap = max(1024, (indptr[n_rows] - indptr[0]) // 8)
+    genes = np.empty(cap, dtype=np.int32)
+    keys = np.empty(cap, dtype=np.uint64)
     pos = 0
-    for i in range(indptr.shape[0] - 1):
+    for i in range(n_rows):
         if not keep[i]:
             continue
+        start = indptr[i]
+        end = indptr[i + 1]
+        if pos + (end - start) > cap:
+            while pos + (end - start) > cap:
+                cap *= 2
+            grown_genes = np.empty(cap, dtype=np.int32)
+            grown_genes[:pos] = genes[:pos]
+            genes = grown_genes
+            grown_keys = np.empty(cap, dtype=np.uint64)
+            grown_keys[:pos] = keys[:pos]
+            keys = grown_keys
         d = depth[i]
-        for k in range(indptr[i], indptr[i + 1]):
+        for k in range(start, end):
             g = indices[k]
-            if bin_lo[g] < 0:
-                continue
             buf[0] = data[k] / d * TARGET_SUM
             key = bits[0]
-            b = np.int64((key - lo[g]) >> shift[g])
-            if bin_lo[g] <= b <= bin_hi[g]:
-                if pos == genes.shape[0]:
-                    genes = np.concatenate((genes, np.empty_like(genes)))
-                    keys = np.concatenate((keys, np.empty_like(keys)))
-                genes[pos] = g
-                keys[pos] = key
-                pos += 1
+            genes[pos] = g
+            keys[pos] = key
+            pos += (key - key_lo[g]) <= key_width[g]
     return genes[:pos].copy(), keys[:pos].copy()
 
 

@@ -37,7 +37,7 @@ from genecorpus import _kernels, genes, medians
 from genecorpus.config import BuildConfig, DatasetSpec, QCParams, describe_validation_error
 from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic, RankOrder, apply_layout, rank_value_encode
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
-from genecorpus.executors import Executor, LocalExecutor
+from genecorpus.executors import Executor, LocalExecutor, fold
 from genecorpus.io import DEFAULT_BLOCK_SIZE, open_dataset
 from genecorpus.manifest import file_digests, sha256_of_path
 from genecorpus.report import write_report
@@ -292,14 +292,17 @@ def _histogram_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.Gen
     return hist
 
 
+def _add_into(acc: np.ndarray, part: np.ndarray) -> np.ndarray:
+    acc += part
+    return acc
+
+
 def _select_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.GeneWindow,
                  shift: np.ndarray, targets: medians.MedianTargets) -> medians.ValueMultiset:
-    pairs = [medians.select_in_bins(b.genes, b.depth, keep_mask(b.stats, qc)[0], window, shift, targets)
-             for b in _read_blocks(ctx, ctx.plans[task.dataset], task)]
-    if not pairs:
-        return medians.ValueMultiset.empty()
-    return medians.ValueMultiset.from_pairs(np.concatenate([g for g, _ in pairs]),
-                                            np.concatenate([k for _, k in pairs]))
+    selection = medians.ValueSelection(window, shift, targets)
+    for b in _read_blocks(ctx, ctx.plans[task.dataset], task):
+        selection.add(b.genes, b.depth, keep_mask(b.stats, qc)[0])
+    return selection.result()
 
 
 @dataclass(frozen=True)
@@ -662,17 +665,18 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
             window.merge(s.window)
         shift = window.shifts()
         med_tasks = [t for t in tasks if plans[t.dataset].spec.use_for_medians]
-        hist = np.zeros((len(universe), medians.N_BINS), dtype=np.int64)
+        # partial results are folded in task order as they arrive: memory does not grow with the tasks
         with timings.stage("medians_histogram"):
-            for h in executor.map("medians (histogram)", _histogram_task,
-                                  [(ctx, t, dataset_qc[t.dataset], window, shift) for t in med_tasks]):
-                hist += h
+            hist = fold(executor, "medians (histogram)", _histogram_task,
+                        [(ctx, t, dataset_qc[t.dataset], window, shift) for t in med_tasks],
+                        _add_into, np.zeros((len(universe), medians.N_BINS), dtype=np.int64))
         targets = medians.MedianTargets.from_histogram(hist)
         with timings.stage("medians_selection"):
-            values = medians.ValueMultiset.union(executor.map(
-                "medians (selection)", _select_task,
-                [(ctx, t, dataset_qc[t.dataset], window, shift, targets) for t in med_tasks]))
-        gene_median = medians.select_medians(targets, values)
+            values = fold(executor, "medians (selection)", _select_task,
+                          [(ctx, t, dataset_qc[t.dataset], window, shift, targets) for t in med_tasks],
+                          medians.ValueMultiset.merge, medians.ValueMultiset.empty(len(universe)))
+            gene_median = medians.select_medians(targets, values)
+            del values
         provenance: dict[str, Any] = {
             "source": "computed",
             "method": "exact nonzero median of count / n_counts * 10000 (float64), radix selection",

@@ -6,18 +6,22 @@ merged in a fixed order and the output does not depend on the number of workers.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import multiprocessing
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from typing import TYPE_CHECKING, Any, Protocol
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from concurrent.futures import Future
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Executor", "LocalExecutor", "ProgressCallback"]
+__all__ = ["Executor", "LocalExecutor", "ProgressCallback", "fold"]
+
+A = TypeVar("A")
 
 
 class ProgressCallback(Protocol):
@@ -96,8 +100,63 @@ class LocalExecutor:
                 self.progress(stage, done_count, total)
         return [f.result() for f in futures]
 
+    def fold(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
+             combine: Callable[[A, Any], A], initial: A) -> A:
+        """``combine(acc, result)`` over the results in task order, each dropped once combined.
+
+        At most ``2 * workers`` tasks are submitted and not yet combined, so memory holds the
+        accumulator and a few results, whatever the number of tasks.
+        """
+        total = len(tasks)
+        if self.progress:
+            self.progress(stage, 0, total)
+        acc = initial
+        if self.workers == 1 or total <= 1:
+            for i, args in enumerate(tasks):
+                acc = combine(acc, fn(*args))
+                if self.progress:
+                    self.progress(stage, i + 1, total)
+            return acc
+        pool = self._get_pool()
+        window = 2 * self.workers
+        futures: dict[int, Future[Any]] = {}
+        running: set[Future[Any]] = set()
+        submitted = combined = done_count = 0
+        while combined < total:
+            while submitted < total and submitted - combined < window:
+                fut = pool.submit(fn, *tasks[submitted])
+                futures[submitted] = fut
+                running.add(fut)
+                submitted += 1
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                if fut.exception() is not None:
+                    for other in running:
+                        other.cancel()
+                    raise fut.exception()  # type: ignore[misc]
+            done_count += len(done)
+            if self.progress and done:
+                self.progress(stage, done_count, total)
+            while combined in futures and futures[combined].done():
+                acc = combine(acc, futures.pop(combined).result())
+                combined += 1
+        return acc
+
     def close(self) -> None:
         """Shut the worker pool down."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def fold(executor: Executor, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
+         combine: Callable[[A, Any], A], initial: A) -> A:
+    """``combine(acc, result)`` over the task results in task order.
+
+    Uses the executor's own ``fold`` when it has one (results are dropped as they are combined), else
+    reduces the list that :meth:`Executor.map` returns.
+    """
+    own = getattr(executor, "fold", None)
+    if own is not None:
+        return own(stage, fn, tasks, combine, initial)  # type: ignore[no-any-return]
+    return functools.reduce(combine, executor.map(stage, fn, tasks), initial)
