@@ -724,7 +724,7 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
     # everything that determines the bytes; the block size does not
     fingerprint = json.dumps([config.model_dump(mode="json", exclude={"block_size"}), mode], sort_keys=True)
     shard_names = publish_shards(tmp, [(r.part, r.n_rows) for r in results], schema, fingerprint)
-    parts_dir.rmdir()
+    shutil.rmtree(parts_dir)  # also a lost attempt's leftover part, if any
 
     token_dict_out = TokenDictionary(
         np.array(list(token_dict.gene_ids), dtype=object), token_dict.gene_tokens, token_dict.special)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from genecorpus.build import BuildResult
+    from genecorpus.config import ClusterSpec
     from genecorpus.executors import Executor
 
 app = typer.Typer(
@@ -88,19 +89,21 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(1)
 
 
-def _run_with_progress(run: Callable[[Executor], BuildResult], workers: int) -> None:
-    """Run a corpus job on local workers with progress bars; print its summary or the error line."""
-    from genecorpus.executors import LocalExecutor
+def _run_with_progress(run: Callable[[Executor], BuildResult], *, workers: int | None, engine: str | None,
+                       scheduler: str | None, cluster: ClusterSpec | None = None) -> None:
+    """Run a corpus job on the chosen executor with progress bars; print its summary or the error line."""
+    from genecorpus.executors import make_executor
     from genecorpus.inspect import describe_corpus
 
     try:
         with _Progress() as progress:
-            executor = LocalExecutor(workers, progress=progress)
+            executor = make_executor(workers=workers, engine=engine, scheduler=scheduler, cluster=cluster,
+                                     progress=progress)
             try:
                 result = run(executor)
             finally:
                 executor.close()
-        typer.echo(describe_corpus(result.path, n_examples=1))
+        typer.echo(describe_corpus(result.path, n_examples=1, scan=False))
     except GenecorpusError as e:
         _fail(e)
 
@@ -109,7 +112,11 @@ def _run_with_progress(run: Callable[[Executor], BuildResult], workers: int) -> 
 def build(
     manifest: Annotated[Path, typer.Argument(help="TOML manifest listing the datasets.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to create.")],
-    workers: Annotated[int, typer.Option(help="Local worker processes (same output for any number).")] = 1,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Worker processes, local or Dask (same output for any number; default 1).")] = None,
+    engine: Annotated[Optional[str], typer.Option(
+        help="local (worker processes) or dask (LocalCluster, or the manifest's [cluster]).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of a running Dask scheduler.")] = None,
     block_size: Annotated[Optional[int], typer.Option(help="Cells read at a time (overrides the manifest).")] = None,
     layout: Annotated[Optional[str], typer.Option(help="gc30m or gc104m (overrides the manifest).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
@@ -122,13 +129,18 @@ def build(
         genecorpus build examples/pbmc.toml --out pbmc-corpus --workers 2
     """
     from genecorpus.build import build_corpus
-    from genecorpus.config import load_manifest
+    from genecorpus.config import load_cluster_spec, load_manifest
 
     def run(executor: Executor) -> BuildResult:
         config = load_manifest(manifest, block_size=block_size, layout=layout)
-        return build_corpus(config, out, workers=workers, overwrite=overwrite, executor=executor, report=report)
+        return build_corpus(config, out, workers=workers or 1, overwrite=overwrite, executor=executor,
+                            report=report)
 
-    _run_with_progress(run, workers)
+    try:
+        cluster = load_cluster_spec(manifest)
+    except GenecorpusError as e:
+        _fail(e)
+    _run_with_progress(run, workers=workers, engine=engine, scheduler=scheduler, cluster=cluster)
 
 
 @app.command()
@@ -141,7 +153,10 @@ def tokenize(
     layout: Annotated[Optional[str], typer.Option(help="gc30m or gc104m; default from the dictionary.")] = None,
     obs_columns: Annotated[str, typer.Option(help="Comma-separated obs columns to keep.")] = "",
     gene_id: Annotated[str, typer.Option(help="Kind of gene identifiers: auto, ensembl or symbol.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes, local or Dask (default 1).")] = None,
+    engine: Annotated[Optional[str], typer.Option(
+        help="local (worker processes) or dask (a LocalCluster of --workers processes).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of a running Dask scheduler.")] = None,
     block_size: Annotated[int, typer.Option(help="Cells read at a time (memory, not output).")] = 2_000,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
@@ -164,11 +179,11 @@ def tokenize(
     def run(executor: Executor) -> BuildResult:
         return tokenize_datasets(
             inputs, out, token_dictionary=token_dictionary, gene_medians=gene_medians,
-            gene_mapping=gene_mapping, layout=layout, gene_id=gene_id, workers=workers,
+            gene_mapping=gene_mapping, layout=layout, gene_id=gene_id, workers=workers or 1,
             obs_columns=[c.strip() for c in obs_columns.split(",") if c.strip()],
             block_size=block_size, overwrite=overwrite, executor=executor, report=report)
 
-    _run_with_progress(run, workers)
+    _run_with_progress(run, workers=workers, engine=engine, scheduler=scheduler)
 
 
 @app.command()

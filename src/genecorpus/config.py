@@ -22,14 +22,17 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genecorpus.errors import ConfigError
 from genecorpus.io.block import DEFAULT_BLOCK_SIZE
 
-__all__ = ["BuildConfig", "DatasetSpec", "QCParams", "describe_validation_error", "load_manifest"]
+__all__ = [
+    "BuildConfig", "ClusterSpec", "DatasetSpec", "QCParams", "describe_validation_error", "load_cluster_spec",
+    "load_manifest",
+]
 
 
 class _Frozen(BaseModel):
@@ -121,6 +124,59 @@ class BuildConfig(_Frozen):
         return value
 
 
+class ClusterSpec(_Frozen):
+    """Where the tasks run: the ``[cluster]`` section of a manifest. Never changes the output."""
+
+    engine: Literal["local", "dask"] = "local"
+    """``local`` worker processes, or Dask ``distributed``."""
+    kind: Literal["local", "slurm", "scheduler"] = "local"
+    """For ``dask``: start a ``LocalCluster``, a ``dask_jobqueue.SLURMCluster``, or connect to ``address``."""
+    address: str | None = None
+    """Scheduler address (``tcp://host:8786``) when ``kind = "scheduler"``."""
+    workers: int = Field(default=1, ge=1)
+    """Worker processes (local, LocalCluster) or SLURM jobs (one worker process each)."""
+    threads_per_worker: int = Field(default=1, ge=1)
+    """Threads per Dask worker; 1 keeps HDF5 reads parallel across processes."""
+    memory_per_worker: str = "4GiB"
+    """Memory limit of each worker (LocalCluster ``memory_limit``, SLURM ``memory``)."""
+    queue: str | None = None
+    """SLURM partition."""
+    account: str | None = None
+    """SLURM account."""
+    walltime: str = "04:00:00"
+    """SLURM job time limit."""
+    job_extra_directives: tuple[str, ...] = ()
+    """Extra ``#SBATCH`` lines, e.g. ``["--constraint=cpu"]``."""
+    job_script_prologue: tuple[str, ...] = ()
+    """Shell lines run before the worker starts, e.g. ``["source ~/venvs/genecorpus/bin/activate"]``."""
+    local_directory: str | None = None
+    """Node-local scratch for Dask spill files."""
+
+    @model_validator(mode="after")
+    def _address_for_scheduler(self) -> ClusterSpec:
+        if self.kind == "scheduler" and not self.address:
+            msg = 'kind = "scheduler" needs an address, e.g. address = "tcp://host:8786"'
+            raise ValueError(msg)
+        return self
+
+
+def load_cluster_spec(path: str | os.PathLike[str]) -> ClusterSpec | None:
+    """The ``[cluster]`` section of a TOML manifest, or None when it has none."""
+    path = Path(path)
+    raw = _read_toml(path)
+    section = raw.get("cluster")
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        msg = f"{path}: [cluster] must be a table; see docs/slurm.md"
+        raise ConfigError(msg)
+    try:
+        return ClusterSpec.model_validate(section)
+    except ValidationError as e:
+        msg = f"{path}: cluster.{describe_validation_error(e)}; fix the manifest"
+        raise ConfigError(msg) from None
+
+
 def describe_validation_error(e: ValidationError) -> str:
     """The first problem of a pydantic validation error as ``field: message``."""
     err = e.errors()[0]
@@ -132,17 +188,8 @@ def describe_validation_error(e: ValidationError) -> str:
 def load_manifest(path: str | os.PathLike[str], **overrides: object) -> BuildConfig:
     """Read a TOML build manifest; dataset paths are resolved against the manifest's folder."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        msg = f"{path}: manifest not found; check the path"
-        raise ConfigError(msg) from None
-    except (OSError, UnicodeDecodeError) as e:
-        msg = f"{path}: cannot read the manifest ({e}); give a UTF-8 TOML file"
-        raise ConfigError(msg) from None
-    except tomllib.TOMLDecodeError as e:
-        msg = f"{path}: not valid TOML ({e}); fix the manifest"
-        raise ConfigError(msg) from None
+    raw = _read_toml(path)
+    raw.pop("cluster", None)  # where tasks run is not part of the corpus (see load_cluster_spec)
     datasets = raw.get("datasets")
     if not isinstance(datasets, list) or not datasets:
         msg = f"{path}: no [[datasets]] entries; list at least one dataset with a path"
@@ -159,4 +206,18 @@ def load_manifest(path: str | os.PathLike[str], **overrides: object) -> BuildCon
         return BuildConfig.model_validate(raw)
     except ValidationError as e:
         msg = f"{path}: {describe_validation_error(e)}; fix the manifest"
+        raise ConfigError(msg) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        msg = f"{path}: manifest not found; check the path"
+        raise ConfigError(msg) from None
+    except (OSError, UnicodeDecodeError) as e:
+        msg = f"{path}: cannot read the manifest ({e}); give a UTF-8 TOML file"
+        raise ConfigError(msg) from None
+    except tomllib.TOMLDecodeError as e:
+        msg = f"{path}: not valid TOML ({e}); fix the manifest"
         raise ConfigError(msg) from None

@@ -6,12 +6,18 @@ merged in a fixed order and the output does not depend on the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import multiprocessing
+import os
+import uuid
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from genecorpus.config import ClusterSpec
+from genecorpus.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -19,7 +25,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Executor", "LocalExecutor", "ProgressCallback", "fold"]
+__all__ = ["DaskExecutor", "Executor", "LocalExecutor", "ProgressCallback", "fold", "make_executor"]
 
 A = TypeVar("A")
 
@@ -147,6 +153,153 @@ class LocalExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+class DaskExecutor:
+    """Runs tasks on Dask ``distributed``: a ``LocalCluster``, a SLURM cluster, or a running scheduler.
+
+    Tasks are module-level functions whose arguments name files, not arrays; an argument object shared
+    by several tasks (the build context) is sent to the cluster once. Results come back in task order.
+    A lost worker's tasks are rerun by the scheduler (``distributed.scheduler.allowed-failures``); an
+    error raised by a task is not retried, since reading the same bytes again gives the same error.
+    """
+
+    def __init__(self, client: Any, *, cluster: Any = None, progress: ProgressCallback | None = None,
+                 n_workers: int = 1) -> None:
+        self.client = client
+        self.cluster = cluster
+        self.progress = progress
+        self.workers = max(1, n_workers)
+
+    @classmethod
+    def create(cls, spec: ClusterSpec, *, progress: ProgressCallback | None = None) -> DaskExecutor:
+        """Start (or connect to) the cluster that ``spec`` describes."""
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            msg = "the dask engine needs the dask extra: pip install 'genecorpus[dask]'"
+            raise ConfigError(msg) from None
+        if spec.kind == "scheduler":
+            try:
+                client = Client(spec.address, timeout="30s")
+            except (OSError, TimeoutError) as e:
+                msg = f"cannot reach the Dask scheduler at {spec.address} ({e}); check the address"
+                raise ConfigError(msg) from None
+            n = max(1, len(client.scheduler_info().get("workers", {})))
+            return cls(client, progress=progress, n_workers=n)
+        if spec.kind == "slurm":
+            try:
+                from dask_jobqueue import SLURMCluster
+            except ImportError:
+                msg = "kind = \"slurm\" needs dask-jobqueue: pip install 'genecorpus[dask]'"
+                raise ConfigError(msg) from None
+            cluster = SLURMCluster(
+                cores=spec.threads_per_worker, processes=1, memory=spec.memory_per_worker, queue=spec.queue,
+                account=spec.account, walltime=spec.walltime, local_directory=spec.local_directory,
+                job_extra_directives=list(spec.job_extra_directives),
+                job_script_prologue=list(spec.job_script_prologue))
+            cluster.scale(jobs=spec.workers)
+        else:
+            cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=spec.threads_per_worker,
+                                   processes=True, memory_limit=spec.memory_per_worker,
+                                   local_directory=spec.local_directory, dashboard_address=None)
+        client = Client(cluster)
+        return cls(client, cluster=cluster, progress=progress, n_workers=spec.workers)
+
+    def start(self, modules: Sequence[str]) -> None:
+        """Let the workers that are up import ``modules`` (SLURM workers may still be queued)."""
+        with contextlib.suppress(Exception):  # a warm-up only: the first task imports them anyway
+            self.client.run(_import_modules, list(modules), wait=False)
+
+    def _submit(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
+                indices: range) -> list[Any]:
+        shared = self._scatter_shared(tasks)
+        token = uuid.uuid4().hex[:8]
+        return [self.client.submit(fn, *(shared.get(id(a), a) for a in tasks[i]), key=f"{stage}-{i}-{token}",
+                                   pure=False) for i in indices]
+
+    def _scatter_shared(self, tasks: Sequence[tuple[Any, ...]]) -> dict[int, Any]:
+        """Objects passed to more than one task, sent to the cluster once (id → future)."""
+        seen: dict[int, tuple[int, Any]] = {}
+        for args in tasks:
+            for a in args:
+                if not isinstance(a, (str, int, float, bool, bytes, type(None), os.PathLike)):
+                    n, _ = seen.get(id(a), (0, a))
+                    seen[id(a)] = (n + 1, a)
+        shared = {k: a for k, (n, a) in seen.items() if n > 1}
+        if not shared:
+            return {}
+        futures = self.client.scatter(list(shared.values()), broadcast=True, hash=False)
+        return dict(zip(shared.keys(), futures, strict=True))
+
+    def map(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Run every task on the cluster; results come back in task order."""
+        return self.fold(stage, fn, tasks, _append, [])
+
+    def fold(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
+             combine: Callable[[A, Any], A], initial: A) -> A:
+        """``combine(acc, result)`` over the results in task order; a result is released once combined."""
+        from distributed import as_completed
+
+        total = len(tasks)
+        if self.progress:
+            self.progress(stage, 0, total)
+        futures = self._submit(stage, fn, tasks, range(total))
+        position = {f.key: i for i, f in enumerate(futures)}
+        done_flags = [False] * total
+        acc = initial
+        combined = 0
+        try:
+            for n, fut in enumerate(as_completed(futures), start=1):
+                if fut.status == "error":
+                    fut.result()  # raises the task's own exception
+                done_flags[position[fut.key]] = True
+                if self.progress:
+                    self.progress(stage, n, total)
+                while combined < total and done_flags[combined]:
+                    acc = combine(acc, futures[combined].result())
+                    futures[combined].release()
+                    combined += 1
+        except BaseException:
+            self.client.cancel(futures)
+            raise
+        return acc
+
+    def close(self) -> None:
+        """Close the client, and the cluster if this executor started it."""
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _append(acc: list[Any], item: Any) -> list[Any]:
+    acc.append(item)
+    return acc
+
+
+def make_executor(*, workers: int | None = None, engine: str | None = None, scheduler: str | None = None,
+                  cluster: ClusterSpec | None = None, progress: ProgressCallback | None = None) -> Executor:
+    """The executor for the command line's ``--engine``/``--scheduler``/``--workers`` and ``[cluster]``.
+
+    ``--scheduler`` connects to a running Dask scheduler. ``--engine dask`` uses the manifest's
+    ``[cluster]`` if it describes a Dask cluster, else a ``LocalCluster`` of ``workers`` single-threaded
+    processes; ``--engine local`` uses local processes. Without ``--engine`` the ``[cluster]`` section
+    decides, and local processes are the default. ``workers`` overrides the section's count.
+    """
+    if engine not in (None, "local", "dask"):
+        msg = f"unknown engine {engine!r}; use --engine local or --engine dask"
+        raise ConfigError(msg)
+    if scheduler:
+        return DaskExecutor.create(ClusterSpec(engine="dask", kind="scheduler", address=scheduler),
+                                   progress=progress)
+    spec = cluster or ClusterSpec()
+    if workers is not None:
+        spec = spec.model_copy(update={"workers": workers})
+    if engine is not None:
+        spec = spec.model_copy(update={"engine": engine})
+    if spec.engine == "dask":
+        return DaskExecutor.create(spec, progress=progress)
+    return LocalExecutor(spec.workers, progress=progress)
 
 
 def fold(executor: Executor, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],

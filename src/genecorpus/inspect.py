@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genecorpus.errors import InputError
-from genecorpus.vocab import TokenDictionary
+from genecorpus.vocab import TokenDictionary, load_lengths_file
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -86,14 +86,27 @@ def describe_corpus(
     *,
     token_dictionary: str | os.PathLike[str] | None = None,
     n_examples: int = 1,
+    scan: bool = True,
 ) -> str:
-    """A human-readable summary: totals, lengths, per-dataset table and decoded example cells."""
+    """A human-readable summary: totals, lengths, per-dataset table and decoded example cells.
+
+    ``scan=False`` (the summary printed after a build) takes the lengths from the corpus's lengths
+    file instead of reading every shard, and reads only the first cells.
+    """
     files = CorpusFiles.locate(path, token_dictionary)
     lengths_parts = []
     first_cells: list[np.ndarray] = []
     n_tokens_max = 0
     dtype = None
+    lengths_file = files.root / "lengths.pkl"
+    if not scan and files.manifest is not None and lengths_file.is_file():
+        lengths_parts.append(np.asarray(load_lengths_file(lengths_file), dtype=np.int64))
     for batch in iter_corpus_batches(files, ["input_ids", "length"]):
+        if lengths_parts and not scan:
+            ids = batch.column("input_ids")
+            dtype = ids.type.value_type
+            first_cells.extend(np.array(ids[i].values) for i in range(min(n_examples, len(batch))))
+            break
         # copies: a view would keep the whole batch (all its columns) alive
         lengths_parts.append(np.array(batch.column("length").to_numpy(), dtype=np.int64))
         ids = batch.column("input_ids")
@@ -105,7 +118,8 @@ def describe_corpus(
             n_tokens_max = max(n_tokens_max, int(pa.compute.max(ids.values).as_py()))
     lengths = np.concatenate(lengths_parts) if lengths_parts else np.empty(0, np.int64)
     lines = [f"corpus: {files.root} ({files.kind}, {len(files.shards)} shard(s), input_ids {dtype})",
-             f"cells: {len(lengths):,}   tokens: {int(lengths.sum()):,}   largest token id: {n_tokens_max}"]
+             f"cells: {len(lengths):,}   tokens: {int(lengths.sum()):,}"
+             + (f"   largest token id: {n_tokens_max}" if n_tokens_max else "")]
     if len(lengths):
         q = np.percentile(lengths, [0, 50, 100])
         lines.append(f"length: min {q[0]:.0f}  median {q[1]:.0f}  max {q[2]:.0f}  mean {lengths.mean():.1f}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,8 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike[str], schema: pa.Schema) -> None:
         self.path = Path(path)
         self.schema = schema
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        # unique: a task rerun after its worker was lost must not share a file with the lost attempt
+        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         self._sink = pa.OSFile(str(self._tmp), "wb")
         self._writer = pa.ipc.new_stream(self._sink, schema)
         self._pending: list[pa.RecordBatch] = []

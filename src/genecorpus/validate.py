@@ -39,10 +39,8 @@ manifest, with a token dictionary given) get the checks that need no manifest.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,7 +58,9 @@ from genecorpus.errors import DictionaryError, GenecorpusError
 from genecorpus.inspect import CorpusFiles
 from genecorpus.io import DEFAULT_BLOCK_SIZE, open_dataset
 from genecorpus.manifest import sha256_of_path
-from genecorpus.vocab import LAYOUTS, Layout, TokenDictionary, load_gene_medians, load_pickled_dict
+from genecorpus.vocab import (
+    LAYOUTS, Layout, TokenDictionary, load_gene_medians, load_lengths_file, load_pickled_dict,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -781,25 +781,6 @@ def _schema_problem(schema: pa.Schema) -> str | None:
     return None
 
 
-def _read_lengths_file(path: Path) -> np.ndarray:
-    """``lengths.pkl`` (a pickled list of ints) as int64, without running pickled code."""
-
-    class _PlainUnpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:  # noqa: ANN401
-            msg = f"refuses to load {module}.{name}"
-            raise pickle.UnpicklingError(msg)
-
-    try:
-        values = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
-        if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
-            msg = "not a pickled list of integers"
-            raise TypeError(msg)
-        return np.array(values, dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError, OverflowError) as e:
-        msg = f"{path.name}: cannot be read ({_one_line(e)}); it must be a pickled list of lengths"
-        raise DictionaryError(msg) from None
-
-
 _CELL_CHECKS = {
     "lengths": _kernels.CELL_LENGTH_MISMATCH,
     "tokens": _kernels.CELL_TOKEN_OUT_OF_RANGE | _kernels.CELL_TOKEN_NOT_IN_DICTIONARY
@@ -1174,7 +1155,7 @@ def _load_lengths_file(files: CorpusFiles, tally: _Tally) -> np.ndarray | None:
             tally.fail(Problem("lengths.pkl is missing"))
         return None
     try:
-        return _read_lengths_file(path)
+        return load_lengths_file(path)
     except DictionaryError as e:
         tally.fail(Problem(str(e)))
         return None

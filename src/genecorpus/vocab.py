@@ -28,6 +28,7 @@ __all__ = [
     "Layout",
     "TokenDictionary",
     "load_gene_medians",
+    "load_lengths_file",
     "load_pickled_dict",
     "write_gene_medians",
 ]
@@ -69,6 +70,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         msg = f"refuses to load {module}.{name}"
         raise pickle.UnpicklingError(msg)
+
+
+def load_lengths_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """A corpus's ``lengths.pkl`` (a pickled list of ints) as int64, without running pickled code."""
+    path = Path(path)
+    try:
+        values = _RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
+        if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
+            msg = "not a pickled list of integers"
+            raise TypeError(msg)
+        return np.array(values, dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError, OverflowError) as e:
+        reason = " ".join(str(e).split())
+        msg = f"{path.name}: cannot be read ({reason}); it must be a pickled list of lengths"
+        raise DictionaryError(msg) from None
 
 
 def load_pickled_dict(path: str | os.PathLike[str]) -> dict[str, Any]:

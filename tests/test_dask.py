@@ -1,0 +1,138 @@
+"""The Dask engine: a real LocalCluster (2 workers × 1 thread) gives the bytes of a local build."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+
+from genecorpus import genes  # noqa: E402
+from genecorpus.build import build_corpus  # noqa: E402
+from genecorpus.cli import app  # noqa: E402
+from genecorpus.config import BuildConfig, ClusterSpec, DatasetSpec  # noqa: E402
+from genecorpus.errors import ConfigError, InputError  # noqa: E402
+from genecorpus.executors import DaskExecutor, LocalExecutor, make_executor  # noqa: E402
+from genecorpus.testing import random_counts, write_h5ad, write_loom  # noqa: E402
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> DaskExecutor:
+    executor = DaskExecutor.create(ClusterSpec(engine="dask", kind="local", workers=2, memory_per_worker="2GiB"))
+    yield executor
+    executor.close()
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("dask-in")
+    ids = np.concatenate([genes.candidate_genes()[::40][:400], genes.mito_genes()[:13]]).astype(object)
+    a = random_counts(230, len(ids), density=0.15, seed=1)
+    b = random_counts(170, len(ids), density=0.2, seed=2)
+    pa = write_h5ad(folder / "a.h5ad", a, cell_ids=np.array([f"a{i}" for i in range(230)], dtype=object),
+                    gene_ids=ids)
+    pb = write_loom(folder / "b.loom", b, cell_ids=np.array([f"b{i}" for i in range(170)], dtype=object),
+                    gene_ids=ids)
+    return Path(pa), Path(pb)
+
+
+def _config(paths: tuple[Path, ...]) -> BuildConfig:
+    return BuildConfig(datasets=tuple(DatasetSpec(path=str(p), gene_id="ensembl") for p in paths),
+                       block_size=64, shard_cells=100)
+
+
+def test_dask_local_cluster_gives_the_bytes_of_local_workers(
+        datasets: tuple[Path, Path], cluster: DaskExecutor, tmp_path: Path) -> None:
+    local1, local2, dask = tmp_path / "w1", tmp_path / "w2", tmp_path / "dask"
+    build_corpus(_config(datasets), local1, workers=1, report=False)
+    build_corpus(_config(datasets), local2, workers=2, report=False)
+    build_corpus(_config(datasets), dask, executor=cluster, report=False)
+    assert len(cluster.client.scheduler_info()["workers"]) == 2
+    want = _digests(local1)
+    assert sum(name.endswith(".arrow") for name in want) == 5
+    assert _digests(local2) == want
+    assert _digests(dask) == want
+    m1, md = (json.loads((p / "manifest.json").read_text()) for p in (local1, dask))
+    assert m1["corpus"] == md["corpus"] and m1["datasets"] == md["datasets"]
+
+
+def test_task_errors_reach_the_driver_with_file_and_cells(
+        datasets: tuple[Path, Path], cluster: DaskExecutor, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.h5ad"
+    ids = genes.candidate_genes()[::40][:400].astype(object)
+    counts = random_counts(50, len(ids), density=0.2, seed=3).astype(np.float32)
+    counts.data[7] = 2.5  # not a count
+    write_h5ad(bad, counts, cell_ids=np.array([f"c{i}" for i in range(50)], dtype=object), gene_ids=ids)
+    out = tmp_path / "corpus"
+    with pytest.raises(InputError, match=r"bad\.h5ad.*2\.5"):
+        build_corpus(_config((datasets[0], bad)), out, executor=cluster, report=False)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".corpus.incomplete-*"))
+
+
+def test_fold_combines_in_task_order(cluster: DaskExecutor) -> None:
+    tasks = [(i,) for i in range(25)]
+    assert cluster.fold("t", _slow_identity, tasks, _concat, ()) == tuple(range(25))
+    assert cluster.map("t", _slow_identity, tasks) == list(range(25))
+
+
+def _slow_identity(i: int) -> int:
+    import time
+
+    time.sleep(0.01 * ((i * 7) % 5))  # finish out of order
+    return i
+
+
+def _concat(acc: tuple[int, ...], x: int) -> tuple[int, ...]:
+    return (*acc, x)
+
+
+def test_make_executor_choices() -> None:
+    assert isinstance(make_executor(), LocalExecutor)
+    local = make_executor(workers=3)
+    assert isinstance(local, LocalExecutor) and local.workers == 3
+    spec = ClusterSpec(engine="local", workers=2)
+    assert make_executor(cluster=spec).workers == 2  # type: ignore[attr-defined]
+    assert make_executor(cluster=spec, workers=1).workers == 1  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="unknown engine"):
+        make_executor(engine="spark")
+
+
+def test_connect_to_a_running_scheduler(cluster: DaskExecutor) -> None:
+    executor = make_executor(scheduler=cluster.client.scheduler.address)
+    try:
+        assert isinstance(executor, DaskExecutor) and executor.workers == 2
+        assert executor.map("t", _slow_identity, [(3,), (1,)]) == [3, 1]
+    finally:
+        executor.close()
+    assert cluster.map("t", _slow_identity, [(2,)]) == [2]  # the cluster is not closed by a client
+
+
+def test_cli_engine_dask_and_cluster_section(datasets: tuple[Path, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    manifest = tmp_path / "m.toml"
+    lines = [f'[[datasets]]\npath = "{p}"\ngene_id = "ensembl"\n' for p in datasets]
+    manifest.write_text("block_size = 64\nshard_cells = 100\n" + "".join(lines)
+                        + '[cluster]\nengine = "dask"\nkind = "local"\nworkers = 2\nmemory_per_worker = "2GiB"\n')
+    runner = CliRunner()
+    res = runner.invoke(app, ["build", str(manifest), "--out", str(tmp_path / "c"), "--no-report"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["build", str(manifest), "--out", str(tmp_path / "l"), "--no-report",
+                              "--engine", "local"])
+    assert res.exit_code == 0, res.output
+    assert _digests(tmp_path / "c") == _digests(tmp_path / "l")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("".join(lines) + '[cluster]\nengine = "dask"\nkind = "scheduler"\n')
+    res = runner.invoke(app, ["build", str(bad), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1
+    assert "bad.toml: cluster." in res.output and "needs an address" in res.output
