@@ -211,12 +211,11 @@ class DaskExecutor:
         with contextlib.suppress(Exception):  # a warm-up only: the first task imports them anyway
             self.client.run(_import_modules, list(modules), wait=False)
 
-    def _submit(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
-                indices: range) -> list[Any]:
+    def _submit(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
         shared = self._scatter_shared(tasks)
         token = uuid.uuid4().hex[:8]
         return [self.client.submit(fn, *(shared.get(id(a), a) for a in tasks[i]), key=f"{stage}-{i}-{token}",
-                                   pure=False) for i in indices]
+                                   pure=False) for i in range(len(tasks))]
 
     def _scatter_shared(self, tasks: Sequence[tuple[Any, ...]]) -> dict[int, Any]:
         """Objects passed to more than one task, sent to the cluster once (id → future)."""
@@ -244,7 +243,7 @@ class DaskExecutor:
         total = len(tasks)
         if self.progress:
             self.progress(stage, 0, total)
-        futures = self._submit(stage, fn, tasks, range(total))
+        futures = self._submit(stage, fn, tasks)
         position = {f.key: i for i, f in enumerate(futures)}
         done_flags = [False] * total
         acc = initial
