@@ -13,6 +13,7 @@ median selection, encoding. ``tokenize`` (given medians, no QC) reads it once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -283,6 +284,28 @@ def _stats_task(ctx: Context, task: Task) -> StatsResult:
     return StatsResult(moments, window, sample)
 
 
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task's input error, returned instead of raised so that ``--on-error skip`` can drop its dataset."""
+
+    message: str
+
+
+def _stats_task_or_failure(ctx: Context, task: Task) -> StatsResult | TaskFailure:
+    try:
+        return _stats_task(ctx, task)
+    except GenecorpusError as e:
+        return TaskFailure(str(e))
+
+
+def _require_some(plans: Sequence[DatasetPlan], skipped: Sequence[dict[str, str]]) -> None:
+    if not plans:
+        first = skipped[0] if skipped else {"dataset_id": "?", "error": "no datasets"}
+        msg = (f"every dataset failed ({len(skipped)} skipped); the first, {first['dataset_id']}: "
+               f"{first['error']}")
+        raise InputError(msg)
+
+
 def _histogram_task(ctx: Context, task: Task, qc: DatasetQC, window: medians.GeneWindow,
                     shift: np.ndarray) -> np.ndarray:
     # int32 keeps the table small enough for the CPU cache (a task has far fewer than 2**31 cells)
@@ -503,6 +526,7 @@ def build_corpus(
     executor: Executor | None = None,
     sources: Sequence[Any] = (),
     report: bool = True,
+    on_error: str = "fail",
 ) -> BuildResult:
     """Build a corpus folder from the datasets of ``config`` (SPEC §2.1–§2.8).
 
@@ -525,6 +549,11 @@ def build_corpus(
         In-memory ``AnnData`` objects matching ``config.datasets`` by position (Python API).
     report
         Write ``report/index.html`` with its plots (SPEC §2.8).
+    on_error
+        ``"fail"``: the first dataset that cannot be read stops the build, nothing is published.
+        ``"skip"``: a dataset that fails while it is planned or read for QC statistics is left out (the
+        corpus is then exactly the build without it) and listed under ``skipped`` in the manifest;
+        errors in later passes still stop the build.
 
     Returns
     -------
@@ -544,7 +573,10 @@ def build_corpus(
     executor = executor or LocalExecutor(workers)
     executor.start(["genecorpus.build"])  # workers import while the driver plans
     try:
-        manifest = _run(config, tmp, executor=executor, mode=mode, sources=sources)
+        if on_error not in ("fail", "skip"):
+            msg = f"on_error must be 'fail' or 'skip', not {on_error!r}"
+            raise ConfigError(msg)
+        manifest = _run(config, tmp, executor=executor, mode=mode, sources=sources, skip=on_error == "skip")
         _require_cells(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if report:
@@ -596,7 +628,8 @@ class _Timings(dict[str, float]):
             self[name] = round(time.perf_counter() - start, 3)
 
 
-def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sources: Sequence[Any]) -> dict[str, Any]:
+def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sources: Sequence[Any],
+         skip: bool) -> dict[str, Any]:
     timings = _Timings()
     started = time.perf_counter()
     token_dict, given_medians, mapping = _load_dictionaries(config, mode)
@@ -614,28 +647,38 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
             raise ConfigError(msg) from None
         mito = genes.mito_genes(config.reference)
 
-    plans = []
+    plans: list[DatasetPlan] = []
+    skipped: list[dict[str, str]] = []
     for i, spec in enumerate(config.datasets):
         in_memory = sources[i] if i < len(sources) else None  # None: read spec.path
-        source = open_dataset(in_memory if in_memory is not None else spec.path, format=spec.format,
-                              layer=spec.layer, use_raw=spec.use_raw, cells_as_rows=spec.cells_as_rows)
         try:
-            plans.append(_plan_dataset(i, spec, source, universe=universe, mito=mito, mapping=mapping,
-                                       use_obs_n_counts=config.use_obs_n_counts, in_memory=in_memory))
-        finally:
-            source.close()
+            source = open_dataset(in_memory if in_memory is not None else spec.path, format=spec.format,
+                                  layer=spec.layer, use_raw=spec.use_raw, cells_as_rows=spec.cells_as_rows)
+            try:
+                plans.append(_plan_dataset(len(plans), spec, source, universe=universe, mito=mito,
+                                           mapping=mapping, use_obs_n_counts=config.use_obs_n_counts,
+                                           in_memory=in_memory))
+            finally:
+                source.close()
+        except GenecorpusError as e:
+            if not skip:
+                raise
+            logger.warning("skipping %s: %s", spec.dataset_id, e)
+            skipped.append({"dataset_id": spec.dataset_id, "path": spec.path, "stage": "plan", "error": str(e)})
+    _require_some(plans, skipped)
     digests = _InputDigests([Path(p.spec.path) for p in plans if p.source is None])
     try:
         return _run_stages(config, tmp, executor=executor, mode=mode, plans=plans, universe=universe,
                            token_dict=token_dict, given_medians=given_medians, qc_params=qc_params,
-                           digests=digests, timings=timings, started=started)
+                           digests=digests, timings=timings, started=started, skip=skip, skipped=skipped)
     finally:
         digests.close()
 
 
 def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, plans: list[DatasetPlan],
                 universe: np.ndarray, token_dict: TokenDictionary | None, given_medians: dict[str, float] | None,
-                qc_params: QCParams, digests: _InputDigests, timings: _Timings, started: float) -> dict[str, Any]:
+                qc_params: QCParams, digests: _InputDigests, timings: _Timings, started: float,
+                skip: bool, skipped: list[dict[str, str]]) -> dict[str, Any]:
     layout = LAYOUTS[config.layout]
     need_medians = given_medians is None
     ctx = Context(tuple(plans), len(universe), config.block_size, qc_params, need_medians)
@@ -645,7 +688,18 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
     # QC statistics and value windows
     if qc_params.enabled or need_medians:
         with timings.stage("qc"):
-            stats = executor.map("qc", _stats_task, [(ctx, t) for t in tasks])
+            stats = executor.map("qc", _stats_task_or_failure if skip else _stats_task, [(ctx, t) for t in tasks])
+        failed = {t.dataset: s.message for t, s in zip(tasks, stats, strict=True) if isinstance(s, TaskFailure)}
+        if failed:  # leave those datasets out: the rest is planned again as if they had not been listed
+            for index, message in sorted(failed.items()):
+                spec = plans[index].spec
+                logger.warning("skipping %s: %s", spec.dataset_id, message)
+                skipped.append({"dataset_id": spec.dataset_id, "path": spec.path, "stage": "qc", "error": message})
+            stats = [s for t, s in zip(tasks, stats, strict=True) if t.dataset not in failed]
+            plans = [dataclasses.replace(p, index=j) for j, p in enumerate(p for p in plans if p.index not in failed)]
+            _require_some(plans, skipped)
+            ctx = Context(tuple(plans), len(universe), config.block_size, qc_params, need_medians)
+            tasks = _plan_tasks(plans, config.shard_cells)
     else:
         stats = [StatsResult(QCMoments(), medians.GeneWindow.empty(0)) for _ in tasks]
     dataset_qc: list[DatasetQC] = []
@@ -737,6 +791,7 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
 
     manifest = _manifest(config, mode, plans, tasks, dataset_qc, results, provenance, shard_names,
                          token_dict, vocab_genes, lengths, [c.name for c in metadata], digests)
+    manifest["skipped"] = skipped
     manifest["files"] = file_digests(tmp)
     timings["total"] = round(time.perf_counter() - started, 3)
     manifest["timings"] = dict(timings)
@@ -822,6 +877,7 @@ def tokenize(
     overwrite: bool = False,
     executor: Executor | None = None,
     report: bool = True,
+    on_error: str = "fail",
 ) -> BuildResult:
     """Tokenize datasets with given dictionaries, as Geneformer's ``TranscriptomeTokenizer`` does.
 
@@ -842,7 +898,7 @@ def tokenize(
         Per-cell metadata columns to copy.
     gene_id
         ``"auto"``, ``"ensembl"`` or ``"symbol"``.
-    workers, block_size, overwrite, executor, report
+    workers, block_size, overwrite, executor, report, on_error
         As for :func:`build_corpus`.
 
     Returns
@@ -874,4 +930,4 @@ def tokenize(
         raise ConfigError(msg) from None
     return build_corpus(config, out, workers=workers, mode="tokenize", overwrite=overwrite,
                         executor=executor, sources=sources if any(s is not None for s in sources) else (),
-                        report=report)
+                        report=report, on_error=on_error)

@@ -120,6 +120,8 @@ def build(
     block_size: Annotated[Optional[int], typer.Option(help="Cells read at a time (overrides the manifest).")] = None,
     layout: Annotated[Optional[str], typer.Option(help="gc30m or gc104m (overrides the manifest).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    on_error: Annotated[str, typer.Option(
+        help="fail: stop at the first unreadable dataset; skip: leave it out and list it in the manifest.")] = "fail",
     report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
 ) -> None:
     """Build a corpus: read, map genes, QC, exact medians, rank value encoding, Arrow shards.
@@ -134,7 +136,7 @@ def build(
     def run(executor: Executor) -> BuildResult:
         config = load_manifest(manifest, block_size=block_size, layout=layout)
         return build_corpus(config, out, workers=workers or 1, overwrite=overwrite, executor=executor,
-                            report=report)
+                            report=report, on_error=on_error)
 
     try:
         cluster = load_cluster_spec(manifest)
@@ -159,6 +161,8 @@ def tokenize(
     scheduler: Annotated[Optional[str], typer.Option(help="Address of a running Dask scheduler.")] = None,
     block_size: Annotated[int, typer.Option(help="Cells read at a time (memory, not output).")] = 2_000,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    on_error: Annotated[str, typer.Option(
+        help="fail: stop at the first unreadable dataset; skip: leave it out and list it in the manifest.")] = "fail",
     report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
 ) -> None:
     """Tokenize datasets with given dictionaries, as Geneformer's TranscriptomeTokenizer does.
@@ -181,7 +185,7 @@ def tokenize(
             inputs, out, token_dictionary=token_dictionary, gene_medians=gene_medians,
             gene_mapping=gene_mapping, layout=layout, gene_id=gene_id, workers=workers or 1,
             obs_columns=[c.strip() for c in obs_columns.split(",") if c.strip()],
-            block_size=block_size, overwrite=overwrite, executor=executor, report=report)
+            block_size=block_size, overwrite=overwrite, executor=executor, report=report, on_error=on_error)
 
     _run_with_progress(run, workers=workers, engine=engine, scheduler=scheduler)
 
