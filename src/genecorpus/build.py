@@ -689,7 +689,10 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
     if qc_params.enabled or need_medians:
         with timings.stage("qc"):
             stats = executor.map("qc", _stats_task_or_failure if skip else _stats_task, [(ctx, t) for t in tasks])
-        failed = {t.dataset: s.message for t, s in zip(tasks, stats, strict=True) if isinstance(s, TaskFailure)}
+        failed: dict[int, str] = {}  # dataset → the message of its first failed task
+        for t, s in zip(tasks, stats, strict=True):
+            if isinstance(s, TaskFailure):
+                failed.setdefault(t.dataset, s.message)
         if failed:  # leave those datasets out: the rest is planned again as if they had not been listed
             for index, message in sorted(failed.items()):
                 spec = plans[index].spec
