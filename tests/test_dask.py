@@ -17,7 +17,7 @@ from genecorpus.cli import app  # noqa: E402
 from genecorpus.config import BuildConfig, ClusterSpec, DatasetSpec  # noqa: E402
 from genecorpus.errors import ConfigError, InputError  # noqa: E402
 from genecorpus.executors import DaskExecutor, LocalExecutor, make_executor  # noqa: E402
-from genecorpus.testing import random_counts, write_h5ad, write_loom  # noqa: E402
+from genecorpus.testing import random_counts, write_h5ad  # noqa: E402
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -32,30 +32,17 @@ def cluster() -> DaskExecutor:
     executor.close()
 
 
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("dask-in")
-    ids = np.concatenate([genes.candidate_genes()[::40][:400], genes.mito_genes()[:13]]).astype(object)
-    a = random_counts(230, len(ids), density=0.15, seed=1)
-    b = random_counts(170, len(ids), density=0.2, seed=2)
-    pa = write_h5ad(folder / "a.h5ad", a, cell_ids=np.array([f"a{i}" for i in range(230)], dtype=object),
-                    gene_ids=ids)
-    pb = write_loom(folder / "b.loom", b, cell_ids=np.array([f"b{i}" for i in range(170)], dtype=object),
-                    gene_ids=ids)
-    return Path(pa), Path(pb)
-
-
 def _config(paths: tuple[Path, ...]) -> BuildConfig:
     return BuildConfig(datasets=tuple(DatasetSpec(path=str(p), gene_id="ensembl") for p in paths),
                        block_size=64, shard_cells=100)
 
 
 def test_dask_local_cluster_gives_the_bytes_of_local_workers(
-        datasets: tuple[Path, Path], cluster: DaskExecutor, tmp_path: Path) -> None:
+        h5ad_and_loom: tuple[Path, Path], cluster: DaskExecutor, tmp_path: Path) -> None:
     local1, local2, dask = tmp_path / "w1", tmp_path / "w2", tmp_path / "dask"
-    build_corpus(_config(datasets), local1, workers=1, report=False)
-    build_corpus(_config(datasets), local2, workers=2, report=False)
-    build_corpus(_config(datasets), dask, executor=cluster, report=False)
+    build_corpus(_config(h5ad_and_loom), local1, workers=1, report=False)
+    build_corpus(_config(h5ad_and_loom), local2, workers=2, report=False)
+    build_corpus(_config(h5ad_and_loom), dask, executor=cluster, report=False)
     assert len(cluster.client.scheduler_info()["workers"]) == 2
     want = _digests(local1)
     assert sum(name.endswith(".arrow") for name in want) == 5
@@ -66,7 +53,7 @@ def test_dask_local_cluster_gives_the_bytes_of_local_workers(
 
 
 def test_task_errors_reach_the_driver_with_file_and_cells(
-        datasets: tuple[Path, Path], cluster: DaskExecutor, tmp_path: Path) -> None:
+        h5ad_and_loom: tuple[Path, Path], cluster: DaskExecutor, tmp_path: Path) -> None:
     bad = tmp_path / "bad.h5ad"
     ids = genes.candidate_genes()[::40][:400].astype(object)
     counts = random_counts(50, len(ids), density=0.2, seed=3).astype(np.float32)
@@ -74,7 +61,7 @@ def test_task_errors_reach_the_driver_with_file_and_cells(
     write_h5ad(bad, counts, cell_ids=np.array([f"c{i}" for i in range(50)], dtype=object), gene_ids=ids)
     out = tmp_path / "corpus"
     with pytest.raises(InputError, match=r"bad\.h5ad.*2\.5"):
-        build_corpus(_config((datasets[0], bad)), out, executor=cluster, report=False)
+        build_corpus(_config((h5ad_and_loom[0], bad)), out, executor=cluster, report=False)
     assert not out.exists()
     assert not list(tmp_path.glob(".corpus.incomplete-*"))
 
@@ -117,11 +104,11 @@ def test_connect_to_a_running_scheduler(cluster: DaskExecutor) -> None:
     assert cluster.map("t", _slow_identity, [(2,)]) == [2]  # the cluster is not closed by a client
 
 
-def test_cli_engine_dask_and_cluster_section(datasets: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli_engine_dask_and_cluster_section(h5ad_and_loom: tuple[Path, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     manifest = tmp_path / "m.toml"
-    lines = [f'[[datasets]]\npath = "{p}"\ngene_id = "ensembl"\n' for p in datasets]
+    lines = [f'[[datasets]]\npath = "{p}"\ngene_id = "ensembl"\n' for p in h5ad_and_loom]
     manifest.write_text("block_size = 64\nshard_cells = 100\n" + "".join(lines)
                         + '[cluster]\nengine = "dask"\nkind = "local"\nworkers = 2\nmemory_per_worker = "2GiB"\n')
     runner = CliRunner()

@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import os
 import uuid
-from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from genecorpus.config import ClusterSpec
@@ -80,31 +80,7 @@ class LocalExecutor:
 
     def map(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Run every task; results come back in task order."""
-        total = len(tasks)
-        if self.progress:
-            self.progress(stage, 0, total)
-        if self.workers == 1 or total <= 1:
-            results = []
-            for i, args in enumerate(tasks):
-                results.append(fn(*args))
-                if self.progress:
-                    self.progress(stage, i + 1, total)
-            return results
-        pool = self._get_pool()
-        futures = [pool.submit(fn, *args) for args in tasks]
-        done_count = 0
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for fut in done:
-                if fut.exception() is not None:
-                    for other in pending:
-                        other.cancel()
-                    raise fut.exception()  # type: ignore[misc]
-            done_count += len(done)
-            if self.progress:
-                self.progress(stage, done_count, total)
-        return [f.result() for f in futures]
+        return self.fold(stage, fn, tasks, _append, [])
 
     def fold(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
              combine: Callable[[A, Any], A], initial: A) -> A:
