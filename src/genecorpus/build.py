@@ -20,8 +20,6 @@ import logging
 import os
 import pickle
 import platform
-import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,11 +35,12 @@ from pydantic import ValidationError
 from genecorpus import _kernels, genes, medians
 from genecorpus.config import BuildConfig, DatasetSpec, QCParams, describe_validation_error
 from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic, RankOrder, apply_layout, rank_value_encode
-from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError
+from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError, TaskFailure
 from genecorpus.executors import Executor, LocalExecutor, fold
 from genecorpus.io import DEFAULT_BLOCK_SIZE, open_dataset
 from genecorpus.manifest import file_digests, sha256_of_path
 from genecorpus.report import write_report
+from genecorpus.resume import WorkFolder, code_fingerprint, fingerprint, run_recorded, task_key
 from genecorpus.qc import (
     DROP_REASONS,
     NO_VOCAB_REASON,
@@ -55,7 +54,7 @@ from genecorpus.shards import ColumnSpec, ShardWriter, corpus_schema, publish_fo
 from genecorpus.vocab import LAYOUTS, TokenDictionary, load_gene_medians, load_pickled_dict, write_gene_medians
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from genecorpus.io import CellSource
 
@@ -284,18 +283,40 @@ def _stats_task(ctx: Context, task: Task) -> StatsResult:
     return StatsResult(moments, window, sample)
 
 
-@dataclass(frozen=True)
-class TaskFailure:
-    """A task's input error, returned instead of raised so that ``--on-error skip`` can drop its dataset."""
-
-    message: str
-
-
-def _stats_task_or_failure(ctx: Context, task: Task) -> StatsResult | TaskFailure:
+def _failure_as_result(fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
+    """``fn(*args)``, with an input error returned as a :class:`TaskFailure` (``--on-error skip``)."""
     try:
-        return _stats_task(ctx, task)
+        return fn(*args)
     except GenecorpusError as e:
         return TaskFailure(str(e))
+
+
+class _DatasetsFailed(Exception):  # noqa: N818 - control flow, not an error the user sees
+    """Datasets (by plan index into ``plans``) whose tasks failed after the QC pass, with ``--on-error skip``."""
+
+    def __init__(self, stage: str, plans: list[DatasetPlan], failed: dict[int, str]) -> None:
+        super().__init__(stage)
+        self.stage = stage
+        self.plans = plans
+        self.failed = failed
+
+
+class _Failures:
+    """Wraps a fold's ``combine``: task failures are noted by dataset instead of combined."""
+
+    def __init__(self, tasks: Sequence[Task], combine: Callable[[Any, Any], Any]) -> None:
+        self.tasks = tasks
+        self.combine = combine
+        self.failed: dict[int, str] = {}
+        self._next = 0
+
+    def __call__(self, acc: Any, result: Any) -> Any:  # noqa: ANN401
+        task = self.tasks[self._next]
+        self._next += 1
+        if isinstance(result, TaskFailure):
+            self.failed.setdefault(task.dataset, result.message)
+            return acc
+        return self.combine(acc, result)
 
 
 def _require_some(plans: Sequence[DatasetPlan], skipped: Sequence[dict[str, str]]) -> None:
@@ -456,12 +477,27 @@ class BuildResult:
 
 
 class _InputDigests:
-    """sha256 of the input files, computed in one background thread while the stages run."""
+    """sha256 of the input files, computed in one background thread while the stages run.
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    ``on_done(path, sha256, identity)`` is called from that thread as each digest is ready, with the
+    file's size and modification time taken before hashing (see :class:`~genecorpus.resume.WorkFolder`).
+    """
+
+    def __init__(self, paths: Sequence[Path],
+                 on_done: Callable[[Path, str, list[int]], None] | None = None) -> None:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="genecorpus-sha256")
-        self._futures = {p: self._pool.submit(sha256_of_path, p, stop=self._stop) for p in dict.fromkeys(paths)}
+        self._on_done = on_done
+        self._futures = {p: self._pool.submit(self._digest, p) for p in dict.fromkeys(paths)}
+
+    def _digest(self, path: Path) -> tuple[str, int]:
+        from genecorpus.resume import _identity
+
+        identity = _identity(path) if self._on_done is not None else []
+        digest, size = sha256_of_path(path, stop=self._stop)
+        if self._on_done is not None and not self._stop.is_set():
+            self._on_done(path, digest, identity)
+        return digest, size
 
     def get(self, path: Path) -> tuple[str, int]:
         """Digest and size of one of the paths (waits for it)."""
@@ -483,7 +519,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _prepare_out(out: Path, *, overwrite: bool) -> Path:
+def _check_out(out: Path, *, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         msg = f"{out}: is a file, not a corpus folder; choose another --out"
         raise ConfigError(msg)
@@ -496,7 +532,36 @@ def _prepare_out(out: Path, *, overwrite: bool) -> Path:
                "does not replace it; choose another --out")
         raise ConfigError(msg)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
+
+
+def _finished_build(config: BuildConfig, mode: str, out: Path, *, overwrite: bool) -> BuildResult | None:
+    """For ``--resume`` when ``out`` exists and nothing is unfinished: its result if it is up to date.
+
+    Up to date means built by the same command (mode and every parameter) from inputs with the same
+    sha256. Otherwise returns None with ``overwrite`` (build again) and raises without it.
+    """
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        built = manifest["parameters"], manifest["mode"], manifest["datasets"]
+    except (OSError, ValueError, KeyError, TypeError):
+        built = None
+    why = "is not a corpus built by genecorpus"
+    if built is not None:
+        params, built_mode, datasets = built
+        why = "was built with other settings"
+        if built_mode == mode and params == json.loads(json.dumps(config.model_dump(mode="json"))):
+            changed = [d["path"] for d in datasets if not Path(d["path"]).exists()
+                       or sha256_of_path(Path(d["path"]))[0] != d["sha256"]]
+            if not changed:
+                logging.getLogger("genecorpus.resume").info("%s is complete and up to date: nothing to resume", out)
+                return BuildResult(out, manifest["corpus"]["n_cells"], manifest["corpus"]["n_tokens"],
+                                   len(manifest["corpus"]["shards"]), manifest)
+            why = f"was built from inputs that have changed since ({changed[0]})"
+    if overwrite:
+        return None
+    msg = (f"{out}: already exists and {why}; there is no unfinished build to resume; pass --overwrite to "
+           "build it again")
+    raise ConfigError(msg)
 
 
 def _require_cells(manifest: dict[str, Any], *, max_datasets: int = 5) -> None:
@@ -527,6 +592,7 @@ def build_corpus(
     sources: Sequence[Any] = (),
     report: bool = True,
     on_error: str = "fail",
+    resume: bool = False,
 ) -> BuildResult:
     """Build a corpus folder from the datasets of ``config`` (SPEC §2.1–§2.8).
 
@@ -563,30 +629,53 @@ def build_corpus(
     ------
     GenecorpusError
         On bad input or settings (one-line message naming the file and the item), including a
-        corpus left without any cell; ``out`` is then untouched and no temporary folder remains.
+        corpus left without any cell; ``out`` is then untouched and no temporary folder remains
+        (unless ``resume`` asked to keep finished tasks).
+    resume
+        Continue the unfinished build of ``out`` that a killed or failed run left in
+        ``.<out>.incomplete`` (see :mod:`genecorpus.resume`): finished tasks whose inputs and settings
+        are unchanged are reused, the rest is redone, and the output is byte-identical to an
+        uninterrupted build. If this run fails too, its finished tasks are kept for the next
+        ``resume``. If ``out`` is complete and up to date, it is returned as it is.
     """
     out = Path(out)
-    tmp = _prepare_out(out, overwrite=overwrite)
+    in_memory = any(s is not None for s in sources)
+    if on_error not in ("fail", "skip"):
+        msg = f"on_error must be 'fail' or 'skip', not {on_error!r}"
+        raise ConfigError(msg)
+    if resume and in_memory:
+        msg = "resume needs datasets read from files, not in-memory AnnData objects"
+        raise ConfigError(msg)
+    if resume and out.is_dir() and not WorkFolder.unfinished(out):
+        finished = _finished_build(config, mode, out, overwrite=overwrite)
+        if finished is not None:
+            return finished
+    _check_out(out, overwrite=overwrite)
+    work = WorkFolder(out, records=not in_memory)
+    work.open(resume=resume, overwrite=overwrite)
     own_executor = executor is None
-    if any(s is not None for s in sources) and workers > 1:
+    if in_memory and workers > 1:
         workers = 1  # in-memory objects are not sent to other processes
-    executor = executor or LocalExecutor(workers)
-    executor.start(["genecorpus.build"])  # workers import while the driver plans
     try:
-        if on_error not in ("fail", "skip"):
-            msg = f"on_error must be 'fail' or 'skip', not {on_error!r}"
-            raise ConfigError(msg)
-        manifest = _run(config, tmp, executor=executor, mode=mode, sources=sources, skip=on_error == "skip")
+        executor = executor or LocalExecutor(workers)
+        executor.start(["genecorpus.build"])  # workers import while the driver plans
+        manifest = _run(config, work, executor=executor, mode=mode, sources=sources, skip=on_error == "skip")
         _require_cells(manifest)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (work.corpus / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if report:
-            write_report(tmp)
-        publish_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            write_report(work.corpus)
+        publish_folder(work.corpus, out)
+        work.remove()
+    except BaseException as e:
+        n = work.n_finished()
+        if (resume or isinstance(e, KeyboardInterrupt)) and n:
+            work.release()
+            logger.warning("%d finished tasks are kept in %s; rerun with --resume to continue", n, work.path)
+        else:
+            work.remove()
         raise
     finally:
-        if own_executor:
+        if own_executor and executor is not None:
             executor.close()
     return BuildResult(out, manifest["corpus"]["n_cells"], manifest["corpus"]["n_tokens"],
                        len(manifest["corpus"]["shards"]), manifest)
@@ -628,7 +717,7 @@ class _Timings(dict[str, float]):
             self[name] = round(time.perf_counter() - start, 3)
 
 
-def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sources: Sequence[Any],
+def _run(config: BuildConfig, work: WorkFolder, *, executor: Executor, mode: str, sources: Sequence[Any],
          skip: bool) -> dict[str, Any]:
     timings = _Timings()
     started = time.perf_counter()
@@ -666,19 +755,83 @@ def _run(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, sourc
             logger.warning("skipping %s: %s", spec.dataset_id, e)
             skipped.append({"dataset_id": spec.dataset_id, "path": spec.path, "stage": "plan", "error": str(e)})
     _require_some(plans, skipped)
-    digests = _InputDigests([Path(p.spec.path) for p in plans if p.source is None])
+    paths = [Path(p.spec.path) for p in plans if p.source is None]
+    digests = _InputDigests(paths, on_done=work.record_digest if work.records else None)
     try:
-        return _run_stages(config, tmp, executor=executor, mode=mode, plans=plans, universe=universe,
-                           token_dict=token_dict, given_medians=given_medians, qc_params=qc_params,
-                           digests=digests, timings=timings, started=started, skip=skip, skipped=skipped)
+        keys = _KeyMaker(work, work.input_tokens(paths, digests.get) if work.records else {},
+                         fingerprint("qc", mode, len(universe), qc_params, universe, QC_SAMPLE_CELLS))
+        while True:
+            try:
+                return _run_stages(config, work, executor=executor, mode=mode, plans=plans, universe=universe,
+                                   token_dict=token_dict, given_medians=given_medians, qc_params=qc_params,
+                                   digests=digests, timings=timings, started=started, skip=skip,
+                                   skipped=skipped, keys=keys)
+            except _DatasetsFailed as e:  # run again without them: their results change the medians
+                plans = _without_failed(e.plans, e.failed, e.stage, skipped)
     finally:
         digests.close()
 
 
-def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str, plans: list[DatasetPlan],
+def _without_failed(plans: Sequence[DatasetPlan], failed: dict[int, str], stage: str,
+                    skipped: list[dict[str, str]]) -> list[DatasetPlan]:
+    """``plans`` without the failed datasets (noted in ``skipped``), numbered again."""
+    for index, message in sorted(failed.items()):
+        spec = plans[index].spec
+        logger.warning("skipping %s: %s", spec.dataset_id, message)
+        skipped.append({"dataset_id": spec.dataset_id, "path": spec.path, "stage": stage, "error": message})
+    kept = [dataclasses.replace(p, index=j) for j, p in enumerate(p for p in plans if p.index not in failed)]
+    _require_some(kept, skipped)
+    return kept
+
+
+class _KeyMaker:
+    """Task records of a build: each task's key components (see :mod:`genecorpus.resume`)."""
+
+    def __init__(self, work: WorkFolder, tokens: dict[Path, str], qc_settings: str) -> None:
+        self.work = work
+        self.tokens = tokens
+        self.qc_settings = qc_settings
+        self._plans: dict[int, str] = {}
+
+    def _plan(self, plan: DatasetPlan) -> str:
+        if id(plan) not in self._plans:
+            self._plans[id(plan)] = fingerprint(
+                {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name not in ("index", "source")})
+        return self._plans[id(plan)]
+
+    def components(self, plans: Sequence[DatasetPlan], task: Task, settings: str,
+                   upstream: str | None = None) -> tuple[str, dict[str, str]]:
+        """The task's slot (for messages) and key components."""
+        plan = plans[task.dataset]
+        comps = {"code": code_fingerprint(), "input": self.tokens.get(Path(plan.spec.path), "in-memory"),
+                 "dataset": self._plan(plan), "cells": f"{task.start}:{task.stop}", "settings": settings}
+        if upstream is not None:
+            comps["upstream"] = upstream
+        return f"{plan.spec.path}[{task.start}:{task.stop}]", comps
+
+    def records(self, stage: str, plans: Sequence[DatasetPlan], tasks: Sequence[Task],
+                settings: Callable[[Task], str], upstream: Sequence[str] | None = None,
+                ) -> tuple[list[Path | None], list[str]]:
+        """Record paths and keys of a stage's tasks."""
+        entries = [self.components(plans, t, settings(t), upstream[i] if upstream else None)
+                   for i, t in enumerate(tasks)]
+        records = self.work.plan_stage(stage, entries)
+        return records, [task_key(c) for _, c in entries]
+
+
+def _recorded(records: Sequence[Path | None], fn: Callable[..., Any], args: Sequence[tuple[Any, ...]], *,
+              skip: bool, outputs: Sequence[tuple[Path, ...]] | None = None) -> list[tuple[Any, ...]]:
+    """Task argument tuples for :func:`~genecorpus.resume.run_recorded` around ``fn``."""
+    inner = [(_failure_as_result, fn, *a) if skip else (fn, *a) for a in args]
+    outs = outputs if outputs is not None else [()] * len(args)
+    return [(r, o, *a) for r, o, a in zip(records, outs, inner, strict=True)]
+
+
+def _run_stages(config: BuildConfig, work: WorkFolder, *, executor: Executor, mode: str, plans: list[DatasetPlan],
                 universe: np.ndarray, token_dict: TokenDictionary | None, given_medians: dict[str, float] | None,
                 qc_params: QCParams, digests: _InputDigests, timings: _Timings, started: float,
-                skip: bool, skipped: list[dict[str, str]]) -> dict[str, Any]:
+                skip: bool, skipped: list[dict[str, str]], keys: _KeyMaker) -> dict[str, Any]:
+    tmp = work.corpus
     layout = LAYOUTS[config.layout]
     need_medians = given_medians is None
     ctx = Context(tuple(plans), len(universe), config.block_size, qc_params, need_medians)
@@ -686,21 +839,20 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
     logger.info("%d datasets, %d cells, %d tasks", len(plans), sum(p.n_cells for p in plans), len(tasks))
 
     # QC statistics and value windows
+    qc_keys: list[str] | None = None
     if qc_params.enabled or need_medians:
+        records, qc_keys = keys.records("qc", plans, tasks, lambda _: keys.qc_settings)
         with timings.stage("qc"):
-            stats = executor.map("qc", _stats_task_or_failure if skip else _stats_task, [(ctx, t) for t in tasks])
+            stats = executor.map("qc", run_recorded,
+                                 _recorded(records, _stats_task, [(ctx, t) for t in tasks], skip=skip))
         failed: dict[int, str] = {}  # dataset → the message of its first failed task
         for t, s in zip(tasks, stats, strict=True):
             if isinstance(s, TaskFailure):
                 failed.setdefault(t.dataset, s.message)
         if failed:  # leave those datasets out: the rest is planned again as if they had not been listed
-            for index, message in sorted(failed.items()):
-                spec = plans[index].spec
-                logger.warning("skipping %s: %s", spec.dataset_id, message)
-                skipped.append({"dataset_id": spec.dataset_id, "path": spec.path, "stage": "qc", "error": message})
-            stats = [s for t, s in zip(tasks, stats, strict=True) if t.dataset not in failed]
-            plans = [dataclasses.replace(p, index=j) for j, p in enumerate(p for p in plans if p.index not in failed)]
-            _require_some(plans, skipped)
+            kept = [(s, k) for t, s, k in zip(tasks, stats, qc_keys, strict=True) if t.dataset not in failed]
+            stats, qc_keys = [s for s, _ in kept], [k for _, k in kept]
+            plans = _without_failed(plans, failed, "qc", skipped)
             ctx = Context(tuple(plans), len(universe), config.block_size, qc_params, need_medians)
             tasks = _plan_tasks(plans, config.shard_cells)
     else:
@@ -722,16 +874,31 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
             window.merge(s.window)
         shift = window.shifts()
         med_tasks = [t for t in tasks if plans[t.dataset].spec.use_for_medians]
+        assert qc_keys is not None
+        upstream = [qc_keys[t.index] for t in med_tasks]
         # partial results are folded in task order as they arrive: memory does not grow with the tasks
+        shared = fingerprint("histogram", window, shift)
+        records, _ = keys.records("histogram", plans, med_tasks,
+                                  lambda t: fingerprint(shared, dataset_qc[t.dataset]), upstream)
         with timings.stage("medians_histogram"):
-            hist = fold(executor, "medians (histogram)", _histogram_task,
-                        [(ctx, t, dataset_qc[t.dataset], window, shift) for t in med_tasks],
-                        _add_into, np.zeros((len(universe), medians.N_BINS), dtype=np.int64))
+            combine = _Failures(med_tasks, _add_into)
+            hist = fold(executor, "medians (histogram)", run_recorded, _recorded(
+                records, _histogram_task, [(ctx, t, dataset_qc[t.dataset], window, shift) for t in med_tasks],
+                skip=skip), combine, np.zeros((len(universe), medians.N_BINS), dtype=np.int64))
+        if combine.failed:
+            raise _DatasetsFailed("medians", plans, combine.failed)
         targets = medians.MedianTargets.from_histogram(hist)
+        shared = fingerprint("selection", window, shift, targets)
+        records, _ = keys.records("selection", plans, med_tasks,
+                                  lambda t: fingerprint(shared, dataset_qc[t.dataset]), upstream)
         with timings.stage("medians_selection"):
-            values = fold(executor, "medians (selection)", _select_task,
-                          [(ctx, t, dataset_qc[t.dataset], window, shift, targets) for t in med_tasks],
-                          medians.ValueMultiset.merge, medians.ValueMultiset.empty(len(universe)))
+            combine = _Failures(med_tasks, medians.ValueMultiset.merge)
+            values = fold(executor, "medians (selection)", run_recorded, _recorded(
+                records, _select_task,
+                [(ctx, t, dataset_qc[t.dataset], window, shift, targets) for t in med_tasks], skip=skip),
+                combine, medians.ValueMultiset.empty(len(universe)))
+            if combine.failed:
+                raise _DatasetsFailed("medians", plans, combine.failed)
             gene_median = medians.select_medians(targets, values)
             del values
         provenance: dict[str, Any] = {
@@ -770,18 +937,25 @@ def _run_stages(config: BuildConfig, tmp: Path, *, executor: Executor, mode: str
     schema = corpus_schema(token_type, metadata)
     enc = EncodeSettings(RankOrder.from_genes(enc_medians, tokens), layout.name, token_dict.special, schema, metadata,
                          geneformer_arithmetic=mode == "tokenize")
-    parts_dir = tmp / "_parts"
-    parts_dir.mkdir()
+    shared = fingerprint("encode", enc)
+    records, enc_keys = keys.records("encode", plans, tasks, lambda t: fingerprint(shared, dataset_qc[t.dataset]),
+                                     qc_keys)
+    parts = [work.part(k) for k in enc_keys]
     with timings.stage("encode"):
-        results: list[EncodeResult] = executor.map(
-            "encode", _encode_task,
-            [(ctx, t, dataset_qc[t.dataset], enc, parts_dir / f"part-{t.index:06d}.arrow") for t in tasks],
-        )
+        results: list[EncodeResult] = executor.map("encode", run_recorded, _recorded(
+            records, _encode_task, [(ctx, t, dataset_qc[t.dataset], enc, part) for t, part in zip(tasks, parts, strict=True)],
+            skip=skip, outputs=[(part,) for part in parts]))
+    failed = {}
+    for t, r in zip(tasks, results, strict=True):
+        if isinstance(r, TaskFailure):
+            failed.setdefault(t.dataset, r.message)
+    if failed:
+        raise _DatasetsFailed("encode", plans, failed)
     vocab_genes = universe[in_vocab]
     # everything that determines the bytes; the block size does not
-    fingerprint = json.dumps([config.model_dump(mode="json", exclude={"block_size"}), mode], sort_keys=True)
-    shard_names = publish_shards(tmp, [(r.part, r.n_rows) for r in results], schema, fingerprint)
-    shutil.rmtree(parts_dir)  # also a lost attempt's leftover part, if any
+    hf_fingerprint = json.dumps([config.model_dump(mode="json", exclude={"block_size"}), mode], sort_keys=True)
+    shard_names = publish_shards(tmp, [(r.part, r.n_rows) for r in results], schema, hf_fingerprint,
+                                 journal=work.journal_publish)
 
     token_dict_out = TokenDictionary(
         np.array(list(token_dict.gene_ids), dtype=object), token_dict.gene_tokens, token_dict.special)
@@ -881,6 +1055,7 @@ def tokenize(
     executor: Executor | None = None,
     report: bool = True,
     on_error: str = "fail",
+    resume: bool = False,
 ) -> BuildResult:
     """Tokenize datasets with given dictionaries, as Geneformer's ``TranscriptomeTokenizer`` does.
 
@@ -901,7 +1076,7 @@ def tokenize(
         Per-cell metadata columns to copy.
     gene_id
         ``"auto"``, ``"ensembl"`` or ``"symbol"``.
-    workers, block_size, overwrite, executor, report, on_error
+    workers, block_size, overwrite, executor, report, on_error, resume
         As for :func:`build_corpus`.
 
     Returns
@@ -933,4 +1108,4 @@ def tokenize(
         raise ConfigError(msg) from None
     return build_corpus(config, out, workers=workers, mode="tokenize", overwrite=overwrite,
                         executor=executor, sources=sources if any(s is not None for s in sources) else (),
-                        report=report, on_error=on_error)
+                        report=report, on_error=on_error, resume=resume)

@@ -50,6 +50,8 @@ def _main(
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=_err)])
     for noisy in ("numba", "h5py", "fsspec", "distributed", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # what --resume reuses and redoes is always shown
+        logging.getLogger("genecorpus.resume").setLevel(logging.INFO)
 
 
 class _Progress:
@@ -122,6 +124,8 @@ def build(
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     on_error: Annotated[str, typer.Option(
         help="fail: stop at the first unreadable dataset; skip: leave it out and list it in the manifest.")] = "fail",
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted build of OUT from its finished tasks (and keep them if this run fails).")] = False,
     report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
 ) -> None:
     """Build a corpus: read, map genes, QC, exact medians, rank value encoding, Arrow shards.
@@ -136,7 +140,7 @@ def build(
     def run(executor: Executor) -> BuildResult:
         config = load_manifest(manifest, block_size=block_size, layout=layout)
         return build_corpus(config, out, workers=workers or 1, overwrite=overwrite, executor=executor,
-                            report=report, on_error=on_error)
+                            report=report, on_error=on_error, resume=resume)
 
     try:
         cluster = load_cluster_spec(manifest)
@@ -163,6 +167,8 @@ def tokenize(
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     on_error: Annotated[str, typer.Option(
         help="fail: stop at the first unreadable dataset; skip: leave it out and list it in the manifest.")] = "fail",
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted build of OUT from its finished tasks (and keep them if this run fails).")] = False,
     report: Annotated[bool, typer.Option(help="Write OUT/report/index.html.")] = True,
 ) -> None:
     """Tokenize datasets with given dictionaries, as Geneformer's TranscriptomeTokenizer does.
@@ -185,7 +191,8 @@ def tokenize(
             inputs, out, token_dictionary=token_dictionary, gene_medians=gene_medians,
             gene_mapping=gene_mapping, layout=layout, gene_id=gene_id, workers=workers or 1,
             obs_columns=[c.strip() for c in obs_columns.split(",") if c.strip()],
-            block_size=block_size, overwrite=overwrite, executor=executor, report=report, on_error=on_error)
+            block_size=block_size, overwrite=overwrite, executor=executor, report=report, on_error=on_error,
+            resume=resume)
 
     _run_with_progress(run, workers=workers, engine=engine, scheduler=scheduler)
 

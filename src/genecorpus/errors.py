@@ -14,6 +14,8 @@ __all__ = [
     "GeneMappingError",
     "GenecorpusError",
     "InputError",
+    "TaskFailure",
+    "WorkerLostError",
 ]
 
 
@@ -39,3 +41,26 @@ class DictionaryError(GenecorpusError, ValueError):
 
 class ConfigError(GenecorpusError, ValueError):
     """A manifest or a command-line setting is invalid."""
+
+
+class WorkerLostError(GenecorpusError, RuntimeError):
+    """Worker processes kept dying (killed, or out of memory) although their tasks were rerun."""
+
+
+class TaskFailure:
+    """A task's input error, returned instead of raised so that ``--on-error skip`` can drop its dataset.
+
+    Not an exception: it travels back from a worker as the task's result and is never stored as a
+    finished task.
+    """
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"TaskFailure({self.message!r})"
+
+    def __reduce__(self) -> tuple[type[TaskFailure], tuple[str]]:
+        return (TaskFailure, (self.message,))

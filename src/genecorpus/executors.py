@@ -14,10 +14,11 @@ import multiprocessing
 import os
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from genecorpus.config import ClusterSpec
-from genecorpus.errors import ConfigError
+from genecorpus.errors import ConfigError, WorkerLostError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -58,11 +59,16 @@ def _import_modules(modules: Sequence[str]) -> None:
 
 
 class LocalExecutor:
-    """Runs tasks in this process (``workers=1``) or in ``workers`` spawned processes."""
+    """Runs tasks in this process (``workers=1``) or in ``workers`` spawned processes.
 
-    def __init__(self, workers: int = 1, *, progress: ProgressCallback | None = None) -> None:
+    A worker process that dies (killed, or out of memory) breaks the pool; the pool is then started
+    again and the unfinished tasks rerun, up to ``restarts`` times per stage.
+    """
+
+    def __init__(self, workers: int = 1, *, progress: ProgressCallback | None = None, restarts: int = 2) -> None:
         self.workers = max(1, int(workers))
         self.progress = progress
+        self.restarts = restarts
         self._pool: ProcessPoolExecutor | None = None
 
     def _get_pool(self) -> ProcessPoolExecutor:
@@ -103,7 +109,7 @@ class LocalExecutor:
         window = 2 * self.workers
         futures: dict[int, Future[Any]] = {}
         running: set[Future[Any]] = set()
-        submitted = combined = done_count = 0
+        submitted = combined = done_count = restarts = 0
         while combined < total:
             while submitted < total and submitted - combined < window:
                 fut = pool.submit(fn, *tasks[submitted])
@@ -111,11 +117,28 @@ class LocalExecutor:
                 running.add(fut)
                 submitted += 1
             done, running = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                if fut.exception() is not None:
-                    for other in running:
-                        other.cancel()
-                    raise fut.exception()  # type: ignore[misc]
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if errors and all(isinstance(e, BrokenProcessPool) for e in errors) and restarts < self.restarts:
+                restarts += 1
+                logger.warning("a worker process died during %s (killed, or out of memory); starting the "
+                               "workers again and rerunning its unfinished tasks (restart %d of %d)",
+                               stage, restarts, self.restarts)
+                self._pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
+                self._pool = None
+                pool = self._get_pool()
+                for i, fut in futures.items():
+                    if not fut.done() or fut.exception() is not None:
+                        futures[i] = pool.submit(fn, *tasks[i])
+                running = {f for f in futures.values() if not f.done()}
+                continue
+            if errors:
+                for other in running:
+                    other.cancel()
+                if isinstance(errors[0], BrokenProcessPool):
+                    msg = (f"worker processes died {restarts + 1} times during {stage} (killed, or out of "
+                           "memory); use fewer --workers or a smaller block_size, or rerun with --resume")
+                    raise WorkerLostError(msg) from errors[0]
+                raise errors[0]
             done_count += len(done)
             if self.progress and done:
                 self.progress(stage, done_count, total)
@@ -198,7 +221,8 @@ class DaskExecutor:
         seen: dict[int, tuple[int, Any]] = {}
         for args in tasks:
             for a in args:
-                if not isinstance(a, (str, int, float, bool, bytes, type(None), os.PathLike)):
+                # functions travel by reference; small and per-task values are not worth a scatter
+                if not isinstance(a, (str, int, float, bool, bytes, type(None), os.PathLike)) and not callable(a):
                     n, _ = seen.get(id(a), (0, a))
                     seen[id(a)] = (n + 1, a)
         shared = {k: a for k, (n, a) in seen.items() if n > 1}

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 __all__ = [
     "ROWS_PER_BATCH", "ColumnSpec", "ShardWriter", "corpus_schema", "publish_folder", "publish_shards",
@@ -123,21 +123,24 @@ class ShardWriter:
 
 
 def publish_shards(
-    folder: Path, parts: Sequence[tuple[Path, int]], schema: pa.Schema, fingerprint: str
+    folder: Path, parts: Sequence[tuple[Path, int]], schema: pa.Schema, fingerprint: str,
+    *, journal: Callable[[list[tuple[Path, str]]], None] | None = None,
 ) -> list[str]:
-    """Rename non-empty part files to ``data-XXXXX-of-NNNNN.arrow`` in the given order; write HF metadata.
+    """Move non-empty part files to ``folder/data-XXXXX-of-NNNNN.arrow`` in the given order; write HF metadata.
 
-    ``parts`` holds (path, number of rows) in corpus order. Returns the shard file names. An all-empty
-    corpus still gets one (empty) shard so that ``datasets.load_from_disk`` opens it.
+    ``parts`` holds (path, number of rows) in corpus order; empty parts stay where they are. ``journal``
+    is told every (part, shard name) move before the first one. Returns the shard file names. An
+    all-empty corpus still gets one (empty) shard so that ``datasets.load_from_disk`` opens it.
     """
     nonempty = [p for p, n in parts if n > 0]
     if not nonempty and parts:
         nonempty = [parts[0][0]]
     names = [f"data-{i:05d}-of-{len(nonempty):05d}.arrow" for i in range(len(nonempty))]
-    for part, name in zip(nonempty, names, strict=True):
+    moves = list(zip(nonempty, names, strict=True))
+    if journal is not None:
+        journal(moves)
+    for part, name in moves:
         part.replace(folder / name)
-    for part, _ in parts:
-        part.unlink(missing_ok=True)
     state = {
         "_data_files": [{"filename": n} for n in names],
         "_fingerprint": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],

@@ -1,0 +1,395 @@
+"""Resumable builds: kill a real ``genecorpus build`` with SIGKILL, resume it, and compare bytes.
+
+The reference is an uninterrupted build of the same manifest. A build is started in its own process
+group, killed (the driver and its workers) once a condition on its work folder holds — all QC tasks
+done, a median pass under way, part files being written, or a random moment — and rerun with
+``--resume``. The output must be byte-identical to the reference (the manifest up to its timings), and
+the resumed run must reuse exactly the tasks the killed one had finished: its log line per stage says
+how many it reused, which is compared with the records counted on disk at the moment of the kill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+
+from genecorpus import genes
+from genecorpus.build import build_corpus
+from genecorpus.config import BuildConfig, DatasetSpec, QCParams
+from genecorpus.errors import ConfigError, GenecorpusError
+from genecorpus.executors import LocalExecutor
+from genecorpus.resume import WorkFolder
+from genecorpus.testing import random_counts, write_h5ad
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+N_CELLS = 3000
+SHARD_CELLS = 250
+STAGES = ("qc", "histogram", "selection", "encode")
+
+
+def _write(folder: Path, name: str, seed: int, n_cells: int = N_CELLS) -> Path:
+    ids = np.concatenate([genes.candidate_genes()[::40][:400], genes.mito_genes()[:13]]).astype(object)
+    counts = random_counts(n_cells, len(ids), density=0.15, seed=seed)
+    return Path(write_h5ad(folder / f"{name}.h5ad", counts, gene_ids=ids,
+                           cell_ids=np.array([f"{name}{i}" for i in range(n_cells)], dtype=object)))
+
+
+def _manifest(folder: Path, paths: list[Path], extra: str = "") -> Path:
+    lines = [f"shard_cells = {SHARD_CELLS}", "block_size = 100", extra]
+    for p in paths:
+        lines += ["[[datasets]]", f'path = "{p}"', 'gene_id = "ensembl"']
+    path = folder / "m.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _outputs(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a corpus, the manifest without its timings."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        if p.name == "manifest.json":
+            manifest = json.loads(data)
+            manifest.pop("timings")
+            data = json.dumps(manifest, sort_keys=True).encode()
+        out[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _cli(*args: str | os.PathLike[str]) -> list[str]:
+    return [sys.executable, "-m", "genecorpus", "build", *map(str, args), "--workers", "2", "--no-report"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "GENECORPUS_NO_PROGRESS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("resume")
+    paths = [_write(folder, name, seed) for name, seed in (("a", 1), ("b", 2), ("c", 3))]
+    manifest = _manifest(folder, paths)
+    reference = folder / "reference"
+    done = subprocess.run(_cli(manifest, "--out", reference), env=_env(), capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return {"folder": folder, "paths": paths, "manifest": manifest, "reference": _outputs(reference)}
+
+
+def _records(work: Path) -> dict[str, int]:
+    return {s: len(list((work / "tasks" / s).glob("*.pkl"))) for s in STAGES}
+
+
+def _kill_when(manifest: Path, out: Path, condition: Callable[[Path], bool], *, resume: bool = False,
+               timeout: float = 180) -> dict[str, int] | None:
+    """Start a build and SIGKILL its process group once ``condition(work folder)`` holds.
+
+    Returns the finished task records per stage at the kill, or None if the build finished first.
+    """
+    work = out.with_name(f".{out.name}.incomplete")
+    args = ["--resume"] if resume else []
+    proc = subprocess.Popen(_cli(manifest, "--out", out, *args), env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if work.is_dir() and condition(work):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return _records(work)
+            if time.monotonic() > deadline:
+                pytest.fail("the build did not reach the kill point in time")
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    return None
+
+
+def _resume_and_check(data: dict[str, Any], out: Path, at_kill: dict[str, int] | None) -> str:
+    done = subprocess.run(_cli(data["manifest"], "--out", out, "--resume"), env=_env(), capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert _outputs(out) == data["reference"]
+    assert not out.with_name(f".{out.name}.incomplete").exists()
+    log = " ".join(done.stderr.split())
+    if at_kill is not None:
+        for stage, n in at_kill.items():
+            found = re.search(rf"{stage}: (\d+) of (\d+) tasks reused", log)
+            if found:  # the stage ran again: every task the killed build had finished was reused
+                assert int(found.group(1)) == n, (stage, log)
+            else:  # a stage is only skipped if the killed build had not reached it
+                assert n == 0, (stage, log)
+    return log
+
+
+def _all_qc_done(work: Path) -> bool:
+    return _records(work)["qc"] == 3 * N_CELLS // SHARD_CELLS
+
+
+def _medians_under_way(work: Path) -> bool:
+    return _records(work)["histogram"] >= 1
+
+
+def _selection_under_way(work: Path) -> bool:
+    return _records(work)["selection"] >= 1
+
+
+def _writing(work: Path) -> bool:
+    return len(list((work / "parts").glob("*.arrow"))) >= 3
+
+
+@pytest.mark.parametrize("condition", [_all_qc_done, _medians_under_way, _selection_under_way, _writing],
+                         ids=["after-qc", "mid-histogram", "mid-selection", "mid-writing"])
+def test_kill_and_resume_gives_identical_bytes(data: dict[str, Any], tmp_path: Path,
+                                               condition: Callable[[Path], bool]) -> None:
+    out = tmp_path / "corpus"
+    at_kill = _kill_when(data["manifest"], out, condition)
+    assert at_kill is not None, "the build finished before the kill point"
+    assert not out.exists()
+    _resume_and_check(data, out, at_kill)
+
+
+def test_kill_at_random_moments_and_resume_repeatedly(data: dict[str, Any], tmp_path: Path) -> None:
+    """Kill, resume and kill the resumed run again, at random times; the last resume finishes."""
+    repeats = int(os.environ.get("GENECORPUS_KILL_REPEATS", "3"))
+    rng = random.Random(int(os.environ.get("GENECORPUS_KILL_SEED", "0")))
+    out = tmp_path / "corpus"
+    at_kill = None
+    for i in range(repeats):
+        delay = rng.uniform(0.5, 8.0)
+        start = time.monotonic()
+        # after the first kill, every run resumes the one before (and may itself be killed)
+        at_kill = _kill_when(data["manifest"], out, lambda _w, d=delay, t=start: time.monotonic() - t > d,
+                             resume=i > 0)
+        print(f"kill {i} after {delay:.1f} s: finished tasks {at_kill}")  # noqa: T201 - shown with -s
+        if at_kill is None:  # finished before the kill: resuming a complete corpus is a no-op
+            break
+    _resume_and_check(data, out, at_kill)
+
+
+# ------------------------------------------------------------------------- in-process, interrupted
+
+
+class _InterruptAt:
+    """A progress callback that raises KeyboardInterrupt when ``stage`` starts (like Ctrl-C)."""
+
+    def __init__(self, stage: str, then: Callable[[], None] | None = None) -> None:
+        self.stage = stage
+        self.then = then
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == self.stage and done == 0:
+            if self.then is not None:
+                self.then()
+            raise KeyboardInterrupt
+
+
+def _config(paths: list[Path], **kwargs: Any) -> BuildConfig:  # noqa: ANN401
+    specs = tuple(DatasetSpec(path=str(p), gene_id="ensembl", **kwargs.pop(p.stem, {})) for p in paths)
+    return BuildConfig(datasets=specs, shard_cells=SHARD_CELLS, block_size=100, **kwargs)
+
+
+def _interrupted(config: BuildConfig, out: Path, stage: str) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(config, out, executor=LocalExecutor(1, progress=_InterruptAt(stage)), report=False)
+    assert WorkFolder.unfinished(out) and not out.exists()
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> list[Path]:
+    return [_write(tmp_path, name, seed, n_cells=1000) for name, seed in (("a", 1), ("b", 2), ("c", 3))]
+
+
+def test_changed_input_redoes_exactly_its_tasks(small: list[Path], tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "corpus"
+    _interrupted(_config(small), out, "encode")
+    _write(tmp_path, "b", seed=7, n_cells=1000)  # new content, same path
+    with caplog.at_level(logging.INFO, logger="genecorpus"):
+        build_corpus(_config(small), out, report=False, resume=True)
+    log = " ".join(caplog.text.split())
+    assert "b.h5ad: changed since the interrupted build (sha256 differs)" in log
+    assert re.search(r"qc: 8 of 12 tasks reused; 4 redone because the input file changed \(\S*b\.h5ad\)", log), log
+    fresh = tmp_path / "fresh"
+    build_corpus(_config(small), fresh, report=False)
+    assert _outputs(out) == _outputs(fresh)
+
+
+def test_changed_parameter_redoes_what_depends_on_it(small: list[Path], tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "corpus"
+    _interrupted(_config(small), out, "encode")
+    changed = _config(small, c={"use_for_medians": False})  # c's entry changes; the medians change
+    with caplog.at_level(logging.INFO, logger="genecorpus"):
+        build_corpus(changed, out, report=False, resume=True)
+    log = " ".join(caplog.text.split())
+    assert "qc: 8 of 12 tasks reused; 4 redone because the dataset's entry in the manifest changed" in log, log
+    assert re.search(r"histogram: 0 of 8 tasks reused; 8 redone because settings or corpus-wide", log), log
+    fresh = tmp_path / "fresh"
+    build_corpus(changed, fresh, report=False)
+    assert _outputs(out) == _outputs(fresh)
+
+
+def test_changed_qc_setting_redoes_every_task(small: list[Path], tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "corpus"
+    _interrupted(_config(small), out, "medians (selection)")
+    changed = _config(small, qc=QCParams(n_sd=2.5))
+    with caplog.at_level(logging.INFO, logger="genecorpus"):
+        build_corpus(changed, out, report=False, resume=True)
+    assert "qc: 0 of 12 tasks reused; 12 redone because settings" in " ".join(caplog.text.split())
+    fresh = tmp_path / "fresh"
+    build_corpus(changed, fresh, report=False)
+    assert _outputs(out) == _outputs(fresh)
+
+
+def test_damaged_record_is_redone(small: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "corpus"
+    _interrupted(_config(small), out, "encode")
+    work = out.with_name(f".{out.name}.incomplete")
+    damaged = sorted((work / "tasks" / "qc").glob("*.pkl"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:50])  # as if the disk lost its end
+    build_corpus(_config(small), out, report=False, resume=True)
+    fresh = tmp_path / "fresh"
+    build_corpus(_config(small), fresh, report=False)
+    assert _outputs(out) == _outputs(fresh)
+
+
+def test_unfinished_build_needs_resume_or_overwrite(small: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "corpus"
+    _interrupted(_config(small), out, "medians (histogram)")
+    with pytest.raises(ConfigError, match=r"unfinished build.*--resume.*--overwrite"):
+        build_corpus(_config(small), out, report=False)
+    assert WorkFolder.unfinished(out)  # refused: nothing was removed
+    build_corpus(_config(small), out, report=False, overwrite=True)  # starts again
+    assert not WorkFolder.unfinished(out) and (out / "manifest.json").is_file()
+
+
+def test_resume_of_a_complete_corpus(small: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "corpus"
+    build_corpus(_config(small), out, report=False)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    result = build_corpus(_config(small), out, report=False, resume=True)  # up to date: nothing to do
+    assert result.n_cells > 0 and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    _write(tmp_path, "a", seed=9, n_cells=1000)
+    with pytest.raises(ConfigError, match=r"a\.h5ad.*--overwrite"):
+        build_corpus(_config(small), out, report=False, resume=True)
+    build_corpus(_config(small), out, report=False, resume=True, overwrite=True)
+    fresh = tmp_path / "fresh"
+    build_corpus(_config(small), fresh, report=False)
+    assert _outputs(out) == _outputs(fresh)
+
+
+def test_a_second_build_of_the_same_corpus_is_refused(small: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "corpus"
+    holder = WorkFolder(out)
+    holder.open(resume=False, overwrite=False)
+    try:
+        with pytest.raises(ConfigError, match="another genecorpus build"):
+            build_corpus(_config(small), out, report=False)
+    finally:
+        holder.remove()
+
+
+def test_failure_keeps_finished_tasks_only_with_resume(small: list[Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.h5ad"
+    counts = random_counts(600, 413, density=0.15, seed=4).astype(np.float32)
+    counts.data[-1] = 2.5  # found when its last task is read
+    ids = np.concatenate([genes.candidate_genes()[::40][:400], genes.mito_genes()[:13]]).astype(object)
+    write_h5ad(bad, counts, gene_ids=ids, cell_ids=np.array([f"x{i}" for i in range(600)], dtype=object))
+    out = tmp_path / "corpus"
+    with pytest.raises(GenecorpusError, match="2.5"):
+        build_corpus(_config([*small, bad]), out, report=False)
+    assert not out.with_name(".corpus.incomplete").exists()  # the default leaves nothing behind
+    with pytest.raises(GenecorpusError, match="2.5"):
+        build_corpus(_config([*small, bad]), out, report=False, resume=True)
+    assert WorkFolder.unfinished(out)  # kept for the next --resume
+    build_corpus(_config(small), out, report=False, resume=True)  # the bad dataset removed from the manifest
+    fresh = tmp_path / "fresh"
+    build_corpus(_config(small), fresh, report=False)
+    assert _outputs(out) == _outputs(fresh)
+
+
+# ------------------------------------------------------------------- faults after the QC pass
+
+
+def test_skip_after_qc_leaves_the_dataset_out(small: list[Path], tmp_path: Path) -> None:
+    """A file that becomes unreadable after the QC pass is skipped; the rest is as if never listed."""
+    victim = small[1]
+    kept = victim.read_bytes()
+
+    def corrupt() -> None:
+        victim.write_bytes(b"gone" * 1000)
+
+    out = tmp_path / "corpus"
+    try:
+        build_corpus(_config(small), out, report=False, on_error="skip",
+                     executor=LocalExecutor(1, progress=_InterruptAtOnce("encode", corrupt)))
+    finally:
+        victim.write_bytes(kept)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["dataset_id"] for s in manifest["skipped"]] == ["b"]
+    assert manifest["skipped"][0]["stage"] == "encode"
+    fresh = tmp_path / "fresh"
+    build_corpus(_config([small[0], small[2]]), fresh, report=False)
+    mine, theirs = _outputs(out), _outputs(fresh)
+    for name in ("manifest.json", "state.json"):  # they name the datasets given
+        mine.pop(name)
+        theirs.pop(name)
+    assert mine == theirs
+
+
+class _InterruptAtOnce:
+    """A progress callback that calls ``then`` the first time ``stage`` starts (no interruption)."""
+
+    def __init__(self, stage: str, then: Callable[[], None]) -> None:
+        self.stage = stage
+        self.then: Callable[[], None] | None = then
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == self.stage and done == 0 and self.then is not None:
+            self.then()
+            self.then = None
+
+
+# ---------------------------------------------------------------------------- lost workers
+
+
+def _die_once(marker: str, value: int) -> int:
+    """Kill this worker process the first time (as the OOM killer would), then return ``value``."""
+    path = Path(marker)
+    if value == 3 and not path.exists():
+        path.write_text("died")
+        os._exit(9)
+    return value * 10
+
+
+def test_a_lost_worker_is_replaced_and_its_task_rerun(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    executor = LocalExecutor(2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="genecorpus"):
+            results = executor.map("t", _die_once, [(str(tmp_path / "marker"), i) for i in range(8)])
+    finally:
+        executor.close()
+    assert results == [i * 10 for i in range(8)]
+    assert "a worker process died during t" in caplog.text
