@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dask]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dask,train]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
