@@ -40,7 +40,7 @@ from genecorpus.executors import Executor, LocalExecutor, fold
 from genecorpus.io import DEFAULT_BLOCK_SIZE, open_dataset
 from genecorpus.manifest import file_digests, sha256_of_path
 from genecorpus.report import write_report
-from genecorpus.resume import WorkFolder, code_fingerprint, fingerprint, run_recorded, task_key
+from genecorpus.resume import WorkFolder, code_fingerprint, file_identity, fingerprint, run_recorded, task_key
 from genecorpus.qc import (
     DROP_REASONS,
     NO_VOCAB_REASON,
@@ -491,9 +491,7 @@ class _InputDigests:
         self._futures = {p: self._pool.submit(self._digest, p) for p in dict.fromkeys(paths)}
 
     def _digest(self, path: Path) -> tuple[str, int]:
-        from genecorpus.resume import _identity
-
-        identity = _identity(path) if self._on_done is not None else []
+        identity = file_identity(path) if self._on_done is not None else []
         digest, size = sha256_of_path(path, stop=self._stop)
         if self._on_done is not None and not self._stop.is_set():
             self._on_done(path, digest, identity)
@@ -649,6 +647,7 @@ def build_corpus(
     if resume and out.is_dir() and not WorkFolder.unfinished(out):
         finished = _finished_build(config, mode, out, overwrite=overwrite)
         if finished is not None:
+            WorkFolder(out).discard_leftover()
             return finished
     _check_out(out, overwrite=overwrite)
     work = WorkFolder(out, records=not in_memory)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WorkFolder", "code_fingerprint", "fingerprint", "run_recorded", "task_key"]
+__all__ = ["WorkFolder", "code_fingerprint", "file_identity", "fingerprint", "run_recorded", "task_key"]
 
 COMPONENT_REASONS = {
     "code": "genecorpus itself changed",
@@ -200,7 +200,7 @@ def run_recorded(record: Path | None, outputs: Sequence[Path], fn: Callable[...,
 # ----------------------------------------------------------------------------------- work folder
 
 
-def _identity(path: Path) -> list[int]:
+def file_identity(path: Path) -> list[int]:
     """Size in bytes and newest modification time (ns) of a file or of a folder's files."""
     files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
     stats = [p.stat() for p in files]
@@ -311,6 +311,16 @@ class WorkFolder:
             else:
                 child.unlink()
 
+    def discard_leftover(self) -> None:
+        """Remove what a build killed after publishing left behind (no corpus in progress), if unlocked."""
+        if not self.path.is_dir() or self.corpus.is_dir():
+            return
+        try:
+            self._lock()
+        except ConfigError:
+            return  # another build is starting in it
+        self.remove()
+
     def remove(self) -> None:
         """Delete the work folder (after publishing, or after a failure nobody will resume)."""
         self.release()
@@ -330,7 +340,7 @@ class WorkFolder:
         with self._inputs_lock:
             earlier = dict(self._inputs)
         for path in paths:
-            ident = _identity(path)
+            ident = file_identity(path)
             rec = earlier.get(str(path))
             if self.resumed:
                 sha, _ = digest(path)
