@@ -169,6 +169,7 @@ class DaskExecutor:
         self.cluster = cluster
         self.progress = progress
         self.workers = max(1, n_workers)
+        self._warm_up: list[Any] = []
 
     @classmethod
     def create(cls, spec: ClusterSpec, *, progress: ProgressCallback | None = None) -> DaskExecutor:
@@ -178,6 +179,8 @@ class DaskExecutor:
         except ImportError:
             msg = "the dask engine needs the dask extra: pip install 'genecorpus[dask]'"
             raise ConfigError(msg) from None
+        # importing distributed sets its loggers to INFO (its config); keep them as quiet as ours
+        logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
         if spec.kind == "scheduler":
             try:
                 client = Client(spec.address, timeout="30s")
@@ -208,7 +211,10 @@ class DaskExecutor:
     def start(self, modules: Sequence[str]) -> None:
         """Let the workers that are up import ``modules`` (SLURM workers may still be queued)."""
         with contextlib.suppress(Exception):  # a warm-up only: the first task imports them anyway
-            self.client.run(_import_modules, list(modules), wait=False)
+            workers = list(self.client.scheduler_info().get("workers", {}))
+            # one task pinned to each worker; kept referenced so that they are not cancelled
+            self._warm_up = [self.client.submit(_import_modules, list(modules), workers=[w],
+                                                allow_other_workers=False, pure=False) for w in workers]
 
     def _submit(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
         shared = self._scatter_shared(tasks)
