@@ -134,6 +134,7 @@ class LocalExecutor:
             if errors:
                 for other in running:
                     other.cancel()
+                wait(running)  # tasks already under way finish: nothing writes to the build after we raise
                 if isinstance(errors[0], BrokenProcessPool):
                     msg = (f"worker processes died {restarts + 1} times during {stage} (killed, or out of "
                            "memory); use fewer --workers or a smaller block_size, or rerun with --resume")

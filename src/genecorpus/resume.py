@@ -322,9 +322,19 @@ class WorkFolder:
         self.remove()
 
     def remove(self) -> None:
-        """Delete the work folder (after publishing, or after a failure nobody will resume)."""
+        """Delete the work folder (after publishing, or after a failure nobody will resume).
+
+        Renamed first, so that a task still running on a cluster worker cannot write into it again.
+        """
         self.release()
-        shutil.rmtree(self.path, ignore_errors=True)
+        if not self.path.exists():
+            return
+        trash = self.path.with_name(f"{self.path.name}.removed-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            self.path.rename(trash)
+        except OSError:
+            trash = self.path
+        shutil.rmtree(trash, ignore_errors=True)
 
     # ---- inputs
 
