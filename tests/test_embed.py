@@ -59,7 +59,7 @@ def rows_with_extremes(corpus: Path) -> list[int]:
 def test_mean_pooling_equals_one_cell_reference(gc30m: tuple[Path, Path], tmp_path: Path, layer: int) -> None:
     corpus, model = gc30m
     rows = rows_with_extremes(corpus)
-    emb = embed_corpus(corpus, model, tmp_path / "e.h5ad", layer=layer, batch_size=5, cells=rows)
+    emb = embed_corpus(corpus, model, out=tmp_path / "e.h5ad", layer=layer, batch_size=5, cells=rows)
     reader = CorpusReader.open(corpus)
     for k, row in enumerate(rows[:4] + rows[-2:]):
         ids = reader.input_ids(row)
@@ -72,9 +72,9 @@ def test_mean_pooling_equals_one_cell_reference(gc30m: tuple[Path, Path], tmp_pa
 def test_deterministic_bytes_and_independent_of_batch_size(gc30m: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, model = gc30m
     rows = rows_with_extremes(corpus)
-    a = embed_corpus(corpus, model, tmp_path / "a.h5ad", batch_size=7, cells=rows)
-    b = embed_corpus(corpus, model, tmp_path / "b.h5ad", batch_size=7, cells=rows)
-    c = embed_corpus(corpus, model, tmp_path / "c.h5ad", batch_size=1, cells=rows)
+    a = embed_corpus(corpus, model, out=tmp_path / "a.h5ad", batch_size=7, cells=rows)
+    b = embed_corpus(corpus, model, out=tmp_path / "b.h5ad", batch_size=7, cells=rows)
+    c = embed_corpus(corpus, model, out=tmp_path / "c.h5ad", batch_size=1, cells=rows)
     digest = [hashlib.sha256((tmp_path / f"{x}.h5ad").read_bytes()).hexdigest() for x in "ab"]
     assert digest[0] == digest[1]
     assert a.obsm[EMBEDDING_KEY].tobytes() == b.obsm[EMBEDDING_KEY].tobytes()
@@ -88,7 +88,7 @@ def test_row_order_obs_and_provenance_carried_through(gc30m: tuple[Path, Path], 
     corpus, model = gc30m
     rows = [7, 3, 250, 0, 99]
     out = tmp_path / "sub" / "emb.h5ad"
-    embed_corpus(corpus, model, out, cells=rows)
+    embed_corpus(corpus, model, out=out, cells=rows)
     emb = ad.read_h5ad(out)
     assert emb.obs["corpus_row"].tolist() == rows
     assert emb.X.shape == (len(rows), 0)
@@ -113,7 +113,7 @@ def test_whole_corpus_in_row_order_with_truncation(gc104m: tuple[Path, Path], tm
     corpus, model = gc104m
     reader = CorpusReader.open(corpus)
     with caplog.at_level(logging.WARNING, logger="genecorpus.embed"):
-        emb = embed_corpus(corpus, model, tmp_path / "all.h5ad", max_length=40, batch_size=64)
+        emb = embed_corpus(corpus, model, out=tmp_path / "all.h5ad", max_length=40, batch_size=64)
     assert emb.obs["corpus_row"].tolist() == list(range(reader.n_cells))
     n_long = int((reader.lengths > 40).sum())
     assert n_long > 0
@@ -132,8 +132,8 @@ def test_mean_excludes_cls_and_eos_and_cls_pool_is_position_zero(gc104m: tuple[P
     reader = CorpusReader.open(corpus)
     special = reader.token_dictionary.special
     rows = [4, 1, 60]
-    mean = embed_corpus(corpus, model, tmp_path / "m.h5ad", cells=rows, batch_size=2)
-    cls = embed_corpus(corpus, model, tmp_path / "c.h5ad", cells=rows, pool="cls", batch_size=2)
+    mean = embed_corpus(corpus, model, out=tmp_path / "m.h5ad", cells=rows, batch_size=2)
+    cls = embed_corpus(corpus, model, out=tmp_path / "c.h5ad", cells=rows, pool="cls", batch_size=2)
     for k, row in enumerate(rows):
         ids = reader.input_ids(row)
         assert ids[0] == special["<cls>"]
@@ -147,7 +147,7 @@ def test_mean_excludes_cls_and_eos_and_cls_pool_is_position_zero(gc104m: tuple[P
 def test_cls_pool_without_cls_token_is_one_line_error(gc30m: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, model = gc30m
     with pytest.raises(ConfigError, match="has no <cls> token.*use --pool mean"):
-        embed_corpus(corpus, model, tmp_path / "x.h5ad", pool="cls", cells=[0])
+        embed_corpus(corpus, model, out=tmp_path / "x.h5ad", pool="cls", cells=[0])
     assert not (tmp_path / "x.h5ad").exists()
 
 
@@ -162,7 +162,7 @@ def test_geneformer_checkpoint_with_published_corpus(geneformer_dicts: Path, dat
     assert (model / "pytorch_model.bin").exists()
     rows = [3, 0]
     # the parquet corpus has no dictionary: the model's is used for it
-    emb = embed_corpus(sample, model, tmp_path / "gf.h5ad", token_dictionary=tdict, cells=rows, layer=-1)
+    emb = embed_corpus(sample, model, out=tmp_path / "gf.h5ad", token_dictionary=tdict, cells=rows, layer=-1)
     reader = CorpusReader.open(sample, tdict)
     for k, row in enumerate(rows):
         ids = reader.input_ids(row)
@@ -180,7 +180,7 @@ def test_geneformer_gc104m_dictionary_and_cls(geneformer_dicts: Path, data_dir: 
     model = tiny_model(data_dir / "geneformer-gc95m", tdict, geneformer_layout="safetensors", max_positions=4096)
     assert (model / "model.safetensors").exists()
     assert not (model / "token_dictionary.pkl").exists()
-    emb = embed_corpus(corpus, model, tmp_path / "v2.h5ad", token_dictionary=tdict, cells=[2, 9], pool="cls")
+    emb = embed_corpus(corpus, model, out=tmp_path / "v2.h5ad", token_dictionary=tdict, cells=[2, 9], pool="cls")
     reader = CorpusReader.open(corpus)
     for k, row in enumerate([2, 9]):
         np.testing.assert_allclose(emb.obsm[EMBEDDING_KEY][k], reference_layer(model, reader.input_ids(row), -2)[0],
@@ -193,7 +193,7 @@ def test_corpus_of_another_dictionary_is_refused(gc30m: tuple[Path, Path], genef
     tdict = geneformer_dicts / "token_dictionary_gc30M.pkl"
     model = tiny_model(data_dir / "geneformer-gc30m", tdict, geneformer_layout="bin")
     with pytest.raises(InputError, match="tokenized with another dictionary.*re-tokenize") as err:
-        embed_corpus(corpus, model, tmp_path / "x.h5ad", token_dictionary=tdict, cells=[0])
+        embed_corpus(corpus, model, out=tmp_path / "x.h5ad", token_dictionary=tdict, cells=[0])
     assert "\n" not in str(err.value)
     assert not (tmp_path / "x.h5ad").exists()
 
@@ -205,7 +205,7 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused(gc30m: tuple[Path, Pa
         pytest.skip(f"{SAMPLE_NAME} not found next to {geneformer_dicts}")
     _, model = gc30m  # vocabulary of ~10k Kang genes; the published corpus uses gc30M ids up to 25k
     with pytest.raises(InputError, match=r"token id \d+ is outside the model's vocabulary of \d+"):
-        embed_corpus(sample, model, tmp_path / "x.h5ad", cells=[0, 1])
+        embed_corpus(sample, model, out=tmp_path / "x.h5ad", cells=[0, 1])
     assert not (tmp_path / "x.h5ad").exists()
 
 
@@ -220,7 +220,7 @@ def test_bad_settings_are_one_line_errors(gc30m: tuple[Path, Path], tmp_path: Pa
                                           error: type[Exception], pattern: str) -> None:
     corpus, model = gc30m
     with pytest.raises(error, match=pattern) as err:
-        embed_corpus(corpus, model, tmp_path / "x.h5ad", **kwargs)
+        embed_corpus(corpus, model, out=tmp_path / "x.h5ad", **kwargs)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "x.h5ad").exists()
 

@@ -119,8 +119,8 @@ def test_deleting_an_absent_gene_changes_nothing(gc30m: tuple[Path, Path], tmp_p
     token = token_of(corpus, CD74)
     holding, lacking = cells_with_and_without(corpus, token)
     emb = tmp_path / "e.h5ad"
-    embed_corpus(corpus, model, emb, cells=holding + lacking)
-    result = perturb(emb, model, [CD74], mode="delete")
+    embed_corpus(corpus, model, out=emb, cells=holding + lacking)
+    result = perturb(emb, model, genes=[CD74], mode="delete")
     cells = result.cells.set_index("corpus_row")
     assert cells.loc[lacking, "shift"].tolist() == [0.0, 0.0]
     assert not cells.loc[lacking, "changed"].any()
@@ -143,8 +143,8 @@ def test_shifts_agree_with_a_computation_by_hand(gc30m: tuple[Path, Path], tmp_p
     token = token_of(corpus, CD74)
     (row, *_), _ = cells_with_and_without(corpus, token, n=1)
     emb = tmp_path / "one.h5ad"
-    embed_corpus(corpus, model, emb, cells=[row])
-    result = perturb(emb, model, ["CD74"], mode="delete")
+    embed_corpus(corpus, model, out=emb, cells=[row])
+    result = perturb(emb, model, genes=["CD74"], mode="delete")
 
     ids = CorpusReader.open(corpus).input_ids(row).tolist()
     perturbed = [t for t in ids if t != token]
@@ -172,15 +172,15 @@ def test_overexpress_on_a_gc104m_corpus(gc104m: tuple[Path, Path], tmp_path: Pat
     corpus, model = gc104m
     token = token_of(corpus, CD74)
     holding, lacking = cells_with_and_without(corpus, token, n=1)
-    result = perturb(corpus, model, [CD74], mode="overexpress", max_cells=3)
+    result = perturb(corpus, model, genes=[CD74], mode="overexpress", max_cells=3)
     assert result.cells["corpus_row"].tolist() == [0, 1, 2]
     reader = CorpusReader.open(corpus)
     # a cell changes unless CD74 is already its top gene (right after <cls>)
     assert result.cells["changed"].tolist() == [bool(reader.input_ids(r)[1] != token) for r in range(3)]
     # one cell lacking CD74, checked by hand: insertion after <cls>, last gene cut, <eos> kept
     emb = tmp_path / "lacking.h5ad"
-    embed_corpus(corpus, model, emb, cells=lacking)
-    one = perturb(emb, model, ["CD74"], mode="overexpress")
+    embed_corpus(corpus, model, out=emb, cells=lacking)
+    one = perturb(emb, model, genes=["CD74"], mode="overexpress")
     ids = CorpusReader.open(corpus).input_ids(lacking[0]).tolist()
     new = [ids[0], token, *ids[1:-2], ids[-1]]
     before, after = reference_layer(model, np.array(ids), -2), reference_layer(model, np.array(new), -2)
@@ -198,7 +198,7 @@ def test_outputs_and_cli(gc30m: tuple[Path, Path], tmp_path: Path) -> None:
     token = token_of(corpus, CD74)
     holding, lacking = cells_with_and_without(corpus, token)
     emb = tmp_path / "e.h5ad"
-    embed_corpus(corpus, model, emb, cells=holding + lacking)
+    embed_corpus(corpus, model, out=emb, cells=holding + lacking)
     prefix = tmp_path / "out" / "cd74"
     result = CliRunner().invoke(app, ["perturb", str(emb), "--model", str(model), "--genes", "CD74",
                                       "--mode", "delete", "--out", str(prefix), "--top", "5"])

@@ -313,7 +313,7 @@ def embed(
     try:
         require_torch()
         with _Progress() as progress:
-            adata = embed_corpus(corpus, model, out, layer=layer, pool=pool, batch_size=batch_size,  # type: ignore[arg-type]
+            adata = embed_corpus(corpus, model, out=out, layer=layer, pool=pool, batch_size=batch_size,  # type: ignore[arg-type]
                                  max_length=max_length, device=device, token_dictionary=token_dictionary,
                                  corpus_token_dictionary=corpus_token_dictionary, progress=progress)
     except GenecorpusError as e:
@@ -361,7 +361,7 @@ def perturb(
     try:
         require_torch()
         with _Progress() as progress:
-            result = perturb_cells(source, model, genes.split(","), mode=mode, layer=layer,  # type: ignore[arg-type]
+            result = perturb_cells(source, model, genes=genes.split(","), mode=mode, layer=layer,  # type: ignore[arg-type]
                                    batch_size=batch_size, max_cells=max_cells, device=device,
                                    token_dictionary=token_dictionary,
                                    corpus_token_dictionary=corpus_token_dictionary, progress=progress)

@@ -244,8 +244,8 @@ def model_dictionary_path(model: str | os.PathLike[str],
 def embed_corpus(
     corpus: str | os.PathLike[str],
     model: str | os.PathLike[str],
-    out: str | os.PathLike[str],
     *,
+    out: str | os.PathLike[str],
     layer: int = -2,
     pool: Pool = "mean",
     batch_size: int = 16,
@@ -300,7 +300,7 @@ def embed_corpus(
 
     Examples
     --------
-    >>> emb = embed_corpus("pbmc-corpus", "pbmc-model", "pbmc-emb.h5ad")  # doctest: +SKIP
+    >>> emb = embed_corpus("pbmc-corpus", "pbmc-model", out="pbmc-emb.h5ad")  # doctest: +SKIP
     >>> emb.obsm["X_genecorpus"].shape  # doctest: +SKIP
     (3000, 128)
     """

@@ -259,8 +259,8 @@ def _read_source(source: Path) -> _Source:
 def perturb(
     source: str | os.PathLike[str],
     model: str | os.PathLike[str],
-    genes: Sequence[str],
     *,
+    genes: Sequence[str],
     mode: Mode = "delete",
     layer: int | None = None,
     batch_size: int = 16,
@@ -302,7 +302,7 @@ def perturb(
 
     Examples
     --------
-    >>> result = perturb("pbmc-emb.h5ad", "pbmc-model", ["CD74"], mode="delete")  # doctest: +SKIP
+    >>> result = perturb("pbmc-emb.h5ad", "pbmc-model", genes=["CD74"], mode="delete")  # doctest: +SKIP
     >>> result.write("cd74-deletion")  # doctest: +SKIP
     """
     import pandas as pd
