@@ -142,9 +142,17 @@ class CellEncoder:
         gene_mask = torch.from_numpy(self.is_gene(ids) & (attention == 1)).to(self.device)
         input_ids = torch.from_numpy(ids).to(self.device)
         attention_mask = torch.from_numpy(attention).to(self.device)
-        with torch.inference_mode():
-            out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-            states = out.hidden_states[self.layer].float()
+        layers = self.model.bert.encoder.layer
+        depth = self.layer % (len(layers) + 1)  # hidden_states[depth] is the output of layer `depth`
+        try:
+            # the layers above the chosen one do not change it: leave them out (-2 of 4 layers: 25 % faster)
+            self.model.bert.encoder.layer = layers[: max(depth, 1)]
+            with torch.inference_mode():
+                out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                      output_hidden_states=True)
+                states = out.hidden_states[depth].float()
+        finally:
+            self.model.bert.encoder.layer = layers
         return states, gene_mask
 
     def pool(self, sequences: Sequence[np.ndarray], pool: Pool = "mean") -> np.ndarray:
