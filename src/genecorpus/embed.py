@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -31,6 +31,8 @@ from genecorpus.errors import ConfigError, InputError
 from genecorpus.vocab import TokenDictionary
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import anndata as ad
     import pandas as pd
     import torch

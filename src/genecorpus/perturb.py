@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -32,7 +31,6 @@ import numpy as np
 from genecorpus.embed import (
     UNS_KEY,
     CellEncoder,
-    ProgressCallback,
     corpus_obs,
     model_dictionary_path,
     open_corpus_for_model,
@@ -42,8 +40,11 @@ from genecorpus.embed import (
 from genecorpus.errors import ConfigError, GeneMappingError, InputError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import pandas as pd
 
+    from genecorpus.embed import ProgressCallback
     from genecorpus.vocab import TokenDictionary
 
 logger = logging.getLogger(__name__)
