@@ -299,7 +299,8 @@ def embed_corpus(
     Returns
     -------
     The AnnData that was written: ``obsm["X_genecorpus"]`` float32 (cells x hidden size), ``obs`` the
-    corpus's metadata plus ``corpus_row``, ``uns["genecorpus"]`` the provenance.
+    corpus's metadata plus ``corpus_row``, ``uns["genecorpus"]`` the provenance (plus, in memory only,
+    ``seconds``: the time spent embedding).
 
     Raises
     ------
