@@ -19,8 +19,10 @@ from genecorpus.errors import GenecorpusError
 if TYPE_CHECKING:
     from genecorpus.build import BuildResult, build_corpus, tokenize
     from genecorpus.config import BuildConfig, DatasetSpec, QCParams, load_manifest
+    from genecorpus.embed import embed_corpus
     from genecorpus.encode import rank_value_encode
     from genecorpus.io import open_dataset
+    from genecorpus.perturb import PerturbResult, perturb
     from genecorpus.validate import ValidationReport, validate_corpus
     from genecorpus.vocab import TokenDictionary, load_gene_medians
 
@@ -31,6 +33,8 @@ _LAZY = {
     "rank_value_encode": "encode", "open_dataset": "io",
     "TokenDictionary": "vocab", "load_gene_medians": "vocab",
     "ValidationReport": "validate", "validate_corpus": "validate",
+    # model commands: these modules import torch only inside their functions
+    "embed_corpus": "embed", "PerturbResult": "perturb", "perturb": "perturb",
 }
 
 __version__ = "0.1.0"
@@ -40,14 +44,17 @@ __all__ = [
     "BuildResult",
     "DatasetSpec",
     "GenecorpusError",
+    "PerturbResult",
     "QCParams",
     "TokenDictionary",
     "ValidationReport",
     "__version__",
     "build_corpus",
+    "embed_corpus",
     "load_gene_medians",
     "load_manifest",
     "open_dataset",
+    "perturb",
     "rank_value_encode",
     "tokenize",
     "validate_corpus",

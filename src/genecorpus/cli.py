@@ -280,6 +280,99 @@ def validate(
         raise typer.Exit(1)
 
 
+@app.command()
+def embed(
+    corpus: Annotated[Path, typer.Argument(help="A corpus folder (or published parquet files).")],
+    model: Annotated[Path, typer.Option(help="Model folder (genecorpus pretrain) or a Geneformer checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .h5ad file to write.")],
+    layer: Annotated[int, typer.Option(
+        help="Hidden states: 0 = embedding output, -1 = last layer, -2 = penultimate (Geneformer's default).")] = -2,
+    pool: Annotated[str, typer.Option(help="mean (over gene tokens) or cls (the <cls> state, gc104m layout).")] = "mean",
+    batch_size: Annotated[int, typer.Option(help="Cells per forward pass (memory and speed only).")] = 16,
+    max_length: Annotated[Optional[int], typer.Option(
+        help="Tokens kept per cell (default: the model's maximum).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if available).")] = None,
+    token_dictionary: Annotated[Optional[Path], typer.Option(
+        help="The model's token dictionary, if its folder has none (Geneformer checkpoints).")] = None,
+    corpus_token_dictionary: Annotated[Optional[Path], typer.Option(
+        help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
+) -> None:
+    """Embed every cell of a corpus: the mean of a layer's hidden states over the cell's gene tokens
+    (or its <cls> state), into obsm["X_genecorpus"] of an .h5ad whose obs holds the corpus metadata.
+
+    Examples:
+
+        genecorpus embed pbmc-corpus --model pbmc-model --out pbmc-emb.h5ad
+
+        genecorpus embed genecorpus_500_samples.parquet --model Geneformer/gf-6L-30M-i2048 \\
+            --token-dictionary token_dictionary_gc30M.pkl --out sample-emb.h5ad --layer -1
+    """
+    from genecorpus.embed import EMBEDDING_KEY, embed_corpus
+    from genecorpus.models import require_torch
+
+    try:
+        require_torch()
+        with _Progress() as progress:
+            adata = embed_corpus(corpus, model, out=out, layer=layer, pool=pool, batch_size=batch_size,  # type: ignore[arg-type]
+                                 max_length=max_length, device=device, token_dictionary=token_dictionary,
+                                 corpus_token_dictionary=corpus_token_dictionary, progress=progress)
+    except GenecorpusError as e:
+        _fail(e)
+    info = adata.uns["genecorpus"]
+    seconds = float(info["seconds"])
+    typer.echo(f"embedded {adata.n_obs} cells in {seconds:.1f} s ({adata.n_obs / max(seconds, 1e-9):.1f} cells/s): "
+               f"{adata.obsm[EMBEDDING_KEY].shape[1]} dimensions, layer {info['layer']}, {info['pool']} pooling")
+    typer.echo(f"wrote {out} (obsm['{EMBEDDING_KEY}']; obs: {', '.join(map(str, adata.obs.columns))})")
+
+
+@app.command()
+def perturb(
+    source: Annotated[Path, typer.Argument(help="An embedding .h5ad (genecorpus embed) or a corpus.")],
+    model: Annotated[Path, typer.Option(help="Model folder (genecorpus pretrain) or a Geneformer checkpoint.")],
+    genes: Annotated[str, typer.Option(help="Comma-separated Ensembl IDs or symbols, perturbed together.")],
+    mode: Annotated[str, typer.Option(help="delete (remove the tokens) or overexpress (move them to the front).")] = "delete",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write OUT_cells.csv and OUT_genes.csv.")] = None,
+    max_cells: Annotated[Optional[int], typer.Option(help="Perturb only the first N cells.")] = None,
+    layer: Annotated[Optional[int], typer.Option(
+        help="Hidden states compared (default: the embedding's layer, else -2).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 16,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if available).")] = None,
+    top: Annotated[int, typer.Option(help="Genes listed whose embeddings moved most.")] = 20,
+    token_dictionary: Annotated[Optional[Path], typer.Option(
+        help="The model's token dictionary, if its folder has none (Geneformer checkpoints).")] = None,
+    corpus_token_dictionary: Annotated[Optional[Path], typer.Option(
+        help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
+) -> None:
+    """In-silico deletion or overexpression (Geneformer's in-silico perturbation): re-embed each
+    cell with the genes removed or moved to the front, and report the cosine shift of the cell
+    embedding per cell and on average, and the genes whose embeddings moved most.
+
+    Examples:
+
+        genecorpus perturb pbmc-emb.h5ad --model pbmc-model --genes CD74 --mode delete --out cd74-del
+
+        genecorpus perturb pbmc-corpus --model pbmc-model --genes ENSG00000156738,CD79A \\
+            --mode overexpress --max-cells 500
+    """
+    from genecorpus.models import require_torch
+    from genecorpus.perturb import perturb as perturb_cells
+
+    try:
+        require_torch()
+        with _Progress() as progress:
+            result = perturb_cells(source, model, genes=genes.split(","), mode=mode, layer=layer,  # type: ignore[arg-type]
+                                   batch_size=batch_size, max_cells=max_cells, device=device,
+                                   token_dictionary=token_dictionary,
+                                   corpus_token_dictionary=corpus_token_dictionary, progress=progress)
+        written = result.write(out) if out is not None else ()
+    except GenecorpusError as e:
+        _fail(e)
+    typer.echo(result.to_text(top))
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point of the ``genecorpus`` console script."""
     try:
