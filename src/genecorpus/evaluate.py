@@ -283,8 +283,9 @@ def join_labels(obs: pd.DataFrame, labels: str | os.PathLike[str], *,
 
     Returns
     -------
-    A new DataFrame, same rows and index as ``obs``; the CSV's other columns added (replacing ``obs``
-    columns of the same name), missing where a cell has no row in the CSV.
+    A new DataFrame, same rows and index as ``obs``; the CSV's columns added (replacing ``obs`` columns
+    of the same name; key columns too unless named as their ``obs`` column), missing where a cell has no
+    row in the CSV.
 
     Raises
     ------
@@ -320,7 +321,8 @@ def join_labels(obs: pd.DataFrame, labels: str | os.PathLike[str], *,
         example = ", ".join(table.loc[duplicated.idxmax(), csv_keys].tolist())
         msg = f"{path}: key ({', '.join(csv_keys)}) = ({example}) occurs twice; keep one row per cell"
         raise InputError(msg)
-    added = table.drop(columns=csv_keys).replace("", np.nan)
+    # a key column named as its obs column adds nothing; one named otherwise (stim=dataset_id) is kept
+    added = table.drop(columns=[c for c, o in pairs.items() if c == o]).replace("", np.nan)
     keys = pd.MultiIndex.from_frame(table[csv_keys].astype(str))
     wanted = pd.MultiIndex.from_frame(obs[list(pairs.values())].astype(str))
     at = keys.get_indexer(wanted)
@@ -582,7 +584,7 @@ class CenteredRandomizedPCA:
     3,500 Kang cells × 14,053 genes, where the trailing singular values are nearly equal (so the 50th
     component is arbitrary anyway); this takes well under a second. Halko, Martinsson & Tropp (2011),
     algorithm 4.4: a Gaussian test matrix of ``n_components + n_oversamples`` columns, ``n_iter`` power
-    iterations re-orthonormalized by QR, all products with ``X - 1 mean`` done as ``X @ M - 1 (mean @ M)``.
+    iterations (LU-normalized, as sklearn's ``randomized_svd``), all products with ``X - 1 mean`` done as ``X @ M - 1 (mean @ M)``.
     Signs follow sklearn's ``svd_flip`` convention (largest loading of each component positive).
     Has ``fit``/``transform``/``fit_transform`` so it can stand in a scikit-learn ``Pipeline``.
     """
@@ -606,17 +608,26 @@ class CenteredRandomizedPCA:
         def times_t(m: np.ndarray) -> np.ndarray:  # (X - 1 mean).T @ m
             return np.asarray(x.T @ m) - np.outer(mean, m.sum(axis=0))
 
+        from scipy.linalg import lu, qr
+
         rng = np.random.default_rng(self.random_state)
         size = min(self.n_components + self.n_oversamples, n_cells, n_genes)
-        q = np.linalg.qr(times(rng.standard_normal((n_genes, size))))[0]
+        # sklearn's randomized_range_finder: LU keeps the power iterations well scaled at half QR's cost
+        q = times(rng.standard_normal((n_genes, size)))
         for _ in range(self.n_iter):
-            q = np.linalg.qr(times_t(q))[0]
-            q = np.linalg.qr(times(q))[0]
-        _, s, vt = np.linalg.svd(times_t(q).T, full_matrices=False)
-        vt = vt[:self.n_components]
+            q = lu(q, permute_l=True, check_finite=False)[0]
+            q = lu(times_t(q), permute_l=True, check_finite=False)[0]
+            q = times(q)
+        q = qr(q, mode="economic", check_finite=False)[0]
+        b = times_t(q).T  # size x n_genes: the centred matrix projected on the range found
+        # SVD of b from the small Gram matrix b b^T (only the leading, well-separated values are kept)
+        values, vectors = np.linalg.eigh(b @ b.T)
+        order = np.argsort(values)[::-1][:self.n_components]
+        s = np.sqrt(np.maximum(values[order], 0))
+        vt = (vectors[:, order].T @ b) / np.where(s > 0, s, 1)[:, None]
         signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])
         self.components_ = vt * signs[:, None]
-        self.singular_values_ = s[:self.n_components]
+        self.singular_values_ = s
         self.mean_ = mean
         return self
 
