@@ -814,7 +814,7 @@ def _confusion_figure(report: EvaluationReport, scores: ClassifierScores, path: 
     matrix = confusion_matrix(report.y, scores.predictions, labels=np.arange(n)).astype(np.float64)
     matrix /= np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = 2.5 + 0.45 * n
-    fig = Figure(figsize=(size + 1.5, size), dpi=100, layout="constrained")
+    fig = Figure(figsize=(size + 2.2, size + 0.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
