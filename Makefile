@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench venv clean gene-tables
+.PHONY: demo example test bench venv clean gene-tables
 
 venv: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) examples/demo.py
 
+# Kang 2018 PBMC + demo data: build, pretrain `small` on the CPU for MINUTES, embed, evaluate vs the baseline
+MINUTES ?= 20
+example: venv
+	$(PY) examples/kang_pretrain.py --minutes $(MINUTES)
+
 test: venv
 	$(PY) -m pytest -q
 
@@ -27,4 +32,4 @@ gene-tables: venv
 	$(PY) scripts/make_gene_tables.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out example-out .pytest_cache
