@@ -188,6 +188,7 @@ def pretrain(  # noqa: PLR0913 - the CLI's options, keyword-only
         val_fraction=val_fraction, val_cells=val_cells, eval_every=eval_every, save_every=save_every,
         time_limit=time_limit, baseline_cells=baseline_cells)
     _check_settings(settings)
+    torch_device = pick_device(device)
     out = Path(out)
     _check_output(out, resume=resume, overwrite=overwrite)
     reader = CorpusReader.open(corpus, token_dictionary)
@@ -195,9 +196,9 @@ def pretrain(  # noqa: PLR0913 - the CLI's options, keyword-only
         msg = f"{reader.files.root}: the corpus has no cells; build it from non-empty datasets"
         raise InputError(msg)
     if overwrite and out.exists():
-        shutil.rmtree(out)
-    with _deterministic_torch():
-        return _Run(reader, out, settings, device=device, resume=resume, progress=progress).train()
+        _remove_model_folder(out, reader.files.root)
+    with _deterministic_torch(enabled=torch_device.type == "cuda"):
+        return _Run(reader, out, settings, device=torch_device, resume=resume, progress=progress).train()
 
 
 def _check_settings(s: PretrainSettings) -> None:
@@ -236,6 +237,21 @@ def _check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise ConfigError(msg)
 
 
+def _remove_model_folder(out: Path, corpus_root: Path) -> None:
+    """Remove ``out`` for ``--overwrite``, only if it is a model folder (never the corpus or a parent)."""
+    resolved, corpus = out.resolve(), corpus_root.resolve()
+    if resolved == corpus or resolved in corpus.parents:
+        msg = f"{out}: holds the corpus; give another --out"
+        raise ConfigError(msg)
+    if out.is_dir() and any(out.iterdir()) and not ((out / "config.json").is_file() or _find_checkpoint(out)):
+        msg = f"{out}: exists and is not a model folder; --overwrite only replaces models, give another --out"
+        raise ConfigError(msg)
+    if out.is_dir():
+        shutil.rmtree(out)
+    else:
+        out.unlink()
+
+
 def _find_checkpoint(out: Path) -> Path | None:
     for name in (CHECKPOINT, f".{CHECKPOINT}.old"):  # .old: a crash between the two renames of a save
         if (out / name / TRAINING_STATE).is_file():
@@ -244,9 +260,18 @@ def _find_checkpoint(out: Path) -> Path | None:
 
 
 class _deterministic_torch:  # noqa: N801 - used as a context manager, like torch's own
-    """Deterministic torch kernels inside the block (restored after; CUDA needs a cuBLAS workspace)."""
+    """Deterministic CUDA kernels inside the block (restored after; they need a cuBLAS workspace).
+
+    Only for CUDA: torch's CPU kernels used here are deterministic already, and turning the switch on
+    imports ``torch._inductor`` (seconds).
+    """
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
 
     def __enter__(self) -> None:
+        if not self.enabled:
+            return
         import torch
 
         self._before = torch.are_deterministic_algorithms_enabled()
@@ -254,6 +279,8 @@ class _deterministic_torch:  # noqa: N801 - used as a context manager, like torc
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
         import torch
 
         torch.use_deterministic_algorithms(self._before)
@@ -262,7 +289,7 @@ class _deterministic_torch:  # noqa: N801 - used as a context manager, like torc
 class _Run:
     """One pretraining run: the state of the loop and what it writes."""
 
-    def __init__(self, reader: CorpusReader, out: Path, settings: PretrainSettings, *, device: str | None,
+    def __init__(self, reader: CorpusReader, out: Path, settings: PretrainSettings, *, device: torch.device,
                  resume: bool, progress: Callable[[str, int, int], None] | None) -> None:
         import torch
         from transformers.utils import logging as hf_logging
@@ -272,7 +299,7 @@ class _Run:
         self.reader, self.out, self.progress = reader, out, progress
         self.tdict = reader.token_dictionary
         self.layout = self.tdict.layout()
-        self.device = pick_device(device)
+        self.device = device
         self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         longest = int(reader.lengths.max())
         cap = MAX_POSITIONS[self.layout.name]
