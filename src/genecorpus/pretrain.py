@@ -112,6 +112,8 @@ class _History:
     step: int = 0
     tokens_seen: int = 0
     seconds: float = 0.0
+    train_seconds: float = 0.0
+    """Wall time in training steps only (no evaluation, checkpoints or setup)."""
     train_loss: list[float] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
 
@@ -374,7 +376,7 @@ class _Run:
         self.sampler.load_state_dict(saved["sampler"])
         h = saved["history"]
         self.history = _History(int(h["step"]), int(h["tokens_seen"]), float(h["seconds"]),
-                                list(h["train_loss"]), [dict(e) for e in h["evals"]])
+                                float(h["train_seconds"]), list(h["train_loss"]), [dict(e) for e in h["evals"]])
         if saved["total_steps"] != self.total_steps:
             logger.warning("resuming at step %d with %d steps in all (the checkpoint's run had %d): the "
                            "learning-rate schedule changes from here on", self.history.step, self.total_steps,
@@ -428,6 +430,8 @@ class _Run:
             selected = labels >= 0
             logits = self.model.cls(hidden[selected]).float()
         targets = labels[selected]
+        if len(targets) == 0:  # no gene in any cell of the batch: nothing to learn, a zero loss with a graph
+            return hidden.sum() * 0.0, logits, targets
         return torch.nn.functional.cross_entropy(logits, targets), logits, targets
 
     def train(self) -> PretrainResult:
@@ -445,6 +449,7 @@ class _Run:
                 stopped = "time_limit"
                 logger.info("time limit of %s min reached at step %d", s.time_limit, h.step)
                 break
+            step_started = time.monotonic()
             self.model.train()
             rows = self.sampler.next_batch()
             padded = self._pad(rows)
@@ -458,6 +463,7 @@ class _Run:
             h.step += 1
             h.tokens_seen += padded.n_tokens
             h.train_loss.append(float(loss.detach()))
+            h.train_seconds += time.monotonic() - step_started
             if h.step % s.eval_every == 0 or h.step == self.total_steps:
                 self._evaluate()
             if h.step % s.save_every == 0 and h.step < self.total_steps:
@@ -522,6 +528,7 @@ class _Run:
             "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "history": {"step": h.step, "tokens_seen": h.tokens_seen, "seconds": h.seconds,
+                        "train_seconds": h.train_seconds,
                         "train_loss": list(h.train_loss), "evals": [dict(e) for e in h.evals]},
         }
         torch.save(state, tmp / TRAINING_STATE)
@@ -552,7 +559,10 @@ class _Run:
             "split": self.split.to_dict(),
             "training": {"steps": h.step, "total_steps": self.total_steps,
                          "epochs": h.step / self.sampler.batches_per_epoch, "tokens_seen": h.tokens_seen,
-                         "wall_seconds": round(h.seconds, 1), "stopped": stopped, "device": str(self.device),
+                         "wall_seconds": round(h.seconds, 1), "train_seconds": round(h.train_seconds, 2),
+                         "steps_per_second": round(h.step / h.train_seconds, 3) if h.train_seconds else None,
+                         "tokens_per_second": round(h.tokens_seen / h.train_seconds) if h.train_seconds else None,
+                         "stopped": stopped, "device": str(self.device),
                          "bf16": self.bf16},
             "metrics": metrics, "evals": h.evals, "seed": self.settings.seed,
             "settings": asdict(self.settings),
