@@ -142,7 +142,8 @@ def test_random_replacements_are_uniform_over_gene_tokens() -> None:
 def test_at_least_one_gene_selected_per_cell_and_none_in_empty_cells() -> None:
     tdict = gc104m_dictionary()
     cls, eos = tdict.special["<cls>"], tdict.special["<eos>"]
-    cells = [np.array([cls, eos]), np.array([cls, 10, eos]), np.array([cls, 10, 11, eos]), np.array([cls, eos])]
+    cells = [np.array([cls, eos]), np.array([cls, 10, eos]), np.array([cls, 10, 11, eos]),
+             np.array([cls, eos])]
     for seed in range(50):
         masked = mask_genes(pad_cells(cells, tdict), tdict, np.random.default_rng(seed))
         assert ((masked.labels != IGNORE_INDEX).sum(axis=1) == [0, 1, 1, 0]).all()
@@ -180,7 +181,8 @@ def test_sampler_visits_every_cell_once_per_epoch(real_corpus: Path) -> None:
         assert len(batches) == math.ceil(len(rows) / 8)
         assert sum(len(b) < 8 for b in batches) <= 1
         assert sampler.epoch == epoch + 1
-    assert not all((a == b).all() for a, b in zip(sampler.epoch_batches(0), sampler.epoch_batches(1), strict=True))
+    first, second = sampler.epoch_batches(0), sampler.epoch_batches(1)
+    assert not all((a == b).all() for a, b in zip(first, second, strict=True))
 
 
 def test_sampler_groups_by_length(real_corpus: Path) -> None:
@@ -235,7 +237,8 @@ def test_split_by_dataset_reaches_the_fraction_and_never_takes_all() -> None:
         n_held = sum(int(sizes[int(d[1:])]) for d in split.val_datasets)
         assert split.n_held_out == n_held >= 0.1 * len(ids)
         assert n_held <= 0.2 * len(ids) + 1  # close to the target: within twice it
-        assert split_cells(lengths, ids, val_fraction=0.1, val_cells=10**6, seed=seed) .val_datasets == split.val_datasets
+        again = split_cells(lengths, ids, val_fraction=0.1, val_cells=10**6, seed=seed)
+        assert again.val_datasets == split.val_datasets
         chosen.add(split.val_datasets)
     assert len(chosen) > 1  # the seed decides
     two = np.array(["a"] * 10 + ["b"] * 10, dtype=object)
@@ -411,3 +414,33 @@ def test_cli_pretrain_end_to_end_and_one_line_errors(real_corpus: Path, tmp_path
     resumed = runner.invoke(app, [*args[:7], "6", *args[8:], "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((out / "genecorpus_model.json").read_text())["training"]["steps"] == 6
+
+
+def test_gc104m_corpus_keeps_cls_and_eos_and_never_masks_them(real_corpus: Path, tmp_path: Path,
+                                                              geneformer_dicts: Path) -> None:
+    from genecorpus.build import tokenize
+
+    h5ad = real_corpus.parent / "kang_pbmc_ctrl.h5ad"
+    corpus = tmp_path / "gc104m"
+    tokenize([h5ad], corpus, token_dictionary=geneformer_dicts / "token_dictionary_gc95M.pkl",
+             gene_medians=geneformer_dicts / "gene_median_dictionary_gc95M.pkl",
+             gene_mapping=geneformer_dicts / "ensembl_mapping_dict_gc95M.pkl", layout="gc104m",
+             gene_id="symbol", report=False)
+    reader = CorpusReader.open(corpus)
+    tdict = reader.token_dictionary
+    cls, eos = tdict.special["<cls>"], tdict.special["<eos>"]
+    rng = np.random.default_rng(0)
+    for start in range(0, 96, 8):
+        cells = reader.batch(np.arange(start, start + 8))
+        batch = pad_cells(cells, tdict, max_length=32)
+        assert (batch.input_ids[:, 0] == cls).all()
+        ends = batch.attention_mask.sum(axis=1) - 1
+        assert (batch.input_ids[np.arange(8), ends] == eos).all()
+        masked = mask_genes(batch, tdict, rng)
+        selected = masked.labels != IGNORE_INDEX
+        assert not selected[:, 0].any() and not selected[np.arange(8), ends].any()
+        # 15 % of the 30 genes of each cell (rounded at random per cell): 36 of 240, give or take a few
+        assert abs(int(selected.sum()) - 0.15 * int((ends - 1).sum())) < 5
+    result = pretrain(corpus, tmp_path / "m", max_steps=3, **{**FAST, "max_length": 32})
+    config = transformers.BertConfig.from_pretrained(tmp_path / "m")
+    assert config.max_position_embeddings == 4096 and result.info["layout"] == "gc104m"

@@ -210,7 +210,8 @@ def _check_settings(s: PretrainSettings) -> None:
     if s.max_steps is not None and s.epochs is not None:
         msg = "--max-steps and --epochs: give one of them, not both"
         raise ConfigError(msg)
-    checks = [("--max-steps", s.max_steps, 1), ("--epochs", s.epochs, 1e-9), ("--batch-size", s.batch_size, 1),
+    checks = [("--max-steps", s.max_steps, 1), ("--epochs", s.epochs, 1e-9),
+              ("--batch-size", s.batch_size, 1),
               ("--lr", s.lr, 1e-12), ("--max-length", s.max_length, 1), ("--val-cells", s.val_cells, 1),
               ("--eval-every", s.eval_every, 1), ("--save-every", s.save_every, 1),
               ("--time-limit", s.time_limit, 1e-9), ("--baseline-cells", s.baseline_cells, 1)]
@@ -307,8 +308,9 @@ class _Run:
         cap = MAX_POSITIONS[self.layout.name]
         self.max_length = settings.max_length or min(longest, cap)
         self.max_positions = max(cap, self.max_length)
-        self.split: CellSplit = split_cells(reader.lengths, reader.dataset_ids(), val_fraction=settings.val_fraction,
-                                            val_cells=settings.val_cells, seed=settings.seed)
+        self.split: CellSplit = split_cells(
+            reader.lengths, reader.dataset_ids(), val_fraction=settings.val_fraction,
+            val_cells=settings.val_cells, seed=settings.seed)
         self.sampler = LengthGroupedSampler(self.split.train_rows, reader.lengths[self.split.train_rows],
                                             batch_size=settings.batch_size, seed=settings.seed)
         per_epoch = self.sampler.batches_per_epoch
@@ -346,7 +348,8 @@ class _Run:
         if checkpoint is not None:
             model = BertForMaskedLM.from_pretrained(checkpoint)
             if model.config.vocab_size != config.vocab_size or model.config.hidden_size != config.hidden_size:
-                msg = f"{checkpoint}: the checkpoint's model does not fit this corpus and preset; resume with the same ones"
+                msg = (f"{checkpoint}: the checkpoint's model does not fit this corpus and preset; "
+                       "resume with the same ones")
                 raise ConfigError(msg)
         else:
             torch.manual_seed(self.settings.seed)
@@ -376,7 +379,8 @@ class _Run:
         self.sampler.load_state_dict(saved["sampler"])
         h = saved["history"]
         self.history = _History(int(h["step"]), int(h["tokens_seen"]), float(h["seconds"]),
-                                float(h["train_seconds"]), list(h["train_loss"]), [dict(e) for e in h["evals"]])
+                                float(h["train_seconds"]), list(h["train_loss"]),
+                                [dict(e) for e in h["evals"]])
         if saved["total_steps"] != self.total_steps:
             logger.warning("resuming at step %d with %d steps in all (the checkpoint's run had %d): the "
                            "learning-rate schedule changes from here on", self.history.step, self.total_steps,
@@ -411,8 +415,8 @@ class _Run:
         top = int(batch.input_ids.max(initial=0))
         if top > self.tdict.max_token:
             row = int(rows[int(np.argmax(batch.input_ids.max(axis=1)))])
-            msg = (f"{self.reader.files.root}: cell {row} holds token {top}, beyond the dictionary's largest id "
-                   f"{self.tdict.max_token}; give the token dictionary the corpus was built with")
+            msg = (f"{self.reader.files.root}: cell {row} holds token {top}, beyond the dictionary's "
+                   f"largest id {self.tdict.max_token}; give the token dictionary the corpus was built with")
             raise InputError(msg)
         return batch
 
@@ -560,8 +564,8 @@ class _Run:
             "training": {"steps": h.step, "total_steps": self.total_steps,
                          "epochs": h.step / self.sampler.batches_per_epoch, "tokens_seen": h.tokens_seen,
                          "wall_seconds": round(h.seconds, 1), "train_seconds": round(h.train_seconds, 2),
-                         "steps_per_second": round(h.step / h.train_seconds, 3) if h.train_seconds else None,
-                         "tokens_per_second": round(h.tokens_seen / h.train_seconds) if h.train_seconds else None,
+                         "steps_per_second": _rate(h.step, h.train_seconds, 3),
+                         "tokens_per_second": _rate(h.tokens_seen, h.train_seconds, 0),
                          "stopped": stopped, "device": str(self.device),
                          "bf16": self.bf16},
             "metrics": metrics, "evals": h.evals, "seed": self.settings.seed,
@@ -577,6 +581,10 @@ class _Run:
         tmp.rmdir()
         logger.info("model written to %s (%s)", self.out, MODEL_INFO)
         return PretrainResult(self.out, h.step, metrics, stopped, info)
+
+
+def _rate(amount: float, seconds: float, digits: int) -> float | None:
+    return round(amount / seconds, digits) if seconds > 0 else None
 
 
 def _plot_loss_curve(history: _History, path: Path) -> Path:
