@@ -414,6 +414,70 @@ def evaluate(
         typer.echo(f"\nwritten: {out}")
 
 
+@app.command()
+def pretrain(
+    corpus: Annotated[Path, typer.Argument(help="A corpus folder (or published parquet files).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to create.")],
+    preset: Annotated[str, typer.Option(help="Model size: tiny, small or gf-6l (Geneformer V1).")] = "small",
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (or give --epochs).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the training cells (default 1).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Cells per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear warm-up and decay).")] = 1e-3,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps (default 10 % of the steps, at most 1,000).")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per cell (default the longest cell, at most 2,048 / 4,096).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of everything: same seed, same model.")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Share of cells held out (whole datasets when there are several).")] = 0.05,
+    val_cells: Annotated[int, typer.Option(help="At most this many held-out cells are scored.")] = 2000,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between validations (default ~10 per run).")] = None,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    time_limit: Annotated[Optional[float], typer.Option(help="Minutes; stop cleanly after that long.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default CUDA if available).")] = None,
+    token_dictionary: Annotated[Optional[Path], typer.Option(help="Token dictionary, if not in the corpus folder.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Pretrain a BertForMaskedLM on a corpus with the masked-gene objective.
+
+    15 % of each cell's genes are predicted (80 % masked, 10 % a random gene, 10 % unchanged),
+    batches are drawn by length, and held-out cells (whole datasets when there are several) are
+    scored against a baseline that predicts a gene from its rank position. OUT opens with
+    BertForMaskedLM.from_pretrained and holds the token dictionary, genecorpus_model.json,
+    loss_curve.png and a checkpoint for --resume. Examples:
+
+        genecorpus pretrain pbmc-corpus --out pbmc-model --preset small --time-limit 20
+
+        genecorpus pretrain pbmc-corpus --out pbmc-model --preset small --max-steps 4000 --resume
+
+        genecorpus pretrain genecorpus_500_samples.parquet --out gc-model --preset tiny \\
+            --epochs 2 --token-dictionary token_dictionary_gc30M.pkl
+    """
+    from genecorpus.models import require_torch
+
+    try:
+        require_torch()
+        from genecorpus.pretrain import pretrain as pretrain_model
+
+        logging.getLogger("genecorpus.pretrain").setLevel(logging.INFO)
+        with _Progress() as progress:
+            result = pretrain_model(
+                corpus, out, preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr,
+                warmup_steps=warmup_steps, max_length=max_length, seed=seed, val_fraction=val_fraction,
+                val_cells=val_cells, eval_every=eval_every, save_every=save_every, time_limit=time_limit,
+                device=device, token_dictionary=token_dictionary, resume=resume, overwrite=overwrite,
+                progress=progress)
+    except GenecorpusError as e:
+        _fail(e)
+    m, training = result.metrics, result.info["training"]
+    typer.echo(f"model: {result.model_path} ({result.steps} steps, {training['tokens_seen']:,} tokens, "
+               f"{training['wall_seconds']:.0f} s, stopped at {result.stopped.replace('_', ' ')})")
+    typer.echo(f"validation on {result.info['split']['n_val_cells']:,} held-out cells "
+               f"({int(result.info['evals'][-1]['n_masked']):,} masked genes):")
+    typer.echo(f"  {'':<10}{'loss':>9}{'top-1':>9}{'top-10':>9}")
+    for name, prefix in (("model", ""), ("baseline", "baseline_")):
+        typer.echo(f"  {name:<10}{m[prefix + 'val_loss']:>9.4f}{m[prefix + 'val_top1']:>9.4f}"
+                   f"{m[prefix + 'val_top10']:>9.4f}")
+
+
 def main() -> None:
     """Entry point of the ``genecorpus`` console script."""
     try:

@@ -1,0 +1,446 @@
+"""Pretraining: masking rules, the length-grouped sampler, the held-out split, the rank baseline,
+training on a real corpus, resume, the model folder and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from genecorpus.config import BuildConfig, DatasetSpec
+from genecorpus.corpus import CorpusReader
+from genecorpus.errors import ConfigError, InputError
+from genecorpus.masking import IGNORE_INDEX, mask_genes, pad_cells
+from genecorpus.public_data import fetch_public_file
+from genecorpus.rank_baseline import RankFrequencyBaseline, position_bins
+from genecorpus.sampling import LengthGroupedSampler, split_cells
+from genecorpus.testing import write_h5ad
+from genecorpus.vocab import TokenDictionary
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from genecorpus.pretrain import pretrain  # noqa: E402 - needs torch
+
+SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "genecorpus-sample"
+
+# Small settings that keep each run to seconds on a shared CPU.
+FAST = {"preset": "tiny", "batch_size": 4, "max_length": 64, "val_cells": 24, "baseline_cells": 200}
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def real_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Kang 2018 PBMC cells as two datasets: 300 control and 150 IFN-β-stimulated cells."""
+    from genecorpus.build import build_corpus
+
+    folder = tmp_path_factory.mktemp("pretrain-corpus")
+    paths = []
+    for name, n in (("kang_pbmc_ctrl", 300), ("kang_pbmc_stim", 150)):
+        adata = ad.read_h5ad(fetch_public_file(name))
+        rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, n, replace=False))
+        paths.append(write_h5ad(folder / f"{name}.h5ad", sp.csr_matrix(adata.X[rows]),
+                                cell_ids=adata.obs_names[rows].to_numpy(dtype=object),
+                                gene_ids=adata.var_names.to_numpy(dtype=object)))
+    config = BuildConfig(datasets=tuple(DatasetSpec(path=str(p), id=p.stem, gene_id="symbol") for p in paths))
+    out = folder / "corpus"
+    build_corpus(config, out, workers=1, report=False)
+    return out
+
+
+def gc104m_dictionary(n_genes: int = 40) -> TokenDictionary:
+    """A gc104m-style dictionary: <pad> 0, <mask> 1, <cls> 2, <eos> 3, then genes."""
+    mapping = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
+    mapping.update({f"ENSG{i:011d}": 4 + i for i in range(n_genes)})
+    return TokenDictionary.from_mapping(mapping)
+
+
+def gc104m_cells(tdict: TokenDictionary, rng: np.random.Generator, n_cells: int) -> list[np.ndarray]:
+    """Cells ``<cls> genes… <eos>`` of 0 to 40 distinct genes in random order."""
+    cls, eos = tdict.special["<cls>"], tdict.special["<eos>"]
+    cells = []
+    for _ in range(n_cells):
+        genes = rng.permutation(tdict.gene_tokens)[: rng.integers(0, len(tdict.gene_tokens) + 1)]
+        cells.append(np.concatenate([[cls], genes, [eos]]).astype(np.int16))
+    return cells
+
+
+# ---------------------------------------------------------------- masking
+
+def test_masking_never_selects_special_tokens_or_padding() -> None:
+    tdict = gc104m_dictionary()
+    rng = np.random.default_rng(1)
+    specials = set(tdict.special.values())
+    for _ in range(200):
+        batch = pad_cells(gc104m_cells(tdict, rng, 8), tdict)
+        masked = mask_genes(batch, tdict, rng)
+        selected = masked.labels != IGNORE_INDEX
+        # selected positions hold genes in the original; specials and padding are untouched
+        assert not np.isin(batch.input_ids[selected], list(specials)).any()
+        assert (batch.attention_mask[selected] == 1).all()
+        untouched = ~selected
+        assert (masked.input_ids[untouched] == batch.input_ids[untouched]).all()
+        assert (masked.labels[selected] == batch.input_ids[selected]).all()
+
+
+def test_masking_proportions_and_random_tokens_are_genes(real_corpus: Path) -> None:
+    reader = CorpusReader.open(real_corpus)
+    tdict = reader.token_dictionary
+    mask_id = tdict.special["<mask>"]
+    genes = set(tdict.gene_tokens.tolist())
+    rng = np.random.default_rng(7)
+    n_genes = n_selected = n_mask = n_random = n_same = 0
+    expected_selected = 0.0
+    for start in range(0, 400, 8):
+        batch = pad_cells(reader.batch(np.arange(start, start + 8)), tdict, max_length=256)
+        masked = mask_genes(batch, tdict, rng)
+        sel = masked.labels != IGNORE_INDEX
+        per_cell_genes = (batch.attention_mask == 1).sum(axis=1)  # this corpus has no special tokens
+        n_genes += int(per_cell_genes.sum())
+        expected_selected += float(np.maximum(0.15 * per_cell_genes, 1).sum())
+        n_selected += int(sel.sum())
+        new, old = masked.input_ids[sel], masked.labels[sel]
+        n_mask += int((new == mask_id).sum())
+        replaced = new[(new != mask_id) & (new != old)]
+        assert set(replaced.tolist()) <= genes
+        n_random += len(replaced)
+        n_same += int((new == old).sum())
+    # 15 % of the genes, rounded at random per cell: the total is within a few cells of its expectation
+    assert abs(n_selected - expected_selected) < 4 * math.sqrt(400 * 0.25) + 1
+    assert abs(n_selected / n_genes - 0.15) < 0.005
+    # 80/10/10 within 4 binomial standard deviations (a random gene equal to the original counts as
+    # unchanged: probability 1/n_genes, negligible with ~10,000 genes)
+    for count, p in ((n_mask, 0.8), (n_random, 0.1 * (1 - 1 / len(genes))), (n_same, 0.1 + 0.1 / len(genes))):
+        assert abs(count - p * n_selected) < 4 * math.sqrt(n_selected * p * (1 - p)), (count, p, n_selected)
+
+
+def test_random_replacements_are_uniform_over_gene_tokens() -> None:
+    tdict = gc104m_dictionary(n_genes=20)
+    rng = np.random.default_rng(3)
+    counts: Counter[int] = Counter()
+    for _ in range(400):
+        batch = pad_cells(gc104m_cells(tdict, rng, 16), tdict)
+        masked = mask_genes(batch, tdict, rng)
+        sel = masked.labels != IGNORE_INDEX
+        action = masked.input_ids[sel]
+        counts.update(action[action != tdict.special["<mask>"]].tolist())
+    assert set(counts) <= set(tdict.gene_tokens.tolist())
+    observed = np.array([counts[t] for t in tdict.gene_tokens.tolist()], dtype=float)
+    expected = observed.sum() / len(observed)
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 45  # 19 degrees of freedom: P(chi2 > 45) < 0.001
+
+
+def test_at_least_one_gene_selected_per_cell_and_none_in_empty_cells() -> None:
+    tdict = gc104m_dictionary()
+    cls, eos = tdict.special["<cls>"], tdict.special["<eos>"]
+    cells = [np.array([cls, eos]), np.array([cls, 10, eos]), np.array([cls, 10, 11, eos]),
+             np.array([cls, eos])]
+    for seed in range(50):
+        masked = mask_genes(pad_cells(cells, tdict), tdict, np.random.default_rng(seed))
+        assert ((masked.labels != IGNORE_INDEX).sum(axis=1) == [0, 1, 1, 0]).all()
+
+
+def test_masking_is_a_pure_function_of_the_generator() -> None:
+    tdict = gc104m_dictionary()
+    batch = pad_cells(gc104m_cells(tdict, np.random.default_rng(0), 8), tdict)
+    before = batch.input_ids.copy()
+    a = mask_genes(batch, tdict, np.random.default_rng(5))
+    b = mask_genes(batch, tdict, np.random.default_rng(5))
+    assert (a.input_ids == b.input_ids).all() and (a.labels == b.labels).all()
+    assert (batch.input_ids == before).all()
+
+
+def test_padding_and_truncation_keep_eos() -> None:
+    tdict = gc104m_dictionary()
+    cells = [np.array([2, 10, 11, 12, 13, 3], dtype=np.int16), np.array([2, 10, 3], dtype=np.int16)]
+    batch = pad_cells(cells, tdict, max_length=4)
+    assert batch.input_ids.tolist() == [[2, 10, 11, 3], [2, 10, 3, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch.input_ids.dtype == np.int64
+
+
+# ---------------------------------------------------------------- sampler and split
+
+def test_sampler_visits_every_cell_once_per_epoch(real_corpus: Path) -> None:
+    lengths = CorpusReader.open(real_corpus).lengths
+    rows = np.arange(len(lengths))[::2]  # a training subset
+    sampler = LengthGroupedSampler(rows, lengths[rows], batch_size=8, seed=3)
+    for epoch in range(3):
+        batches = list(sampler)
+        seen = np.concatenate(batches)
+        assert sorted(seen.tolist()) == rows.tolist()
+        assert len(batches) == math.ceil(len(rows) / 8)
+        assert sum(len(b) < 8 for b in batches) <= 1
+        assert sampler.epoch == epoch + 1
+    first, second = sampler.epoch_batches(0), sampler.epoch_batches(1)
+    assert not all((a == b).all() for a, b in zip(first, second, strict=True))
+
+
+def test_sampler_groups_by_length(real_corpus: Path) -> None:
+    lengths = CorpusReader.open(real_corpus).lengths
+    rows = np.arange(len(lengths))
+
+    def padding(batches: list[np.ndarray]) -> int:
+        return int(sum(lengths[b].max() * len(b) - lengths[b].sum() for b in batches))
+
+    grouped = padding(LengthGroupedSampler(rows, lengths, batch_size=8, seed=0).epoch_batches(0))
+    perm = np.random.default_rng(0).permutation(rows)
+    random = padding([perm[i:i + 8] for i in range(0, len(perm), 8)])
+    assert grouped < 0.25 * random, (grouped, random)
+
+
+def test_sampler_is_deterministic_and_resumes(real_corpus: Path) -> None:
+    lengths = CorpusReader.open(real_corpus).lengths
+    rows = np.arange(len(lengths))
+    a = LengthGroupedSampler(rows, lengths, batch_size=16, seed=9)
+    reference = [a.next_batch() for _ in range(70)]  # crosses the end of epoch 1 (29 batches each)
+    b = LengthGroupedSampler(rows, lengths, batch_size=16, seed=9)
+    first = [b.next_batch() for _ in range(33)]
+    state = json.loads(json.dumps(b.state_dict()))
+    c = LengthGroupedSampler(rows, lengths, batch_size=16, seed=9)
+    c.load_state_dict(state)
+    rest = [c.next_batch() for _ in range(37)]
+    assert all((x == y).all() for x, y in zip(reference, first + rest, strict=True))
+    other = LengthGroupedSampler(rows, lengths, batch_size=8, seed=9)
+    with pytest.raises(ConfigError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_split_holds_out_whole_datasets(real_corpus: Path) -> None:
+    reader = CorpusReader.open(real_corpus)
+    datasets = reader.dataset_ids()
+    split = split_cells(reader.lengths, datasets, val_fraction=0.05, seed=0)
+    assert split.by == "dataset" and len(split.val_datasets) == 1
+    held = datasets[split.val_rows]
+    assert set(held.tolist()) == set(split.val_datasets)
+    assert not set(datasets[split.train_rows].tolist()) & set(split.val_datasets)
+    assert len(split.train_rows) + split.n_held_out == reader.n_cells
+
+
+def test_split_by_dataset_reaches_the_fraction_and_never_takes_all() -> None:
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(50, 500, size=30)
+    ids = np.repeat([f"d{i}" for i in range(30)], sizes).astype(object)
+    lengths = np.ones(len(ids), dtype=np.int64)
+    chosen = set()
+    for seed in range(5):
+        split = split_cells(lengths, ids, val_fraction=0.1, val_cells=10**6, seed=seed)
+        n_held = sum(int(sizes[int(d[1:])]) for d in split.val_datasets)
+        assert split.n_held_out == n_held >= 0.1 * len(ids)
+        assert n_held <= 0.2 * len(ids) + 1  # close to the target: within twice it
+        again = split_cells(lengths, ids, val_fraction=0.1, val_cells=10**6, seed=seed)
+        assert again.val_datasets == split.val_datasets
+        chosen.add(split.val_datasets)
+    assert len(chosen) > 1  # the seed decides
+    two = np.array(["a"] * 10 + ["b"] * 10, dtype=object)
+    split = split_cells(np.ones(20, np.int64), two, val_fraction=0.9, seed=0)
+    assert len(split.val_datasets) == 1 and len(split.train_rows) == 10
+
+
+def test_split_by_cell_without_datasets_and_val_cap() -> None:
+    lengths = np.ones(1000, dtype=np.int64)
+    split = split_cells(lengths, None, val_fraction=0.2, val_cells=50, seed=1)
+    assert split.by == "cell" and split.n_held_out == 200 and len(split.val_rows) == 50
+    assert len(split.train_rows) == 800
+    assert not set(split.train_rows.tolist()) & set(split.val_rows.tolist())
+    with pytest.raises(ConfigError, match="val-fraction"):
+        split_cells(lengths, None, val_fraction=1.5)
+
+
+# ---------------------------------------------------------------- baseline
+
+def test_rank_baseline_matches_a_slow_count(real_corpus: Path) -> None:
+    reader = CorpusReader.open(real_corpus)
+    tdict = reader.token_dictionary
+    cells = [reader.input_ids(r) for r in range(0, 200)]
+    baseline = RankFrequencyBaseline.fit(iter(cells), tdict, max_length=300)
+    # slow reference: Counter per position bin, bins from the definition (exact < 64, 4 per octave)
+    def bin_of(p: int) -> int:
+        return p if p < 64 else 64 + math.floor(math.log2(p / 64) * 4 + 1e-9)
+    counters: dict[int, Counter[int]] = {}
+    for cell in cells:
+        for p, t in enumerate(cell[:300].tolist()):
+            counters.setdefault(bin_of(p), Counter())[t] += 1
+    for b, counter in counters.items():
+        top = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+        assert baseline.top[b].tolist() == [t for t, _ in top]
+    labels = np.full((2, 300), IGNORE_INDEX, dtype=np.int64)
+    positions = [(0, 0), (0, 5), (1, 70), (1, 299)]
+    truth = [int(cells[0][0]), int(cells[1][5]), int(cells[2][70]), int(cells[3][299])]
+    for (row, pos), t in zip(positions, truth, strict=True):
+        labels[row, pos] = t
+    score = baseline.score(labels)
+    n_genes = len(tdict.gene_tokens)
+    expect = 0.0
+    for (_, pos), t in zip(positions, truth, strict=True):
+        c = counters[bin_of(pos)]
+        expect -= math.log((c[t] + 1) / (sum(c.values()) + n_genes))
+    assert score["n"] == 4
+    assert score["loss_sum"] == pytest.approx(expect, rel=1e-9)
+    assert position_bins(np.array([299]))[0] == bin_of(299)
+
+
+# ---------------------------------------------------------------- training
+
+def test_tiny_lowers_the_loss_on_a_real_corpus(real_corpus: Path, tmp_path: Path) -> None:
+    result = pretrain(real_corpus, tmp_path / "model", max_steps=24, eval_every=8, lr=3e-3, **FAST)
+    evals = result.info["evals"]
+    assert [e["step"] for e in evals] == [8, 16, 24]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.1
+    train_loss = torch.load(tmp_path / "model" / "checkpoint" / "training_state.pt",
+                            weights_only=True)["history"]["train_loss"]
+    assert len(train_loss) == 24 and np.mean(train_loss[-6:]) < np.mean(train_loss[:6]) - 0.1
+    assert result.steps == 24 and result.info["training"]["tokens_seen"] > 24 * 4 * 10
+    # the baseline is scored on the same masked positions at every evaluation
+    assert len({(e["baseline_val_loss"], e["n_masked"]) for e in evals}) == 1
+
+
+def test_model_folder_opens_with_from_pretrained(real_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = pretrain(real_corpus, out, max_steps=6, **FAST)
+    model = transformers.BertForMaskedLM.from_pretrained(out)
+    assert model.config.vocab_size == CorpusReader.open(real_corpus).token_dictionary.max_token + 1
+    assert model.config.max_position_embeddings == 2048
+    assert TokenDictionary.load(out / "token_dictionary.pkl").to_mapping() == \
+        CorpusReader.open(real_corpus).token_dictionary.to_mapping()
+    info = json.loads((out / "genecorpus_model.json").read_text())
+    assert info["split"]["by"] == "dataset" and len(info["split"]["val_datasets"]) == 1
+    assert info["metrics"] == result.metrics
+    assert set(result.metrics) == {"val_loss", "val_top1", "val_top10", "baseline_val_loss",
+                                   "baseline_val_top1", "baseline_val_top10"}
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoint" / "training_state.pt").is_file()
+    last = transformers.BertForMaskedLM.from_pretrained(out / "checkpoint").state_dict()
+    assert all(torch.equal(value, last[key]) for key, value in model.state_dict().items())
+    with pytest.raises(ConfigError, match="--resume .* --overwrite"):
+        pretrain(real_corpus, out, max_steps=6, **FAST)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_continues_the_same_trajectory(real_corpus: Path, tmp_path: Path) -> None:
+    settings = {**FAST, "max_steps": 12, "save_every": 4, "eval_every": 4, "seed": 11}
+    straight = pretrain(real_corpus, tmp_path / "a", **settings)
+
+    def crash_at_step_6(stage: str, done: int, total: int) -> None:
+        if done == 6:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        pretrain(real_corpus, tmp_path / "b", progress=crash_at_step_6, **settings)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "training_state.json").read_text())
+    assert state["step"] == 4
+    resumed = pretrain(real_corpus, tmp_path / "b", resume=True, **settings)
+    a = json.loads((tmp_path / "a" / "genecorpus_model.json").read_text())
+    b = json.loads((tmp_path / "b" / "genecorpus_model.json").read_text())
+    assert resumed.steps == straight.steps == 12
+    ta = torch.load(tmp_path / "a" / "checkpoint" / "training_state.pt", weights_only=True)["history"]
+    tb = torch.load(tmp_path / "b" / "checkpoint" / "training_state.pt", weights_only=True)["history"]
+    np.testing.assert_allclose(tb["train_loss"], ta["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose([e["val_loss"] for e in b["evals"]], [e["val_loss"] for e in a["evals"]],
+                               rtol=1e-5)
+    # dropout is on (tiny: 0.02), so equal losses needed the torch RNG state restored too
+    assert transformers.BertConfig.from_pretrained(tmp_path / "a").hidden_dropout_prob > 0
+    with pytest.raises(ConfigError, match="seed"):
+        pretrain(real_corpus, tmp_path / "b", resume=True, **{**settings, "seed": 12})
+
+
+def test_time_limit_stops_cleanly(real_corpus: Path, tmp_path: Path) -> None:
+    result = pretrain(real_corpus, tmp_path / "m", max_steps=1000, time_limit=1e-4, **FAST)
+    assert result.stopped == "time_limit" and result.steps < 1000
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert (tmp_path / "m" / "checkpoint" / "training_state.pt").is_file()
+
+
+def test_bad_settings_are_one_line_errors(real_corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not both"):
+        pretrain(real_corpus, tmp_path / "m", max_steps=3, epochs=1)
+    with pytest.raises(ConfigError, match="unknown; use one of tiny, small, gf-6l"):
+        pretrain(real_corpus, tmp_path / "m", preset="huge")
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        pretrain(real_corpus, tmp_path / "m", resume=True, max_steps=3)
+    with pytest.raises(InputError, match="neither a save_to_disk folder"):
+        pretrain(tmp_path, tmp_path / "m2", max_steps=3)
+    bare = shutil.copytree(real_corpus, tmp_path / "bare")
+    (bare / "token_dictionary.pkl").unlink()
+    with pytest.raises(InputError, match="no token_dictionary.pkl; pass the corpus's token dictionary"):
+        pretrain(bare, tmp_path / "m2", max_steps=3)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()
+
+
+def test_published_parquet_sample(tmp_path: Path, geneformer_dicts: Path) -> None:
+    sample = SHARED_SAMPLE / "genecorpus_500_samples.parquet"
+    if not sample.is_file():
+        pytest.skip(f"published Genecorpus-30M sample not found at {sample}")
+    result = pretrain(sample, tmp_path / "m", max_steps=4, token_dictionary=geneformer_dicts /
+                      "token_dictionary_gc30M.pkl", **FAST)
+    assert result.info["split"]["by"] == "cell"
+    assert result.info["split"]["n_held_out_cells"] == 25  # 5 % of 500
+    model = transformers.BertForMaskedLM.from_pretrained(tmp_path / "m")
+    assert model.config.vocab_size == TokenDictionary.load(
+        geneformer_dicts / "token_dictionary_gc30M.pkl").max_token + 1
+
+
+# ---------------------------------------------------------------- command line
+
+def test_cli_pretrain_end_to_end_and_one_line_errors(real_corpus: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from genecorpus.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "model"
+    args = ["pretrain", str(real_corpus), "--out", str(out), "--preset", "tiny", "--max-steps", "3",
+            "--batch-size", "4", "--max-length", "48", "--val-cells", "16"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "baseline" in result.output and "top-10" in result.output
+    assert (out / "config.json").is_file()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1
+    lines = [ln for ln in again.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--resume" in lines[0]
+    resumed = runner.invoke(app, [*args[:7], "6", *args[8:], "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "genecorpus_model.json").read_text())["training"]["steps"] == 6
+
+
+def test_gc104m_corpus_keeps_cls_and_eos_and_never_masks_them(real_corpus: Path, tmp_path: Path,
+                                                              geneformer_dicts: Path) -> None:
+    from genecorpus.build import tokenize
+
+    h5ad = real_corpus.parent / "kang_pbmc_ctrl.h5ad"
+    corpus = tmp_path / "gc104m"
+    tokenize([h5ad], corpus, token_dictionary=geneformer_dicts / "token_dictionary_gc95M.pkl",
+             gene_medians=geneformer_dicts / "gene_median_dictionary_gc95M.pkl",
+             gene_mapping=geneformer_dicts / "ensembl_mapping_dict_gc95M.pkl", layout="gc104m",
+             gene_id="symbol", report=False)
+    reader = CorpusReader.open(corpus)
+    tdict = reader.token_dictionary
+    cls, eos = tdict.special["<cls>"], tdict.special["<eos>"]
+    rng = np.random.default_rng(0)
+    for start in range(0, 96, 8):
+        cells = reader.batch(np.arange(start, start + 8))
+        batch = pad_cells(cells, tdict, max_length=32)
+        assert (batch.input_ids[:, 0] == cls).all()
+        ends = batch.attention_mask.sum(axis=1) - 1
+        assert (batch.input_ids[np.arange(8), ends] == eos).all()
+        masked = mask_genes(batch, tdict, rng)
+        selected = masked.labels != IGNORE_INDEX
+        assert not selected[:, 0].any() and not selected[np.arange(8), ends].any()
+        # 15 % of the 30 genes of each cell (rounded at random per cell): 36 of 240, give or take a few
+        assert abs(int(selected.sum()) - 0.15 * int((ends - 1).sum())) < 5
+    result = pretrain(corpus, tmp_path / "m", max_steps=3, **{**FAST, "max_length": 32})
+    config = transformers.BertConfig.from_pretrained(tmp_path / "m")
+    assert config.max_position_embeddings == 4096 and result.info["layout"] == "gc104m"
