@@ -88,7 +88,11 @@ def main() -> None:
                         help="folder for the corpus, model, embeddings and evaluations")
     parser.add_argument("--preset", default="small", help="model preset (default small)")
     parser.add_argument("--batch-size", type=int, default=None, help="pretraining batch size")
-    parser.add_argument("--max-length", type=int, default=None, help="longest cell (tokens) seen in pretraining")
+    parser.add_argument("--max-length", type=int, default=512,
+                        help="tokens per cell in pretraining and embedding (default 512: on a CPU, attention "
+                             "over 2,048 tokens costs 6-10x more per token; the first genes by rank carry most "
+                             "of the signal)")
+    parser.add_argument("--val-cells", type=int, default=500, help="held-out cells scored at each validation")
     parser.add_argument("--seed", type=int, default=0, help="seed of pretraining and of the evaluation folds")
     parser.add_argument("--workers", type=int, default=2, help="corpus build workers (default 2)")
     parser.add_argument("--labels", type=Path, default=SHARED / "labels" / "kang_ifnb_labels.csv",
@@ -105,13 +109,17 @@ def main() -> None:
         run("build", str(MANIFEST), "--out", str(corpus), "--workers", str(args.workers), "--overwrite")
     if args.embeddings is None:
         pretrain = ["pretrain", str(corpus), "--out", str(model), "--preset", args.preset,
-                    "--time-limit", f"{args.minutes:g}", "--seed", str(args.seed)]
+                    "--time-limit", f"{args.minutes:g}", "--seed", str(args.seed),
+                    "--val-cells", str(args.val_cells), "--overwrite"]
         if args.batch_size:
             pretrain += ["--batch-size", str(args.batch_size)]
         if args.max_length:
             pretrain += ["--max-length", str(args.max_length)]
         run(*pretrain)
-        run("embed", str(corpus), "--model", str(model), "--out", str(emb))
+        embed = ["embed", str(corpus), "--model", str(model), "--out", str(emb)]
+        if args.max_length:
+            embed += ["--max-length", str(args.max_length)]
+        run(*embed)
     else:
         emb = args.embeddings.resolve()
     labels = write_labels_csv(args.labels, out / "kang_labels.csv")

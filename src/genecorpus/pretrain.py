@@ -597,11 +597,13 @@ def _plot_loss_curve(history: _History, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     losses = np.asarray(history.train_loss, dtype=float)
     steps = np.arange(1, len(losses) + 1)
-    if len(losses):
+    window = max(1, len(losses) // 50)
+    if window > 1:
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
-        window = max(1, len(losses) // 50)
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train (mean of {window} steps)")
+    elif len(losses):
+        ax.plot(steps, losses, color="tab:blue", linewidth=0.8, label="train (per step)")
     if history.evals:
         ax.plot([e["step"] for e in history.evals], [e["val_loss"] for e in history.evals], "o-",
                 color="tab:orange", label="validation")
