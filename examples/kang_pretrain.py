@@ -93,6 +93,10 @@ def main() -> None:
                              "over 2,048 tokens costs 6-10x more per token; the first genes by rank carry most "
                              "of the signal)")
     parser.add_argument("--val-cells", type=int, default=500, help="held-out cells scored at each validation")
+    parser.add_argument("--steps-per-second", type=float, default=0.5,
+                        help="expected training speed, to plan --max-steps so that the learning rate has "
+                             "decayed when the time limit is reached (default 0.5: small, 512 tokens, "
+                             "batch 8 on 2 CPU cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of pretraining and of the evaluation folds")
     parser.add_argument("--workers", type=int, default=2, help="corpus build workers (default 2)")
     parser.add_argument("--labels", type=Path, default=SHARED / "labels" / "kang_ifnb_labels.csv",
@@ -110,7 +114,8 @@ def main() -> None:
     if args.embeddings is None:
         pretrain = ["pretrain", str(corpus), "--out", str(model), "--preset", args.preset,
                     "--time-limit", f"{args.minutes:g}", "--seed", str(args.seed),
-                    "--val-cells", str(args.val_cells), "--overwrite"]
+                    "--val-cells", str(args.val_cells), "--overwrite",
+                    "--max-steps", str(max(1, int(args.minutes * 60 * args.steps_per_second)))]
         if args.batch_size:
             pretrain += ["--batch-size", str(args.batch_size)]
         if args.max_length:
