@@ -6,22 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from genecorpus.public_data import fetch_public_file
+from genecorpus.public_data import link_public_files
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "demo-out" / "pbmc-corpus"
 
 
 def main() -> None:
-    data = HERE / "data"
-    data.mkdir(exist_ok=True)
-    for name in ("kang_pbmc_control", "celltypist_sample"):
-        src = fetch_public_file(name)
-        link = data / src.name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(src)
-        print(f"data: {link} -> {src}")
+    link_public_files(("kang_pbmc_control", "celltypist_sample"), HERE / "data")
     cmd = [sys.executable, "-m", "genecorpus", "build", str(HERE / "pbmc_demo.toml"),
            "--out", str(OUT), "--workers", "2", "--overwrite"]
     print("$ genecorpus", " ".join(cmd[3:]), flush=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from genecorpus.public_data import fetch_public_file
+from genecorpus.public_data import link_public_files
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -49,18 +49,6 @@ def run(*args: str) -> None:
     if result.returncode != 0:
         sys.exit(f"genecorpus {args[0]} failed (exit code {result.returncode})")
     print(f"[{args[0]}: {time.monotonic() - start:.0f} s]", flush=True)
-
-
-def link_inputs(data: Path) -> None:
-    """Fetch the public files and link them where the manifest expects them."""
-    data.mkdir(exist_ok=True)
-    for name in INPUTS:
-        src = fetch_public_file(name)
-        link = data / src.name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(src)
-        print(f"data: {link} -> {src}")
 
 
 def write_labels_csv(source: Path, target: Path) -> Path:
@@ -109,7 +97,7 @@ def main() -> None:
     out = args.out.resolve()
     corpus, model, emb = out / "corpus", out / "model", out / "embeddings.h5ad"
     if not (args.reuse_corpus and (corpus / "manifest.json").is_file()):
-        link_inputs(HERE / "data")
+        link_public_files(INPUTS, HERE / "data")
         run("build", str(MANIFEST), "--out", str(corpus), "--workers", str(args.workers), "--overwrite")
     if args.embeddings is None:
         pretrain = ["pretrain", str(corpus), "--out", str(model), "--preset", args.preset,

@@ -17,10 +17,14 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from genecorpus.errors import InputError
 
-__all__ = ["PUBLIC_FILES", "PublicFile", "cache_dir", "fetch_public_file"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["PUBLIC_FILES", "PublicFile", "cache_dir", "fetch_public_file", "link_public_files"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +164,21 @@ def fetch_public_file(name: str) -> Path:
         raise InputError(msg)
     tmp.replace(target)
     return target
+
+
+def link_public_files(names: Sequence[str], folder: Path) -> list[Path]:
+    """Fetch public files (see :data:`PUBLIC_FILES`) and symlink them into ``folder`` under their own names.
+
+    Examples use this to put the cached files where their manifests expect them. Returns the links.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    links = []
+    for name in names:
+        src = fetch_public_file(name)
+        link = folder / src.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(src)
+        print(f"data: {link} -> {src}")  # noqa: T201 - examples show where their inputs come from
+        links.append(link)
+    return links
