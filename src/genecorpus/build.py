@@ -790,13 +790,14 @@ class _KeyMaker:
         self.work = work
         self.tokens = tokens
         self.qc_settings = qc_settings
-        self._plans: dict[int, str] = {}
+        self._plans: dict[int, tuple[DatasetPlan, str]] = {}
+        """id → (plan, fingerprint); the plan is kept so that its id cannot be reused by another object."""
 
     def _plan(self, plan: DatasetPlan) -> str:
         if id(plan) not in self._plans:
-            self._plans[id(plan)] = fingerprint(
-                {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name not in ("index", "source")})
-        return self._plans[id(plan)]
+            self._plans[id(plan)] = (plan, fingerprint(
+                {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name not in ("index", "source")}))
+        return self._plans[id(plan)][1]
 
     def components(self, plans: Sequence[DatasetPlan], task: Task, settings: str,
                    upstream: str | None = None) -> tuple[str, dict[str, str]]:
