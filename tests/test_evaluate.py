@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("sklearn")
+import sklearn  # noqa: F401 - the train extra: make test installs it, so a missing one fails here
 
 import anndata as ad  # noqa: E402
 import scipy.sparse as sp  # noqa: E402

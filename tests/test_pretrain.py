@@ -24,8 +24,8 @@ from genecorpus.sampling import LengthGroupedSampler, split_cells
 from genecorpus.testing import write_h5ad
 from genecorpus.vocab import TokenDictionary
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # the train extra: make test installs it, so a missing one fails here
+import transformers
 
 from genecorpus.pretrain import pretrain  # noqa: E402 - needs torch
 
