@@ -301,6 +301,14 @@ class _DatasetsFailed(Exception):  # noqa: N818 - control flow, not an error the
         self.failed = failed
 
 
+def _failed_datasets(tasks: Sequence[Task], results: Sequence[Any]) -> dict[int, str]:
+    """Dataset → the message of its first failed task, from a stage's results in task order."""
+    combine = _Failures(tasks, lambda acc, _: acc)
+    for result in results:
+        combine(None, result)
+    return combine.failed
+
+
 class _Failures:
     """Wraps a fold's ``combine``: task failures are noted by dataset instead of combined."""
 
@@ -845,10 +853,7 @@ def _run_stages(config: BuildConfig, work: WorkFolder, *, executor: Executor, mo
         with timings.stage("qc"):
             stats = executor.map("qc", run_recorded,
                                  _recorded(records, _stats_task, [(ctx, t) for t in tasks], skip=skip))
-        failed: dict[int, str] = {}  # dataset → the message of its first failed task
-        for t, s in zip(tasks, stats, strict=True):
-            if isinstance(s, TaskFailure):
-                failed.setdefault(t.dataset, s.message)
+        failed = _failed_datasets(tasks, stats)
         if failed:  # leave those datasets out: the rest is planned again as if they had not been listed
             kept = [(s, k) for t, s, k in zip(tasks, stats, qc_keys, strict=True) if t.dataset not in failed]
             stats, qc_keys = [s for s, _ in kept], [k for _, k in kept]
@@ -945,10 +950,7 @@ def _run_stages(config: BuildConfig, work: WorkFolder, *, executor: Executor, mo
         results: list[EncodeResult] = executor.map("encode", run_recorded, _recorded(
             records, _encode_task, [(ctx, t, dataset_qc[t.dataset], enc, part) for t, part in zip(tasks, parts, strict=True)],
             skip=skip, outputs=[(part,) for part in parts]))
-    failed = {}
-    for t, r in zip(tasks, results, strict=True):
-        if isinstance(r, TaskFailure):
-            failed.setdefault(t.dataset, r.message)
+    failed = _failed_datasets(tasks, results)
     if failed:
         raise _DatasetsFailed("encode", plans, failed)
     vocab_genes = universe[in_vocab]

@@ -39,6 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from genecorpus.errors import ConfigError, GeneMappingError, InputError
+from genecorpus.shards import publish_folder
 
 if TYPE_CHECKING:
     import anndata
@@ -859,14 +860,7 @@ def write_evaluation(report: EvaluationReport, out: str | os.PathLike[str]) -> P
         predictions.to_csv(tmp / "predictions.csv", index=False)
         for s in report.scores:
             _confusion_figure(report, s, tmp / f"confusion_{s.method}_{s.classifier}.png")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ The model folder (see :mod:`genecorpus.models`)::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -536,8 +537,6 @@ class _Run:
                         "train_loss": list(h.train_loss), "evals": [dict(e) for e in h.evals]},
         }
         torch.save(state, tmp / TRAINING_STATE)
-        import json
-
         (tmp / "training_state.json").write_text(json.dumps(
             {"step": h.step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
              "settings": state["settings"]}, indent=2) + "\n")
