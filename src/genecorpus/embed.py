@@ -55,14 +55,6 @@ ProgressCallback = Callable[[str, int, int], None]
 """``progress(stage, done, total)``, called after each batch."""
 
 
-def quiet_transformers() -> None:
-    """Silence transformers' own progress bars and warnings (the command shows its own progress)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 @dataclass
 class CellEncoder:
     """A model's encoder applied to cells' token sequences, returning one layer's hidden states.
@@ -315,7 +307,7 @@ def embed_corpus(
     >>> emb.obsm["X_genecorpus"].shape  # doctest: +SKIP
     (3000, 128)
     """
-    from genecorpus.models import load_model, require_torch
+    from genecorpus.models import load_model, quiet_transformers, require_torch
 
     require_torch()
     quiet_transformers()

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-__all__ = ["PRESETS", "ModelPreset", "bert_config", "load_model", "pick_device", "require_torch", "save_model"]
+__all__ = [
+    "PRESETS", "ModelPreset", "bert_config", "load_model", "pick_device", "quiet_transformers", "require_torch",
+    "save_model",
+]
 
 MODEL_INFO = "genecorpus_model.json"
 TOKEN_DICTIONARY = "token_dictionary.pkl"
@@ -64,6 +67,14 @@ def require_torch() -> None:
     except ImportError:
         msg = "this command needs torch and transformers: pip install 'genecorpus[train]'"
         raise ConfigError(msg) from None
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and warnings (the commands show their own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def bert_config(preset: str | ModelPreset, token_dictionary: TokenDictionary, *,

@@ -34,7 +34,6 @@ from genecorpus.embed import (
     corpus_obs,
     model_dictionary_path,
     open_corpus_for_model,
-    quiet_transformers,
     select_rows,
 )
 from genecorpus.errors import ConfigError, GeneMappingError, InputError
@@ -308,7 +307,7 @@ def perturb(
     """
     import pandas as pd
 
-    from genecorpus.models import load_model, require_torch
+    from genecorpus.models import load_model, quiet_transformers, require_torch
 
     require_torch()
     quiet_transformers()

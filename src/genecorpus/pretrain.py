@@ -30,7 +30,9 @@ import numpy as np
 from genecorpus.corpus import CorpusReader
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.masking import PaddedBatch, mask_genes, pad_cells
-from genecorpus.models import MODEL_INFO, PRESETS, bert_config, pick_device, require_torch, save_model
+from genecorpus.models import (
+    MODEL_INFO, PRESETS, bert_config, pick_device, quiet_transformers, require_torch, save_model,
+)
 from genecorpus.rank_baseline import RankFrequencyBaseline
 from genecorpus.sampling import CellSplit, LengthGroupedSampler, split_cells
 
@@ -296,10 +298,8 @@ class _Run:
     def __init__(self, reader: CorpusReader, out: Path, settings: PretrainSettings, *, device: torch.device,
                  resume: bool, progress: Callable[[str, int, int], None] | None) -> None:
         import torch
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        quiet_transformers()
         self.reader, self.out, self.progress = reader, out, progress
         self.tdict = reader.token_dictionary
         self.layout = self.tdict.layout()
