@@ -37,9 +37,9 @@ def main() -> None:
     from transformers import BertForMaskedLM
 
     from genecorpus.corpus import CorpusReader
-    from genecorpus.embed import embed_corpus, quiet_transformers
-    from genecorpus.models import bert_config, save_model
-    from genecorpus.perturb import perturb
+    from genecorpus.model.embed import embed_corpus, quiet_transformers
+    from genecorpus.model.bert import bert_config, save_model
+    from genecorpus.model.perturb import perturb
 
     quiet_transformers()
     reader = CorpusReader.open(args.corpus)

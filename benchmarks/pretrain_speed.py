@@ -1,6 +1,6 @@
 """Training speed of the presets on this machine: steps/s and tokens/s at batch 8.
 
-Runs ``genecorpus.pretrain`` on the published 500-cell Genecorpus-30M sample (cells of ~2,048 tokens,
+Runs ``genecorpus.model.pretrain`` on the published 500-cell Genecorpus-30M sample (cells of ~2,048 tokens,
 so every batch is full at either max length) and reads the speed of the training steps alone (no
 evaluation, checkpoint or setup) from each model's ``genecorpus_model.json``::
 
@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from genecorpus.pretrain import pretrain
+from genecorpus.model.pretrain import pretrain
 
 
 def main() -> None:

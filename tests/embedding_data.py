@@ -84,7 +84,7 @@ def tiny_model(folder: Path, token_dictionary: Path, *, seed: int = 0, max_posit
     import torch
     from transformers import BertForMaskedLM
 
-    from genecorpus.models import bert_config, save_model
+    from genecorpus.model.bert import bert_config, save_model
     from genecorpus.vocab import TokenDictionary
 
     if (folder / "config.json").exists():

@@ -86,7 +86,7 @@ def test_inspect_reads_published_genecorpus_sample(geneformer_dicts: Path) -> No
     sample = geneformer_dicts.parent / "genecorpus-sample" / "genecorpus_500_samples.parquet"
     if not sample.exists():
         pytest.skip(f"published sample not found at {sample}")
-    from genecorpus.inspect import describe_corpus
+    from genecorpus.describe import describe_corpus
 
     text = describe_corpus(sample, token_dictionary=geneformer_dicts / "token_dictionary_gc30M.pkl")
     assert "cells: 500" in text

@@ -16,7 +16,7 @@ import torch  # noqa: F401 - the train extra: make test installs it, so a missin
 
 from genecorpus.cli import app  # noqa: E402
 from genecorpus.corpus import CorpusReader  # noqa: E402
-from genecorpus.embed import EMBEDDING_KEY, embed_corpus  # noqa: E402
+from genecorpus.model.embed import EMBEDDING_KEY, embed_corpus  # noqa: E402
 from genecorpus.errors import ConfigError, InputError  # noqa: E402
 
 SAMPLE_NAME = "genecorpus_500_samples.parquet"
@@ -111,7 +111,7 @@ def test_whole_corpus_in_row_order_with_truncation(gc104m: tuple[Path, Path], tm
                                                     caplog: pytest.LogCaptureFixture) -> None:
     corpus, model = gc104m
     reader = CorpusReader.open(corpus)
-    with caplog.at_level(logging.WARNING, logger="genecorpus.embed"):
+    with caplog.at_level(logging.WARNING, logger="genecorpus.model.embed"):
         emb = embed_corpus(corpus, model, out=tmp_path / "all.h5ad", max_length=40, batch_size=64)
     assert emb.obs["corpus_row"].tolist() == list(range(reader.n_cells))
     n_long = int((reader.lengths > 40).sum())

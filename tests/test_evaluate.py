@@ -29,7 +29,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from genecorpus.cli import app  # noqa: E402
 from genecorpus.errors import InputError  # noqa: E402
-from genecorpus.evaluate import EMBEDDING_KEY, evaluate_embeddings, join_labels  # noqa: E402
+from genecorpus.model.evaluate import EMBEDDING_KEY, evaluate_embeddings, join_labels  # noqa: E402
 from genecorpus.public_data import fetch_public_file  # noqa: E402
 from genecorpus.testing import write_h5ad  # noqa: E402
 

@@ -143,7 +143,7 @@ def _passes(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray
 def _task_results(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, window: medians.GeneWindow,
                   shift: np.ndarray, targets: medians.MedianTargets, task_cuts: list[int], block: int,
                   buffer_pairs: int = medians.SELECT_BUFFER_PAIRS) -> list[medians.ValueMultiset]:
-    """One :class:`ValueSelection` per task, fed block by block, as build._select_task does."""
+    """One :class:`ValueSelection` per task, fed block by block, as medians.selection_task does."""
     bounds = [0, *task_cuts, x.shape[0]]
     out = []
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):

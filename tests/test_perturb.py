@@ -14,10 +14,10 @@ import torch  # noqa: F401 - the train extra: make test installs it, so a missin
 
 from genecorpus.cli import app  # noqa: E402
 from genecorpus.corpus import CorpusReader  # noqa: E402
-from genecorpus.embed import CellEncoder, embed_corpus  # noqa: E402
+from genecorpus.model.embed import CellEncoder, embed_corpus  # noqa: E402
 from genecorpus.errors import ConfigError, InputError  # noqa: E402
-from genecorpus.models import load_model  # noqa: E402
-from genecorpus.perturb import perturb, perturb_tokens, resolve_genes  # noqa: E402
+from genecorpus.model.bert import load_model  # noqa: E402
+from genecorpus.model.perturb import perturb, perturb_tokens, resolve_genes  # noqa: E402
 
 CD74 = "ENSG00000019582"  # HLA class II chaperone: high in B cells and monocytes, absent from most T cells
 

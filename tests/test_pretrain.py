@@ -17,17 +17,17 @@ import scipy.sparse as sp
 from genecorpus.config import BuildConfig, DatasetSpec
 from genecorpus.corpus import CorpusReader
 from genecorpus.errors import ConfigError, InputError
-from genecorpus.masking import IGNORE_INDEX, mask_genes, pad_cells
+from genecorpus.model.masking import IGNORE_INDEX, mask_genes, pad_cells
 from genecorpus.public_data import fetch_public_file
-from genecorpus.rank_baseline import RankFrequencyBaseline, position_bins
-from genecorpus.sampling import LengthGroupedSampler, split_cells
+from genecorpus.model.rank_baseline import RankFrequencyBaseline, position_bins
+from genecorpus.model.sampling import LengthGroupedSampler, split_cells
 from genecorpus.testing import write_h5ad
 from genecorpus.vocab import TokenDictionary
 
 import torch  # the train extra: make test installs it, so a missing one fails here
 import transformers
 
-from genecorpus.pretrain import pretrain  # noqa: E402 - needs torch
+from genecorpus.model.pretrain import pretrain  # noqa: E402 - needs torch
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "genecorpus-sample"
 

@@ -20,7 +20,7 @@ from genecorpus import genes
 from genecorpus.build import build_corpus
 from genecorpus.config import BuildConfig, DatasetSpec
 from genecorpus.errors import InputError
-from genecorpus.qc import DROP_REASONS
+from genecorpus.corpus.manifest import DROP_REASONS
 from genecorpus.report import write_report
 
 import jinja2  # noqa: F401 - core dependencies: never skipped

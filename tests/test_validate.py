@@ -21,7 +21,7 @@ from genecorpus.build import build_corpus, tokenize
 from genecorpus.cli import app
 from genecorpus.config import BuildConfig, DatasetSpec
 from genecorpus.errors import InputError
-from genecorpus.manifest import sha256_of_path
+from genecorpus.corpus.folder import sha256_of_path
 from genecorpus.testing import random_counts, write_h5ad, write_loom
 from genecorpus.validate import CHECKS, ValidationReport, validate_corpus
 
@@ -429,7 +429,7 @@ def test_text_output_names_the_offending_row(gc30m: Path, tmp_path: Path) -> Non
 
 def _reference_problems(tokens: list[int], length: int, kinds: np.ndarray, cls: int, eos: int, wrap: bool,
                         max_length: int) -> int:
-    """What `_cell_problems_csr` should say about one row, computed the obvious way."""
+    """What `cell_problems_csr` should say about one row, computed the obvious way."""
     flags = 0
     if length != len(tokens):
         flags |= _kernels.CELL_LENGTH_MISMATCH
@@ -477,7 +477,7 @@ def test_cell_problems_kernel_matches_reference(wrap: bool) -> None:
     tokens = np.array([t for r in rows for t in r], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
     seen = np.zeros(64, dtype=np.int64)
-    got = _kernels._cell_problems_csr(tokens, offsets, np.array(lengths, dtype=np.int64), kinds, 2, 3, wrap, 8,
+    got = _kernels.cell_problems_csr(tokens, offsets, np.array(lengths, dtype=np.int64), kinds, 2, 3, wrap, 8,
                                       seen, 1)
     expected = [_reference_problems(r, n, kinds, 2, 3, wrap, 8) for r, n in zip(rows, lengths, strict=True)]
     assert got.tolist() == expected

@@ -19,10 +19,10 @@ from genecorpus.errors import GenecorpusError
 if TYPE_CHECKING:
     from genecorpus.build import BuildResult, build_corpus, tokenize
     from genecorpus.config import BuildConfig, DatasetSpec, QCParams, load_manifest
-    from genecorpus.embed import embed_corpus
+    from genecorpus.model.embed import embed_corpus
     from genecorpus.encode import rank_value_encode
     from genecorpus.io import open_dataset
-    from genecorpus.perturb import PerturbResult, perturb
+    from genecorpus.model.perturb import PerturbResult, perturb
     from genecorpus.validate import ValidationReport, validate_corpus
     from genecorpus.vocab import TokenDictionary, load_gene_medians
 
@@ -34,7 +34,7 @@ _LAZY = {
     "TokenDictionary": "vocab", "load_gene_medians": "vocab",
     "ValidationReport": "validate", "validate_corpus": "validate",
     # model commands: these modules import torch only inside their functions
-    "embed_corpus": "embed", "PerturbResult": "perturb", "perturb": "perturb",
+    "embed_corpus": "model.embed", "PerturbResult": "model.perturb", "perturb": "model.perturb",
 }
 
 __version__ = "0.1.0"

@@ -1,6 +1,9 @@
 """Numba kernels on raw CSR arrays: no I/O, no logging, no Python objects.
 
 Each kernel has a slow, obvious NumPy reference in the tests. Names end with the layout they expect.
+The module is private to genecorpus (hence its underscore): each kernel is called only by the module
+that owns its computation (``dataset``, ``medians``, ``encode``, ``validate``, ``io``), never by the
+driver; the ``_``-prefixed functions are helpers of the kernels themselves and are not called from outside.
 Floating-point formulas are written exactly as SPEC §2.4/§2.6 state them, in float64, left to right.
 """
 
@@ -15,7 +18,7 @@ TARGET_SUM = 10_000.0
 
 
 @njit(cache=True, nogil=True)
-def _collapse_csr(data, indices, indptr, col_to_gene, is_mito_col, n_genes, injective):  # type: ignore[no-untyped-def]
+def collapse_csr(data, indices, indptr, col_to_gene, is_mito_col, n_genes, injective):  # type: ignore[no-untyped-def]
     """Per-row totals, and input columns summed into genes: ``col_to_gene[col]`` is a gene index or -1.
 
     Totals and mitochondrial totals (``is_mito_col``) are int64 sums over *all* input columns. With
@@ -66,7 +69,7 @@ def _collapse_csr(data, indices, indptr, col_to_gene, is_mito_col, n_genes, inje
 
 
 @njit(cache=True, nogil=True)
-def _value_window_csr(data, indices, indptr, depth, keep, lo, hi):  # type: ignore[no-untyped-def]
+def value_window_csr(data, indices, indptr, depth, keep, lo, hi):  # type: ignore[no-untyped-def]
     """Widen each gene's [lo, hi] key window (uint64, in place) with the values of the kept rows.
 
     A value is ``count / depth * 10,000`` (float64); its key is its IEEE-754 bit pattern read as uint64,
@@ -89,7 +92,7 @@ def _value_window_csr(data, indices, indptr, depth, keep, lo, hi):  # type: igno
 
 
 @njit(cache=True, nogil=True)
-def _value_histogram_csr(data, indices, indptr, depth, keep, lo, shift, hist):  # type: ignore[no-untyped-def]
+def value_histogram_csr(data, indices, indptr, depth, keep, lo, shift, hist):  # type: ignore[no-untyped-def]
     """Count the kept rows' value keys in ``hist[gene, (key - lo[gene]) >> shift[gene]]`` (in place)."""
     buf = np.empty(1, dtype=np.float64)
     bits = buf.view(np.uint64)
@@ -108,7 +111,7 @@ def _value_histogram_csr(data, indices, indptr, depth, keep, lo, shift, hist):  
 
 
 @njit(cache=True, nogil=True)
-def _value_pairs_to_csr(n_genes, genes, keys):  # type: ignore[no-untyped-def]
+def value_pairs_to_csr(n_genes, genes, keys):  # type: ignore[no-untyped-def]
     """Collapse (gene, key) pairs into a multiset: per gene, its distinct keys ascending with multiplicities.
 
     Returns CSR arrays over genes: ``indptr`` (int64, n_genes + 1), ``keys`` (uint64), ``counts`` (int64).
@@ -147,8 +150,8 @@ def _value_pairs_to_csr(n_genes, genes, keys):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _value_merge_csr(ptr_a, keys_a, counts_a, ptr_b, keys_b, counts_b):  # type: ignore[no-untyped-def]
-    """Union of two multisets in the layout of :func:`_value_pairs_to_csr`, multiplicities added (linear)."""
+def value_merge_csr(ptr_a, keys_a, counts_a, ptr_b, keys_b, counts_b):  # type: ignore[no-untyped-def]
+    """Union of two multisets in the layout of :func:`value_pairs_to_csr`, multiplicities added (linear)."""
     n_genes = ptr_a.shape[0] - 1
     cap = keys_a.shape[0] + keys_b.shape[0]
     indptr = np.zeros(n_genes + 1, dtype=np.int64)
@@ -194,7 +197,7 @@ def _value_merge_csr(ptr_a, keys_a, counts_a, ptr_b, keys_b, counts_b):  # type:
 
 
 @njit(cache=True, nogil=True)
-def _value_median_csr(indptr, keys, counts, n_values, rank_lo, rank_hi):  # type: ignore[no-untyped-def]
+def value_median_csr(indptr, keys, counts, n_values, rank_lo, rank_hi):  # type: ignore[no-untyped-def]
     """Per gene, the values of 0-based ranks ``rank_lo``/``rank_hi`` in its multiset; their median (float64).
 
     A gene with ``n_values == 0`` gets NaN. For an odd count the middle value is returned; for an even
@@ -233,7 +236,7 @@ def _value_median_csr(indptr, keys, counts, n_values, rank_lo, rank_hi):  # type
 
 
 @njit(cache=True, nogil=True)
-def _value_select_csr(data, indices, indptr, depth, keep, key_lo, key_width):  # type: ignore[no-untyped-def]
+def value_select_csr(data, indices, indptr, depth, keep, key_lo, key_width):  # type: ignore[no-untyped-def]
     """(gene int32, key uint64) of the kept rows' values with ``key - key_lo[gene] <= key_width[gene]``.
 
     The test is on uint64, so it wraps: a key below ``key_lo`` is never selected. Branch-free: every value
@@ -330,7 +333,7 @@ SMALL_COUNTS = 16
 
 
 @njit(cache=True, nogil=True)
-def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
+def rank_value_encode_csr(  # type: ignore[no-untyped-def]
     data, indices, indptr, keep, depth, pos_of, pos_token, pos_count, pos_scale, pos_chain,
     rank_of, rank_token, rank_scale, max_genes, float32_head, reciprocal, float32_reciprocal,
 ):
@@ -483,7 +486,7 @@ def _rank_value_encode_csr(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _dense_to_csr(dense, transposed):  # type: ignore[no-untyped-def]
+def dense_to_csr(dense, transposed):  # type: ignore[no-untyped-def]
     """CSR (values in ``dense``'s dtype, int32 indices sorted, int64 indptr) of the nonzeros of a 2-D
     C-ordered array's rows — or of its columns when ``transposed`` (a genes × cells slab read as cells).
 
@@ -514,7 +517,7 @@ def _dense_to_csr(dense, transposed):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _counts_from_values_csr(data, indices, indptr, tolerance, max_count):  # type: ignore[no-untyped-def]
+def counts_from_values_csr(data, indices, indptr, tolerance, max_count):  # type: ignore[no-untyped-def]
     """One pass over a CSR block: check raw counts, round to int32, drop zeros, check index order.
 
     Returns (values int32, indices int32, indptr int64, ok): ``ok`` is False when any value is not a
@@ -551,7 +554,7 @@ def _counts_from_values_csr(data, indices, indptr, tolerance, max_count):  # typ
     return values[:pos], out_indices[:pos], out_indptr, True
 
 
-# Problems :func:`_cell_problems_csr` finds in a corpus row (bits of its uint16 result).
+# Problems :func:`cell_problems_csr` finds in a corpus row (bits of its uint16 result).
 CELL_LENGTH_MISMATCH = 1
 """The ``length`` column differs from the number of tokens."""
 CELL_TOKEN_OUT_OF_RANGE = 2
@@ -569,7 +572,7 @@ CELL_TOO_LONG = 64
 CELL_SPECIAL_MISPLACED = 128
 """A special token where the layout has none, or a missing ``<cls>``/``<eos>`` (gc104m)."""
 
-# Kinds of token ids in the ``token_kind`` table of :func:`_cell_problems_csr`.
+# Kinds of token ids in the ``token_kind`` table of :func:`cell_problems_csr`.
 TOKEN_UNKNOWN = 0
 TOKEN_GENE = 1
 TOKEN_GENE_WITHOUT_MEDIAN = 2
@@ -577,7 +580,7 @@ TOKEN_SPECIAL = 3
 
 
 @njit(cache=True, nogil=True)
-def _cell_problems_csr(tokens, offsets, lengths, token_kind, cls_token, eos_token, wrap, max_length,  # type: ignore[no-untyped-def]
+def cell_problems_csr(tokens, offsets, lengths, token_kind, cls_token, eos_token, wrap, max_length,  # type: ignore[no-untyped-def]
                        seen, first_stamp):
     """The problems of each row of a corpus's ``input_ids`` list column, as ``CELL_*`` bits (uint16).
 

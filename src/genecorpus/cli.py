@@ -95,7 +95,7 @@ def _run_with_progress(run: Callable[[Executor], BuildResult], *, workers: int |
                        scheduler: str | None, cluster: ClusterSpec | None = None) -> None:
     """Run a corpus job on the chosen executor with progress bars; print its summary or the error line."""
     from genecorpus.executors import make_executor
-    from genecorpus.inspect import describe_corpus
+    from genecorpus.describe import describe_corpus
 
     try:
         with _Progress() as progress:
@@ -209,7 +209,7 @@ def inspect(
 
         genecorpus inspect pbmc-corpus --cells 2
     """
-    from genecorpus.inspect import describe_corpus
+    from genecorpus.describe import describe_corpus
 
     try:
         typer.echo(describe_corpus(corpus, token_dictionary=token_dictionary, n_examples=cells))
@@ -307,8 +307,8 @@ def embed(
         genecorpus embed genecorpus_500_samples.parquet --model Geneformer/gf-6L-30M-i2048 \\
             --token-dictionary token_dictionary_gc30M.pkl --out sample-emb.h5ad --layer -1
     """
-    from genecorpus.embed import EMBEDDING_KEY, embed_corpus
-    from genecorpus.models import require_torch
+    from genecorpus.model.embed import EMBEDDING_KEY, embed_corpus
+    from genecorpus.model.bert import require_torch
 
     try:
         require_torch()
@@ -355,8 +355,8 @@ def perturb(
         genecorpus perturb pbmc-corpus --model pbmc-model --genes ENSG00000156738,CD79A \\
             --mode overexpress --max-cells 500
     """
-    from genecorpus.models import require_torch
-    from genecorpus.perturb import perturb as perturb_cells
+    from genecorpus.model.bert import require_torch
+    from genecorpus.model.perturb import perturb as perturb_cells
 
     try:
         require_torch()
@@ -400,7 +400,7 @@ def evaluate(
         genecorpus evaluate emb.h5ad --label cell_type_kang --labels kang_labels.csv \\
             --join cell=cell_id,dataset=dataset_id --counts kang_ctrl.h5ad --counts kang_stim.h5ad
     """
-    from genecorpus.evaluate import evaluate_embeddings
+    from genecorpus.model.evaluate import evaluate_embeddings
 
     try:
         with _Progress() as progress:
@@ -451,13 +451,13 @@ def pretrain(
         genecorpus pretrain genecorpus_500_samples.parquet --out gc-model --preset tiny \\
             --epochs 2 --token-dictionary token_dictionary_gc30M.pkl
     """
-    from genecorpus.models import require_torch
+    from genecorpus.model.bert import require_torch
 
     try:
         require_torch()
-        from genecorpus.pretrain import pretrain as pretrain_model
+        from genecorpus.model.pretrain import pretrain as pretrain_model
 
-        logging.getLogger("genecorpus.pretrain").setLevel(logging.INFO)
+        logging.getLogger("genecorpus.model.pretrain").setLevel(logging.INFO)
         with _Progress() as progress:
             result = pretrain_model(
                 corpus, out, preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr,

@@ -30,9 +30,16 @@ from genecorpus.errors import ConfigError
 from genecorpus.io.block import DEFAULT_BLOCK_SIZE
 
 __all__ = [
-    "BuildConfig", "ClusterSpec", "DatasetSpec", "QCParams", "describe_validation_error", "load_cluster_spec",
-    "load_manifest",
+    "BuildConfig", "ClusterSpec", "DatasetSpec", "Engine", "Mode", "OnError", "QCParams", "describe_validation_error",
+    "load_cluster_spec", "load_manifest",
 ]
+
+Mode = Literal["build", "tokenize"]
+"""``build``: QC and medians computed (unless given); ``tokenize``: given dictionaries, as Geneformer's tokenizer."""
+OnError = Literal["fail", "skip"]
+"""``fail``: the first dataset that cannot be read stops the build; ``skip``: it is left out and listed."""
+Engine = Literal["local", "dask"]
+"""Where tasks run: local worker processes, or Dask ``distributed``."""
 
 
 class _Frozen(BaseModel):
@@ -127,7 +134,7 @@ class BuildConfig(_Frozen):
 class ClusterSpec(_Frozen):
     """Where the tasks run: the ``[cluster]`` section of a manifest. Never changes the output."""
 
-    engine: Literal["local", "dask"] = "local"
+    engine: Engine = "local"
     """``local`` worker processes, or Dask ``distributed``."""
     kind: Literal["local", "slurm", "scheduler"] = "local"
     """For ``dask``: start a ``LocalCluster``, a ``dask_jobqueue.SLURMCluster``, or connect to ``address``."""

@@ -3,6 +3,10 @@
 For each cell and each of its nonzero vocabulary genes, ``value = count / n_counts * 10,000 / median``
 in float64, in exactly that order; genes are sorted by value, descending, ties broken by ascending token
 id; the first ``layout.max_genes`` are kept, and the gc104m layout wraps them in ``<cls>`` … ``<eos>``.
+
+The encoding pass's task (:func:`encode_task`) reads a range of a dataset's cells, applies its QC rule,
+encodes the kept cells and streams them with their metadata into one Arrow part file
+(:class:`~genecorpus.corpus.shards.ShardWriter`); the build publishes the parts as shards in task order.
 """
 
 from __future__ import annotations
@@ -12,15 +16,31 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 
 from genecorpus import _kernels
+from genecorpus.corpus.manifest import DROP_REASONS
+from genecorpus.corpus.shards import ColumnSpec, ShardWriter
+from genecorpus.qc import NO_VOCAB_REASON, count_reasons
+from genecorpus.vocab import LAYOUTS
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
     import scipy.sparse as sp
 
+    from genecorpus.dataset import CellRange, DatasetPlan, GeneBlock
+    from genecorpus.qc import DatasetQC
     from genecorpus.vocab import Layout
 
-__all__ = ["SPEC_ARITHMETIC", "Arithmetic", "Positions", "RankOrder", "apply_layout", "rank_value_encode"]
+__all__ = [
+    "FIXED_COLUMNS", "SPEC_ARITHMETIC", "Arithmetic", "EncodeResult", "EncodeSettings", "Positions", "RankOrder",
+    "apply_layout", "encode_task", "metadata_columns", "rank_value_encode",
+]
+
+FIXED_COLUMNS = ("dataset_id", "cell_id")
+"""Metadata columns every corpus has, after ``input_ids`` and before the requested obs columns."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,11 @@ class Arithmetic:
         head = np.result_type(value_dtype, recip)
         return cls("float32" if head == np.float32 else "float64", True,
                    "float32" if recip == np.float32 else "float64")
+
+    @classmethod
+    def geneformer_of(cls, block: GeneBlock) -> Arithmetic:
+        """:meth:`geneformer` for the storage and dtypes of a block's input."""
+        return cls.geneformer(value_dtype=block.value_dtype, depth_dtype=block.depth_dtype, dense=block.dense_input)
 
 
 SPEC_ARITHMETIC = Arithmetic()
@@ -103,7 +128,7 @@ class RankOrder:
 class Positions:
     """Every (count, gene) pair with ``count <= SMALL_COUNTS``, sorted by ``count / median`` descending.
 
-    Arrays are per position unless stated; see :func:`genecorpus._kernels._rank_value_encode_csr`.
+    Arrays are per position unless stated; see :func:`genecorpus._kernels.rank_value_encode_csr`.
     """
 
     pos_of: np.ndarray
@@ -192,13 +217,14 @@ def rank_value_encode(
     n = counts.shape[0]
     keep = np.ones(n, dtype=np.bool_) if keep is None else np.asarray(keep, dtype=np.bool_)
     table = order.positions(reciprocal=arithmetic.reciprocal)
-    return _kernels._rank_value_encode_csr(
+    return _kernels.rank_value_encode_csr(
         counts.data, counts.indices, counts.indptr.astype(np.int64, copy=False), keep,
         np.asarray(depth, dtype=np.float64), table.pos_of, table.token, table.count, table.scale,
         table.chain, order.rank_of, order.token, order.inv_median if arithmetic.reciprocal else order.median,
         max_genes, arithmetic.head_dtype == "float32", arithmetic.reciprocal,
         arithmetic.reciprocal_dtype == "float32",
     )
+
 
 def apply_layout(
     tokens: np.ndarray, lengths: np.ndarray, *, layout: Layout, special: dict[str, int]
@@ -221,3 +247,131 @@ def apply_layout(
     body[starts + new_lengths - 1] = False
     out[body] = tokens
     return out, new_lengths
+
+
+# ------------------------------------------------------------------------------------------- the pass
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What every task of the encoding pass needs (the same object for all of them)."""
+
+    order: RankOrder
+    """The vocabulary's genes (universe indices) in rank positions, with tokens and medians."""
+    layout: str
+    special: dict[str, int]
+    schema: pa.Schema
+    metadata: tuple[ColumnSpec, ...]
+    geneformer_arithmetic: bool
+    """Divide in the dtype Geneformer's NumPy code would use (``tokenize``); float64 otherwise."""
+
+
+@dataclass
+class EncodeResult:
+    """What one encoding task wrote."""
+
+    n_in: int
+    n_rows: int
+    n_tokens: int
+    dropped: dict[str, int]
+    """Cells dropped by reason (every reason of ``DROP_REASONS``)."""
+    lengths: np.ndarray
+    """Tokens per written cell (int64)."""
+    part: Path
+
+
+def encode_task(plan: DatasetPlan, cells: CellRange, block_size: int, qc: DatasetQC, settings: EncodeSettings,
+                part: Path) -> EncodeResult:
+    """The encoding pass over one range of a dataset's cells, written to the Arrow file ``part``.
+
+    A kept cell without any vocabulary gene is dropped under ``no_vocab_genes``. The part is written to
+    a temporary name and renamed when complete; on failure nothing is left.
+    """
+    layout = LAYOUTS[settings.layout]
+    wanted = [c.name for c in settings.metadata if c.name not in FIXED_COLUMNS and c.name in plan.spec.obs_columns]
+    writer = ShardWriter(part, settings.schema)
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    lengths_all: list[np.ndarray] = []
+    n_in = 0
+    try:
+        for b in plan.read_blocks(cells.start, cells.stop, block_size=block_size, obs_columns=wanted):
+            n_in += b.genes.shape[0]
+            keep, reason = qc.keep_mask(b.stats)
+            tokens, lengths = rank_value_encode(
+                b.genes, depth=b.depth, order=settings.order, keep=keep, max_genes=layout.max_genes,
+                arithmetic=Arithmetic.geneformer_of(b) if settings.geneformer_arithmetic else SPEC_ARITHMETIC)
+            rows = np.flatnonzero(keep)
+            lengths = lengths[rows]
+            empty = lengths == 0
+            reason[rows[empty]] = NO_VOCAB_REASON
+            for name, c in count_reasons(reason).items():
+                dropped[name] += c
+            rows, lengths = rows[~empty], lengths[~empty]
+            tokens, lengths = apply_layout(tokens, lengths, layout=layout, special=settings.special)
+            columns = {"dataset_id": np.full(rows.shape[0], plan.spec.dataset_id, dtype=object),
+                       "cell_id": np.asarray(b.cell_ids, dtype=object)[rows]}
+            for c in settings.metadata:
+                if c.name in FIXED_COLUMNS:
+                    continue
+                if c.name in b.obs:
+                    columns[c.name] = _as_column(np.asarray(b.obs[c.name])[rows], c)
+                else:
+                    columns[c.name] = np.full(rows.shape[0], None, dtype=object)
+            writer.write(tokens, lengths, columns)
+            lengths_all.append(lengths)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    lengths_arr = np.concatenate(lengths_all) if lengths_all else np.empty(0, np.int64)
+    return EncodeResult(n_in, writer.n_rows, int(lengths_arr.sum()), dropped, lengths_arr, part)
+
+
+def _as_column(values: np.ndarray, col: ColumnSpec) -> np.ndarray:
+    if col.type == pa.string():
+        return np.array([None if v is None else str(v) for v in values.tolist()], dtype=object)
+    return values
+
+
+def _arrow_type(values: np.ndarray) -> pa.DataType:
+    kind = values.dtype.kind
+    if kind == "b":
+        return pa.bool_()
+    if kind in "iu":
+        return pa.int64()
+    if kind == "f":
+        return pa.float64()
+    return pa.string()
+
+
+def metadata_columns(plans: Sequence[DatasetPlan]) -> tuple[ColumnSpec, ...]:
+    """The corpus's metadata columns: ``dataset_id``, ``cell_id``, then every requested obs column.
+
+    A column's Arrow type comes from its values in the first cell of each dataset that has cells:
+    one type if they agree, float64 for a mix of integers and floats, else string.
+    """
+    types: dict[str, set[pa.DataType]] = {}
+    for plan in plans:
+        if not plan.spec.obs_columns or plan.n_cells == 0:
+            for name in plan.spec.obs_columns:
+                types.setdefault(name, set())
+            continue
+        source = plan.open()
+        try:
+            sample = source.read_block(0, 1, obs_columns=list(plan.spec.obs_columns)).obs
+        finally:
+            source.close()
+        for name in plan.spec.obs_columns:
+            types.setdefault(name, set()).add(_arrow_type(np.asarray(sample[name])))
+    cols = [ColumnSpec("dataset_id", pa.string()), ColumnSpec("cell_id", pa.string())]
+    for name, kinds in types.items():
+        if name in FIXED_COLUMNS:
+            continue
+        if len(kinds) == 1:
+            (t,) = kinds
+        elif kinds and kinds <= {pa.int64(), pa.float64()}:
+            t = pa.float64()
+        else:
+            t = pa.string()
+        cols.append(ColumnSpec(name, t))
+    return tuple(cols)

@@ -15,6 +15,9 @@ Every partial result is an integer count or a canonical multiset, so any partiti
 blocks and tasks gives the same bits. Memory is ``n_genes * N_BINS`` counters plus the distinct keys that
 land in the selected bins. A key is a function of (count, n_counts), so their number is bounded by the
 distinct (count, n_counts) combinations in a narrow range of values, not by the number of cells.
+
+The passes' tasks (:func:`histogram_task`, :func:`selection_task`) read the cells that QC keeps in
+datasets that feed the medians; the build folds their results in task order.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
-__all__ = ["N_BINS", "GeneWindow", "MedianTargets", "ValueMultiset", "ValueSelection", "select_medians"]
+    from genecorpus.dataset import CellRange, DatasetPlan
+    from genecorpus.qc import DatasetQC
+
+__all__ = [
+    "N_BINS", "GeneWindow", "MedianTargets", "ValueMultiset", "ValueSelection", "add_histograms", "histogram_task",
+    "select_medians", "selection_task",
+]
 
 N_BINS = 64
 """Histogram bins per gene in the first median pass (64 × 4 bytes × 22k genes fits a CPU cache)."""
@@ -53,7 +62,7 @@ class GeneWindow:
 
     def add(self, counts: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray) -> None:
         """Widen the window with the values of the kept cells of a block (cells × genes counts)."""
-        _kernels._value_window_csr(counts.data, counts.indices, counts.indptr, depth, keep, self.lo, self.hi)
+        _kernels.value_window_csr(counts.data, counts.indices, counts.indptr, depth, keep, self.lo, self.hi)
 
     def merge(self, other: GeneWindow) -> None:
         """Combine with another partial window."""
@@ -79,7 +88,7 @@ class GeneWindow:
 def histogram_values(counts: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, window: GeneWindow,
                      shift: np.ndarray, hist: np.ndarray) -> None:
     """Count the values of the kept cells of a block in the per-gene histogram (n_genes × N_BINS, in place)."""
-    _kernels._value_histogram_csr(counts.data, counts.indices, counts.indptr, depth, keep, window.lo, shift,
+    _kernels.value_histogram_csr(counts.data, counts.indices, counts.indptr, depth, keep, window.lo, shift,
                                   hist)
 
 
@@ -160,7 +169,7 @@ class ValueMultiset:
         if genes.shape[0] and (int(genes.min()) < 0 or int(genes.max()) >= n_genes):
             msg = f"gene index out of range [0, {n_genes})"
             raise ValueError(msg)
-        return cls(*_kernels._value_pairs_to_csr(n_genes, np.ascontiguousarray(genes, dtype=np.int32),
+        return cls(*_kernels.value_pairs_to_csr(n_genes, np.ascontiguousarray(genes, dtype=np.int32),
                                                  np.ascontiguousarray(keys, dtype=np.uint64)))
 
     @property
@@ -186,7 +195,7 @@ class ValueMultiset:
             return self
         if not len(self):
             return other
-        return ValueMultiset(*_kernels._value_merge_csr(self.indptr, self.keys, self.counts,
+        return ValueMultiset(*_kernels.value_merge_csr(self.indptr, self.keys, self.counts,
                                                         other.indptr, other.keys, other.counts))
 
     @classmethod
@@ -212,7 +221,7 @@ def select_in_bins(counts: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, k
     int32, key uint64) pairs, one per value; :class:`ValueSelection` collapses them into a
     :class:`ValueMultiset`.
     """
-    return _kernels._value_select_csr(counts.data, counts.indices, counts.indptr, depth, keep, key_lo, key_width)
+    return _kernels.value_select_csr(counts.data, counts.indices, counts.indptr, depth, keep, key_lo, key_width)
 
 
 SELECT_BUFFER_PAIRS = 1 << 21
@@ -262,7 +271,7 @@ class ValueSelection:
 
 def select_medians(targets: MedianTargets, values: ValueMultiset) -> np.ndarray:
     """Exact nonzero median per gene (float64; NaN for a gene without values)."""
-    out, missing = _kernels._value_median_csr(values.indptr, values.keys, values.counts,
+    out, missing = _kernels.value_median_csr(values.indptr, values.keys, values.counts,
                                               np.ascontiguousarray(targets.n_values, dtype=np.int64),
                                               np.ascontiguousarray(targets.rank_lo, dtype=np.int64),
                                               np.ascontiguousarray(targets.rank_hi, dtype=np.int64))
@@ -271,3 +280,31 @@ def select_medians(targets: MedianTargets, values: ValueMultiset) -> np.ndarray:
                "(selection and histogram passes saw different values)")
         raise ValueError(msg)
     return out
+
+
+# ------------------------------------------------------------------------------------------- the passes
+
+
+def histogram_task(plan: DatasetPlan, cells: CellRange, block_size: int, qc: DatasetQC, window: GeneWindow,
+                   shift: np.ndarray) -> np.ndarray:
+    """The histogram pass over one range of a dataset's cells: genes × :data:`N_BINS` counts (int32)."""
+    # int32 keeps the table small enough for the CPU cache (a task has far fewer than 2**31 cells)
+    hist = np.zeros((plan.n_genes, N_BINS), dtype=np.int32)
+    for b in plan.read_blocks(cells.start, cells.stop, block_size=block_size):
+        histogram_values(b.genes, b.depth, qc.keep_mask(b.stats)[0], window, shift, hist)
+    return hist
+
+
+def add_histograms(acc: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """Fold one task's histogram into the running total (in place; int64 total)."""
+    acc += part
+    return acc
+
+
+def selection_task(plan: DatasetPlan, cells: CellRange, block_size: int, qc: DatasetQC, window: GeneWindow,
+                   shift: np.ndarray, targets: MedianTargets) -> ValueMultiset:
+    """The selection pass over one range of a dataset's cells: the values in each gene's target bins."""
+    selection = ValueSelection(window, shift, targets)
+    for b in plan.read_blocks(cells.start, cells.stop, block_size=block_size):
+        selection.add(b.genes, b.depth, qc.keep_mask(b.stats)[0])
+    return selection.result()

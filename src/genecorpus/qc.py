@@ -1,8 +1,12 @@
-"""Per-dataset quality control (SPEC §2.3): cell statistics, mergeable moments, keep masks.
+"""Per-dataset quality control (SPEC §2.3): the QC pass's task, mergeable moments, thresholds, keep masks.
 
-The dataset-wide mean and population SD are computed from exact sums (Python integers for counts, exact
-float expansions for fractions) merged in a fixed order, so they do not depend on how the dataset was cut
-into blocks or spread over workers; they are rounded to float64 once.
+The QC pass reads every cell once (:func:`qc_task`): it sums the moments of ``n_counts`` and of the
+mitochondrial statistic over the pre-selected cells, keeps the statistics of a fixed sample of cells for
+the report, and, when medians are to be computed, records each gene's value window for them
+(:class:`~genecorpus.medians.GeneWindow`). The dataset-wide mean and population SD are computed from
+exact sums (Python integers for counts, exact float expansions for fractions) merged in a fixed order, so
+they do not depend on how the dataset was cut into blocks or spread over workers; they are rounded to
+float64 once. :meth:`DatasetQC.keep_mask` then applies the rule to any block.
 """
 
 from __future__ import annotations
@@ -14,45 +18,26 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from genecorpus.corpus.manifest import DROP_REASONS, QCThresholds
+from genecorpus.corpus.qc_sample import QCSample
+from genecorpus.dataset import CellStats
+from genecorpus.medians import GeneWindow
+
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from genecorpus.config import QCParams
+    from genecorpus.dataset import CellRange, DatasetPlan
 
-__all__ = ["DROP_REASONS", "CellStats", "DatasetQC", "QCMoments", "keep_mask"]
+__all__ = ["NO_VOCAB_REASON", "QC_SAMPLE_CELLS", "DatasetQC", "QCMoments", "QCTaskResult", "count_reasons",
+           "dataset_thresholds", "qc_sample", "qc_task"]
 
-DROP_REASONS = ("filter_pass", "n_counts_outlier", "mito_outlier", "min_genes", "no_vocab_genes")
-"""Why a cell was dropped; each dropped cell is counted under the first reason that applies."""
+QC_SAMPLE_CELLS = 20_000
+"""At most about this many cells per dataset keep their QC statistics for the report."""
 
-_R_FILTER, _R_COUNTS, _R_MITO, _R_GENES, _R_VOCAB = range(5)
-
-
-@dataclass(frozen=True)
-class CellStats:
-    """Per-cell statistics of one block.
-
-    Attributes
-    ----------
-    n_counts
-        Total counts over all input genes (int64).
-    mito_counts
-        Counts on mitochondrial genes (int64).
-    n_genes
-        Number of detected (count > 0) candidate genes (int64).
-    preselected
-        The ``filter_pass`` column, or all True (bool).
-    """
-
-    n_counts: np.ndarray
-    mito_counts: np.ndarray
-    n_genes: np.ndarray
-    preselected: np.ndarray
-
-    def mito_values(self, mode: str) -> np.ndarray:
-        """The quantity the mitochondrial rule looks at: counts (int64) or fraction (float64)."""
-        if mode == "fraction":
-            with np.errstate(invalid="ignore", divide="ignore"):
-                frac = self.mito_counts / self.n_counts
-            return np.where(self.n_counts > 0, frac, 0.0)
-        return self.mito_counts
+_R_FILTER, _R_COUNTS, _R_MITO, _R_GENES, _R_VOCAB = range(len(DROP_REASONS))
+NO_VOCAB_REASON = _R_VOCAB
+"""Reason index of a kept cell that has no vocabulary gene (decided by the encoding pass)."""
 
 
 def _two_sum_partials(values: np.ndarray) -> list[float]:
@@ -154,40 +139,39 @@ class DatasetQC:
         return cls(params.enabled, params.n_sd, params.mito, params.min_genes, n_mean, n_sd,
                    has_mito, m_mean, m_sd)
 
-    def to_json(self) -> dict[str, object]:
-        """Plain dict for the manifest."""
-        return {
-            "enabled": self.enabled,
-            "n_counts_mean": self.n_counts_mean,
-            "n_counts_sd": self.n_counts_sd,
-            "n_counts_range": [self.n_counts_mean - self.n_sd * self.n_counts_sd,
-                               self.n_counts_mean + self.n_sd * self.n_counts_sd],
-            "mito_rule": self.mito_rule if self.enabled else False,
-            "mito_mode": self.mito_mode,
-            "mito_mean": self.mito_mean,
-            "mito_sd": self.mito_sd,
-            "mito_range": [self.mito_mean - self.n_sd * self.mito_sd,
-                           self.mito_mean + self.n_sd * self.mito_sd],
-            "min_genes": self.min_genes,
-        }
+    def to_record(self) -> QCThresholds:
+        """The thresholds as the manifest records them."""
+        return QCThresholds(
+            enabled=self.enabled,
+            n_counts_mean=self.n_counts_mean,
+            n_counts_sd=self.n_counts_sd,
+            n_counts_range=(self.n_counts_mean - self.n_sd * self.n_counts_sd,
+                            self.n_counts_mean + self.n_sd * self.n_counts_sd),
+            mito_rule=self.mito_rule if self.enabled else False,
+            mito_mode=self.mito_mode,
+            mito_mean=self.mito_mean,
+            mito_sd=self.mito_sd,
+            mito_range=(self.mito_mean - self.n_sd * self.mito_sd, self.mito_mean + self.n_sd * self.mito_sd),
+            min_genes=self.min_genes,
+        )
 
+    def keep_mask(self, stats: CellStats) -> tuple[np.ndarray, np.ndarray]:
+        """Which cells of a block pass QC (bool), and the drop reason of each cell (int8, -1 = kept).
 
-def keep_mask(stats: CellStats, qc: DatasetQC) -> tuple[np.ndarray, np.ndarray]:
-    """Which cells of a block pass QC, and the drop reason of each cell (-1 = kept).
-
-    Reasons index :data:`DROP_REASONS`; the first rule a cell fails is its reason.
-    """
-    reason = np.full(stats.n_counts.shape[0], -1, dtype=np.int8)
-    reason[~stats.preselected] = _R_FILTER
-    if qc.enabled:
-        bad = np.abs(stats.n_counts.astype(np.float64) - qc.n_counts_mean) > qc.n_sd * qc.n_counts_sd
-        reason[(reason < 0) & bad] = _R_COUNTS
-        if qc.mito_rule:
-            mito = stats.mito_values(qc.mito_mode).astype(np.float64)
-            bad = np.abs(mito - qc.mito_mean) > qc.n_sd * qc.mito_sd
-            reason[(reason < 0) & bad] = _R_MITO
-        reason[(reason < 0) & (stats.n_genes < qc.min_genes)] = _R_GENES
-    return reason < 0, reason
+        Reasons index :data:`~genecorpus.corpus.manifest.DROP_REASONS`; the first rule a cell fails is its
+        reason.
+        """
+        reason = np.full(stats.n_counts.shape[0], -1, dtype=np.int8)
+        reason[~stats.preselected] = _R_FILTER
+        if self.enabled:
+            bad = np.abs(stats.n_counts.astype(np.float64) - self.n_counts_mean) > self.n_sd * self.n_counts_sd
+            reason[(reason < 0) & bad] = _R_COUNTS
+            if self.mito_rule:
+                mito = stats.mito_values(self.mito_mode).astype(np.float64)
+                bad = np.abs(mito - self.mito_mean) > self.n_sd * self.mito_sd
+                reason[(reason < 0) & bad] = _R_MITO
+            reason[(reason < 0) & (stats.n_genes < self.min_genes)] = _R_GENES
+        return reason < 0, reason
 
 
 def count_reasons(reason: np.ndarray) -> dict[str, int]:
@@ -196,4 +180,70 @@ def count_reasons(reason: np.ndarray) -> dict[str, int]:
     return {name: int(c) for name, c in zip(DROP_REASONS, counts, strict=True)}
 
 
-NO_VOCAB_REASON = _R_VOCAB
+
+# ------------------------------------------------------------------------------------------- the pass
+
+
+@dataclass
+class QCTaskResult:
+    """What the QC pass learns from one task's cells."""
+
+    moments: QCMoments
+    window: GeneWindow
+    """Each gene's value range over the task's kept-for-medians cells (empty when medians are given)."""
+    sample: CellStats | None = None
+    """The statistics of the task's sampled cells (every ``ceil(n_cells / QC_SAMPLE_CELLS)``-th cell)."""
+
+
+def qc_task(plan: DatasetPlan, cells: CellRange, block_size: int, mito_mode: str, value_window: bool) -> QCTaskResult:
+    """The QC pass over one range of a dataset's cells (runs in a worker).
+
+    Parameters
+    ----------
+    plan, cells
+        The dataset and the range of its cells.
+    block_size
+        Cells read at a time.
+    mito_mode
+        ``"counts"`` or ``"fraction"``: the statistic of the mitochondrial rule.
+    value_window
+        Also record each gene's value window for the medians (when the dataset feeds them).
+    """
+    moments = QCMoments()
+    window = GeneWindow.empty(plan.n_genes if value_window else 0)
+    stride = -(-plan.n_cells // QC_SAMPLE_CELLS)
+    samples = []
+    for b in plan.read_blocks(cells.start, cells.stop, block_size=block_size):
+        moments.add(b.stats, mito_mode)
+        samples.append(b.stats.take(np.flatnonzero((np.arange(b.start, b.start + b.genes.shape[0]) % stride) == 0)))
+        if value_window and plan.spec.use_for_medians:
+            window.add(b.genes, b.depth, b.stats.preselected)
+    return QCTaskResult(moments, window, CellStats.concatenate(samples) if samples else None)
+
+
+def dataset_thresholds(plans: Sequence[DatasetPlan], cells: Sequence[CellRange], results: Sequence[QCTaskResult],
+                       params: QCParams) -> list[DatasetQC]:
+    """Each dataset's QC thresholds from its tasks' moments, merged in task order."""
+    out = []
+    for plan in plans:
+        moments = QCMoments()
+        for c, r in zip(cells, results, strict=True):
+            if c.dataset == plan.index:
+                moments.merge(r.moments)
+        out.append(DatasetQC.from_moments(moments, params, has_mito=bool(plan.is_mito_col.any())))
+    return out
+
+
+def qc_sample(cells: Sequence[CellRange], results: Sequence[QCTaskResult], thresholds: Sequence[DatasetQC],
+              mito_mode: str) -> QCSample | None:
+    """The sampled cells' statistics with their QC verdicts, for the report (None without cells)."""
+    parts = [(c.dataset, r.sample) for c, r in zip(cells, results, strict=True) if r.sample is not None]
+    if not parts:
+        return None
+    return QCSample(
+        dataset=np.concatenate([np.full(len(s.n_counts), d, dtype=np.int32) for d, s in parts]),
+        n_counts=np.concatenate([s.n_counts for _, s in parts]),
+        mito=np.concatenate([s.mito_values(mito_mode).astype(np.float64) for _, s in parts]),
+        n_genes=np.concatenate([s.n_genes for _, s in parts]),
+        reason=np.concatenate([thresholds[d].keep_mask(s)[1] for d, s in parts]),
+    )

@@ -13,26 +13,24 @@ style, so a user's ``matplotlibrc`` does not change the bytes.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import json
 import logging
 import math
 import os
-import pickle
 import secrets
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from genecorpus.errors import ConfigError, InputError
-from genecorpus.qc import DROP_REASONS
-from genecorpus.shards import publish_folder
-from genecorpus.vocab import LAYOUTS
+from genecorpus.corpus.folder import GENE_MEDIANS_TSV, LENGTHS, MANIFEST, QC_SAMPLE, REPORT_DIR, read_lengths
+from genecorpus.corpus.manifest import DROP_REASONS, DatasetRecord, Manifest, QCThresholds
+from genecorpus.corpus.qc_sample import QCSample
+from genecorpus.corpus.shards import publish_folder
+from genecorpus.errors import ConfigError, DictionaryError, InputError
+from genecorpus.vocab import LAYOUTS, load_gene_medians
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -50,9 +48,6 @@ MAX_DATASET_PANELS = 24
 MAX_BAR_DATASETS = 60
 """Datasets drawn in the cells-per-dataset bar chart."""
 
-REPORT_DIR = "report"
-QC_SAMPLE = "qc_sample.npz"
-
 _KEPT_COLOR = "#4c72b0"
 _REASON_COLORS = {
     "filter_pass": "#8c8c8c",
@@ -69,26 +64,8 @@ _PNG_METADATA: dict[str, str | None] = {"Software": None}
 _OVERFLOW_QUANTILE = 0.005
 """QC histograms span the cut lines and all but this fraction of the largest values."""
 
-_SAMPLE_ARRAYS = ("dataset", "n_counts", "mito", "n_genes", "reason")
-
 
 # ------------------------------------------------------------------------------------------ inputs
-
-
-@dataclass(frozen=True)
-class _QCSample:
-    """``report/qc_sample.npz``: per-cell statistics of a fixed sample of cells."""
-
-    dataset: np.ndarray
-    n_counts: np.ndarray
-    mito: np.ndarray
-    n_genes: np.ndarray
-    reason: np.ndarray
-
-    def of(self, index: int) -> _QCSample:
-        """The cells of dataset ``index``."""
-        sel = self.dataset == index
-        return _QCSample(*(getattr(self, name)[sel] for name in _SAMPLE_ARRAYS))
 
 
 @dataclass(frozen=True)
@@ -96,22 +73,22 @@ class _Corpus:
     """Everything the report shows, read from a corpus folder."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     lengths: np.ndarray
     gene_medians: np.ndarray | None
-    sample: _QCSample | None
+    sample: QCSample | None
 
     @property
-    def datasets(self) -> list[dict[str, Any]]:
-        return list(self.manifest["datasets"])
+    def datasets(self) -> tuple[DatasetRecord, ...]:
+        return self.manifest.datasets
 
     @property
     def layout(self) -> str:
-        return str(self.manifest["corpus"].get("layout", "gc30m"))
+        return self.manifest.corpus.layout
 
     @property
     def n_sd(self) -> float:
-        return float(self.manifest.get("parameters", {}).get("qc", {}).get("n_sd", 3.0))
+        return self.manifest.parameters.qc.n_sd
 
     @property
     def length_limit(self) -> int:
@@ -119,113 +96,25 @@ class _Corpus:
         return layout.max_genes + (2 if layout.wrap_cls_eos else 0)
 
 
-_REQUIRED_KEYS = ("datasets", "corpus", "medians", "vocabulary")
-
-
-def _read_manifest(root: Path) -> dict[str, Any]:
-    path = root / "manifest.json"
+def _read_corpus(root: Path) -> _Corpus:
     if not root.is_dir():
         msg = f"{root}: not a folder; give a corpus folder written by genecorpus build or tokenize"
         raise InputError(msg)
-    if not path.is_file():
-        msg = (f"{root}: not a genecorpus corpus folder (no manifest.json); give the --out folder of "
-               f"genecorpus build or tokenize")
+    manifest = Manifest.read(root / MANIFEST)
+    lengths = read_lengths(root / LENGTHS)
+    if lengths.shape[0] != manifest.corpus.n_cells:
+        msg = (f"{root / LENGTHS}: {lengths.shape[0]} lengths but manifest.json counts {manifest.corpus.n_cells} "
+               f"cells; the folder is inconsistent, rebuild the corpus")
         raise InputError(msg)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        msg = f"{path}: not valid JSON ({e}); rebuild the corpus"
-        raise InputError(msg) from None
-    missing = [k for k in _REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        msg = (f"{path}: not a genecorpus manifest (no {missing[0]!r}); give a corpus folder written by "
-               f"genecorpus build or tokenize")
-        raise InputError(msg)
-    layout = manifest["corpus"].get("layout", "gc30m")
-    if layout not in LAYOUTS:
-        msg = f"{path}: unknown layout {layout!r}; known layouts are {', '.join(sorted(LAYOUTS))}"
-        raise InputError(msg)
-    return manifest
-
-
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    """Loads plain lists of ints only; a lengths file has no reason to reference any class."""
-
-    def find_class(self, module: str, name: str) -> Any:  # noqa: ANN401
-        msg = f"refuses to load {module}.{name}"
-        raise pickle.UnpicklingError(msg)
-
-
-def _read_lengths(root: Path, n_cells: int) -> np.ndarray:
-    path = root / "lengths.pkl"
-    if not path.is_file():
-        msg = f"{path}: missing; the corpus folder is incomplete, rebuild it"
-        raise InputError(msg)
-    try:
-        with path.open("rb") as fh:
-            raw = _NoGlobalsUnpickler(fh).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        msg = f"{path}: not a pickled list of lengths ({e}); rebuild the corpus"
-        raise InputError(msg) from None
-    lengths = np.asarray(raw) if isinstance(raw, list) else np.empty((0, 0))
-    if lengths.ndim != 1 or (lengths.size and lengths.dtype.kind not in "iu"):
-        msg = f"{path}: not a pickled list of int lengths; rebuild the corpus"
-        raise InputError(msg)
-    if lengths.shape[0] != n_cells:
-        msg = (f"{path}: {lengths.shape[0]} lengths but manifest.json counts {n_cells} cells; the folder "
-               f"is inconsistent, rebuild the corpus")
-        raise InputError(msg)
-    return lengths.astype(np.int64)
-
-
-def _read_gene_medians(root: Path) -> np.ndarray | None:
-    path = root / "gene_medians.tsv"
-    if not path.is_file():
-        return None
-    values = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = csv.reader(fh, delimiter="\t")
-        header = next(rows, None)
-        if header != ["ensembl_id", "median"]:
-            msg = f"{path}: header is {header}, expected ensembl_id<TAB>median; rebuild the corpus"
-            raise InputError(msg)
-        for n, row in enumerate(rows, start=2):
-            try:
-                values.append(float(row[1]))
-            except (IndexError, ValueError):
-                msg = f"{path}: line {n} is not ensembl_id<TAB>median; rebuild the corpus"
-                raise InputError(msg) from None
-    return np.asarray(values, dtype=np.float64)
-
-
-def _read_sample(root: Path, n_datasets: int) -> _QCSample | None:
-    path = root / REPORT_DIR / QC_SAMPLE
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {name: np.asarray(z[name]) for name in _SAMPLE_ARRAYS}
-    except KeyError as e:
-        msg = f"{path}: no array {e}; delete it (QC plots are then skipped) or rebuild the corpus"
-        raise InputError(msg) from None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        msg = f"{path}: unreadable ({e}); delete it (QC plots are then skipped) or rebuild the corpus"
-        raise InputError(msg) from None
-    n = {a.shape[0] for a in arrays.values()}
-    d, r = arrays["dataset"], arrays["reason"]
-    if (len(n) != 1 or (d.size and (d.min() < 0 or d.max() >= n_datasets))
-            or (r.size and (r.min() < -1 or r.max() >= len(DROP_REASONS)))):
-        msg = (f"{path}: does not match manifest.json (array lengths, dataset or reason indices); "
-               f"rebuild the corpus")
-        raise InputError(msg)
-    return _QCSample(**arrays)
-
-
-def _read_corpus(root: Path) -> _Corpus:
-    manifest = _read_manifest(root)
-    n_cells = int(manifest["corpus"].get("n_cells", 0))
-    return _Corpus(root, manifest, _read_lengths(root, n_cells), _read_gene_medians(root),
-                   _read_sample(root, len(manifest["datasets"])))
+    medians_path = root / GENE_MEDIANS_TSV
+    gene_medians = None
+    if medians_path.is_file():
+        try:
+            gene_medians = np.array(list(load_gene_medians(medians_path).values()), dtype=np.float64)
+        except DictionaryError as e:
+            raise InputError(str(e)) from None
+    sample = QCSample.read(root / REPORT_DIR / QC_SAMPLE, n_datasets=len(manifest.datasets))
+    return _Corpus(root, manifest, lengths, gene_medians, sample)
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -295,7 +184,7 @@ def _cut_handle(n_sd: float) -> Any:  # noqa: ANN401
     return Line2D([], [], color=_CUT_COLOR, linestyle="--", linewidth=1, label=f"{_fmt(n_sd)}-SD cut")
 
 
-def _used_labels(sample: _QCSample) -> list[str]:
+def _used_labels(sample: QCSample) -> list[str]:
     present = {int(r) for r in np.unique(sample.reason).tolist()}
     return ["kept"] + [f"dropped: {name}" for i, name in enumerate(DROP_REASONS) if i in present]
 
@@ -308,15 +197,15 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _qc_panel(ax: Axes, ds: dict[str, Any], sample: _QCSample, *, stat: str) -> None:
+def _qc_panel(ax: Axes, ds: DatasetRecord, sample: QCSample, *, stat: str) -> None:
     """One dataset's histogram of n_counts or mito, with the cut lines of its rule."""
-    qc = ds.get("qc", {})
+    qc = ds.qc
     values = sample.n_counts if stat == "n_counts" else sample.mito
-    title = _short(str(ds["dataset_id"]))
+    title = _short(ds.dataset_id)
     ax.set_title(title, fontsize=9)
     ax.tick_params(labelsize=7)
-    enabled = bool(qc.get("enabled", False))
-    no_mito = (enabled and not qc.get("mito_rule", False)) or ds.get("genes", {}).get("n_mito_columns") == 0
+    enabled = qc.enabled
+    no_mito = (enabled and not qc.mito_rule) or ds.genes.n_mito_columns == 0
     if stat == "mito" and no_mito:
         ax.text(0.5, 0.5, "mito rule skipped\n(no mitochondrial genes)", ha="center", va="center",
                 transform=ax.transAxes, fontsize=9, color="#555555")
@@ -326,8 +215,8 @@ def _qc_panel(ax: Axes, ds: dict[str, Any], sample: _QCSample, *, stat: str) -> 
     if values.size == 0:
         ax.text(0.5, 0.5, "no cells", ha="center", va="center", transform=ax.transAxes, fontsize=9)
         return
-    rng = qc.get("n_counts_range" if stat == "n_counts" else "mito_range")
-    cuts = [float(c) for c in rng] if enabled and rng else []
+    rng = qc.n_counts_range if stat == "n_counts" else qc.mito_range
+    cuts = [float(c) for c in rng] if enabled else []
     # values are never negative, so a cut below zero removes nothing and is not drawn
     cuts = sorted({c for c in cuts if c >= 0})
     lo = min([float(values.min()), *cuts])
@@ -343,14 +232,14 @@ def _qc_panel(ax: Axes, ds: dict[str, Any], sample: _QCSample, *, stat: str) -> 
     for c in cuts:
         ax.axvline(c, color=_CUT_COLOR, linestyle="--", linewidth=1)
     kept = int((sample.reason < 0).sum())
-    text = f"sample {values.size:,} of {ds['cells']['in']:,}\nkept {100 * kept / values.size:.1f}%"
+    text = f"sample {values.size:,} of {ds.cells.n_in:,}\nkept {100 * kept / values.size:.1f}%"
     ax.set_xlim(edges[0], edges[-1])
     if lo == hi:
         span = edges[-1] - edges[0]
         ax.set_xlim(edges[0] - 2 * span, edges[-1] + 2 * span)
         ax.set_xticks([lo], [_fmt(lo)])
         text += f"\nevery cell: {_fmt(lo)}"
-    if rng and enabled:
+    if enabled:
         text += f"\nkeep [{_fmt(float(rng[0]))}, {_fmt(float(rng[1]))}]"
     if not enabled:
         text += "\nQC disabled: no cut"
@@ -361,7 +250,7 @@ def _qc_panel(ax: Axes, ds: dict[str, Any], sample: _QCSample, *, stat: str) -> 
     ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # headroom for the text
 
 
-def _plot_qc(corpus: _Corpus, sample: _QCSample, *, stat: str, max_panels: int, path: Path) -> None:
+def _plot_qc(corpus: _Corpus, sample: QCSample, *, stat: str, max_panels: int, path: Path) -> None:
     shown = corpus.datasets[:max_panels]
     ncols = min(len(shown), 4) or 1
     nrows = max(math.ceil(len(shown) / ncols), 1)
@@ -372,14 +261,14 @@ def _plot_qc(corpus: _Corpus, sample: _QCSample, *, stat: str, max_panels: int, 
             ax.set_axis_off()
             continue
         _qc_panel(ax, shown[i], sample.of(i), stat=stat)
-    modes = {str(d.get("qc", {}).get("mito_mode", "counts")) for d in shown}
+    modes = {d.qc.mito_mode for d in shown}
     xlabel = ("total counts per cell (n_counts)" if stat == "n_counts"
               else "mitochondrial " + (" / ".join(sorted(modes)) if modes else "counts") + " per cell")
     if len(corpus.datasets) > len(shown):
         xlabel += f"\n(the first {len(shown)} of {len(corpus.datasets)} datasets; the tables list all)"
     fig.supxlabel(xlabel, fontsize=10)
     fig.supylabel("cells in the QC sample", fontsize=10)
-    any_cut = any(d.get("qc", {}).get("enabled", False) for d in shown)
+    any_cut = any(d.qc.enabled for d in shown)
     _legend(fig, _used_labels(sample), ncols=6 if ncols > 2 else 3, n_sd=corpus.n_sd if any_cut else None)
     _save(fig, path)
 
@@ -391,19 +280,18 @@ def _plot_cells(corpus: _Corpus, path: Path) -> None:
     ax = fig.subplots()
     y = np.arange(len(shown))
     left = np.zeros(len(shown), dtype=np.float64)
-    layers = [("kept", _KEPT_COLOR, [d["cells"]["kept"] for d in shown])]
-    layers += [(f"dropped: {r}", _REASON_COLORS[r], [d["cells"]["dropped"].get(r, 0) for d in shown])
-               for r in DROP_REASONS]
+    layers = [("kept", _KEPT_COLOR, [d.cells.kept for d in shown])]
+    layers += [(f"dropped: {r}", _REASON_COLORS[r], [d.cells.dropped[r] for d in shown]) for r in DROP_REASONS]
     for label, color, counts in layers:
         width = np.asarray(counts, dtype=np.float64)
         if width.any() or label == "kept":
             ax.barh(y, width, left=left, color=color, label=label, height=0.7)
         left += width
     for yi, d, total in zip(y, shown, left, strict=True):
-        n_in = d["cells"]["in"]
-        pct = 100 * d["cells"]["kept"] / n_in if n_in else 0.0
+        n_in = d.cells.n_in
+        pct = 100 * d.cells.kept / n_in if n_in else 0.0
         ax.text(total, yi, f"  {pct:.1f}% kept", va="center", fontsize=8)
-    ax.set_yticks(y, [_short(str(d["dataset_id"])) for d in shown], fontsize=8)
+    ax.set_yticks(y, [_short(d.dataset_id) for d in shown], fontsize=8)
     ax.set_ylim(len(shown) - 0.5, -0.5)
     ax.set_xlim(0, (left.max() if left.size and left.max() > 0 else 1) * 1.18)
     ax.set_xlabel("cells (all cells, from manifest.json)")
@@ -448,8 +336,7 @@ def _plot_genes(corpus: _Corpus, path: Path) -> None:
         values = sample.n_genes
         hi = float(values.max()) if values.size else 1.0
         _stacked_hist(ax, _edges(values, 0.0, hi, bins=60), _sample_layers(values, sample.reason))
-        rules = sorted({int(d["qc"]["min_genes"]) for d in corpus.datasets
-                        if d.get("qc", {}).get("enabled", False)})
+        rules = sorted({d.qc.min_genes for d in corpus.datasets if d.qc.enabled})
         for m in rules:
             ax.axvline(m, color=_CUT_COLOR, linestyle="--", linewidth=1, label=f"min_genes = {m}")
         ax.set_xlabel("detected candidate genes per cell (QC sample, all datasets)")
@@ -591,67 +478,64 @@ def _plain(value: Any) -> str:  # noqa: ANN401
     return _num(value)
 
 
-def _cell_rows(datasets: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _cell_rows(datasets: Sequence[DatasetRecord]) -> list[dict[str, Any]]:
     rows = []
     tot_in = tot_kept = 0
     tot_dropped = dict.fromkeys(DROP_REASONS, 0)
     for d in datasets:
-        c = d["cells"]
-        tot_in += c["in"]
-        tot_kept += c["kept"]
+        c = d.cells
+        tot_in += c.n_in
+        tot_kept += c.kept
         for r in DROP_REASONS:
-            tot_dropped[r] += c["dropped"].get(r, 0)
-        rows.append({"name": d["dataset_id"], "n_in": _num(c["in"]), "kept": _num(c["kept"]),
-                     "pct": f"{100 * c['kept'] / c['in']:.1f}" if c["in"] else "–",
-                     "dropped": [_num(c["dropped"].get(r, 0)) for r in DROP_REASONS], "total": False})
+            tot_dropped[r] += c.dropped[r]
+        rows.append({"name": d.dataset_id, "n_in": _num(c.n_in), "kept": _num(c.kept),
+                     "pct": f"{100 * c.kept / c.n_in:.1f}" if c.n_in else "–",
+                     "dropped": [_num(c.dropped[r]) for r in DROP_REASONS], "total": False})
     rows.append({"name": "total", "n_in": _num(tot_in), "kept": _num(tot_kept),
                  "pct": f"{100 * tot_kept / tot_in:.1f}" if tot_in else "–",
                  "dropped": [_num(tot_dropped[r]) for r in DROP_REASONS], "total": True})
     return rows
 
 
-def _mito_rule_text(qc: dict[str, Any]) -> str:
-    if not qc.get("enabled", False):
+def _mito_rule_text(qc: QCThresholds) -> str:
+    if not qc.enabled:
         return "skipped (QC disabled)"
-    if not qc.get("mito_rule", False):
+    if not qc.mito_rule:
         return "skipped (no mitochondrial genes)"
-    return f"on {qc.get('mito_mode', 'counts')}"
+    return f"on {qc.mito_mode}"
 
 
-def _qc_rows(datasets: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+def _qc_rows(datasets: Sequence[DatasetRecord]) -> list[dict[str, str]]:
     rows = []
     for d in datasets:
-        qc = d.get("qc", {})
-        on = bool(qc.get("enabled", False))
-        mito_on = on and bool(qc.get("mito_rule", False))
-        nr, mr = qc.get("n_counts_range", ["", ""]), qc.get("mito_range", ["", ""])
+        qc = d.qc
+        on = qc.enabled
+        mito_on = on and qc.mito_rule
+        nr, mr = qc.n_counts_range, qc.mito_range
         rows.append({
-            "name": d["dataset_id"],
+            "name": d.dataset_id,
             "enabled": "on" if on else "off",
-            "n_counts": f"{_fmt(qc['n_counts_mean'])} ± {_fmt(qc['n_counts_sd'])}" if on else "–",
+            "n_counts": f"{_fmt(qc.n_counts_mean)} ± {_fmt(qc.n_counts_sd)}" if on else "–",
             "n_counts_range": f"[{_fmt(nr[0])}, {_fmt(nr[1])}]" if on else "–",
             "mito_rule": _mito_rule_text(qc),
-            "mito": f"{_fmt(qc['mito_mean'])} ± {_fmt(qc['mito_sd'])}" if mito_on else "–",
+            "mito": f"{_fmt(qc.mito_mean)} ± {_fmt(qc.mito_sd)}" if mito_on else "–",
             "mito_range": f"[{_fmt(mr[0])}, {_fmt(mr[1])}]" if mito_on else "–",
-            "min_genes": str(qc.get("min_genes", "–")) if on else "–",
+            "min_genes": str(qc.min_genes) if on else "–",
         })
     return rows
 
 
-def _gene_rows(datasets: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    keys = ("id_kind", "release", "n_input_genes", "n_unmapped", "n_ambiguous", "n_columns_in_universe",
-            "n_genes_in_universe", "n_mito_columns")
+def _gene_rows(datasets: Sequence[DatasetRecord]) -> list[dict[str, str]]:
     rows = []
     for d in datasets:
-        g = d.get("genes", {})
-        row = {k: _num(g[k]) if g.get(k) is not None else "–" for k in keys}
-        rows.append(row | {"name": d["dataset_id"], "depth": str(d.get("depth", "–"))})
+        row = {k: _num(v) if v is not None else "–" for k, v in d.genes.model_dump().items()}
+        rows.append(row | {"name": d.dataset_id, "depth": str(d.depth)})
     return rows
 
 
 def _notes(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> list[str]:
     notes = []
-    mode = corpus.manifest.get("mode", "build")
+    mode = corpus.manifest.mode
     if corpus.sample is None:
         if mode == "tokenize":
             notes.append("This corpus was made by tokenize, which does no QC beyond filter_pass and cells "
@@ -659,7 +543,7 @@ def _notes(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> list[str]:
         else:
             notes.append(f"{REPORT_DIR}/{QC_SAMPLE} is missing, so the QC plots are skipped; rebuild "
                          "the corpus to get them.")
-    off = [str(d["dataset_id"]) for d in corpus.datasets if not d.get("qc", {}).get("enabled", False)]
+    off = [d.dataset_id for d in corpus.datasets if not d.qc.enabled]
     if mode == "build" and off:
         notes.append("QC was disabled (no 3-SD or min_genes rule) for: " + ", ".join(off) + ".")
     n = len(corpus.datasets)
@@ -668,8 +552,7 @@ def _notes(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> list[str]:
     if n > MAX_BAR_DATASETS:
         notes.append(f"The cells-per-dataset chart shows the first {MAX_BAR_DATASETS} of {n} datasets; "
                      "the table lists all.")
-    skipped = [str(d["dataset_id"]) for d in corpus.datasets
-               if d.get("qc", {}).get("enabled", False) and not d["qc"].get("mito_rule", False)]
+    skipped = [d.dataset_id for d in corpus.datasets if d.qc.enabled and not d.qc.mito_rule]
     if skipped:
         notes.append("Mitochondrial rule skipped (no mitochondrial genes in the dataset): "
                      + ", ".join(skipped) + ".")
@@ -682,25 +565,23 @@ def _render_html(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> str:
     import jinja2
 
     m = corpus.manifest
-    c = m["corpus"]
-    vocab = m["vocabulary"]
-    special = vocab.get("special_tokens", {})
-    specials = ", ".join(f"{k} = {v}" for k, v in sorted(special.items(), key=lambda kv: (kv[1], kv[0])))
-    provenance = sorted((str(k), _plain(v)) for k, v in m["medians"].items())
-    versions = sorted((str(k), str(v)) for k, v in m.get("versions", {}).items())
-    modes = sorted({str(d.get("qc", {}).get("mito_mode", "counts")) for d in corpus.datasets})
+    c = m.corpus
+    vocab = m.vocabulary
+    specials = ", ".join(f"{k} = {v}" for k, v in sorted(vocab.special_tokens.items(), key=lambda kv: (kv[1], kv[0])))
+    provenance = sorted((str(k), _plain(v)) for k, v in m.medians.model_dump(mode="json").items())
+    versions = sorted((str(k), str(v)) for k, v in m.versions.items())
+    modes = sorted({d.qc.mito_mode for d in corpus.datasets})
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.from_string(_TEMPLATE).render(
-        mode=m.get("mode", "build"),
-        corpus={"layout": corpus.layout, "n_cells": int(c.get("n_cells", 0)),
-                "n_tokens": int(c.get("n_tokens", 0)), "n_shards": len(c.get("shards", [])),
-                "columns": ", ".join(c.get("columns", []))},
+        mode=m.mode,
+        corpus={"layout": corpus.layout, "n_cells": c.n_cells, "n_tokens": c.n_tokens, "n_shards": len(c.shards),
+                "columns": ", ".join(c.columns)},
         limit=corpus.length_limit,
         mean_length=f"{corpus.lengths.mean():,.1f}" if corpus.lengths.size else "–",
         datasets=corpus.datasets,
-        vocab=(f"{_num(vocab.get('n_genes', 0))} genes, {_num(vocab.get('n_tokens', 0))} tokens"
+        vocab=(f"{_num(vocab.n_genes)} genes, {_num(vocab.n_tokens)} tokens"
                + (f" (special: {specials})" if specials else "")),
-        medians_source=_plain(m["medians"].get("source", "–")),
+        medians_source=m.medians.source,
         notes=_notes(corpus, qc_plots=qc_plots, max_panels=max_panels),
         reasons=DROP_REASONS,
         cell_rows=_cell_rows(corpus.datasets),

@@ -17,6 +17,10 @@ dataset's plan, its range of cells, the settings of its stage and the corpus-wid
 key: a finished one is loaded, never redone; anything that changed changes exactly the keys that depend
 on it. A record is written only after its task (and its part file) is complete, by rename, so a killed
 task leaves nothing that a resumed build would use.
+
+This module owns the keys (:class:`TaskKeys`, :func:`fingerprint`), the records (:func:`run_recorded`),
+the input digests computed while a build runs (:class:`InputDigests`) and the work folder
+(:class:`WorkFolder`); the build calls it around every stage.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import shutil
 import threading
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,14 +47,21 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
+from genecorpus.corpus.folder import sha256_of_path
 from genecorpus.errors import ConfigError, TaskFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
+    from types import TracebackType
+
+    from genecorpus.dataset import CellRange, DatasetPlan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WorkFolder", "code_fingerprint", "file_identity", "fingerprint", "run_recorded", "task_key"]
+__all__ = [
+    "InputDigests", "TaskKeys", "WorkFolder", "code_fingerprint", "file_identity", "fingerprint", "run_recorded",
+    "task_key",
+]
 
 COMPONENT_REASONS = {
     "code": "genecorpus itself changed",
@@ -135,6 +147,52 @@ def task_key(components: dict[str, str]) -> str:
     return fingerprint(components)
 
 
+class TaskKeys:
+    """The keys of a build's tasks, from their components (see the module docstring).
+
+    Parameters
+    ----------
+    work
+        The build's work folder (where the records are).
+    tokens
+        Content token of each input path (:meth:`WorkFolder.input_tokens`); in-memory datasets have none.
+    qc_settings
+        Fingerprint of what the QC pass depends on besides its cells.
+    """
+
+    def __init__(self, work: WorkFolder, tokens: dict[Path, str], qc_settings: str) -> None:
+        self.work = work
+        self.tokens = tokens
+        self.qc_settings = qc_settings
+        self._plans: dict[int, tuple[DatasetPlan, str]] = {}
+        """id → (plan, fingerprint); the plan is kept so that its id cannot be reused by another object."""
+
+    def _plan(self, plan: DatasetPlan) -> str:
+        if id(plan) not in self._plans:
+            self._plans[id(plan)] = (plan, fingerprint(
+                {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name not in ("index", "source")}))
+        return self._plans[id(plan)][1]
+
+    def components(self, plans: Sequence[DatasetPlan], cells: CellRange, settings: str,
+                   upstream: str | None = None) -> tuple[str, dict[str, str]]:
+        """The task's slot (dataset and cells, for messages) and its key components."""
+        plan = plans[cells.dataset]
+        comps = {"code": code_fingerprint(), "input": self.tokens.get(Path(plan.spec.path), "in-memory"),
+                 "dataset": self._plan(plan), "cells": f"{cells.start}:{cells.stop}", "settings": settings}
+        if upstream is not None:
+            comps["upstream"] = upstream
+        return f"{plan.spec.path}[{cells.start}:{cells.stop}]", comps
+
+    def records(self, stage: str, plans: Sequence[DatasetPlan], cells: Sequence[CellRange],
+                settings: Callable[[CellRange], str], upstream: Sequence[str] | None = None,
+                ) -> tuple[list[Path | None], list[str]]:
+        """Record paths (None without records) and keys of a stage's tasks, one per range of cells."""
+        entries = [self.components(plans, c, settings(c), upstream[i] if upstream else None)
+                   for i, c in enumerate(cells)]
+        records = self.work.plan_stage(stage, entries)
+        return records, [task_key(c) for _, c in entries]
+
+
 # --------------------------------------------------------------------------------------- records
 
 
@@ -195,6 +253,48 @@ def run_recorded(record: Path | None, outputs: Sequence[Path], fn: Callable[...,
         sizes = [(str(p), Path(p).stat().st_size) for p in outputs]
         _write_atomic(record, zlib.compress(pickle.dumps((result, sizes), protocol=5), 1))
     return result
+
+
+# ------------------------------------------------------------------------------------ input digests
+
+
+class InputDigests:
+    """sha256 of the input files, computed in one background thread while the stages run.
+
+    ``on_done(path, sha256, identity)`` is called from that thread as each digest is ready, with the
+    file's size and modification time taken before hashing (see :meth:`WorkFolder.record_digest`).
+    A context manager: leaving it abandons unfinished digests.
+    """
+
+    def __init__(self, paths: Sequence[Path],
+                 on_done: Callable[[Path, str, list[int]], None] | None = None) -> None:
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="genecorpus-sha256")
+        self._on_done = on_done
+        self._futures = {p: self._pool.submit(self._digest, p) for p in dict.fromkeys(paths)}
+
+    def _digest(self, path: Path) -> tuple[str, int]:
+        identity = file_identity(path) if self._on_done is not None else []
+        digest, size = sha256_of_path(path, stop=self._stop)
+        if self._on_done is not None and not self._stop.is_set():
+            self._on_done(path, digest, identity)
+        return digest, size
+
+    def get(self, path: Path) -> tuple[str, int]:
+        """Digest and size in bytes of one of the paths (waits for it)."""
+        return self._futures[path].result()
+
+    def close(self) -> None:
+        """Stop hashing (an unfinished digest is abandoned)."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> InputDigests:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------------- work folder

@@ -51,21 +51,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from genecorpus import _kernels, genes
-from genecorpus.config import DatasetSpec
+from genecorpus import _kernels
+from genecorpus.corpus.folder import GENE_MEDIANS_PKL, GENE_MEDIANS_TSV, LENGTHS, TOKEN_DICTIONARY, CorpusFiles, read_lengths, sha256_of_path
+from genecorpus.corpus.manifest import DatasetRecord, DepthSource, GivenMedians, Manifest
+from genecorpus.dataset import DatasetPlan, GeneBlock, plan_dataset
 from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic
-from genecorpus.errors import DictionaryError, GenecorpusError
-from genecorpus.inspect import CorpusFiles
-from genecorpus.io import DEFAULT_BLOCK_SIZE, open_dataset
-from genecorpus.manifest import sha256_of_path
+from genecorpus.errors import DictionaryError, GenecorpusError, InputError
+from genecorpus.io import DEFAULT_BLOCK_SIZE
 from genecorpus.vocab import (
-    LAYOUTS, Layout, TokenDictionary, load_gene_medians, load_lengths_file, load_pickled_dict,
+    LAYOUTS, Layout, TokenDictionary, load_gene_medians, load_pickled_dict,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from genecorpus.io import CellSource
 
 __all__ = ["CHECKS", "DEFAULT_SAMPLE_CELLS", "CheckResult", "Problem", "ValidationReport", "validate_corpus"]
 
@@ -303,10 +302,10 @@ def _read_median_values(path: Path) -> dict[str, float]:
     return out
 
 
-def _recorded_digest_problems(root: Path, manifest: dict[str, Any] | None,
+def _recorded_digest_problems(root: Path, manifest: Manifest | None,
                               names: tuple[str, ...]) -> list[Problem]:
     """Files among ``names`` whose sha256 differs from the one the manifest records (or that are gone)."""
-    recorded = (manifest or {}).get("files", {})
+    recorded = manifest.files if manifest is not None else {}
     problems = []
     for name in names:
         if name not in recorded:
@@ -339,7 +338,7 @@ def _check_dictionaries(files: CorpusFiles, gene_medians: Path | None,
             tally.fail(Problem(f"{files.token_dictionary}: has no {missing[0]} token, which layout "
                                f"{layout.name} needs"))
 
-    in_folder = (files.root / "gene_medians.tsv", files.root / "gene_medians.pkl")
+    in_folder = files.gene_medians_files
     sources = [gene_medians] if gene_medians else [p for p in in_folder if p.is_file()]
     loaded: list[tuple[Path, dict[str, float]]] = []
     for path in sources:
@@ -360,8 +359,8 @@ def _check_dictionaries(files: CorpusFiles, gene_medians: Path | None,
     elif not sources:
         tally.notes.append("no median dictionary (give --gene-medians): medians are not checked")
 
-    for problem in _recorded_digest_problems(files.root, manifest, (
-            "token_dictionary.pkl", "gene_medians.tsv", "gene_medians.pkl")):
+    for problem in _recorded_digest_problems(files.root, manifest, (TOKEN_DICTIONARY, GENE_MEDIANS_TSV,
+                                                                    GENE_MEDIANS_PKL)):
         tally.fail(problem)
 
     if dictionary is None:
@@ -371,8 +370,8 @@ def _check_dictionaries(files: CorpusFiles, gene_medians: Path | None,
         per_gene = np.array([medians.get(g, np.nan) for g in dictionary.gene_ids.tolist()], dtype=np.float64)
         tally.n_checked = len(per_gene)
         # a dictionary given to `build` whose genes were not all detected: those have no median
-        absent_allowed = bool(manifest and manifest.get("parameters", {}).get("token_dictionary")
-                              and manifest.get("medians", {}).get("source") == "computed")
+        absent_allowed = bool(manifest is not None and manifest.parameters.token_dictionary
+                              and manifest.medians.source == "computed")
         n_absent = 0
         for gene, value in zip(dictionary.gene_ids.tolist(), per_gene.tolist(), strict=True):
             if gene not in medians:
@@ -394,17 +393,17 @@ def _same_median(a: float | None, b: float | None) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def _compare_with_source_medians(tally: _Tally, manifest: dict[str, Any] | None, dictionary: TokenDictionary,
+def _compare_with_source_medians(tally: _Tally, manifest: Manifest | None, dictionary: TokenDictionary,
                                  medians: dict[str, float]) -> None:
     """The corpus's medians must equal those of the file it was made with (when that is unchanged)."""
-    provenance = (manifest or {}).get("medians", {})
-    if not provenance.get("sha256") or not provenance.get("source"):
+    provenance = manifest.medians if manifest is not None else None
+    if not isinstance(provenance, GivenMedians):
         return
-    source = Path(provenance["source"])
+    source = Path(provenance.source)
     if not source.is_file():
         tally.notes.append(f"median source {source} not found: corpus medians not compared with it")
         return
-    if sha256_of_path(source)[0] != provenance["sha256"]:
+    if sha256_of_path(source)[0] != provenance.sha256:
         tally.notes.append(f"median source {source} changed since the build: corpus medians not "
                            f"compared with it")
         return
@@ -422,7 +421,7 @@ def _compare_with_source_medians(tally: _Tally, manifest: dict[str, Any] | None,
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def _check_inputs(manifest: dict[str, Any] | None, *, check_inputs: bool,
+def _check_inputs(manifest: Manifest | None, *, check_inputs: bool,
                   require_inputs: bool) -> tuple[_Tally, set[int]]:
     """Which datasets' inputs are present and unchanged (sha256 as recorded)."""
     tally = _Tally("inputs")
@@ -433,10 +432,10 @@ def _check_inputs(manifest: dict[str, Any] | None, *, check_inputs: bool,
         tally.skipped = "not requested"
         return tally, set()
     available = set()
-    for i, entry in enumerate(manifest.get("datasets", [])):
+    for i, entry in enumerate(manifest.datasets):
         tally.n_checked += 1
-        path, digest = entry.get("path"), entry.get("sha256")
-        if path == "<AnnData>" or digest in (None, "in-memory"):
+        path, digest = entry.path, entry.sha256
+        if entry.in_memory:
             reason = "an in-memory AnnData; it cannot be read again"
         elif not Path(path).exists():
             reason = f"{path} not found"
@@ -445,7 +444,7 @@ def _check_inputs(manifest: dict[str, Any] | None, *, check_inputs: bool,
         else:
             available.add(i)
             continue
-        problem = Problem(reason, dataset_id=entry.get("dataset_id"))
+        problem = Problem(reason, dataset_id=entry.dataset_id)
         if require_inputs:
             tally.fail(problem)
         else:
@@ -464,7 +463,7 @@ def _normalized_values(counts: np.ndarray, depth: np.ndarray, median: np.ndarray
                        arithmetic: Arithmetic) -> np.ndarray:
     """``count / depth * 10,000 / median`` per entry, evaluated as ``arithmetic`` says (float64 result).
 
-    The same operations, in the same dtypes, as :func:`genecorpus._kernels._value`, written in NumPy.
+    The same operations, in the same dtypes, as :func:`genecorpus._kernels.rank_value_encode_csr` (its ``_value``), written in NumPy.
     """
     if arithmetic.reciprocal:
         r32 = np.float32(1.0) / depth.astype(np.float32)
@@ -499,39 +498,23 @@ class _InputBlock:
 class _InputCells:
     """One input dataset read block by block in input order, to find the corpus's cells by ``cell_id``.
 
-    Corpus cells of a dataset are a subsequence of its input cells, so each cell is looked for after
-    the previous one found; a cell id that occurs several times in the input is matched to its first
-    occurrence after that point.
+    The dataset is read as the build read it (:func:`~genecorpus.dataset.plan_dataset` with the recorded
+    gene identifiers, release, mapping and depth), onto the token dictionary's genes. Corpus cells of a
+    dataset are a subsequence of its input cells, so each cell is looked for after the previous one found;
+    a cell id that occurs several times in the input is matched to its first occurrence after that point.
     """
 
-    def __init__(self, entry: dict[str, Any], vocab: _Vocabulary, *, mapping: dict[str, str] | None,
+    def __init__(self, record: DatasetRecord, vocab: _Vocabulary, *, mapping: dict[str, str] | None,
                  geneformer_arithmetic: bool) -> None:
-        spec = DatasetSpec.model_validate(entry["spec"])
+        spec = record.spec.model_copy(update={"release": record.spec.release or record.genes.release})
         self.dataset_id = spec.dataset_id
-        self.source: CellSource = open_dataset(spec.path, format=spec.format, layer=spec.layer,
-                                               use_raw=spec.use_raw, cells_as_rows=spec.cells_as_rows)
-        try:
-            if spec.gene_column:
-                identifiers = self.source.var_column(spec.gene_column)
-            elif "ensembl_id" in self.source.var_columns:
-                identifiers = self.source.var_column("ensembl_id")
-            else:
-                identifiers = self.source.var_names
-            release = spec.release or entry.get("genes", {}).get("release")
-            mapped = genes.map_to_ensembl(identifiers, kind=spec.gene_id, release=release, mapping=mapping)
-        except BaseException:
-            self.source.close()
-            raise
-        column = genes.collapse_index(mapped.ensembl_ids, vocab.gene_ids)
-        used = np.flatnonzero(column >= 0)
-        self.to_genes = sp.csr_matrix((np.ones(used.shape[0], dtype=np.int64), (used, column[used])),
-                                      shape=(len(identifiers), len(vocab.gene_ids)))
-        self.depth_from_obs = entry.get("depth") == "obs n_counts"
+        self.plan: DatasetPlan = plan_dataset(spec, universe=vocab.gene_ids, mapping=mapping,
+                                              use_obs_n_counts=record.depth is DepthSource.OBS_N_COUNTS)
+        self.blocks: Iterator[GeneBlock] = self.plan.read_blocks(0, self.plan.n_cells, block_size=DEFAULT_BLOCK_SIZE)
         self.geneformer_arithmetic = geneformer_arithmetic
         self.block: _InputBlock | None = None
         self.position = 0
         """Next cell of ``block`` to look at."""
-        self.next_start = 0
 
     def find(self, cell_id: str) -> tuple[_InputBlock, int] | None:
         """The block and row of the next input cell named ``cell_id``, or None when there is none."""
@@ -546,32 +529,19 @@ class _InputCells:
                 if hit >= 0:
                     self.position = hit + 1
                     return block, hit
-            if self.next_start >= self.source.n_cells:
+            read = next(self.blocks, None)
+            if read is None:
                 self.block = None
                 return None
-            stop = min(self.next_start + DEFAULT_BLOCK_SIZE, self.source.n_cells)
-            self.block = self._read(self.next_start, stop)
-            self.position, self.next_start = 0, stop
-
-    def _read(self, start: int, stop: int) -> _InputBlock:
-        block = self.source.read_block(start, stop, obs_columns=["n_counts"] if self.depth_from_obs else [])
-        counts = block.counts
-        depth_dtype = np.dtype(np.int64)
-        if self.depth_from_obs:
-            stored = np.asarray(block.obs["n_counts"])
-            depth, depth_dtype = stored.astype(np.float64), stored.dtype
-        else:
-            depth = np.asarray(counts.sum(axis=1, dtype=np.int64)).ravel().astype(np.float64)
-        arithmetic = SPEC_ARITHMETIC
-        if self.geneformer_arithmetic:
-            arithmetic = Arithmetic.geneformer(value_dtype=block.value_dtype or np.dtype(np.float32),
-                                               depth_dtype=depth_dtype, dense=block.dense_input)
-        mapped = sp.csr_matrix(counts.astype(np.int64) @ self.to_genes)
-        cell_ids = np.array([str(c) for c in block.cell_ids.tolist()], dtype=object)
-        return _InputBlock(start, cell_ids, mapped, depth, arithmetic)
+            arithmetic = Arithmetic.geneformer_of(read) if self.geneformer_arithmetic else SPEC_ARITHMETIC
+            cell_ids = np.array([str(c) for c in read.cell_ids.tolist()], dtype=object)
+            self.block = _InputBlock(read.start, cell_ids, read.genes, read.depth, arithmetic)
+            self.position = 0
 
     def close(self) -> None:
-        self.source.close()
+        close = getattr(self.blocks, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass(frozen=True)
@@ -619,15 +589,16 @@ class _RankedCells:
 class _EncodingCheck:
     """Recomputes corpus cells from their inputs, one input block at a time."""
 
-    def __init__(self, tally: _Tally, manifest: dict[str, Any], vocab: _Vocabulary, layout: Layout,
+    def __init__(self, tally: _Tally, manifest: Manifest, vocab: _Vocabulary, layout: Layout,
                  available: set[int]) -> None:
         self.tally = tally
-        self.entries = manifest.get("datasets", [])
+        self.entries = manifest.datasets
+        self.use_obs_n_counts = manifest.parameters.use_obs_n_counts
         self.vocab = vocab
         self.layout = layout
         self.available = available
-        self.geneformer_arithmetic = manifest.get("mode") == "tokenize"
-        self.mapping_path = manifest.get("parameters", {}).get("gene_mapping")
+        self.geneformer_arithmetic = manifest.mode == "tokenize"
+        self.mapping_path = manifest.parameters.gene_mapping
         self.mapping: dict[str, str] | None = None
         self.dataset = -1
         self.cells: _InputCells | None = None
@@ -652,7 +623,7 @@ class _EncodingCheck:
             self.n_not_checked += 1
             return
         if found is None:
-            self.tally.fail(Problem(f"not found in the input {self.entries[dataset].get('path')} after the "
+            self.tally.fail(Problem(f"not found in the input {self.entries[dataset].path} after the "
                                     f"previous cell; the dataset's later cells are not checked",
                                     cell.shard, cell.row, cell.cell_id))
             self._give_up(None)
@@ -682,13 +653,13 @@ class _EncodingCheck:
             self.cells = _InputCells(entry, self.vocab, mapping=self.mapping,
                                      geneformer_arithmetic=self.geneformer_arithmetic)
         except (GenecorpusError, OSError, ValueError, KeyError) as e:
-            self.tally.fail(Problem(f"cannot open its input {entry.get('path')} ({_one_line(e)})",
-                                    dataset_id=entry.get("dataset_id")))
+            self.tally.fail(Problem(f"cannot open its input {entry.path} ({_one_line(e)})",
+                                    dataset_id=entry.dataset_id))
 
     def _give_up(self, message: str | None) -> None:
         """Stop checking the current dataset (an input cell was not found or could not be read)."""
         if message is not None:
-            self.tally.fail(Problem(message, dataset_id=self.entries[self.dataset].get("dataset_id")))
+            self.tally.fail(Problem(message, dataset_id=self.entries[self.dataset].dataset_id))
         self._flush()
         if self.cells is not None:
             self.cells.close()
@@ -812,8 +783,7 @@ class _CorpusScan:
         self.lengths_file = lengths_file
         self.encoding = encoding
         self.sample_stride = sample_stride
-        manifest = files.manifest or {}
-        self.dataset_ids = [str(d.get("dataset_id")) for d in manifest.get("datasets", [])]
+        self.dataset_ids = [d.dataset_id for d in files.manifest.datasets] if files.manifest is not None else []
         self.dataset_rows = np.zeros(len(self.dataset_ids), dtype=np.int64)
         self.last_dataset = -1
         self.has_dataset_column = False
@@ -852,7 +822,7 @@ class _CorpusScan:
             needed = min(int(span.max()) + 1, _NO_DICTIONARY_MAX_ID)
             if needed > len(self.seen):
                 self.seen = np.zeros(needed, dtype=np.int64)
-        flags = _kernels._cell_problems_csr(
+        flags = _kernels.cell_problems_csr(
             tokens, offsets, lengths, self.kinds, self.special.get("<cls>", -1),
             self.special.get("<eos>", -1), self.wrap, self.max_length, self.seen, self.n_rows + 1)
         cell_ids = batch.column("cell_id") if "cell_id" in batch.schema.names else None
@@ -976,7 +946,7 @@ class _CorpusScan:
                 return f"special token {names[t]} at position {k} (layout {self.layout.name})"
         return f"special tokens misplaced (layout {self.layout.name})"
 
-    def results(self, manifest: dict[str, Any] | None, n_shards: int) -> dict[str, CheckResult]:
+    def results(self, manifest: Manifest | None, n_shards: int) -> dict[str, CheckResult]:
         """The results of the checks this pass feeds."""
         t = self.tallies
         out = {"shards": t["shards"].result(f"{n_shards} shard(s) read, {self.n_rows:,} cells")}
@@ -985,23 +955,23 @@ class _CorpusScan:
         if manifest is None:
             counts.skipped = "no manifest.json: nothing to compare the number of cells with"
         else:
-            expected = manifest.get("corpus", {}).get("n_cells")
+            expected = manifest.corpus.n_cells
             counts.n_checked = len(self.dataset_ids)
-            if expected is not None and expected != self.n_rows:
+            if expected != self.n_rows:
                 counts.fail(Problem(f"the shards hold {self.n_rows:,} cells, the manifest says {expected:,}"))
             if self.has_dataset_column or not self.n_rows:
-                for entry, got in zip(manifest.get("datasets", []), self.dataset_rows.tolist(), strict=True):
-                    kept = entry.get("cells", {}).get("kept")
-                    if kept is not None and kept != got:
+                for entry, got in zip(manifest.datasets, self.dataset_rows.tolist(), strict=True):
+                    kept = entry.cells.kept
+                    if kept != got:
                         counts.fail(Problem(f"{got:,} cells in the shards, the manifest says {kept:,} kept",
-                                            dataset_id=entry.get("dataset_id")))
+                                            dataset_id=entry.dataset_id))
             else:
                 counts.notes.append("no dataset_id column: cells per dataset not compared")
         out["cell_counts"] = counts.result(f"{self.n_rows:,} cells in {len(self.dataset_ids)} dataset(s), "
                                            f"as the manifest says")
 
         lengths = t["lengths"]
-        n_tokens = (manifest or {}).get("corpus", {}).get("n_tokens")
+        n_tokens = manifest.corpus.n_tokens if manifest is not None else None
         if n_tokens is not None and n_tokens != self.n_tokens:
             lengths.fail(Problem(f"the lengths add up to {self.n_tokens:,} tokens, the manifest says "
                                  f"{n_tokens:,}"))
@@ -1109,7 +1079,7 @@ def validate_corpus(
         encoding_tally.skipped = "no input available to recompute cells from"
     else:
         encoding = _EncodingCheck(encoding_tally, manifest, vocab, layout, available)
-    n_expected = int((manifest or {}).get("corpus", {}).get("n_cells") or 1)
+    n_expected = (manifest.corpus.n_cells if manifest is not None else 0) or 1
     stride = 1 if all_cells else max(1, -(-n_expected // max(sample_cells, 1)))
 
     scan = _CorpusScan(files, layout=layout, vocab=vocab, lengths_file=lengths_file,
@@ -1127,16 +1097,15 @@ def validate_corpus(
     results["encoding"] = _encoding_result(encoding_tally, encoding, stride)
     return ValidationReport(
         path=files.root if files.kind == "arrow" else Path(path), kind=files.kind, layout=layout.name,
-        mode=(manifest or {}).get("mode"), n_shards=len(files.shards), n_cells=scan.n_rows,
+        mode=manifest.mode if manifest is not None else None, n_shards=len(files.shards), n_cells=scan.n_rows,
         checks=tuple(results[name] for name in CHECKS),
     )
 
 
 def _corpus_layout(files: CorpusFiles) -> Layout:
     """The manifest's layout; without a manifest the token dictionary's; else gc30m."""
-    name = (files.manifest or {}).get("corpus", {}).get("layout")
-    if name in LAYOUTS:
-        return LAYOUTS[name]
+    if files.manifest is not None:
+        return LAYOUTS[files.manifest.corpus.layout]
     if files.token_dictionary is not None:
         with contextlib.suppress(DictionaryError):  # reported by the dictionaries check
             return TokenDictionary.load(files.token_dictionary).layout()
@@ -1145,30 +1114,29 @@ def _corpus_layout(files: CorpusFiles) -> Layout:
 
 def _load_lengths_file(files: CorpusFiles, tally: _Tally) -> np.ndarray | None:
     """``lengths.pkl`` as int64, or None (reported: missing, unreadable, or changed since the build)."""
-    path = files.root / "lengths.pkl"
-    for problem in _recorded_digest_problems(files.root, files.manifest, ("lengths.pkl",)):
+    path = files.lengths_file
+    for problem in _recorded_digest_problems(files.root, files.manifest, (LENGTHS,)):
         tally.fail(problem)
     if not path.is_file():
         if files.manifest is None:
-            tally.skipped = "no lengths.pkl"
+            tally.skipped = f"no {LENGTHS}"
         elif not tally.n_failed:
-            tally.fail(Problem("lengths.pkl is missing"))
+            tally.fail(Problem(f"{LENGTHS} is missing"))
         return None
     try:
-        return load_lengths_file(path)
-    except DictionaryError as e:
+        return read_lengths(path)
+    except InputError as e:
         tally.fail(Problem(str(e)))
         return None
 
 
-def _dictionaries_result(tally: _Tally, vocab: _Vocabulary | None,
-                         manifest: dict[str, Any] | None) -> CheckResult:
+def _dictionaries_result(tally: _Tally, vocab: _Vocabulary | None, manifest: Manifest | None) -> CheckResult:
     n_genes = len(vocab.gene_ids) if vocab is not None else 0
     if vocab is not None and vocab.medians is not None:
         summary = f"{n_genes:,} genes, each with a finite positive median"
     else:
         summary = f"token dictionary of {n_genes:,} genes loads"
-    if (manifest or {}).get("files"):
+    if manifest is not None and manifest.files:
         summary += "; files as the manifest records"
     return tally.result(summary)
 

@@ -28,8 +28,8 @@ __all__ = [
     "Layout",
     "TokenDictionary",
     "load_gene_medians",
-    "load_lengths_file",
     "load_pickled_dict",
+    "unpickle_restricted",
     "write_gene_medians",
 ]
 
@@ -72,19 +72,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(msg)
 
 
-def load_lengths_file(path: str | os.PathLike[str]) -> np.ndarray:
-    """A corpus's ``lengths.pkl`` (a pickled list of ints) as int64, without running pickled code."""
-    path = Path(path)
-    try:
-        values = _RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
-        if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
-            msg = "not a pickled list of integers"
-            raise TypeError(msg)
-        return np.array(values, dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError, OverflowError) as e:
-        reason = " ".join(str(e).split())
-        msg = f"{path.name}: cannot be read ({reason}); it must be a pickled list of lengths"
-        raise DictionaryError(msg) from None
+def unpickle_restricted(data: bytes) -> Any:  # noqa: ANN401 - plain containers of any shape
+    """Unpickle ``data`` allowing no class but NumPy scalars: the only way genecorpus reads pickles it did
+    not write itself in this process (dictionaries, lengths files).
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        The pickle refers to any other class or function.
+    """
+    return _RestrictedUnpickler(io.BytesIO(data)).load()
 
 
 def load_pickled_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -99,7 +96,7 @@ def load_pickled_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
         msg = f"{path}: cannot read dictionary ({e.strerror}); check the path"
         raise DictionaryError(msg) from None
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(raw)).load()
+        obj = unpickle_restricted(raw)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a plain dict pickle"
         msg = f"{path}: not a plain dictionary pickle ({e}); give a Geneformer *.pkl dictionary"
         raise DictionaryError(msg) from None

@@ -17,7 +17,7 @@ def test_dense_to_csr_matches_scipy(dtype: type, transposed: bool) -> None:
     dense[5] = 0  # an empty row and an empty column
     dense[:, 9] = 0
     expected = sp.csr_matrix(dense.T if transposed else dense)
-    data, indices, indptr = _kernels._dense_to_csr(dense, transposed)
+    data, indices, indptr = _kernels.dense_to_csr(dense, transposed)
     got = sp.csr_matrix((data, indices, indptr), shape=expected.shape)
     assert got.dtype == expected.dtype
     assert got.has_sorted_indices
@@ -28,5 +28,5 @@ def test_dense_to_csr_matches_scipy(dtype: type, transposed: bool) -> None:
 
 def test_nan_is_kept_as_a_value() -> None:
     """NaN is nonzero: it must reach count validation, which names it."""
-    data, indices, indptr = _kernels._dense_to_csr(np.array([[np.nan, 0], [0, 1]], dtype=np.float32), False)
+    data, indices, indptr = _kernels.dense_to_csr(np.array([[np.nan, 0], [0, 1]], dtype=np.float32), False)
     assert np.isnan(data[0]) and indices.tolist() == [0, 1] and indptr.tolist() == [0, 1, 2]

@@ -189,7 +189,7 @@ def validate_counts(
     n_rows, n_cols = csr.shape
     if csr.data.dtype.kind in "fiu" and csr.data.dtype.itemsize >= 4 and csr.nnz <= MAX_COUNT:  # noqa: PLR2004
         # the common case in one compiled pass; anything unusual takes the vectorized path below
-        values, indices, indptr, ok = _kernels._counts_from_values_csr(
+        values, indices, indptr, ok = _kernels.counts_from_values_csr(
             csr.data, csr.indices, csr.indptr.astype(np.int64, copy=False), INTEGER_TOLERANCE, MAX_COUNT)
         if ok:
             result = sp.csr_matrix((n_rows, n_cols), dtype=np.int32)

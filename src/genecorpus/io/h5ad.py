@@ -375,7 +375,7 @@ class DenseRows:
         for lo in range(start, stop, step):
             hi = min(lo + step, stop)
             dense = np.ascontiguousarray(scipy_dtype(self._ds[:, lo:hi] if self._transposed else self._ds[lo:hi]))
-            data, indices, indptr = _kernels._dense_to_csr(dense, self._transposed)
+            data, indices, indptr = _kernels.dense_to_csr(dense, self._transposed)
             pieces.append(sp.csr_matrix((data, indices, indptr), shape=(hi - lo, self.shape[1])))
         if not pieces:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)

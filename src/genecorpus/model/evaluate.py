@@ -38,8 +38,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from genecorpus.errors import ConfigError, GeneMappingError, InputError
-from genecorpus.shards import publish_folder
+from genecorpus.config import DatasetSpec
+from genecorpus.corpus.folder import MANIFEST
+from genecorpus.corpus.manifest import Manifest
+from genecorpus.corpus.shards import publish_folder
+from genecorpus.dataset import gene_keys, plan_dataset
+from genecorpus.errors import ConfigError, InputError
+from genecorpus.io import DEFAULT_BLOCK_SIZE
 
 if TYPE_CHECKING:
     import anndata
@@ -363,33 +368,21 @@ class _CountSource:
 
     dataset_id: str | None
     """Cells of this dataset are looked up here; None: any cell whose id is found."""
-    path: str
-    options: dict[str, Any]
-    """``open_dataset`` options (format, layer, use_raw, cells_as_rows)."""
-    gene_column: str | None = None
-    gene_id: str = "auto"
-    release: str | None = None
+    spec: DatasetSpec
+    """The path, reader options and gene identifiers (as the corpus read them)."""
 
 
 def _sources_from_manifest(corpus: str | os.PathLike[str]) -> list[_CountSource]:
     root = Path(corpus)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
+    if not (root / MANIFEST).is_file():
         msg = (f"{root}: no manifest.json, so the cells' raw counts cannot be found; "
                "pass the count files with --counts")
         raise InputError(msg)
-    manifest = json.loads(manifest_path.read_text())
-    sources = []
-    for entry in manifest.get("datasets", []):
-        spec = entry.get("spec", {})
-        sources.append(_CountSource(
-            dataset_id=entry["dataset_id"], path=spec.get("path", entry.get("path")),
-            options={k: spec.get(k) for k in ("format", "layer", "cells_as_rows")} | {
-                "use_raw": bool(spec.get("use_raw", False))},
-            gene_column=spec.get("gene_column"), gene_id=spec.get("gene_id", "auto"),
-            release=spec.get("release") or entry.get("genes", {}).get("release")))
+    manifest = Manifest.read(root / MANIFEST)
+    sources = [_CountSource(d.dataset_id, d.spec.model_copy(update={"release": d.spec.release or d.genes.release}))
+               for d in manifest.datasets]
     if not sources:
-        msg = f"{manifest_path}: lists no datasets; pass the count files with --counts"
+        msg = f"{root / MANIFEST}: lists no datasets; pass the count files with --counts"
         raise InputError(msg)
     return sources
 
@@ -401,53 +394,35 @@ def _file_dataset_id(path: Path) -> str:
     return name
 
 
-def _gene_keys(source: Any, spec: _CountSource) -> np.ndarray:  # noqa: ANN401 - a CellSource
-    """Per input column: its Ensembl ID when it maps (as the corpus maps it), else the identifier."""
-    from genecorpus import genes
+def _read_source_cells(source: _CountSource, wanted: dict[str, int]) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray]:
+    """The cells of ``wanted`` (cell id → position) found in one input: positions, counts, gene keys.
 
-    if spec.gene_column:
-        identifiers = source.var_column(spec.gene_column)
-    elif "ensembl_id" in source.var_columns:
-        identifiers = source.var_column("ensembl_id")
-    else:
-        identifiers = source.var_names
-    identifiers = np.asarray([str(i) for i in identifiers], dtype=object)
-    try:
-        mapped = genes.map_to_ensembl(identifiers, kind=spec.gene_id, release=spec.release)  # type: ignore[arg-type]
-    except GeneMappingError:
-        return identifiers
-    ensembl = np.asarray(mapped.ensembl_ids, dtype=object)
-    return np.where(ensembl != "", ensembl, identifiers)
-
-
-def _read_source_cells(spec: _CountSource, wanted: dict[str, int]) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray]:
-    """The cells of ``wanted`` (cell id → position) found in one input: positions, counts, gene keys."""
-    from genecorpus.io import DEFAULT_BLOCK_SIZE, open_dataset
-
-    if not Path(spec.path).exists():
-        what = f"dataset {spec.dataset_id!r}" if spec.dataset_id else "count file"
-        msg = f"{spec.path}: no such file ({what}); pass the count files with --counts"
+    A gene's key is its Ensembl ID where the dataset's identifier maps to one (as the corpus maps it), the
+    identifier otherwise; the columns are the dataset's distinct keys, sorted, columns of one key summed.
+    """
+    if not Path(source.spec.path).exists():
+        what = f"dataset {source.dataset_id!r}" if source.dataset_id else "count file"
+        msg = f"{source.spec.path}: no such file ({what}); pass the count files with --counts"
         raise InputError(msg)
-    options = {k: v for k, v in spec.options.items() if v not in (None, False)}
+    keys = np.unique(gene_keys(source.spec))
+    plan = plan_dataset(source.spec, universe=keys, unmapped="keep")
     positions, blocks, seen = [], [], set()
-    with open_dataset(spec.path, **options) as source:
-        keys = _gene_keys(source, spec)
-        for start in range(0, source.n_cells, DEFAULT_BLOCK_SIZE):
-            block = source.read_block(start, min(start + DEFAULT_BLOCK_SIZE, source.n_cells))
-            rows = []
-            for i, cell_id in enumerate(block.cell_ids.tolist()):
-                cell_id = str(cell_id)
-                if cell_id in wanted:
-                    if cell_id in seen:
-                        msg = (f"{spec.path}: cell id {cell_id!r} occurs twice, so its counts are ambiguous; "
-                               "make the cell ids unique (e.g. obs_names_make_unique) and rebuild")
-                        raise InputError(msg)
-                    seen.add(cell_id)
-                    rows.append(i)
-                    positions.append(wanted[cell_id])
-            if rows:
-                blocks.append(block.counts[rows])
-    counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(keys)), dtype=np.int32)
+    for block in plan.read_blocks(0, plan.n_cells, block_size=DEFAULT_BLOCK_SIZE):
+        rows = []
+        for i, cell_id in enumerate(block.cell_ids.tolist()):
+            cell_id = str(cell_id)
+            if cell_id in wanted:
+                if cell_id in seen:
+                    msg = (f"{source.spec.path}: cell id {cell_id!r} occurs twice, so its counts are ambiguous; "
+                           "make the cell ids unique (e.g. obs_names_make_unique) and rebuild")
+                    raise InputError(msg)
+                seen.add(cell_id)
+                rows.append(i)
+                positions.append(wanted[cell_id])
+        if rows:
+            blocks.append(block.genes[rows])
+    counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(keys)), dtype=np.int64)
+    counts.sort_indices()
     return np.asarray(positions, dtype=np.int64), counts, keys
 
 
@@ -491,9 +466,9 @@ def read_cell_counts(obs: pd.DataFrame, *, counts: Sequence[str | os.PathLike[st
         paths = [Path(p) for p in counts]
         by_stem = {_file_dataset_id(p): p for p in paths}
         if dataset_ids is not None and set(dataset_ids) <= set(by_stem):
-            sources = [_CountSource(dataset_id=d, path=str(p), options={}) for d, p in by_stem.items()]
+            sources = [_CountSource(d, DatasetSpec(path=str(p))) for d, p in by_stem.items()]
         else:
-            sources = [_CountSource(dataset_id=None, path=str(p), options={}) for p in paths]
+            sources = [_CountSource(None, DatasetSpec(path=str(p))) for p in paths]
         description = ", ".join(str(p) for p in paths)
     elif corpus is not None:
         sources = _sources_from_manifest(corpus)
@@ -517,7 +492,7 @@ def read_cell_counts(obs: pd.DataFrame, *, counts: Sequence[str | os.PathLike[st
             continue
         wanted = {cell_ids[i]: int(i) for i in members}
         if len(wanted) < members.size:
-            msg = (f"{spec.dataset_id or spec.path}: several evaluated cells share a cell id; "
+            msg = (f"{spec.dataset_id or spec.spec.path}: several evaluated cells share a cell id; "
                    "give each cell a unique id within its dataset")
             raise InputError(msg)
         positions, block, keys = _read_source_cells(spec, wanted)
@@ -525,7 +500,7 @@ def read_cell_counts(obs: pd.DataFrame, *, counts: Sequence[str | os.PathLike[st
         parts.append((positions, block, keys))
         if spec.dataset_id is not None and positions.size < members.size:
             missing = members[~np.isin(members, positions)]
-            msg = (f"dataset {spec.dataset_id!r} ({spec.path}): {missing.size} of {members.size} cells not found, "
+            msg = (f"dataset {spec.dataset_id!r} ({spec.spec.path}): {missing.size} of {members.size} cells not found, "
                    f"e.g. cell {cell_ids[missing[0]]!r}; pass the count files the corpus was built from with --counts")
             raise InputError(msg)
     missing = np.flatnonzero(found < 0)

@@ -106,7 +106,7 @@ class RankFrequencyBaseline:
         ----------
         labels
             ``(n_cells, n_positions)`` int64, the true token at masked positions and ``-100``
-            elsewhere (as :func:`~genecorpus.masking.mask_genes` gives).
+            elsewhere (as :func:`~genecorpus.model.masking.mask_genes` gives).
 
         Returns
         -------

@@ -7,7 +7,7 @@ optimizer, scheduler, torch RNG and histories. The MLM head runs only on the mas
 the tokens), which gives the same loss as ``BertForMaskedLM.forward(labels=...)`` without building the
 ``cells × positions × vocabulary`` logits, the largest tensor of a step.
 
-The model folder (see :mod:`genecorpus.models`)::
+The model folder (see :mod:`genecorpus.model.bert`)::
 
     MODEL/config.json, model.safetensors, token_dictionary.pkl, genecorpus_model.json, loss_curve.png
     MODEL/checkpoint/   config.json, model.safetensors, training_state.pt, training_state.json
@@ -29,12 +29,12 @@ import numpy as np
 
 from genecorpus.corpus import CorpusReader
 from genecorpus.errors import ConfigError, InputError
-from genecorpus.masking import PaddedBatch, mask_genes, pad_cells
-from genecorpus.models import (
+from genecorpus.model.masking import PaddedBatch, mask_genes, pad_cells
+from genecorpus.model.bert import (
     MODEL_INFO, PRESETS, bert_config, pick_device, quiet_transformers, require_torch, save_model,
 )
-from genecorpus.rank_baseline import RankFrequencyBaseline
-from genecorpus.sampling import CellSplit, LengthGroupedSampler, split_cells
+from genecorpus.model.rank_baseline import RankFrequencyBaseline
+from genecorpus.model.sampling import CellSplit, LengthGroupedSampler, split_cells
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import BertForMaskedLM
 
-    from genecorpus.masking import MaskedBatch
+    from genecorpus.model.masking import MaskedBatch
     from genecorpus.vocab import TokenDictionary
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class PretrainSettings:
     """Everything that decides a pretraining run; recorded in the model info and the checkpoint."""
 
     preset: str = "small"
-    """A name of :data:`genecorpus.models.PRESETS`."""
+    """A name of :data:`genecorpus.model.bert.PRESETS`."""
     max_steps: int | None = None
     """Optimizer steps; exclusive with ``epochs``. Neither: one epoch."""
     epochs: float | None = None

@@ -1,6 +1,6 @@
 """Random access to a corpus's cells, for training and inference.
 
-Opens what :class:`~genecorpus.inspect.CorpusFiles` locates — a genecorpus folder, any HuggingFace
+Opens what :class:`~genecorpus.corpus.folder.CorpusFiles` locates — a genecorpus folder, any HuggingFace
 ``save_to_disk`` folder with ``input_ids``, or parquet files such as the published Genecorpus-30M — and
 hands out cells by row number. Arrow shards are memory-mapped (zero copy: the resident set is what is
 read); parquet files are decoded once into Arrow memory. Lengths come from ``lengths.pkl``, else from the
@@ -18,11 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genecorpus.errors import InputError
-from genecorpus.inspect import CorpusFiles
-from genecorpus.vocab import TokenDictionary, load_lengths_file
+from genecorpus.corpus.folder import CorpusFiles, read_lengths
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from genecorpus.vocab import TokenDictionary
 
 __all__ = ["CorpusReader"]
 
@@ -72,10 +73,7 @@ class CorpusReader:
             No such corpus, no ``input_ids`` column, or no token dictionary.
         """
         files = CorpusFiles.locate(path, token_dictionary)
-        if files.token_dictionary is None:
-            msg = (f"{files.root}: has no token_dictionary.pkl; pass the corpus's token dictionary "
-                   "(e.g. --token-dictionary token_dictionary_gc30M.pkl)")
-            raise InputError(msg)
+        dictionary = files.load_token_dictionary()
         tables = []
         for shard in files.shards:
             try:
@@ -92,13 +90,12 @@ class CorpusReader:
             raise InputError(msg)
         table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
         lengths = cls._lengths(files, table)
-        return cls(files, table, TokenDictionary.load(files.token_dictionary), lengths)
+        return cls(files, table, dictionary, lengths)
 
     @staticmethod
     def _lengths(files: CorpusFiles, table: pa.Table) -> np.ndarray:
-        lengths_file = files.root / "lengths.pkl"
-        if files.manifest is not None and lengths_file.is_file():
-            lengths = np.asarray(load_lengths_file(lengths_file), dtype=np.int64)
+        if files.manifest is not None and files.lengths_file.is_file():
+            lengths = read_lengths(files.lengths_file)
             if len(lengths) == table.num_rows:
                 return lengths
         if "length" in table.column_names:

@@ -3,7 +3,7 @@
 Each encoding task streams its cells into its own part file (Arrow IPC stream, record batches of a fixed
 number of rows, so batch boundaries do not depend on the read block size); :func:`publish_shards`
 renames the non-empty parts to ``data-XXXXX-of-NNNNN.arrow`` in task order and writes ``state.json`` and
-``dataset_info.json``. Only this module decides file names and metadata.
+``dataset_info.json``. Only this module decides shard names and their metadata.
 
 The schema's ``huggingface`` metadata names list features ``Sequence``, which every ``datasets`` release
 reads (Geneformer pins old ones; the published Genecorpus-30M uses the same).
@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+
+from genecorpus.corpus.folder import DATASET_INFO, STATE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -150,12 +152,11 @@ def publish_shards(
         "_output_all_columns": False,
         "_split": None,
     }
-    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    (folder / STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
     info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
-    (folder / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (folder / DATASET_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return names
-
 
 
 def publish_folder(tmp: Path, final: Path) -> None:

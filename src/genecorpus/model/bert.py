@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from genecorpus.corpus.folder import TOKEN_DICTIONARY as CORPUS_TOKEN_DICTIONARY
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.vocab import TokenDictionary
 
@@ -35,7 +36,9 @@ __all__ = [
 ]
 
 MODEL_INFO = "genecorpus_model.json"
-TOKEN_DICTIONARY = "token_dictionary.pkl"
+"""The model folder's record of its preset, layout, corpus and training."""
+TOKEN_DICTIONARY = CORPUS_TOKEN_DICTIONARY
+"""The model folder's copy of its corpus's token dictionary, under the corpus folder's file name."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from genecorpus.embed import (
+from genecorpus.model.embed import (
     UNS_KEY,
     CellEncoder,
     corpus_obs,
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-    from genecorpus.embed import ProgressCallback
+    from genecorpus.model.embed import ProgressCallback
     from genecorpus.vocab import TokenDictionary
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def perturb(
     Parameters
     ----------
     source
-        An embedding ``.h5ad`` written by :func:`genecorpus.embed.embed_corpus` (its cells, from the
+        An embedding ``.h5ad`` written by :func:`genecorpus.model.embed.embed_corpus` (its cells, from the
         corpus it names), or a corpus folder / parquet file(s) (all its cells).
     model
         A model folder, or a Geneformer checkpoint folder with ``token_dictionary``.
@@ -307,7 +307,7 @@ def perturb(
     """
     import pandas as pd
 
-    from genecorpus.models import load_model, quiet_transformers, require_torch
+    from genecorpus.model.bert import load_model, quiet_transformers, require_torch
 
     require_torch()
     quiet_transformers()

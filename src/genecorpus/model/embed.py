@@ -10,7 +10,7 @@ Since padding is masked out, the batch size changes results only within float to
 The output is an ``.h5ad`` file: ``obsm["X_genecorpus"]`` (float32, cells x hidden size), ``obs`` with
 the corpus's metadata columns (``dataset_id``, ``cell_id``, labels, ``length``) plus ``corpus_row``, an
 empty ``X`` (cells x 0), and ``uns["genecorpus"]`` recording the corpus, the model, the layer and the
-pooling. :mod:`genecorpus.perturb` reads it back.
+pooling. :mod:`genecorpus.model.perturb` reads it back.
 
 Needs the ``train`` extra (torch and transformers); importing this module does not import torch.
 """
@@ -62,7 +62,7 @@ class CellEncoder:
     Parameters
     ----------
     model
-        A ``BertForMaskedLM`` in eval mode (see :func:`genecorpus.models.load_model`).
+        A ``BertForMaskedLM`` in eval mode (see :func:`genecorpus.model.bert.load_model`).
     token_dictionary
         The model's vocabulary: its ``<pad>`` pads batches; ``<pad>``, ``<mask>``, ``<cls>`` and ``<eos>``
         are not genes.
@@ -224,7 +224,7 @@ def open_corpus_for_model(corpus: str | os.PathLike[str], model_dictionary: Toke
     is read with ``corpus_token_dictionary`` if given, else with the model's dictionary.
     """
     from genecorpus.corpus import CorpusReader
-    from genecorpus.inspect import CorpusFiles
+    from genecorpus.corpus import CorpusFiles
 
     if corpus_token_dictionary is not None and not Path(corpus_token_dictionary).is_file():
         msg = f"{corpus_token_dictionary}: no such token dictionary; check the path"
@@ -238,7 +238,7 @@ def open_corpus_for_model(corpus: str | os.PathLike[str], model_dictionary: Toke
 def model_dictionary_path(model: str | os.PathLike[str],
                           token_dictionary: str | os.PathLike[str] | None) -> Path:
     """Where the model's dictionary is read from (``token_dictionary`` or the folder's copy)."""
-    from genecorpus.models import TOKEN_DICTIONARY
+    from genecorpus.model.bert import TOKEN_DICTIONARY
 
     return Path(token_dictionary) if token_dictionary else Path(model) / TOKEN_DICTIONARY
 
@@ -307,7 +307,7 @@ def embed_corpus(
     >>> emb.obsm["X_genecorpus"].shape  # doctest: +SKIP
     (3000, 128)
     """
-    from genecorpus.models import load_model, quiet_transformers, require_torch
+    from genecorpus.model.bert import load_model, quiet_transformers, require_torch
 
     require_torch()
     quiet_transformers()

@@ -1,0 +1,56 @@
+"""The model side: masked-gene pretraining, cell embeddings, evaluation and in-silico perturbation.
+
+A product of its own on top of the corpus folder: it reads corpora through :mod:`genecorpus.corpus`
+(and input counts, for the evaluation baseline, through :mod:`genecorpus.dataset`) and never imports
+the builder. Needs the ``train`` extra (torch, transformers, scikit-learn), imported inside the functions
+that use it, so that importing this package stays cheap.
+
+==================== ==========================================================================
+module               what it owns
+==================== ==========================================================================
+``bert``             presets (``tiny``, ``small``, ``gf-6l``), ``BertConfig``, the model folder, the device
+``masking``          the masked-gene objective: which positions are masked and how
+``sampling``         held-out split of whole datasets, the length-grouped sampler
+``rank_baseline``    the rank-position frequency baseline of masked-gene prediction
+``pretrain``         the training loop, checkpoints and ``--resume``
+``embed``            cell embeddings of a corpus to ``.h5ad``
+``perturb``          in-silico deletion and overexpression
+``evaluate``         k-fold classifiers on embeddings beside the log1p → PCA(50) baseline
+==================== ==========================================================================
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from genecorpus.model.embed import embed_corpus
+    from genecorpus.model.evaluate import EvaluationReport, evaluate_embeddings, write_evaluation
+    from genecorpus.model.perturb import PerturbResult, perturb
+    from genecorpus.model.pretrain import PretrainResult, pretrain
+
+_LAZY = {
+    "embed_corpus": "embed",
+    "EvaluationReport": "evaluate", "evaluate_embeddings": "evaluate", "write_evaluation": "evaluate",
+    "PerturbResult": "perturb", "perturb": "perturb",
+    "PretrainResult": "pretrain", "pretrain": "pretrain",
+}
+
+__all__ = [
+    "EvaluationReport",
+    "PerturbResult",
+    "PretrainResult",
+    "embed_corpus",
+    "evaluate_embeddings",
+    "perturb",
+    "pretrain",
+    "write_evaluation",
+]
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the named attribute is
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"genecorpus.model.{_LAZY[name]}"), name)
+    msg = f"module 'genecorpus.model' has no attribute {name!r}"
+    raise AttributeError(msg)
