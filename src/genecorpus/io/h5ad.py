@@ -36,7 +36,7 @@ import scipy.sparse as sp
 
 from genecorpus import _kernels
 from genecorpus.errors import InputError
-from genecorpus.io import register_reader
+from genecorpus.io.registry import register_reader
 from genecorpus.io.counts import BaseReader, one_line
 
 if TYPE_CHECKING:

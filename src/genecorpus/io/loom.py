@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from genecorpus.errors import InputError
-from genecorpus.io import register_reader
+from genecorpus.io.registry import register_reader
 from genecorpus.io.counts import BaseReader, one_line
 from genecorpus.io.h5ad import DenseRows, H5Column, as_str_array, is_hdf5_with, open_hdf5
 

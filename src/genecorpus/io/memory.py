@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from genecorpus.errors import InputError
-from genecorpus.io import register_reader
+from genecorpus.io.registry import register_reader
 from genecorpus.io.counts import BaseReader
 from genecorpus.io.h5ad import as_str_array, scipy_dtype
 

@@ -34,7 +34,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from genecorpus.errors import InputError
-from genecorpus.io import register_reader
+from genecorpus.io.registry import register_reader
 from genecorpus.io.counts import BaseReader, one_line
 from genecorpus.io.h5ad import CsrRows, as_str_array, decode_strings, is_hdf5_with, open_hdf5
 

@@ -34,7 +34,7 @@ import pyarrow.csv as pa_csv
 import scipy.sparse as sp
 
 from genecorpus.errors import InputError
-from genecorpus.io import register_reader
+from genecorpus.io.registry import register_reader
 from genecorpus.io.counts import BaseReader, one_line
 from genecorpus.io.h5ad import as_str_array
 
