@@ -15,6 +15,11 @@ name given, else by the path's suffix (confirmed by the sniffer when the suffix 
 ``tsv``     tab-separated text, optionally ``.gz`` (``cells_as_rows=``)
 ``txt``     ``.txt`` text whose delimiter is sniffed (``cells_as_rows=``)
 ========== ===============================================================================
+
+Inside: :mod:`~genecorpus.io.registry` holds the registry and :func:`open_dataset`;
+:mod:`~genecorpus.io.reader` the skeleton every reader builds on; :mod:`~genecorpus.io.counts` the
+validation every block goes through; :mod:`~genecorpus.io.hdf5` what the HDF5 formats share; one
+module per format (``h5ad``, ``memory``, ``loom``, ``tenx``, ``text``) registers its readers.
 """
 
 from __future__ import annotations
