@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import genecorpus.io
 import genecorpus.io.counts
+import genecorpus.io.registry
 import genecorpus.io.text
 import genecorpus.testing
 from genecorpus.errors import CountsError
@@ -193,7 +193,8 @@ def test_random_counts_contract() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", [genecorpus.io, genecorpus.io.counts, genecorpus.io.text, genecorpus.testing]
+    "module",
+    [genecorpus.io.registry, genecorpus.io.counts, genecorpus.io.text, genecorpus.testing],
 )
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)  # type: ignore[arg-type]

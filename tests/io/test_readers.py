@@ -17,6 +17,7 @@ from genecorpus import testing
 from genecorpus.errors import CountsError, InputError
 from genecorpus.io import CellSource, iter_block_ranges, open_dataset
 from genecorpus.io import h5ad as h5ad_module
+from genecorpus.io import hdf5 as hdf5_module
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -352,7 +353,7 @@ def test_chunked_paths_give_the_same_blocks(
 ) -> None:
     """Tiny CSC scan pieces and dense pieces exercise the bounded-memory loops."""
     monkeypatch.setattr(h5ad_module, "CSC_SCAN_VALUES", 5)
-    monkeypatch.setattr(h5ad_module, "DENSE_PIECE_VALUES", 50)
+    monkeypatch.setattr(hdf5_module, "DENSE_PIECE_VALUES", 50)
     for case_name in ("h5ad-csc", "h5ad-dense", "loom"):
         with open_dataset(dataset.paths[case_name]) as source:
             counts = sp.vstack([b.counts for b in read_all(source, 13)])

@@ -10,7 +10,7 @@ import pytest
 
 import genecorpus.io as gio
 from genecorpus.errors import InputError
-from genecorpus.io import iter_block_ranges, known_formats, open_dataset, register_reader
+from genecorpus.io import iter_block_ranges, known_formats, open_dataset, register_reader, registry
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -141,7 +141,7 @@ def test_hdf5_that_is_no_known_layout(tmp_path: Path) -> None:
 
 
 def test_register_reader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dataset: Dataset) -> None:
-    monkeypatch.setattr(gio, "_READERS", dict(gio._READERS))
+    monkeypatch.setattr(registry, "_READERS", dict(registry._READERS))
     opened = []
 
     @register_reader("custom", suffixes=(".custom",), options=("layer",))

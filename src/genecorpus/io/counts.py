@@ -1,32 +1,25 @@
-"""Raw-count validation shared by every reader, and the skeleton every reader builds on.
+"""Raw-count validation shared by every reader.
 
 :func:`validate_counts` is the single gate between a file and the rest of genecorpus (SPEC §2.1):
-each block a reader produces goes through it, so every stage downstream can rely on int32,
-non-negative, canonical CSR counts. :class:`BaseReader` implements :meth:`CellSource.read_block`
-once on top of three small per-format hooks, so range checks, obs-column checks and error messages
-are the same everywhere.
+each block a reader produces goes through it (in
+:meth:`~genecorpus.io.reader.BaseReader.read_block`), so every stage downstream can rely on int32,
+non-negative, canonical CSR counts.
 """
 
 from __future__ import annotations
 
-import abc
-import logging
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from genecorpus import _kernels
-from genecorpus.errors import CountsError, InputError
-from genecorpus.io.block import CellBlock
+from genecorpus.errors import CountsError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from types import TracebackType
 
-__all__ = ["MAX_COUNT", "BaseReader", "one_line", "validate_counts"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["MAX_COUNT", "validate_counts"]
 
 MAX_COUNT = 2**31 - 1
 """Largest count a cell can hold for one gene (counts are stored as int32)."""
@@ -38,11 +31,6 @@ _RAW_COUNTS_HINT = (
     "genecorpus needs raw integer counts: pass layer=... or use_raw=True if the file also holds "
     "them, or re-export the raw counts"
 )
-
-
-def one_line(exc: BaseException) -> str:
-    """Return a library exception's message on one line, for embedding in our one-line errors."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _describe_bad_value(value: float) -> str:
@@ -102,7 +90,7 @@ def _check_values(
         if kind == "i" and data.size and data.min() < 0:
             bad = data < 0
         # only uint32 and 64-bit types can hold values above 2**31-1
-        wide = data.dtype.itemsize > 4 or (kind == "u" and data.dtype.itemsize == 4)  # noqa: PLR2004
+        wide = data.dtype.itemsize > 4 or (kind == "u" and data.dtype.itemsize == 4)
         if wide and data.size and data.max() > MAX_COUNT:
             over = data > MAX_COUNT
             bad = over if bad is None else bad | over
@@ -115,7 +103,7 @@ def _check_values(
             f"{start}:{start + csr.shape[0]}, not a number; {_RAW_COUNTS_HINT}"
         )
         raise CountsError(msg)
-    if data.dtype.itemsize < 4:  # noqa: PLR2004 - float16 cannot even hold 2**31-1
+    if data.dtype.itemsize < 4:  # float16 cannot even hold 2**31-1
         data = data.astype(np.float32)
     rounded = np.rint(data)
     # Comparisons that are all False for NaN and +/-inf (inf - inf is NaN), so one mask finds all.
@@ -187,7 +175,7 @@ def validate_counts(
     else:
         csr = sp.csr_matrix(np.asarray(matrix))
     n_rows, n_cols = csr.shape
-    if csr.data.dtype.kind in "fiu" and csr.data.dtype.itemsize >= 4 and csr.nnz <= MAX_COUNT:  # noqa: PLR2004
+    if csr.data.dtype.kind in "fiu" and csr.data.dtype.itemsize >= 4 and csr.nnz <= MAX_COUNT:
         # the common case in one compiled pass; anything unusual takes the vectorized path below
         values, indices, indptr, ok = _kernels.counts_from_values_csr(
             csr.data, csr.indices, csr.indptr.astype(np.int64, copy=False), INTEGER_TOLERANCE, MAX_COUNT)
@@ -230,137 +218,3 @@ def validate_counts(
     result.indptr = out.indptr.astype(np.int64, copy=False)
     result.has_canonical_format = True
     return result
-
-
-class BaseReader(abc.ABC):
-    """Common implementation of :class:`~genecorpus.io.CellSource` for every registered format.
-
-    A format implements the hooks ``_read_counts`` (raw counts of a row range, any numeric CSR),
-    ``_read_cell_ids`` and ``_read_obs`` and sets ``n_cells``, ``var_names`` and its column tables
-    in ``__init__``; :meth:`read_block` checks the range and the requested columns, validates the
-    counts with :func:`validate_counts` and assembles the :class:`CellBlock`. Readers are context
-    managers.
-    """
-
-    path: str
-    format: str
-    stored_dense: bool = False
-    """The file stores a dense matrix (h5ad dense X, loom); set by the format."""
-
-    def __init__(self, path: str, format_name: str) -> None:
-        self.path = path
-        self.format = format_name
-
-    # -- what every format provides -------------------------------------------------------------
-    @property
-    @abc.abstractmethod
-    def n_cells(self) -> int:
-        """Number of cells (rows) in the dataset."""
-
-    @property
-    @abc.abstractmethod
-    def var_names(self) -> np.ndarray:
-        """Object array of str: the gene identifier of each input column (var index)."""
-
-    @property
-    def n_genes(self) -> int:
-        """Number of input gene columns."""
-        return len(self.var_names)
-
-    @property
-    def var_columns(self) -> list[str]:
-        """Names of the per-gene annotation columns available."""
-        return []
-
-    def var_column(self, name: str) -> np.ndarray:
-        """Return one per-gene annotation column as an object array of str."""
-        self._check_var_column(name)
-        raise NotImplementedError  # pragma: no cover - subclasses with columns override
-
-    @property
-    def obs_columns(self) -> list[str]:
-        """Names of the per-cell metadata columns available."""
-        return []
-
-    @abc.abstractmethod
-    def _read_counts(self, start: int, stop: int) -> Any:
-        """Return rows ``start:stop`` as a sparse matrix (any numeric dtype), unvalidated."""
-
-    @abc.abstractmethod
-    def _read_cell_ids(self, start: int, stop: int) -> np.ndarray:
-        """Return the ids of cells ``start:stop`` as an object array of str."""
-
-    def _read_obs(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Return rows ``start:stop`` of obs column ``name`` (already checked to exist)."""
-        raise NotImplementedError  # pragma: no cover - only reached for formats with obs columns
-
-    # -- shared ---------------------------------------------------------------------------------
-    def _check_var_column(self, name: str) -> None:
-        if name not in self.var_columns:
-            known = ", ".join(self.var_columns) or "none"
-            msg = f"{self.path}: no gene annotation column {name!r}; available: {known}"
-            raise InputError(msg)
-
-    def read_block(self, start: int, stop: int, *, obs_columns: Sequence[str] = ()) -> CellBlock:
-        """Read cells ``start:stop`` as validated raw counts, with the requested obs columns.
-
-        Parameters
-        ----------
-        start, stop
-            Row range within the dataset, ``0 <= start <= stop <= n_cells``.
-        obs_columns
-            Names from :attr:`obs_columns` to slice alongside the counts.
-
-        Returns
-        -------
-        The :class:`CellBlock` (counts as described by :func:`validate_counts`).
-        """
-        if isinstance(obs_columns, str):
-            obs_columns = [obs_columns]
-        if not 0 <= start <= stop <= self.n_cells:
-            msg = f"{self.path}: rows {start}:{stop} are outside the dataset's {self.n_cells} cells"
-            raise IndexError(msg)
-        missing = [name for name in obs_columns if name not in self.obs_columns]
-        if missing:
-            known = ", ".join(self.obs_columns) or "none"
-            msg = f"{self.path}: no cell annotation column {missing[0]!r}; available: {known}"
-            raise InputError(msg)
-        try:
-            raw = self._read_counts(start, stop)
-            cell_ids = self._read_cell_ids(start, stop)
-            obs = {name: self._read_obs(name, start, stop) for name in obs_columns}
-        except OSError as exc:
-            msg = (
-                f"{self.path}: rows {start}:{stop} could not be read ({one_line(exc)}); the file "
-                "is truncated or corrupt: re-download or re-export it"
-            )
-            raise InputError(msg) from exc
-        try:
-            counts = validate_counts(
-                raw, path=self.path, cell_ids=cell_ids, gene_ids=self.var_names, start=start
-            )
-        except CountsError as exc:
-            exc.add_note(f"while reading rows {start}:{stop} of {self.path} ({self.format})")
-            raise
-        return CellBlock(counts=counts, cell_ids=cell_ids, start=start, obs=obs,
-                         value_dtype=np.dtype(raw.dtype), dense_input=self.stored_dense)
-
-    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
-        """Release open file handles (a no-op for readers that hold none)."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"<{type(self).__name__} {self.format} {self.path!r}: "
-            f"{self.n_cells} cells x {self.n_genes} genes>"
-        )

@@ -1,7 +1,7 @@
 """Loom files (http://linnarssonlab.org/loompy/format/) read block by block with h5py.
 
 ``/matrix`` (or ``/layers/<name>``) is a dense genes x cells dataset; a block of cells is a column
-slab, read in pieces of at most :data:`~genecorpus.io.h5ad.DENSE_PIECE_VALUES` values and
+slab, read in pieces of at most :data:`~genecorpus.io.hdf5.DENSE_PIECE_VALUES` values and
 transposed, so memory does not grow with the file.
 
 Genes: every 1-D ``/row_attrs`` dataset is a var column under its own name (``Gene``, ``Accession``,
@@ -22,14 +22,12 @@ import h5py
 import numpy as np
 
 from genecorpus.errors import InputError
-from genecorpus.io import register_reader
-from genecorpus.io.counts import BaseReader, one_line
-from genecorpus.io.h5ad import DenseRows, H5Column, as_str_array, is_hdf5_with, open_hdf5
+from genecorpus.io.hdf5 import DenseRows, H5Column, HDF5Reader, is_hdf5_with
+from genecorpus.io.reader import as_str_array
+from genecorpus.io.registry import register_reader
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    import scipy.sparse as sp
 
 __all__ = ["CELL_ID_ATTRS", "GENE_INDEX_ATTRS", "LoomReader"]
 
@@ -63,39 +61,24 @@ def _pick_index(columns: dict[str, H5Column], preferred: tuple[str, ...]) -> str
     return None
 
 
-class LoomReader(BaseReader):
-    """A ``.loom`` file read one block of cells (a column slab of genes x cells) at a time."""
+class LoomReader(HDF5Reader):
+    """A ``.loom`` file read one block of cells (a column slab of genes x cells) at a time.
+
+    Cells are the columns of ``/matrix``; ``var_columns`` are the 1-D ``/row_attrs`` datasets and
+    ``obs_columns`` the 1-D ``/col_attrs`` datasets (see the module docstring for the ids).
+    """
 
     def __init__(self, path: Path, *, layer: str | None = None) -> None:
-        super().__init__(str(path), "loom")
-        self._file = open_hdf5(path, kind="HDF5/loom")
-        try:
-            self._setup(layer)
-        except (OSError, KeyError) as exc:  # h5py's errors for damaged or incomplete files
-            self._file.close()
-            msg = (
-                f"{self.path}: not a readable loom file ({one_line(exc)}); "
-                "re-download or re-export it"
-            )
-            raise InputError(msg) from exc
-        except BaseException:
-            self._file.close()
-            raise
+        super().__init__(path, "loom", kind="HDF5/loom", layout="loom", layer=layer)
 
-    def _setup(self, layer: str | None) -> None:
+    def _setup(self, *, layer: str | None) -> None:
         f = self._file
         if layer is None:
             matrix = f.get("matrix")
             what = "/matrix"
         else:
-            layers = f.get("layers")
-            names = sorted(layers) if isinstance(layers, h5py.Group) else []
-            if layer not in names:
-                known = ", ".join(names) or "none"
-                msg = f"{self.path}: no layer {layer!r}; available layers: {known}"
-                raise InputError(msg)
-            matrix, what = layers[layer], f"/layers/{layer}"
-        if not isinstance(matrix, h5py.Dataset) or matrix.ndim != 2:  # noqa: PLR2004
+            matrix, what = self._layer(layer), f"/layers/{layer}"
+        if not isinstance(matrix, h5py.Dataset) or matrix.ndim != 2:
             msg = (
                 f"{self.path}: {what} is missing or not a 2-D matrix, so not a loom file; "
                 "re-export it"
@@ -121,49 +104,11 @@ class LoomReader(BaseReader):
         if cell_index is None:
             logger.warning("%s: no string column attribute; cell ids are column numbers", self.path)
         self._cell_index = None if cell_index is None else self._obs[cell_index]
-        self._var_cache: dict[str, np.ndarray] = {}
-
-    @property
-    def n_cells(self) -> int:
-        """Number of cells (columns of ``/matrix``)."""
-        return self._n_cells
-
-    @property
-    def var_names(self) -> np.ndarray:
-        """Object array of str: the gene ids (see the module docstring for which attribute)."""
-        return self._var_names
-
-    @property
-    def var_columns(self) -> list[str]:
-        """Names of the 1-D ``/row_attrs`` datasets."""
-        return list(self._var)
-
-    def var_column(self, name: str) -> np.ndarray:
-        """Return row attribute ``name`` as an object array of str."""
-        self._check_var_column(name)
-        if name not in self._var_cache:
-            self._var_cache[name] = as_str_array(self._var[name].read(0, None))
-        return self._var_cache[name]
-
-    @property
-    def obs_columns(self) -> list[str]:
-        """Names of the 1-D ``/col_attrs`` datasets."""
-        return list(self._obs)
-
-    def _read_counts(self, start: int, stop: int) -> sp.csr_matrix:
-        return self._matrix.read(start, stop)
 
     def _read_cell_ids(self, start: int, stop: int) -> np.ndarray:
         if self._cell_index is None:
             return np.arange(start, stop).astype(str).astype(object)
         return as_str_array(self._cell_index.read(start, stop))
-
-    def _read_obs(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self._obs[name].read(start, stop)
-
-    def close(self) -> None:
-        """Close the HDF5 file."""
-        self._file.close()
 
 
 def _sniff_loom(source: Any) -> bool:

@@ -17,9 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from genecorpus.errors import InputError
-from genecorpus.io import register_reader
-from genecorpus.io.counts import BaseReader
-from genecorpus.io.h5ad import as_str_array, scipy_dtype
+from genecorpus.io.reader import BaseReader, as_str_array, scipy_dtype
+from genecorpus.io.registry import register_reader
 
 __all__ = ["AnnDataReader"]
 
@@ -28,37 +27,64 @@ logger = logging.getLogger(__name__)
 
 def _is_anndata(source: Any) -> bool:
     try:
-        import anndata  # noqa: PLC0415 - anndata is heavy; only needed for in-memory sources
+        import anndata  # anndata is heavy; only needed for in-memory sources
     except ImportError:  # pragma: no cover - anndata is a dependency
         return False
     return isinstance(source, anndata.AnnData)
 
 
-def _column_block(series: pd.Series, start: int, stop: int, *, has_missing: bool) -> np.ndarray:
-    """Rows ``start:stop`` of one obs column, typed as the h5ad reader types it."""
-    dtype = series.dtype
-    if isinstance(dtype, pd.CategoricalDtype):
-        codes = series.cat.codes.to_numpy()[start:stop]
-        categories = dtype.categories.to_numpy(dtype=object)
-        out = np.empty(len(codes), dtype=object)
-        valid = codes >= 0
-        out[valid] = categories[codes[valid]]
-        out[~valid] = None
-        return out
-    part = series.iloc[start:stop]
-    if isinstance(dtype, pd.api.extensions.ExtensionDtype) and not isinstance(dtype, np.dtype):
-        if not has_missing and dtype.kind in "iub":
-            return np.asarray(part.to_numpy(dtype=dtype.numpy_dtype))
-        if dtype.kind in "iuf":
-            return np.asarray(part.to_numpy(dtype=np.float64, na_value=np.nan))
-        return np.asarray(part.to_numpy(dtype=object, na_value=None))
-    if dtype.kind == "O":
-        return np.asarray(part.to_numpy(dtype=object))
-    return np.asarray(part.to_numpy())
+class _ObsColumn:
+    """One obs column read by row range, typed as the h5ad reader types it."""
+
+    def __init__(self, series: pd.Series) -> None:
+        self._series = series
+        self._has_missing = bool(series.isna().any())
+
+    def read(self, start: int, stop: int | None) -> np.ndarray:
+        """Return rows ``start:stop`` (``stop=None``: to the end) as a numpy array."""
+        series = self._series
+        dtype = series.dtype
+        if isinstance(dtype, pd.CategoricalDtype):
+            codes = series.cat.codes.to_numpy()[start:stop]
+            categories = dtype.categories.to_numpy(dtype=object)
+            out = np.empty(len(codes), dtype=object)
+            valid = codes >= 0
+            out[valid] = categories[codes[valid]]
+            out[~valid] = None
+            return out
+        part = series.iloc[start:stop]
+        if isinstance(dtype, pd.api.extensions.ExtensionDtype) and not isinstance(dtype, np.dtype):
+            if not self._has_missing and dtype.kind in "iub":
+                return np.asarray(part.to_numpy(dtype=dtype.numpy_dtype))
+            if dtype.kind in "iuf":
+                return np.asarray(part.to_numpy(dtype=np.float64, na_value=np.nan))
+            return np.asarray(part.to_numpy(dtype=object, na_value=None))
+        if dtype.kind == "O":
+            return np.asarray(part.to_numpy(dtype=object))
+        return np.asarray(part.to_numpy())
+
+
+class _VarColumn:
+    """One var column read as objects (a categorical's values, not its codes)."""
+
+    def __init__(self, series: pd.Series) -> None:
+        self._series = series
+
+    def read(self, start: int, stop: int | None) -> np.ndarray:
+        """Return rows ``start:stop`` (``stop=None``: to the end) as an object array."""
+        series = self._series
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            series = series.astype(object)
+        return series.to_numpy(dtype=object)[start:stop]
 
 
 class AnnDataReader(BaseReader):
-    """An in-memory (or backed) ``anndata.AnnData`` read by row blocks."""
+    """An in-memory (or backed) ``anndata.AnnData`` read by row blocks.
+
+    Cells are the AnnData's ``n_obs`` rows; ``var_names`` and ``var_columns`` are those of ``var``
+    (``raw.var``'s with ``use_raw``); ``var_column`` gives missing values as ``""``;
+    ``obs_columns`` are the columns of ``obs``.
+    """
 
     def __init__(self, adata: Any, *, layer: str | None = None, use_raw: bool = False) -> None:
         name = str(adata.filename) if getattr(adata, "isbacked", False) else "<in-memory AnnData>"
@@ -92,37 +118,8 @@ class AnnDataReader(BaseReader):
         self._n_cells = int(adata.n_obs)
         self._cell_ids = as_str_array(adata.obs_names.to_numpy())
         self._var_names = as_str_array(var.index.to_numpy())
-        self._var = var
-        self._obs = adata.obs
-        self._missing = {col: bool(adata.obs[col].isna().any()) for col in adata.obs.columns}
-
-    @property
-    def n_cells(self) -> int:
-        """Number of cells (``n_obs``)."""
-        return self._n_cells
-
-    @property
-    def var_names(self) -> np.ndarray:
-        """Object array of str: ``var_names`` (``raw.var_names`` with ``use_raw``)."""
-        return self._var_names
-
-    @property
-    def var_columns(self) -> list[str]:
-        """Columns of ``var`` (``raw.var`` with ``use_raw``)."""
-        return [str(c) for c in self._var.columns]
-
-    def var_column(self, name: str) -> np.ndarray:
-        """Return var column ``name`` as an object array of str (missing values as ``""``)."""
-        self._check_var_column(name)
-        series = self._var[name]
-        if isinstance(series.dtype, pd.CategoricalDtype):
-            series = series.astype(object)
-        return as_str_array(series.to_numpy(dtype=object))
-
-    @property
-    def obs_columns(self) -> list[str]:
-        """Columns of ``obs``."""
-        return [str(c) for c in self._obs.columns]
+        self._var = {str(col): _VarColumn(var[col]) for col in var.columns}
+        self._obs = {str(col): _ObsColumn(adata.obs[col]) for col in adata.obs.columns}
 
     def _read_counts(self, start: int, stop: int) -> Any:
         block = self._matrix[start:stop]
@@ -134,9 +131,6 @@ class AnnDataReader(BaseReader):
 
     def _read_cell_ids(self, start: int, stop: int) -> np.ndarray:
         return self._cell_ids[start:stop]
-
-    def _read_obs(self, name: str, start: int, stop: int) -> np.ndarray:
-        return _column_block(self._obs[name], start, stop, has_missing=self._missing[name])
 
 
 @register_reader("anndata", sniff=_is_anndata, options=("layer", "use_raw"), in_memory=True)

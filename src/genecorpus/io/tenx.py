@@ -34,9 +34,9 @@ import scipy.io
 import scipy.sparse as sp
 
 from genecorpus.errors import InputError
-from genecorpus.io import register_reader
-from genecorpus.io.counts import BaseReader, one_line
-from genecorpus.io.h5ad import CsrRows, as_str_array, decode_strings, is_hdf5_with, open_hdf5
+from genecorpus.io.hdf5 import CsrRows, HDF5Reader, is_hdf5_with
+from genecorpus.io.reader import ArrayColumn, BaseReader, as_str_array, decode_strings, one_line
+from genecorpus.io.registry import register_reader
 
 __all__ = ["GENE_EXPRESSION", "TenxH5Reader", "TenxMtxReader"]
 
@@ -48,71 +48,40 @@ GENE_EXPRESSION = "Gene Expression"
 _V2_DATASETS = ("data", "indices", "indptr", "shape", "genes", "barcodes")
 
 
-class _TenxBase(BaseReader):
-    """Shared var handling: keep Gene Expression features, expose ids and symbols."""
+def _gene_expression_features(
+    path: str,
+    ids: np.ndarray,
+    symbols: np.ndarray,
+    types: np.ndarray,
+    extra: dict[str, np.ndarray] | None = None,
+) -> tuple[np.ndarray, dict[str, ArrayColumn]]:
+    """Return which features are kept (Gene Expression ones) and the var columns of those.
 
-    def _set_features(
-        self,
-        ids: np.ndarray,
-        symbols: np.ndarray,
-        types: np.ndarray,
-        extra: dict[str, np.ndarray] | None = None,
-    ) -> np.ndarray:
-        keep = types == GENE_EXPRESSION
-        if not keep.any():
-            found = ", ".join(sorted(set(types.tolist()))) or "none"
-            msg = (
-                f"{self.path}: no {GENE_EXPRESSION!r} features (feature types: {found}); "
-                "genecorpus needs a gene expression matrix"
-            )
-            raise InputError(msg)
-        if not keep.all():
-            dropped = pd.Series(types[~keep]).value_counts().to_dict()
-            logger.info("%s: dropped non gene-expression features %s", self.path, dropped)
-        self._var = {
-            "gene_ids": as_str_array(ids[keep]),
-            "gene_symbols": as_str_array(symbols[keep]),
-            "feature_types": as_str_array(types[keep]),
-        }
-        for name, values in (extra or {}).items():
-            self._var[name] = as_str_array(values[keep])
-        return np.asarray(keep, dtype=bool)
-
-    @property
-    def var_names(self) -> np.ndarray:
-        """Object array of str: feature ids (Ensembl gene ids for cellranger references)."""
-        return self._var["gene_ids"]
-
-    @property
-    def var_columns(self) -> list[str]:
-        """``gene_ids``, ``gene_symbols``, ``feature_types`` (+ ``genome`` for cellranger 3 .h5)."""
-        return list(self._var)
-
-    def var_column(self, name: str) -> np.ndarray:
-        """Return one feature annotation as an object array of str."""
-        self._check_var_column(name)
-        return self._var[name]
+    The columns are ``gene_ids``, ``gene_symbols``, ``feature_types`` and those of ``extra``, as
+    object arrays of str.
+    """
+    keep = types == GENE_EXPRESSION
+    if not keep.any():
+        found = ", ".join(sorted(set(types.tolist()))) or "none"
+        msg = (
+            f"{path}: no {GENE_EXPRESSION!r} features (feature types: {found}); "
+            "genecorpus needs a gene expression matrix"
+        )
+        raise InputError(msg)
+    if not keep.all():
+        dropped = pd.Series(types[~keep]).value_counts().to_dict()
+        logger.info("%s: dropped non gene-expression features %s", path, dropped)
+    columns = {"gene_ids": ids, "gene_symbols": symbols, "feature_types": types, **(extra or {})}
+    var = {name: ArrayColumn(as_str_array(values[keep])) for name, values in columns.items()}
+    return np.asarray(keep, dtype=bool), var
 
 
 # ---- 10x .h5 -------------------------------------------------------------------------------------
-class TenxH5Reader(_TenxBase):
+class TenxH5Reader(HDF5Reader):
     """A cellranger 2 or 3 ``.h5`` matrix, read one block of barcodes at a time."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(str(path), "10x-h5")
-        self._file = open_hdf5(path, kind="10x HDF5")
-        try:
-            self._setup()
-        except (OSError, KeyError) as exc:  # h5py's errors for damaged or incomplete files
-            self._file.close()
-            msg = (
-                f"{self.path}: not a readable 10x HDF5 file ({one_line(exc)}); "
-                "re-download or re-export it"
-            )
-            raise InputError(msg) from exc
-        except BaseException:
-            self._file.close()
-            raise
+        super().__init__(path, "10x-h5", kind="10x HDF5", layout="10x HDF5")
 
     def _setup(self) -> None:
         f = self._file
@@ -159,24 +128,13 @@ class TenxH5Reader(_TenxBase):
                 f"and {self._barcodes.shape[0]} barcodes; the file is inconsistent: re-export it"
             )
             raise InputError(msg)
-        keep = self._set_features(ids, symbols, types, extra)
+        keep, features = _gene_expression_features(self.path, ids, symbols, types, extra)
+        self._var, self._var_names = features, features["gene_ids"].values
         self._matrix = CsrRows(group, (n_cells, n_features), keep_columns=keep)
         self._n_cells = n_cells
 
-    @property
-    def n_cells(self) -> int:
-        """Number of barcodes."""
-        return self._n_cells
-
-    def _read_counts(self, start: int, stop: int) -> sp.csr_matrix:
-        return self._matrix.read(start, stop)
-
     def _read_cell_ids(self, start: int, stop: int) -> np.ndarray:
         return decode_strings(self._barcodes[start:stop])
-
-    def close(self) -> None:
-        """Close the HDF5 file."""
-        self._file.close()
 
 
 def _sniff_10x_h5(source: Any) -> bool:
@@ -249,7 +207,7 @@ def _read_tsv(path: Path) -> pd.DataFrame:
         raise InputError(msg) from exc
 
 
-class TenxMtxReader(_TenxBase):
+class TenxMtxReader(BaseReader):
     """A 10x matrix folder, parsed once when opened (see the module docstring)."""
 
     def __init__(self, path: Path) -> None:
@@ -262,7 +220,7 @@ class TenxMtxReader(_TenxBase):
         symbols = features[1].to_numpy(dtype=object) if features.shape[1] > 1 else ids
         types = (
             features[2].to_numpy(dtype=object)
-            if features.shape[1] > 2  # noqa: PLR2004
+            if features.shape[1] > 2
             else np.full(len(ids), GENE_EXPRESSION, dtype=object)
         )
         try:
@@ -281,15 +239,12 @@ class TenxMtxReader(_TenxBase):
                 "the folder mixes files of different matrices"
             )
             raise InputError(msg)
-        keep = self._set_features(ids, symbols, types)
+        keep, features = _gene_expression_features(self.path, ids, symbols, types)
+        self._var, self._var_names = features, features["gene_ids"].values
         counts = sp.csr_matrix(sp.coo_matrix(coo).T)
         self._counts = counts if keep.all() else counts[:, np.flatnonzero(keep)]
         self._barcodes = as_str_array(barcodes[0].to_numpy(dtype=object))
-
-    @property
-    def n_cells(self) -> int:
-        """Number of barcodes."""
-        return len(self._barcodes)
+        self._n_cells = len(self._barcodes)
 
     def _read_counts(self, start: int, stop: int) -> sp.csr_matrix:
         return self._counts[start:stop]

@@ -34,9 +34,8 @@ import pyarrow.csv as pa_csv
 import scipy.sparse as sp
 
 from genecorpus.errors import InputError
-from genecorpus.io import register_reader
-from genecorpus.io.counts import BaseReader, one_line
-from genecorpus.io.h5ad import as_str_array
+from genecorpus.io.reader import BaseReader, as_str_array, one_line
+from genecorpus.io.registry import register_reader
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -165,7 +164,10 @@ def _first_ragged_line(path: Path, delimiter: str, n_fields: int) -> tuple[int, 
 
 
 class TextReader(BaseReader):
-    """A delimited text count table, parsed once into sparse rows (see the module docstring)."""
+    """A delimited text count table, parsed once into sparse rows (see the module docstring).
+
+    ``var_names`` are the gene labels: the header's when cells are rows, the rows' otherwise.
+    """
 
     def __init__(
         self,
@@ -205,6 +207,7 @@ class TextReader(BaseReader):
         else:
             self._counts = by_column
             self._cell_ids, self._var_names = column_labels_arr, row_labels
+        self._n_cells = len(self._cell_ids)
 
     def _parse(
         self, path: Path, delimiter: str, column_labels: list[str]
@@ -254,16 +257,6 @@ class TextReader(BaseReader):
         # Pieces are (columns x rows of the batch); side by side they are the table transposed.
         by_column = pieces[0] if len(pieces) == 1 else sp.hstack(pieces, format="csr")
         return as_str_array(np.concatenate(labels)), by_column
-
-    @property
-    def n_cells(self) -> int:
-        """Number of cells."""
-        return len(self._cell_ids)
-
-    @property
-    def var_names(self) -> np.ndarray:
-        """Object array of str: the gene labels."""
-        return self._var_names
 
     def _read_counts(self, start: int, stop: int) -> sp.csr_matrix:
         return self._counts[start:stop]

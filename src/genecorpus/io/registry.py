@@ -1,0 +1,301 @@
+"""The registry of input formats: how :func:`open_dataset` finds the reader of a source.
+
+A format module registers its opener with :func:`register_reader` when it is imported; importing
+:mod:`genecorpus.io` imports them all. This module imports no format module, so they depend on it
+and not the other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from genecorpus.errors import InputError
+from genecorpus.io.block import DEFAULT_BLOCK_SIZE, CellSource
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = [
+    "OPTIONS",
+    "ReaderSpec",
+    "iter_block_ranges",
+    "known_formats",
+    "open_dataset",
+    "register_reader",
+]
+
+logger = logging.getLogger(__name__)
+
+OPTIONS = ("layer", "use_raw", "cells_as_rows")
+"""Reader options of :func:`open_dataset`; each reader declares the ones it understands."""
+
+
+Opener = TypeVar("Opener", bound="Callable[..., CellSource]")
+"""Function that opens one source in one format; it receives only the options it declared."""
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    """One registered input format."""
+
+    name: str
+    opener: Callable[..., CellSource]
+    suffixes: tuple[str, ...]
+    """Lower-case file suffixes owned by the format, compound ones included (``".csv.gz"``)."""
+    sniff: Callable[[Any], bool] | None
+    """Return True when a path (or in-memory object) is in this format; must never raise."""
+    options: frozenset[str]
+    """Names from :data:`OPTIONS` the opener accepts."""
+    in_memory: bool
+    """The opener takes in-memory objects (e.g. ``AnnData``) rather than paths."""
+
+
+_READERS: dict[str, ReaderSpec] = {}
+
+
+def register_reader(
+    name: str,
+    *,
+    suffixes: tuple[str, ...] = (),
+    sniff: Callable[[Any], bool] | None = None,
+    options: tuple[str, ...] = (),
+    in_memory: bool = False,
+) -> Callable[[Opener], Opener]:
+    """Register the decorated function as the opener of input format ``name``.
+
+    Parameters
+    ----------
+    name
+        Format name users pass as ``format=`` and that ends up in ``CellSource.format``.
+    suffixes
+        File suffixes that select this format, e.g. ``(".h5ad",)``; matched case-insensitively,
+        longest first.
+    sniff
+        Content test ``(path_or_object) -> bool`` used when no suffix decides (or to confirm a
+        suffix shared by several formats). It receives a :class:`~pathlib.Path` for files and
+        folders, or the object itself for in-memory sources, and must return False rather than
+        raise.
+    options
+        The :func:`open_dataset` options (``layer``, ``use_raw``, ``cells_as_rows``) the opener
+        accepts; giving any other one for this format is an :class:`~genecorpus.errors.InputError`.
+    in_memory
+        The opener takes an in-memory object (such as an ``anndata.AnnData``) instead of a
+        :class:`~pathlib.Path`.
+
+    Returns
+    -------
+    The decorator, which returns the opener unchanged.
+
+    Examples
+    --------
+    >>> @register_reader("demo", suffixes=(".demo",))
+    ... def _open_demo(path):
+    ...     raise NotImplementedError
+    >>> "demo" in known_formats()
+    True
+    >>> _ = _READERS.pop("demo")
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        msg = f"reader {name!r}: unknown option(s) {unknown}; choose from {list(OPTIONS)}"
+        raise ValueError(msg)
+
+    def decorate(opener: Opener) -> Opener:
+        if name in _READERS:
+            msg = f"a reader named {name!r} is already registered"
+            raise ValueError(msg)
+        _READERS[name] = ReaderSpec(
+            name=name,
+            opener=opener,
+            suffixes=tuple(s.lower() for s in suffixes),
+            sniff=sniff,
+            options=frozenset(options),
+            in_memory=in_memory,
+        )
+        return opener
+
+    return decorate
+
+
+def known_formats() -> list[str]:
+    """Return the names of the registered input formats, in registration order.
+
+    Examples
+    --------
+    >>> {"h5ad", "loom", "10x-mtx", "10x-h5", "csv"} <= set(known_formats())
+    True
+    """
+    return list(_READERS)
+
+
+def iter_block_ranges(n_cells: int, block_size: int = DEFAULT_BLOCK_SIZE) -> list[tuple[int, int]]:
+    """Split ``n_cells`` rows into consecutive ``(start, stop)`` ranges of at most ``block_size``.
+
+    Examples
+    --------
+    >>> iter_block_ranges(10, 4)
+    [(0, 4), (4, 8), (8, 10)]
+    >>> iter_block_ranges(0, 4)
+    []
+    """
+    if block_size < 1:
+        msg = f"block_size must be at least 1, got {block_size}"
+        raise ValueError(msg)
+    return [(start, min(start + block_size, n_cells)) for start in range(0, n_cells, block_size)]
+
+
+def _known_list() -> str:
+    return ", ".join(_READERS)
+
+
+def _matching_suffix(spec: ReaderSpec, name: str) -> int:
+    """Length of the longest suffix of ``spec`` that ``name`` ends with (0 if none)."""
+    return max((len(s) for s in spec.suffixes if name.endswith(s)), default=0)
+
+
+def _sniff(spec: ReaderSpec, source: Any) -> bool:
+    return spec.sniff is not None and spec.sniff(source)
+
+
+def _detect_format(source: Any) -> ReaderSpec:
+    if not isinstance(source, Path):
+        for spec in _READERS.values():
+            if _sniff(spec, source):
+                return spec
+        msg = (
+            f"cannot read an object of type {type(source).__name__}; pass a file path or an "
+            f"anndata.AnnData (known formats: {_known_list()})"
+        )
+        raise InputError(msg)
+    if source.is_dir():  # a folder's suffix says nothing: only a reader's content test decides
+        for spec in _READERS.values():
+            if _sniff(spec, source):
+                return spec
+        msg = (
+            f"{source}: a folder that no reader recognizes (folders are read as 10x matrix "
+            "folders with matrix.mtx[.gz], features.tsv[.gz] or genes.tsv[.gz] and "
+            "barcodes.tsv[.gz]); give a data file or a 10x matrix folder"
+        )
+        raise InputError(msg)
+    name = source.name.lower()
+    by_suffix = sorted(
+        (spec for spec in _READERS.values() if _matching_suffix(spec, name)),
+        key=lambda spec: -_matching_suffix(spec, name),
+    )
+    # A suffix decides unless its reader can check content and says no (an .h5 that is an h5ad).
+    if by_suffix and (by_suffix[0].sniff is None or _sniff(by_suffix[0], source)):
+        return by_suffix[0]
+    for spec in _READERS.values():
+        if spec not in by_suffix[:1] and _sniff(spec, source):
+            logger.info("%s: read as %s (detected from its content)", source, spec.name)
+            return spec
+    if by_suffix:
+        return by_suffix[0]  # its opener explains what is wrong with the file
+    msg = (
+        f"{source}: unknown input format (suffix {source.suffix or 'none'!r}); known formats: "
+        f"{_known_list()}; rename the file or pass format=..."
+    )
+    raise InputError(msg)
+
+
+def open_dataset(
+    source: str | os.PathLike[str] | Any,
+    *,
+    format: str | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    cells_as_rows: bool | None = None,
+) -> CellSource:
+    """Open one input dataset as a :class:`CellSource` of raw-count row blocks.
+
+    Parameters
+    ----------
+    source
+        Path of a file or 10x folder, or an in-memory ``anndata.AnnData``.
+    format
+        Registered format name (see :func:`known_formats`); detected from the suffix or the content
+        when None.
+    layer
+        Read counts from this layer instead of X (h5ad, AnnData, loom).
+    use_raw
+        Read counts from ``raw.X`` (genes from ``raw.var``) instead of X (h5ad, AnnData).
+    cells_as_rows
+        Orientation of a CSV/TSV table; detected (and logged) when None.
+
+    Returns
+    -------
+    An open source; call ``close()`` (or use it as a context manager) when done.
+
+    Raises
+    ------
+    InputError
+        The file is missing or unreadable, its format is unknown, or an option does not apply to it.
+
+    Examples
+    --------
+    >>> import anndata, numpy as np
+    >>> adata = anndata.AnnData(np.array([[1.0, 0.0], [0.0, 3.0]], dtype=np.float32))
+    >>> with open_dataset(adata) as source:
+    ...     source.read_block(0, 2).counts.toarray().tolist()
+    [[1, 0], [0, 3]]
+    """
+    if isinstance(source, str | os.PathLike):
+        source = Path(source)
+        if not source.exists():
+            msg = f"{source}: no such file or folder; check the path"
+            raise InputError(msg)
+    if format is None:
+        spec = _detect_format(source)
+    elif format in _READERS:
+        spec = _READERS[format]
+    else:
+        msg = (
+            f"{source}: unknown input format {format!r}; known formats: {_known_list()}; "
+            "fix format or omit it to detect the format"
+        )
+        raise InputError(msg)
+    if spec.in_memory == isinstance(source, Path):
+        wanted = "an in-memory object" if spec.in_memory else "a file or folder path"
+        given_what = str(source) if isinstance(source, Path) else f"a {type(source).__name__}"
+        msg = f"format {spec.name!r} reads {wanted}, not {given_what}; omit format= to detect it"
+        raise InputError(msg)
+    given = {
+        "layer": layer is not None,
+        "use_raw": use_raw,
+        "cells_as_rows": cells_as_rows is not None,
+    }
+    refused = [name for name, is_given in given.items() if is_given and name not in spec.options]
+    if refused:
+        accepted = ", ".join(sorted(spec.options)) or "none"
+        msg = (
+            f"{source}: option {refused[0]}= does not apply to the {spec.name} format "
+            f"(its options: {accepted}); remove it"
+        )
+        raise InputError(msg)
+    options = {"layer": layer, "use_raw": use_raw, "cells_as_rows": cells_as_rows}
+    try:
+        return spec.opener(source, **{name: options[name] for name in spec.options})
+    except InputError as exc:
+        actual = _declared_format_mismatch(spec, source) if format is not None else None
+        if actual is None:
+            raise
+        msg = (
+            f"{source}: declared as format {spec.name!r} but its content is {actual.name}; "
+            f"declare format {actual.name!r} or omit format to detect it"
+        )
+        raise InputError(msg) from exc
+
+
+def _declared_format_mismatch(declared: ReaderSpec, source: Any) -> ReaderSpec | None:
+    """The format whose content test ``source`` passes when the declared one fails it, if any."""
+    if not isinstance(source, Path) or _sniff(declared, source):
+        return None
+    for spec in _READERS.values():
+        if spec is not declared and not spec.in_memory and _sniff(spec, source):
+            return spec
+    return None
+
