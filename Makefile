@@ -22,7 +22,10 @@ MINUTES ?= 20
 example: venv
 	$(PY) examples/kang_pretrain.py --minutes $(MINUTES)
 
+# style (ruff), the one-way import graph (import-linter contracts in pyproject.toml), then the suite
 test: venv
+	$(VENV)/bin/ruff check src benchmarks examples scripts
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 bench: venv

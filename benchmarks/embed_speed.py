@@ -37,8 +37,8 @@ def main() -> None:
     from transformers import BertForMaskedLM
 
     from genecorpus.corpus import CorpusReader
-    from genecorpus.model.embed import embed_corpus, quiet_transformers
     from genecorpus.model.bert import bert_config, save_model
+    from genecorpus.model.embed import embed_corpus, quiet_transformers
     from genecorpus.model.perturb import perturb
 
     quiet_transformers()

@@ -39,6 +39,9 @@ import scipy.sparse as sp
 from rich.console import Console
 from rich.table import Table
 
+from genecorpus.corpus.folder import MANIFEST
+from genecorpus.corpus.manifest import Manifest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import measure
@@ -148,7 +151,7 @@ class Benchmark:
 
     def dataset(self, n_cells: int) -> synthetic.SyntheticDataset:
         """The cached synthetic files of ``n_cells`` cells (generated on first use)."""
-        from genecorpus.public_data import fetch_public_file  # noqa: PLC0415 - only when generating
+        from genecorpus.public_data import fetch_public_file
 
         return synthetic.ensure_dataset(n_cells, self.cache_dir, vocab=self.vocab, dict_dir=self.dict_dir,
                                         reference=lambda: fetch_public_file("kang_pbmc_ctrl"), log=log)
@@ -160,7 +163,7 @@ class Benchmark:
         waited = measure.wait_for_quiet(max_wait=self.args.quiet_wait)
         if waited > self.args.quiet_wait - 1:
             log(f"other processes kept the CPUs busy for {waited:.0f} s; measuring anyway (marked '!')")
-        elif waited > 2:  # noqa: PLR2004
+        elif waited > 2:
             log(f"waited {waited:.0f} s for other processes to leave the CPUs")
         return waited
 
@@ -191,7 +194,7 @@ class Benchmark:
         return [*self.cli, "-v", "build", str(self._manifest_toml(path, name)), "--out", str(out),
                 "--no-report", "--workers", str(workers)]
 
-    def run_tool(self, tool: str, path: Path, workers: int, name: str, *, n_cells: int,  # noqa: PLR0913
+    def run_tool(self, tool: str, path: Path, workers: int, name: str, *, n_cells: int,
                  warming: bool = False) -> dict[str, Any]:
         """Run one command, measure it, read its manifest, delete its output; return the record.
 
@@ -222,17 +225,14 @@ class Benchmark:
             "load_average_before": round(load, 2), "waited_for_quiet_seconds": round(waited, 1),
             "other_cores": round(result.other_cores, 2), "src_sha256": source, "log": str(log_path),
         }
-        manifest_path = out / "manifest.json"
+        manifest_path = out / MANIFEST
         if result.ok and manifest_path.exists():
-            manifest = json.loads(manifest_path.read_text())
-            corpus = manifest.get("corpus", {})
-            record["n_cells_out"] = corpus.get("n_cells")
-            record["n_tokens"] = corpus.get("n_tokens")
-            if record["n_tokens"] is not None:
-                record["tokens_per_second"] = round(record["n_tokens"] / result.wall_seconds, 1)
+            manifest = Manifest.read(manifest_path)
+            record["n_cells_out"] = manifest.corpus.n_cells
+            record["n_tokens"] = manifest.corpus.n_tokens
+            record["tokens_per_second"] = round(manifest.corpus.n_tokens / result.wall_seconds, 1)
             record["output_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-            if isinstance(manifest.get("timings"), dict):
-                record["timings"] = manifest["timings"]
+            record["timings"] = manifest.timings
         elif not result.ok:
             record["stderr_tail"] = result.stderr_tail
             log(f"    FAILED ({'timeout' if result.timed_out else f'exit {result.returncode}'}); "
@@ -307,7 +307,7 @@ class Benchmark:
     def measure_kernel(self, ds: synthetic.SyntheticDataset) -> None:
         """rank_value_encode vs the SciPy/NumPy baseline on one in-memory block, pinned to one core."""
         # imported here, not at the top: a kernel mid-rewrite must not stop the other measurements
-        from genecorpus import encode  # noqa: PLC0415
+        from genecorpus import encode
 
         n = min(KERNEL_CELLS, ds.n_cells)
         block = synthetic.read_block(ds.paths["h5ad"], 0, n)
@@ -395,7 +395,7 @@ class Benchmark:
         return None
 
     @staticmethod
-    def _target(name: str, goal: str, picked: tuple[str, dict[str, Any]] | None, *, key: str,  # noqa: PLR0913
+    def _target(name: str, goal: str, picked: tuple[str, dict[str, Any]] | None, *, key: str,
                 show: Callable[[float], str], met: Callable[[float], bool], where: str) -> Target:
         """A target evaluated on ``picked[1][key]`` (n/a when nothing was measured)."""
         if picked is None or picked[1].get(key) is None:

@@ -125,11 +125,11 @@ class Vocabulary:
 def load_vocabulary(dict_dir: Path) -> Vocabulary:
     """Read the gc30M token, median and symbol dictionaries from Geneformer's published pickles."""
     with (dict_dir / "token_dictionary_gc30M.pkl").open("rb") as fh:
-        token_dict: dict[str, Any] = pickle.load(fh)  # noqa: S301 - Geneformer's published files
+        token_dict: dict[str, Any] = pickle.load(fh)
     with (dict_dir / "gene_median_dictionary_gc30M.pkl").open("rb") as fh:
-        median_dict: dict[str, Any] = pickle.load(fh)  # noqa: S301
+        median_dict: dict[str, Any] = pickle.load(fh)
     with (dict_dir / "gene_name_id_dict_gc30M.pkl").open("rb") as fh:
-        name_dict: dict[str, str] = pickle.load(fh)  # noqa: S301
+        name_dict: dict[str, str] = pickle.load(fh)
     genes = sorted(k for k in token_dict if not k.startswith("<"))
     tokens = np.array([int(token_dict[g]) for g in genes], dtype=np.int32)
     if np.any(np.diff(tokens) <= 0):
@@ -197,7 +197,7 @@ def calibrate_profile(reference: Path, vocab: Vocabulary, *, dict_dir: Path, see
     """Fit cell types and per-gene rates on a real PBMC h5ad of raw counts keyed by gene symbols."""
     counts, symbols = _read_csr(reference)
     with (dict_dir / "gene_name_id_dict_gc30M.pkl").open("rb") as fh:
-        name_dict: dict[str, str] = pickle.load(fh)  # noqa: S301
+        name_dict: dict[str, str] = pickle.load(fh)
     column_of = {g: i for i, g in enumerate(vocab.ensembl_ids.tolist())}
     ref_cols = np.array([column_of.get(name_dict.get(s, ""), -1) for s in symbols], dtype=np.int32)
     mapped = np.flatnonzero(ref_cols >= 0)
@@ -255,15 +255,15 @@ def describe_counts(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n
         "counts_per_cell_median": float(np.median(totals)),
         "count_fractions": {
             "1": round(float((values == 1).mean()), 4),
-            "2": round(float((values == 2).mean()), 4),  # noqa: PLR2004
-            "3": round(float((values == 3).mean()), 4),  # noqa: PLR2004
-            "4-10": round(float(((values >= 4) & (values <= 10)).mean()), 4),  # noqa: PLR2004
-            ">10": round(float((values > 10).mean()), 4),  # noqa: PLR2004
-            ">100": round(float((values > 100).mean()), 5),  # noqa: PLR2004
+            "2": round(float((values == 2).mean()), 4),
+            "3": round(float((values == 3).mean()), 4),
+            "4-10": round(float(((values >= 4) & (values <= 10)).mean()), 4),
+            ">10": round(float((values > 10).mean()), 4),
+            ">100": round(float((values > 100).mean()), 5),
         },
         "max_count": int(values.max()) if values.size else 0,
         "genes_detected_in_any_cell": int((detection > 0).sum()),
-        "genes_detected_in_half_the_cells": int((detection >= 0.5).sum()),  # noqa: PLR2004
+        "genes_detected_in_half_the_cells": int((detection >= 0.5).sum()),
         "_detection": detection,
     }
 
@@ -349,7 +349,7 @@ def _draw_outcome(table, state):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _draw_counts_csr(seed, cell_types, n_umis, n_mito_umis, tables, mito_genes, mito_table, n_genes):  # type: ignore[no-untyped-def]  # noqa: PLR0913, PLR0917
+def _draw_counts_csr(seed, cell_types, n_umis, n_mito_umis, tables, mito_genes, mito_table, n_genes):  # type: ignore[no-untyped-def]
     """Draw each cell's UMIs from its type's alias table; return CSR (int32 counts, sorted indices).
 
     A cell's counts accumulate in a dense scratch row that is then scanned in gene order: cheaper than
@@ -741,7 +741,7 @@ def cached_dataset(n_cells: int, cache_dir: Path) -> SyntheticDataset | None:
     return None
 
 
-def ensure_dataset(n_cells: int, cache_dir: Path, *, vocab: Vocabulary, dict_dir: Path,  # noqa: PLR0913
+def ensure_dataset(n_cells: int, cache_dir: Path, *, vocab: Vocabulary, dict_dir: Path,
                    reference: Callable[[], Path], log: Callable[[str], None] = print) -> SyntheticDataset:
     """Return the cached files of ``n_cells`` cells, generating them first when missing or stale."""
     label = size_label(n_cells)
@@ -785,7 +785,7 @@ def ensure_dataset(n_cells: int, cache_dir: Path, *, vocab: Vocabulary, dict_dir
                 w.write(block)
             nnz += int(block.indptr[-1])
             done = block.start + block.n_cells
-            if time.perf_counter() - last_report > 30 or done == n_cells:  # noqa: PLR2004
+            if time.perf_counter() - last_report > 30 or done == n_cells:
                 last_report = time.perf_counter()
                 log(f"[{label}]   {done:,}/{n_cells:,} cells, {nnz:,} nonzeros, {last_report - t0:.0f} s")
         for w in writers:

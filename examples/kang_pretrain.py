@@ -45,7 +45,7 @@ def run(*args: str) -> None:
     cmd = [sys.executable, "-m", "genecorpus", *args]
     print(f"\n$ genecorpus {' '.join(args)}", flush=True)
     start = time.monotonic()
-    result = subprocess.run(cmd, check=False)  # noqa: S603
+    result = subprocess.run(cmd, check=False)
     if result.returncode != 0:
         sys.exit(f"genecorpus {args[0]} failed (exit code {result.returncode})")
     print(f"[{args[0]}: {time.monotonic() - start:.0f} s]", flush=True)

@@ -32,12 +32,12 @@ def test_fold_combines_in_task_order(workers: int) -> None:
     seen: list[tuple[int, int]] = []
     ex = LocalExecutor(workers, progress=lambda stage, done, total: seen.append((done, total)))
     try:
-        got = fold(ex, "t", pow, tasks, _append, [])
+        got = fold(ex, "t", pow, tasks, _append, initial=[])
         assert got == [i**3 for i in range(11)]
         assert seen[0] == (0, 11) and seen[-1] == (11, 11)
-        assert fold(ex, "t", pow, [], _append, []) == []
+        assert fold(ex, "t", pow, [], _append, initial=[]) == []
         with pytest.raises(ZeroDivisionError):
-            fold(ex, "t", operator.truediv, [(1, 1), (1, 0), (2, 1)], _append, [])
+            fold(ex, "t", operator.truediv, [(1, 1), (1, 0), (2, 1)], _append, initial=[])
     finally:
         ex.close()
-    assert fold(_MapOnly(), "t", pow, tasks, _append, []) == [i**3 for i in range(11)]
+    assert fold(_MapOnly(), "t", pow, tasks, _append, initial=[]) == [i**3 for i in range(11)]

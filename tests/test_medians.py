@@ -35,7 +35,7 @@ def exact_medians(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, cuts: l
     shift = window.shifts()
     hist = np.zeros((x.shape[1], medians.N_BINS), dtype=np.int64)
     for xb, db, kb in blocks:
-        medians.histogram_values(xb, db, kb, window, shift, hist)
+        medians.histogram_values(xb, db, kb, hist, window=window, shift=shift)
     targets = medians.MedianTargets.from_histogram(hist)
     key_lo, key_width = targets.key_range(window, shift)
     acc = medians.ValueMultiset.empty(x.shape[1])
@@ -136,7 +136,7 @@ def _passes(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray
     window.add(x, depth, np.ones(x.shape[0], bool))
     shift = window.shifts()
     hist = np.zeros((x.shape[1], medians.N_BINS), dtype=np.int64)
-    medians.histogram_values(x, depth, keep, window, shift, hist)
+    medians.histogram_values(x, depth, keep, hist, window=window, shift=shift)
     return window, shift, medians.MedianTargets.from_histogram(hist)
 
 
@@ -208,7 +208,7 @@ def test_select_kernel_matches_numpy_reference(seed: int) -> None:
 def _target_bin_counts(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, window: medians.GeneWindow,
                        shift: np.ndarray, targets: medians.MedianTargets) -> np.ndarray:
     hist = np.zeros((x.shape[1], medians.N_BINS), dtype=np.int64)
-    medians.histogram_values(x, depth, keep, window, shift, hist)
+    medians.histogram_values(x, depth, keep, hist, window=window, shift=shift)
     cols = np.arange(medians.N_BINS)
     mask = (cols >= targets.bin_lo[:, None]) & (cols <= targets.bin_hi[:, None]) & (targets.bin_lo[:, None] >= 0)
     return (hist * mask).sum(axis=1)

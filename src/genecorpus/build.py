@@ -38,7 +38,7 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from genecorpus import genes, medians
-from genecorpus.config import BuildConfig, DatasetSpec, Mode, OnError, QCParams, describe_validation_error
+from genecorpus.config import BuildConfig, DatasetSpec, GeneIdKind, Mode, OnError, QCParams, describe_validation_error
 from genecorpus.corpus.folder import (
     CORPUS_MARKERS,
     MANIFEST,
@@ -69,10 +69,19 @@ from genecorpus.encode import EncodeResult, EncodeSettings, RankOrder, encode_ta
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError, TaskFailure
 from genecorpus.executors import Executor, LocalExecutor, fold
 from genecorpus.io import DEFAULT_BLOCK_SIZE
-from genecorpus.qc import QC_SAMPLE_CELLS, DatasetQC, QCMoments, QCTaskResult, dataset_thresholds, qc_sample, qc_task
+from genecorpus.qc import (
+    QC_SAMPLE_CELLS,
+    DatasetQC,
+    QCMoments,
+    QCPassSettings,
+    QCTaskResult,
+    dataset_thresholds,
+    qc_sample,
+    qc_task,
+)
 from genecorpus.report import write_report
 from genecorpus.resume import InputDigests, TaskKeys, WorkFolder, fingerprint, run_recorded
-from genecorpus.vocab import LAYOUTS, TokenDictionary, load_gene_medians, load_pickled_dict
+from genecorpus.vocab import LAYOUTS, LayoutName, TokenDictionary, load_gene_medians, load_pickled_dict
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -211,6 +220,18 @@ def build_corpus(
     return BuildResult(out, manifest)
 
 
+class _Timings(dict[str, float]):
+    """Wall-clock seconds per stage, for the manifest (``timings``) and the benchmarks."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = round(time.perf_counter() - start, 3)
+
+
 @dataclass(frozen=True)
 class _Settings:
     """What a build reads once, before any dataset: dictionaries, gene universe, QC rule, layout."""
@@ -275,11 +296,12 @@ class _Build:
     executor: Executor
     skip: bool
     plans: list[DatasetPlan]
+    """Datasets in the corpus, numbered by their position (``index``)."""
     skipped: list[SkippedDataset]
-    in_memory: dict[str, Any]
-    """dataset_id → in-memory AnnData, for the plans of datasets given as objects."""
-    timings: _Timings = field(default_factory=lambda: _Timings())
-    started: float = field(default_factory=time.perf_counter)
+    """Datasets left out with ``on_error="skip"``, in the order they failed."""
+    started: float
+    """When the build started (``time.perf_counter``)."""
+    timings: _Timings = field(default_factory=_Timings)
 
     @classmethod
     def start(cls, config: BuildConfig, mode: Mode, work: WorkFolder, executor: Executor, sources: Sequence[Any],
@@ -287,7 +309,7 @@ class _Build:
         """Load the settings and plan every dataset (a dataset that cannot be planned is skipped or raises)."""
         started = time.perf_counter()
         settings = _Settings.load(config, mode)
-        build = cls(settings, work, executor, skip, [], [], {}, started=started)
+        build = cls(settings, work, executor, skip, plans=[], skipped=[], started=started)
         for i, spec in enumerate(config.datasets):
             source = sources[i] if i < len(sources) else None  # None: read spec.path
             try:
@@ -328,7 +350,7 @@ class _Build:
                 if encoded.failed:
                     self.drop_failed("encode", encoded.failed)
                     continue
-                return self._publish(cells, qc, medians_, vocabulary, encoded, digests)
+                return self._publish(_Passes(cells, qc, medians_, vocabulary, encoded), digests)
 
     def _qc(self, keys: TaskKeys, cells: list[CellRange]) -> _QCPass:
         s = self.settings
@@ -336,8 +358,9 @@ class _Build:
         if s.qc.enabled or s.need_medians:
             records, qc_keys = keys.records("qc", self.plans, cells, lambda _: keys.qc_settings)
             with self.timings.stage("qc"):
-                results = self.executor.map("qc", run_recorded, self._tasks(records, qc_task, [
-                    (self.plans[c.dataset], c, s.config.block_size, s.qc.mito, s.need_medians) for c in cells]))
+                settings = QCPassSettings(s.config.block_size, s.qc.mito, value_window=s.need_medians)
+                results = self.executor.map("qc", run_recorded, self._tasks(
+                    records, qc_task, [(self.plans[c.dataset], c, settings) for c in cells]))
             failed = _failed_datasets(cells, results)
             if failed:
                 return _QCPass([], [], qc_keys, failed)
@@ -370,33 +393,35 @@ class _Build:
         shift = window.shifts()
         med_cells = [c for c in cells if self.plans[c.dataset].spec.use_for_medians]
         upstream = [qc.keys[c.index] for c in med_cells]
-        block = s.config.block_size
 
         # partial results are folded in task order as they arrive: memory does not grow with the tasks
-        shared = fingerprint("histogram", window, shift)
+        histogram = medians.HistogramSettings(s.config.block_size, window, shift)
+        shared = _settings_key("histogram", histogram)
         records, _ = keys.records("histogram", self.plans, med_cells,
                                   lambda c: fingerprint(shared, qc.thresholds[c.dataset]), upstream)
         with self.timings.stage("medians_histogram"):
             combine = _Failures(med_cells, medians.add_histograms)
-            hist = fold(self.executor, "medians (histogram)", run_recorded, self._tasks(records, medians.histogram_task, [
-                (self.plans[c.dataset], c, block, qc.thresholds[c.dataset], window, shift) for c in med_cells]),
-                combine, np.zeros((len(s.universe), medians.N_BINS), dtype=np.int64))
+            hist = fold(self.executor, "medians (histogram)", run_recorded, self._tasks(
+                records, medians.histogram_task,
+                [(self.plans[c.dataset], c, qc.thresholds[c.dataset], histogram) for c in med_cells]),
+                combine, initial=np.zeros((len(s.universe), medians.N_BINS), dtype=np.int64))
         if combine.failed:
             return _MedianPass.failure(combine.failed)
-        targets = medians.MedianTargets.from_histogram(hist)
 
-        shared = fingerprint("selection", window, shift, targets)
+        selection = medians.SelectionSettings(s.config.block_size, window, shift,
+                                              medians.MedianTargets.from_histogram(hist))
+        shared = _settings_key("selection", selection)
         records, _ = keys.records("selection", self.plans, med_cells,
                                   lambda c: fingerprint(shared, qc.thresholds[c.dataset]), upstream)
         with self.timings.stage("medians_selection"):
             combine = _Failures(med_cells, medians.ValueMultiset.merge)
             values = fold(self.executor, "medians (selection)", run_recorded, self._tasks(
                 records, medians.selection_task,
-                [(self.plans[c.dataset], c, block, qc.thresholds[c.dataset], window, shift, targets)
-                 for c in med_cells]), combine, medians.ValueMultiset.empty(len(s.universe)))
+                [(self.plans[c.dataset], c, qc.thresholds[c.dataset], selection) for c in med_cells]),
+                combine, initial=medians.ValueMultiset.empty(len(s.universe)))
             if combine.failed:
                 return _MedianPass.failure(combine.failed)
-            gene_median = medians.select_medians(targets, values)
+            gene_median = medians.select_medians(selection.targets, values)
             del values
         provenance = ComputedMedians(
             method="exact nonzero median of count / n_counts * 10000 (float64), radix selection",
@@ -412,23 +437,24 @@ class _Build:
         token_type = pa.int16() if dictionary.max_token <= np.iinfo(np.int16).max else pa.int32()
         settings = EncodeSettings(RankOrder.from_genes(vocabulary.encode_medians, vocabulary.tokens), s.config.layout,
                                   dictionary.special, corpus_schema(token_type, metadata), metadata,
-                                  geneformer_arithmetic=s.mode == "tokenize")
-        shared = fingerprint("encode", settings)
+                                  geneformer_arithmetic=s.mode == "tokenize", block_size=s.config.block_size)
+        shared = _settings_key("encode", settings)
         records, enc_keys = keys.records("encode", self.plans, cells,
                                          lambda c: fingerprint(shared, qc.thresholds[c.dataset]), qc.keys or None)
         parts = [self.work.part(k) for k in enc_keys]
         with self.timings.stage("encode"):
             results: list[EncodeResult] = self.executor.map("encode", run_recorded, self._tasks(
                 records, encode_task,
-                [(self.plans[c.dataset], c, s.config.block_size, qc.thresholds[c.dataset], settings, part)
+                [(self.plans[c.dataset], c, qc.thresholds[c.dataset], settings, part)
                  for c, part in zip(cells, parts, strict=True)],
                 outputs=[(part,) for part in parts]))
         return _EncodePass(results, settings.schema, _failed_datasets(cells, results))
 
-    def _publish(self, cells: list[CellRange], qc: _QCPass, medians_: _MedianPass, vocabulary: _Vocabulary,
-                 encoded: _EncodePass, digests: InputDigests) -> Manifest:
+    def _publish(self, passes: _Passes, digests: InputDigests) -> Manifest:
         """Shards, dictionaries, lengths and the manifest of the finished corpus in the work folder."""
         s = self.settings
+        cells, qc, medians_, vocabulary, encoded = (passes.cells, passes.qc, passes.medians, passes.vocabulary,
+                                                    passes.encoded)
         folder = self.work.corpus
         # everything that determines the bytes; the block size does not
         hf_fingerprint = json.dumps([s.config.model_dump(mode="json", exclude={"block_size"}), s.mode], sort_keys=True)
@@ -443,7 +469,7 @@ class _Build:
             versions=package_versions(),
             datasets=tuple(self._record(plan, cells, qc, encoded.results, digests) for plan in self.plans),
             medians=medians_.provenance,
-            vocabulary=VocabularySummary(n_genes=int(len(vocabulary.genes)),
+            vocabulary=VocabularySummary(n_genes=len(vocabulary.genes),
                                          n_tokens=len(vocabulary.token_dictionary.to_mapping()),
                                          special_tokens=vocabulary.token_dictionary.special),
             corpus=CorpusSummary(n_cells=int(lengths.shape[0]), n_tokens=int(lengths.sum()), layout=s.config.layout,
@@ -487,7 +513,8 @@ class _Build:
         """
         for index, message in sorted(failed.items()):
             self._skip(self.plans[index].spec, stage, message)
-        self.plans = [dataclasses.replace(p, index=j) for j, p in enumerate(p for p in self.plans if p.index not in failed)]
+        kept = [p for p in self.plans if p.index not in failed]
+        self.plans = [dataclasses.replace(p, index=j) for j, p in enumerate(kept)]
         self._require_some()
 
     def _skip(self, spec: DatasetSpec, stage: Stage, message: str) -> None:
@@ -545,6 +572,17 @@ class _EncodePass:
 
 
 @dataclass(frozen=True)
+class _Passes:
+    """The results of every pass of a build that finished, in order."""
+
+    cells: list[CellRange]
+    qc: _QCPass
+    medians: _MedianPass
+    vocabulary: _Vocabulary
+    encoded: _EncodePass
+
+
+@dataclass(frozen=True)
 class _Vocabulary:
     """The corpus's genes and tokens over the universe."""
 
@@ -591,7 +629,12 @@ class _Vocabulary:
         return {g: float(m) for g, m in zip(self.genes.tolist(), medians_, strict=True)}
 
 
-def _failure_as_result(fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
+def _settings_key(name: str, settings: Any) -> str:
+    """Fingerprint of a pass's settings for the task keys, without the block size (which changes no result)."""
+    return fingerprint(name, dataclasses.replace(settings, block_size=0))
+
+
+def _failure_as_result(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, with an input error returned as a :class:`TaskFailure` (``--on-error skip``)."""
     try:
         return fn(*args)
@@ -616,25 +659,13 @@ class _Failures:
         self.failed: dict[int, str] = {}
         self._next = 0
 
-    def __call__(self, acc: Any, result: Any) -> Any:  # noqa: ANN401
+    def __call__(self, acc: Any, result: Any) -> Any:
         cells = self.cells[self._next]
         self._next += 1
         if isinstance(result, TaskFailure):
             self.failed.setdefault(cells.dataset, result.message)
             return acc
         return self.combine(acc, result)
-
-
-class _Timings(dict[str, float]):
-    """Wall-clock seconds per stage, for the manifest (``timings``) and the benchmarks."""
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[name] = round(time.perf_counter() - start, 3)
 
 
 # ------------------------------------------------------------------------------------- the out folder
@@ -708,9 +739,9 @@ def tokenize(
     token_dictionary: str | os.PathLike[str],
     gene_medians: str | os.PathLike[str],
     gene_mapping: str | os.PathLike[str] | None = None,
-    layout: str | None = None,
+    layout: LayoutName | None = None,
     obs_columns: Sequence[str] = (),
-    gene_id: str = "auto",
+    gene_id: GeneIdKind = "auto",
     workers: int = 1,
     block_size: int = DEFAULT_BLOCK_SIZE,
     overwrite: bool = False,

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -94,8 +94,8 @@ def _fail(e: BaseException) -> None:
 def _run_with_progress(run: Callable[[Executor], BuildResult], *, workers: int | None, engine: str | None,
                        scheduler: str | None, cluster: ClusterSpec | None = None) -> None:
     """Run a corpus job on the chosen executor with progress bars; print its summary or the error line."""
-    from genecorpus.executors import make_executor
     from genecorpus.describe import describe_corpus
+    from genecorpus.executors import make_executor
 
     try:
         with _Progress() as progress:
@@ -114,13 +114,13 @@ def _run_with_progress(run: Callable[[Executor], BuildResult], *, workers: int |
 def build(
     manifest: Annotated[Path, typer.Argument(help="TOML manifest listing the datasets.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to create.")],
-    workers: Annotated[Optional[int], typer.Option(
+    workers: Annotated[int | None, typer.Option(
         help="Worker processes, local or Dask (same output for any number; default 1).")] = None,
-    engine: Annotated[Optional[str], typer.Option(
+    engine: Annotated[str | None, typer.Option(
         help="local (worker processes) or dask (LocalCluster, or the manifest's [cluster]).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="Address of a running Dask scheduler.")] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="Cells read at a time (overrides the manifest).")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="gc30m or gc104m (overrides the manifest).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a running Dask scheduler.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Cells read at a time (overrides the manifest).")] = None,
+    layout: Annotated[str | None, typer.Option(help="gc30m or gc104m (overrides the manifest).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     on_error: Annotated[str, typer.Option(
         help="fail: stop at the first unreadable dataset; skip: leave it out and list it in the manifest.")] = "fail",
@@ -155,14 +155,14 @@ def tokenize(
     out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to create.")],
     token_dictionary: Annotated[Path, typer.Option(help="Token dictionary pickle (e.g. Geneformer's).")],
     gene_medians: Annotated[Path, typer.Option(help="Gene median dictionary (.pkl) or genecorpus TSV.")],
-    gene_mapping: Annotated[Optional[Path], typer.Option(help="Geneformer ensembl_mapping_dict pickle.")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="gc30m or gc104m; default from the dictionary.")] = None,
+    gene_mapping: Annotated[Path | None, typer.Option(help="Geneformer ensembl_mapping_dict pickle.")] = None,
+    layout: Annotated[str | None, typer.Option(help="gc30m or gc104m; default from the dictionary.")] = None,
     obs_columns: Annotated[str, typer.Option(help="Comma-separated obs columns to keep.")] = "",
     gene_id: Annotated[str, typer.Option(help="Kind of gene identifiers: auto, ensembl or symbol.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes, local or Dask (default 1).")] = None,
-    engine: Annotated[Optional[str], typer.Option(
+    workers: Annotated[int | None, typer.Option(help="Worker processes, local or Dask (default 1).")] = None,
+    engine: Annotated[str | None, typer.Option(
         help="local (worker processes) or dask (a LocalCluster of --workers processes).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="Address of a running Dask scheduler.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a running Dask scheduler.")] = None,
     block_size: Annotated[int, typer.Option(help="Cells read at a time (memory, not output).")] = 2_000,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     on_error: Annotated[str, typer.Option(
@@ -200,7 +200,7 @@ def tokenize(
 @app.command()
 def inspect(
     corpus: Annotated[Path, typer.Argument(help="A corpus folder (or published parquet files).")],
-    token_dictionary: Annotated[Optional[Path], typer.Option(help="Token dictionary, if not in the folder.")] = None,
+    token_dictionary: Annotated[Path | None, typer.Option(help="Token dictionary, if not in the folder.")] = None,
     cells: Annotated[int, typer.Option(help="How many cells to decode to gene symbols.")] = 1,
 ) -> None:
     """Summarize a corpus: cells, tokens, lengths, per-dataset counts, and decoded example cells.
@@ -245,8 +245,8 @@ def validate(
     sample_cells: Annotated[int, typer.Option(help="About how many cells to recompute from the inputs.")] = 1000,
     check_inputs: Annotated[bool, typer.Option(help="Recompute cells from the inputs listed in the manifest.")] = True,
     require_inputs: Annotated[bool, typer.Option("--require-inputs", help="Fail when an input is missing or changed (default: skip the recomputation).")] = False,
-    token_dictionary: Annotated[Optional[Path], typer.Option(help="Token dictionary, if not in the folder.")] = None,
-    gene_medians: Annotated[Optional[Path], typer.Option(help="Gene medians (.pkl or .tsv), if not in the folder.")] = None,
+    token_dictionary: Annotated[Path | None, typer.Option(help="Token dictionary, if not in the folder.")] = None,
+    gene_medians: Annotated[Path | None, typer.Option(help="Gene medians (.pkl or .tsv), if not in the folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check a corpus against its manifest, its dictionaries and its inputs.
@@ -289,12 +289,12 @@ def embed(
         help="Hidden states: 0 = embedding output, -1 = last layer, -2 = penultimate (Geneformer's default).")] = -2,
     pool: Annotated[str, typer.Option(help="mean (over gene tokens) or cls (the <cls> state, gc104m layout).")] = "mean",
     batch_size: Annotated[int, typer.Option(help="Cells per forward pass (memory and speed only).")] = 16,
-    max_length: Annotated[Optional[int], typer.Option(
+    max_length: Annotated[int | None, typer.Option(
         help="Tokens kept per cell (default: the model's maximum).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if available).")] = None,
-    token_dictionary: Annotated[Optional[Path], typer.Option(
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if available).")] = None,
+    token_dictionary: Annotated[Path | None, typer.Option(
         help="The model's token dictionary, if its folder has none (Geneformer checkpoints).")] = None,
-    corpus_token_dictionary: Annotated[Optional[Path], typer.Option(
+    corpus_token_dictionary: Annotated[Path | None, typer.Option(
         help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
 ) -> None:
     """Embed every cell of a corpus: the mean of a layer's hidden states over the cell's gene tokens
@@ -307,8 +307,8 @@ def embed(
         genecorpus embed genecorpus_500_samples.parquet --model Geneformer/gf-6L-30M-i2048 \\
             --token-dictionary token_dictionary_gc30M.pkl --out sample-emb.h5ad --layer -1
     """
-    from genecorpus.model.embed import EMBEDDING_KEY, embed_corpus
     from genecorpus.model.bert import require_torch
+    from genecorpus.model.embed import EMBEDDING_KEY, embed_corpus
 
     try:
         require_torch()
@@ -331,17 +331,17 @@ def perturb(
     model: Annotated[Path, typer.Option(help="Model folder (genecorpus pretrain) or a Geneformer checkpoint.")],
     genes: Annotated[str, typer.Option(help="Comma-separated Ensembl IDs or symbols, perturbed together.")],
     mode: Annotated[str, typer.Option(help="delete (remove the tokens) or overexpress (move them to the front).")] = "delete",
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write OUT_cells.csv and OUT_genes.csv.")] = None,
-    max_cells: Annotated[Optional[int], typer.Option(help="Perturb only the first N cells.")] = None,
-    layer: Annotated[Optional[int], typer.Option(
+    max_cells: Annotated[int | None, typer.Option(help="Perturb only the first N cells.")] = None,
+    layer: Annotated[int | None, typer.Option(
         help="Hidden states compared (default: the embedding's layer, else -2).")] = None,
     batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 16,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if available).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if available).")] = None,
     top: Annotated[int, typer.Option(help="Genes listed whose embeddings moved most.")] = 20,
-    token_dictionary: Annotated[Optional[Path], typer.Option(
+    token_dictionary: Annotated[Path | None, typer.Option(
         help="The model's token dictionary, if its folder has none (Geneformer checkpoints).")] = None,
-    corpus_token_dictionary: Annotated[Optional[Path], typer.Option(
+    corpus_token_dictionary: Annotated[Path | None, typer.Option(
         help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
 ) -> None:
     """In-silico deletion or overexpression (Geneformer's in-silico perturbation): re-embed each
@@ -377,16 +377,16 @@ def perturb(
 def evaluate(
     emb: Annotated[Path, typer.Argument(help="Embeddings .h5ad written by genecorpus embed.")],
     label: Annotated[str, typer.Option("--label", "-l", help="obs (or --labels CSV) column to predict.")],
-    counts: Annotated[Optional[list[Path]], typer.Option(
+    counts: Annotated[list[Path] | None, typer.Option(
         "--counts", help="Raw count files for the baseline (repeat; default: the corpus manifest's inputs).")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="CSV of labels joined onto the cells.")] = None,
-    join: Annotated[Optional[str], typer.Option(
+    labels: Annotated[Path | None, typer.Option(help="CSV of labels joined onto the cells.")] = None,
+    join: Annotated[str | None, typer.Option(
         help="Join keys of --labels: csv_col[=obs_col],... (default: the columns both have).")] = None,
     folds: Annotated[int, typer.Option(help="Stratified cross-validation folds.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the folds and of the baseline's PCA.")] = 0,
     n_neighbors: Annotated[int, typer.Option(help="k of the kNN classifier.")] = 15,
     baseline: Annotated[bool, typer.Option(help="Compute the log1p-PCA(50) baseline from raw counts.")] = True,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics and confusion matrices.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for metrics and confusion matrices.")] = None,
 ) -> None:
     """Predict a label from cell embeddings (logistic regression, kNN; stratified k-fold CV), beside the
     baseline log1p-normalized counts -> PCA(50) -> the same classifiers, on the same cells and folds.
@@ -419,20 +419,20 @@ def pretrain(
     corpus: Annotated[Path, typer.Argument(help="A corpus folder (or published parquet files).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to create.")],
     preset: Annotated[str, typer.Option(help="Model size: tiny, small or gf-6l (Geneformer V1).")] = "small",
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (or give --epochs).")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the training cells (default 1).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (or give --epochs).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training cells (default 1).")] = None,
     batch_size: Annotated[int, typer.Option(help="Cells per step.")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear warm-up and decay).")] = 1e-3,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps (default 10 % of the steps, at most 1,000).")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Tokens per cell (default the longest cell, at most 2,048 / 4,096).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (default 10 % of the steps, at most 1,000).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per cell (default the longest cell, at most 2,048 / 4,096).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of everything: same seed, same model.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Share of cells held out (whole datasets when there are several).")] = 0.05,
     val_cells: Annotated[int, typer.Option(help="At most this many held-out cells are scored.")] = 2000,
-    eval_every: Annotated[Optional[int], typer.Option(help="Steps between validations (default ~10 per run).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (default ~10 per run).")] = None,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
-    time_limit: Annotated[Optional[float], typer.Option(help="Minutes; stop cleanly after that long.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1... (default CUDA if available).")] = None,
-    token_dictionary: Annotated[Optional[Path], typer.Option(help="Token dictionary, if not in the corpus folder.")] = None,
+    time_limit: Annotated[float | None, typer.Option(help="Minutes; stop cleanly after that long.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default CUDA if available).")] = None,
+    token_dictionary: Annotated[Path | None, typer.Option(help="Token dictionary, if not in the corpus folder.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:

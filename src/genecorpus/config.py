@@ -19,19 +19,21 @@ A build manifest is a TOML file::
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genecorpus.errors import ConfigError
 from genecorpus.io.block import DEFAULT_BLOCK_SIZE
 
+if TYPE_CHECKING:
+    import os
+
 __all__ = [
-    "BuildConfig", "ClusterSpec", "DatasetSpec", "Engine", "Mode", "OnError", "QCParams", "describe_validation_error",
-    "load_cluster_spec", "load_manifest",
+    "BuildConfig", "ClusterSpec", "DatasetSpec", "Engine", "GeneIdKind", "Mode", "OnError", "QCParams",
+    "describe_validation_error", "load_cluster_spec", "load_manifest",
 ]
 
 Mode = Literal["build", "tokenize"]
@@ -40,6 +42,8 @@ OnError = Literal["fail", "skip"]
 """``fail``: the first dataset that cannot be read stops the build; ``skip``: it is left out and listed."""
 Engine = Literal["local", "dask"]
 """Where tasks run: local worker processes, or Dask ``distributed``."""
+GeneIdKind = Literal["auto", "ensembl", "symbol"]
+"""What a dataset's gene identifiers are: Ensembl IDs, symbols, or detected."""
 
 
 class _Frozen(BaseModel):
@@ -55,7 +59,7 @@ class DatasetSpec(_Frozen):
     """Value of the ``dataset_id`` column; defaults to the file name without its suffixes."""
     format: str | None = None
     """Reader name (``h5ad``, ``loom``, ``10x-mtx``, ``10x-h5``, ``csv``, ``tsv``); sniffed when omitted."""
-    gene_id: Literal["auto", "ensembl", "symbol"] = "auto"
+    gene_id: GeneIdKind = "auto"
     """Kind of gene identifiers in the input."""
     gene_column: str | None = None
     """var column holding the identifiers; default ``ensembl_id`` when present, else the var index."""

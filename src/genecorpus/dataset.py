@@ -11,6 +11,7 @@ and ``filter_pass`` pre-selection. Nobody else maps genes or collapses columns.
 Examples
 --------
 >>> import anndata, numpy as np
+>>> from genecorpus.config import DatasetSpec
 >>> adata = anndata.AnnData(np.array([[1.0, 2.0, 0.0], [0.0, 3.0, 4.0]], dtype=np.float32))
 >>> adata.var_names = ["ENSG00000000003", "ENSG00000000005", "ENSG00000000003.2"]
 >>> spec = DatasetSpec(path="<AnnData>", gene_id="ensembl")
@@ -30,7 +31,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from genecorpus import _kernels, genes
-from genecorpus.config import DatasetSpec
 from genecorpus.corpus.manifest import DepthSource, GeneMappingSummary
 from genecorpus.errors import ConfigError, GenecorpusError, GeneMappingError, InputError
 from genecorpus.io import open_dataset
@@ -38,6 +38,7 @@ from genecorpus.io import open_dataset
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
 
+    from genecorpus.config import DatasetSpec
     from genecorpus.io import CellSource
 
 __all__ = ["CellRange", "CellStats", "DatasetPlan", "GeneBlock", "gene_keys", "plan_dataset", "split_cells"]
@@ -235,7 +236,7 @@ def _keys(source: CellSource, spec: DatasetSpec,
     return np.where(mapped.ensembl_ids != "", mapped.ensembl_ids, identifiers), mapped
 
 
-def gene_keys(spec: DatasetSpec, *, mapping: Mapping[str, str] | None = None, source: Any = None) -> np.ndarray:  # noqa: ANN401
+def gene_keys(spec: DatasetSpec, *, mapping: Mapping[str, str] | None = None, source: Any = None) -> np.ndarray:
     """The key of each gene column of a dataset: its Ensembl ID where it maps to one, else its identifier.
 
     For gene sets that keep what does not map (the evaluation baseline): pass the union of several
@@ -249,7 +250,7 @@ def gene_keys(spec: DatasetSpec, *, mapping: Mapping[str, str] | None = None, so
         return _keys(opened, spec, mapping)[0]
 
 
-def _open(spec: DatasetSpec, source: Any) -> CellSource:  # noqa: ANN401
+def _open(spec: DatasetSpec, source: Any) -> CellSource:
     target = source if source is not None else spec.path
     return open_dataset(target, format=spec.format, layer=spec.layer, use_raw=spec.use_raw,
                         cells_as_rows=spec.cells_as_rows)
@@ -264,7 +265,7 @@ def plan_dataset(
     use_obs_n_counts: bool = True,
     unmapped: Literal["drop", "keep"] = "drop",
     index: int = 0,
-    source: Any = None,  # noqa: ANN401 - an in-memory anndata.AnnData
+    source: Any = None,
 ) -> DatasetPlan:
     """Open a dataset and map its gene columns onto ``universe``: the one entry point for reading cells.
 

@@ -7,13 +7,16 @@ from the folder or is given). Behind ``genecorpus inspect``.
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from genecorpus.corpus.folder import CorpusFiles, read_lengths
 from genecorpus.vocab import TokenDictionary
+
+if TYPE_CHECKING:
+    import os
 
 __all__ = ["describe_corpus"]
 

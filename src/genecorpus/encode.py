@@ -264,6 +264,8 @@ class EncodeSettings:
     metadata: tuple[ColumnSpec, ...]
     geneformer_arithmetic: bool
     """Divide in the dtype Geneformer's NumPy code would use (``tokenize``); float64 otherwise."""
+    block_size: int
+    """Cells read at a time (never changes a result)."""
 
 
 @dataclass
@@ -280,7 +282,7 @@ class EncodeResult:
     part: Path
 
 
-def encode_task(plan: DatasetPlan, cells: CellRange, block_size: int, qc: DatasetQC, settings: EncodeSettings,
+def encode_task(plan: DatasetPlan, cells: CellRange, qc: DatasetQC, settings: EncodeSettings,
                 part: Path) -> EncodeResult:
     """The encoding pass over one range of a dataset's cells, written to the Arrow file ``part``.
 
@@ -294,7 +296,7 @@ def encode_task(plan: DatasetPlan, cells: CellRange, block_size: int, qc: Datase
     lengths_all: list[np.ndarray] = []
     n_in = 0
     try:
-        for b in plan.read_blocks(cells.start, cells.stop, block_size=block_size, obs_columns=wanted):
+        for b in plan.read_blocks(cells.start, cells.stop, block_size=settings.block_size, obs_columns=wanted):
             n_in += b.genes.shape[0]
             keep, reason = qc.keep_mask(b.stats)
             tokens, lengths = rank_value_encode(

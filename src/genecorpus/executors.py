@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from genecorpus.config import ClusterSpec
+from genecorpus.config import ClusterSpec, Engine
 from genecorpus.errors import ConfigError, WorkerLostError
 
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ def _append(acc: list[Any], item: Any) -> list[Any]:
     return acc
 
 
-def make_executor(*, workers: int | None = None, engine: str | None = None, scheduler: str | None = None,
+def make_executor(*, workers: int | None = None, engine: Engine | None = None, scheduler: str | None = None,
                   cluster: ClusterSpec | None = None, progress: ProgressCallback | None = None) -> Executor:
     """The executor for the command line's ``--engine``/``--scheduler``/``--workers`` and ``[cluster]``.
 
@@ -309,7 +309,7 @@ def make_executor(*, workers: int | None = None, engine: str | None = None, sche
 
 
 def fold(executor: Executor, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
-         combine: Callable[[A, Any], A], initial: A) -> A:
+         combine: Callable[[A, Any], A], *, initial: A) -> A:
     """``combine(acc, result)`` over the task results in task order.
 
     Uses the executor's own ``fold`` when it has one (results are dropped as they are combined), else

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from genecorpus.qc import DatasetQC
 
 __all__ = [
-    "N_BINS", "GeneWindow", "MedianTargets", "ValueMultiset", "ValueSelection", "add_histograms", "histogram_task",
-    "select_medians", "selection_task",
+    "N_BINS", "GeneWindow", "HistogramSettings", "MedianTargets", "SelectionSettings", "ValueMultiset",
+    "ValueSelection", "add_histograms", "histogram_task", "select_medians", "selection_task",
 ]
 
 N_BINS = 64
@@ -85,8 +85,8 @@ class GeneWindow:
         return shift
 
 
-def histogram_values(counts: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, window: GeneWindow,
-                     shift: np.ndarray, hist: np.ndarray) -> None:
+def histogram_values(counts: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, hist: np.ndarray, *,
+                     window: GeneWindow, shift: np.ndarray) -> None:
     """Count the values of the kept cells of a block in the per-gene histogram (n_genes × N_BINS, in place)."""
     _kernels.value_histogram_csr(counts.data, counts.indices, counts.indptr, depth, keep, window.lo, shift,
                                   hist)
@@ -285,13 +285,23 @@ def select_medians(targets: MedianTargets, values: ValueMultiset) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- the passes
 
 
-def histogram_task(plan: DatasetPlan, cells: CellRange, block_size: int, qc: DatasetQC, window: GeneWindow,
-                   shift: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class HistogramSettings:
+    """What every task of the histogram pass needs."""
+
+    block_size: int
+    """Cells read at a time (never changes a result)."""
+    window: GeneWindow
+    shift: np.ndarray
+    """Per gene, the right shift that maps its window onto :data:`N_BINS` bins (int64)."""
+
+
+def histogram_task(plan: DatasetPlan, cells: CellRange, qc: DatasetQC, settings: HistogramSettings) -> np.ndarray:
     """The histogram pass over one range of a dataset's cells: genes × :data:`N_BINS` counts (int32)."""
     # int32 keeps the table small enough for the CPU cache (a task has far fewer than 2**31 cells)
     hist = np.zeros((plan.n_genes, N_BINS), dtype=np.int32)
-    for b in plan.read_blocks(cells.start, cells.stop, block_size=block_size):
-        histogram_values(b.genes, b.depth, qc.keep_mask(b.stats)[0], window, shift, hist)
+    for b in plan.read_blocks(cells.start, cells.stop, block_size=settings.block_size):
+        histogram_values(b.genes, b.depth, qc.keep_mask(b.stats)[0], hist, window=settings.window, shift=settings.shift)
     return hist
 
 
@@ -301,10 +311,20 @@ def add_histograms(acc: np.ndarray, part: np.ndarray) -> np.ndarray:
     return acc
 
 
-def selection_task(plan: DatasetPlan, cells: CellRange, block_size: int, qc: DatasetQC, window: GeneWindow,
-                   shift: np.ndarray, targets: MedianTargets) -> ValueMultiset:
+@dataclass(frozen=True)
+class SelectionSettings:
+    """What every task of the selection pass needs."""
+
+    block_size: int
+    """Cells read at a time (never changes a result)."""
+    window: GeneWindow
+    shift: np.ndarray
+    targets: MedianTargets
+
+
+def selection_task(plan: DatasetPlan, cells: CellRange, qc: DatasetQC, settings: SelectionSettings) -> ValueMultiset:
     """The selection pass over one range of a dataset's cells: the values in each gene's target bins."""
-    selection = ValueSelection(window, shift, targets)
-    for b in plan.read_blocks(cells.start, cells.stop, block_size=block_size):
+    selection = ValueSelection(settings.window, settings.shift, settings.targets)
+    for b in plan.read_blocks(cells.start, cells.stop, block_size=settings.block_size):
         selection.add(b.genes, b.depth, qc.keep_mask(b.stats)[0])
     return selection.result()

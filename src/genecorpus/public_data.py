@@ -122,7 +122,7 @@ def _download_wheel(package: str, wheels: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                "--only-binary", ":all:", "--dest", tmp, package]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         got = _wheel_path(package, Path(tmp))
         if result.returncode != 0 or got is None:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]

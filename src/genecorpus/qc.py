@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from genecorpus.config import QCParams
     from genecorpus.dataset import CellRange, DatasetPlan
 
-__all__ = ["NO_VOCAB_REASON", "QC_SAMPLE_CELLS", "DatasetQC", "QCMoments", "QCTaskResult", "count_reasons",
-           "dataset_thresholds", "qc_sample", "qc_task"]
+__all__ = ["NO_VOCAB_REASON", "QC_SAMPLE_CELLS", "DatasetQC", "QCMoments", "QCPassSettings", "QCTaskResult",
+           "count_reasons", "dataset_thresholds", "qc_sample", "qc_task"]
 
 QC_SAMPLE_CELLS = 20_000
 """At most about this many cells per dataset keep their QC statistics for the report."""
@@ -195,28 +195,28 @@ class QCTaskResult:
     """The statistics of the task's sampled cells (every ``ceil(n_cells / QC_SAMPLE_CELLS)``-th cell)."""
 
 
-def qc_task(plan: DatasetPlan, cells: CellRange, block_size: int, mito_mode: str, value_window: bool) -> QCTaskResult:
-    """The QC pass over one range of a dataset's cells (runs in a worker).
+@dataclass(frozen=True)
+class QCPassSettings:
+    """What every task of the QC pass needs."""
 
-    Parameters
-    ----------
-    plan, cells
-        The dataset and the range of its cells.
-    block_size
-        Cells read at a time.
-    mito_mode
-        ``"counts"`` or ``"fraction"``: the statistic of the mitochondrial rule.
-    value_window
-        Also record each gene's value window for the medians (when the dataset feeds them).
-    """
+    block_size: int
+    """Cells read at a time (never changes a result)."""
+    mito_mode: Literal["counts", "fraction"]
+    """The statistic of the mitochondrial rule."""
+    value_window: bool
+    """Also record each gene's value window for the medians (of the datasets that feed them)."""
+
+
+def qc_task(plan: DatasetPlan, cells: CellRange, settings: QCPassSettings) -> QCTaskResult:
+    """The QC pass over one range of a dataset's cells (runs in a worker)."""
     moments = QCMoments()
-    window = GeneWindow.empty(plan.n_genes if value_window else 0)
+    window = GeneWindow.empty(plan.n_genes if settings.value_window else 0)
     stride = -(-plan.n_cells // QC_SAMPLE_CELLS)
     samples = []
-    for b in plan.read_blocks(cells.start, cells.stop, block_size=block_size):
-        moments.add(b.stats, mito_mode)
+    for b in plan.read_blocks(cells.start, cells.stop, block_size=settings.block_size):
+        moments.add(b.stats, settings.mito_mode)
         samples.append(b.stats.take(np.flatnonzero((np.arange(b.start, b.start + b.genes.shape[0]) % stride) == 0)))
-        if value_window and plan.spec.use_for_medians:
+        if settings.value_window and plan.spec.use_for_medians:
             window.add(b.genes, b.depth, b.stats.preselected)
     return QCTaskResult(moments, window, CellStats.concatenate(samples) if samples else None)
 

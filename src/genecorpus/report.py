@@ -178,7 +178,7 @@ def _legend(fig: Figure, labels: Sequence[str], *, ncols: int, n_sd: float | Non
     fig.legend(handles=handles, loc="outside upper center", ncols=ncols, frameon=False, fontsize=9)
 
 
-def _cut_handle(n_sd: float) -> Any:  # noqa: ANN401
+def _cut_handle(n_sd: float) -> Any:
     from matplotlib.lines import Line2D
 
     return Line2D([], [], color=_CUT_COLOR, linestyle="--", linewidth=1, label=f"{_fmt(n_sd)}-SD cut")
@@ -466,11 +466,11 @@ not drawn). Cells dropped later because none of their genes is in the vocabulary
 """
 
 
-def _num(x: Any) -> str:  # noqa: ANN401
+def _num(x: Any) -> str:
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
-def _plain(value: Any) -> str:  # noqa: ANN401
+def _plain(value: Any) -> str:
     if isinstance(value, list | tuple):
         return ", ".join(_plain(v) for v in value)
     if isinstance(value, dict):

@@ -77,7 +77,7 @@ COMPONENT_REASONS = {
 # ------------------------------------------------------------------------------------------ keys
 
 
-def fingerprint(*objs: Any) -> str:  # noqa: ANN401
+def fingerprint(*objs: Any) -> str:
     """sha256 (hex) of a canonical encoding of ``objs``.
 
     Handles None, bool, int, float, str, bytes, paths, NumPy arrays and scalars, lists, tuples, dicts,
@@ -90,7 +90,7 @@ def fingerprint(*objs: Any) -> str:  # noqa: ANN401
     return h.hexdigest()
 
 
-def _feed(h: Any, obj: Any) -> None:  # noqa: ANN401, C901, PLR0912
+def _feed(h: Any, obj: Any) -> None:
     if obj is None or isinstance(obj, bool | int | float | str):
         data = json.dumps(obj).encode()
         h.update(b"j%d:" % len(data) + data)
@@ -201,10 +201,10 @@ _RECORD_BUILTINS = frozenset({"dict", "list", "tuple", "set", "frozenset", "int"
                               "bool", "complex", "slice", "bytearray"})
 
 
-class _RecordUnpickler(pickle.Unpickler):
+class _RecordUnpickler(pickle.Unpickler):  # noqa: S301 - the restricted unpickler of task records itself
     """Loads task records: genecorpus result classes, NumPy arrays and plain containers only."""
 
-    def find_class(self, module: str, name: str) -> Any:  # noqa: ANN401
+    def find_class(self, module: str, name: str) -> Any:
         if (module == "builtins" and name in _RECORD_BUILTINS) or module.startswith(_RECORD_MODULES):
             return super().find_class(module, name)
         msg = f"a task record refers to {module}.{name}"
@@ -224,7 +224,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _load_record(record: Path) -> Any:  # noqa: ANN401
+def _load_record(record: Path) -> Any:
     """The result stored in ``record`` if it and the files it names are intact, else None."""
     try:
         data = zlib.decompress(record.read_bytes())
@@ -236,7 +236,7 @@ def _load_record(record: Path) -> Any:  # noqa: ANN401
     return None
 
 
-def run_recorded(record: Path | None, outputs: Sequence[Path], fn: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
+def run_recorded(record: Path | None, outputs: Sequence[Path], fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, or the result stored in ``record`` by an earlier run of the same task.
 
     Runs in the worker. A result is stored (with the sizes of the files ``outputs`` the task wrote)

@@ -151,7 +151,7 @@ def write_h5ad(
     dtype
         Stored dtype of the counts (float32 like most public files).
     """
-    import anndata  # noqa: PLC0415 - heavy, only needed here
+    import anndata
 
     path = Path(path)
     obs_df = pd.DataFrame(dict(obs or {}), index=pd.Index(list(cell_ids), dtype=object))
@@ -278,10 +278,10 @@ def write_10x_mtx(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    gz = version == 3 if gz is None else gz  # noqa: PLR2004
+    gz = version == 3 if gz is None else gz
     ext = ".gz" if gz else ""
     ids, symbols, types = _features(gene_ids, gene_symbols, feature_types)
-    if version == 3:  # noqa: PLR2004
+    if version == 3:
         table = "\n".join(f"{i}\t{s}\t{t}" for i, s, t in zip(ids, symbols, types, strict=True))
         features = folder / f"features.tsv{ext}"
     else:
@@ -323,7 +323,7 @@ def write_10x_h5(
     data = csr.data.astype(np.int32) if csr.data.dtype.kind in "iu" else csr.data
     shape = np.array([csr.shape[1], csr.shape[0]], dtype=np.int32)
     with h5py.File(path, "w") as f:
-        if version == 3:  # noqa: PLR2004
+        if version == 3:
             f.attrs["filetype"] = "matrix"
             group = f.create_group("matrix")
             feats = group.create_group("features")

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,21 +48,35 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import scipy.sparse as sp
 
 from genecorpus import _kernels
-from genecorpus.corpus.folder import GENE_MEDIANS_PKL, GENE_MEDIANS_TSV, LENGTHS, TOKEN_DICTIONARY, CorpusFiles, read_lengths, sha256_of_path
+from genecorpus.corpus.folder import (
+    GENE_MEDIANS_PKL,
+    GENE_MEDIANS_TSV,
+    LENGTHS,
+    TOKEN_DICTIONARY,
+    CorpusFiles,
+    read_lengths,
+    sha256_of_path,
+)
 from genecorpus.corpus.manifest import DatasetRecord, DepthSource, GivenMedians, Manifest
 from genecorpus.dataset import DatasetPlan, GeneBlock, plan_dataset
 from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic
 from genecorpus.errors import DictionaryError, GenecorpusError, InputError
 from genecorpus.io import DEFAULT_BLOCK_SIZE
 from genecorpus.vocab import (
-    LAYOUTS, Layout, TokenDictionary, load_gene_medians, load_pickled_dict,
+    LAYOUTS,
+    Layout,
+    TokenDictionary,
+    load_gene_medians,
+    load_pickled_dict,
 )
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Callable, Iterator
+
+    import scipy.sparse as sp
 
 
 __all__ = ["CHECKS", "DEFAULT_SAMPLE_CELLS", "CheckResult", "Problem", "ValidationReport", "validate_corpus"]
@@ -463,7 +476,8 @@ def _normalized_values(counts: np.ndarray, depth: np.ndarray, median: np.ndarray
                        arithmetic: Arithmetic) -> np.ndarray:
     """``count / depth * 10,000 / median`` per entry, evaluated as ``arithmetic`` says (float64 result).
 
-    The same operations, in the same dtypes, as :func:`genecorpus._kernels.rank_value_encode_csr` (its ``_value``), written in NumPy.
+    The same operations, in the same dtypes, as ``_value`` in :func:`genecorpus._kernels.rank_value_encode_csr`,
+    written in NumPy.
     """
     if arithmetic.reciprocal:
         r32 = np.float32(1.0) / depth.astype(np.float32)
@@ -682,12 +696,13 @@ class _EncodingCheck:
                 continue
             problem = None
             if self.tally.wants_problems:
-                message = _describe_mismatch(cell.tokens, tokens, values, expected, self.layout, self.vocab)
+                message = _describe_mismatch(cell.tokens, tokens, values, expected, layout=self.layout,
+                                             vocab=self.vocab)
                 problem = Problem(message, cell.shard, cell.row, cell.cell_id)
             self.tally.fail(problem)
 
 
-def _describe_mismatch(stored: np.ndarray, tokens: np.ndarray, values: np.ndarray, expected: np.ndarray,
+def _describe_mismatch(stored: np.ndarray, tokens: np.ndarray, values: np.ndarray, expected: np.ndarray, *,
                        layout: Layout, vocab: _Vocabulary) -> str:
     """What is wrong with a cell whose tokens differ from the expected encoding.
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from genecorpus.errors import DictionaryError
+
+if TYPE_CHECKING:
+    import os
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +66,15 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:  # noqa: ANN401
+class _RestrictedUnpickler(pickle.Unpickler):  # noqa: S301 - the restricted unpickler itself
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         msg = f"refuses to load {module}.{name}"
         raise pickle.UnpicklingError(msg)
 
 
-def unpickle_restricted(data: bytes) -> Any:  # noqa: ANN401 - plain containers of any shape
+def unpickle_restricted(data: bytes) -> Any:
     """Unpickle ``data`` allowing no class but NumPy scalars: the only way genecorpus reads pickles it did
     not write itself in this process (dictionaries, lengths files).
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -36,6 +34,8 @@ from genecorpus.errors import InputError
 from genecorpus.vocab import TokenDictionary, unpickle_restricted, write_gene_medians
 
 if TYPE_CHECKING:
+    import os
+    import threading
     from collections.abc import Iterator, Mapping
 
 __all__ = [

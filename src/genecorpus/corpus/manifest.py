@@ -236,19 +236,6 @@ class Manifest(_Record):
             msg = f"{path}: not a valid genecorpus manifest ({describe_validation_error(e)}); rebuild the corpus"
             raise InputError(msg) from None
 
-    def dataset_record(self, dataset_id: str) -> DatasetRecord:
-        """The record of one dataset, by id.
-
-        Raises
-        ------
-        KeyError
-            No dataset has that id.
-        """
-        for record in self.datasets:
-            if record.dataset_id == dataset_id:
-                return record
-        raise KeyError(dataset_id)
-
 
 def package_versions() -> dict[str, str]:
     """Python's and the versions of the packages that determine a corpus's bytes, for the manifest."""

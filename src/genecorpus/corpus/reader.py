@@ -9,7 +9,6 @@ read); parquet files are decoded once into Arrow memory. Lengths come from ``len
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from genecorpus.errors import InputError
 from genecorpus.corpus.folder import CorpusFiles, read_lengths
+from genecorpus.errors import InputError
 
 if TYPE_CHECKING:
+    import os
+
     import pandas as pd
 
     from genecorpus.vocab import TokenDictionary

@@ -223,7 +223,7 @@ class BaseReader(abc.ABC):
         return CellBlock(counts=counts, cell_ids=cell_ids, start=start, obs=obs,
                          value_dtype=np.dtype(raw.dtype), dense_input=self.stored_dense)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, not abstract: most readers hold no handle
         """Release open file handles (a no-op for readers that hold none)."""
 
     def __enter__(self) -> Self:

@@ -205,7 +205,7 @@ def _detect_format(source: Any) -> ReaderSpec:
 def open_dataset(
     source: str | os.PathLike[str] | Any,
     *,
-    format: str | None = None,
+    format: str | None = None,  # noqa: A002 - the user-facing name of the option
     layer: str | None = None,
     use_raw: bool = False,
     cells_as_rows: bool | None = None,

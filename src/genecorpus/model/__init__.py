@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - whatever the named attribute is
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f"genecorpus.model.{_LAZY[name]}"), name)
     msg = f"module 'genecorpus.model' has no attribute {name!r}"

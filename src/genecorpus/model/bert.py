@@ -17,7 +17,6 @@ Needs the ``train`` extra (``pip install 'genecorpus[train]'``: torch and transf
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,8 @@ from genecorpus.errors import ConfigError, InputError
 from genecorpus.vocab import TokenDictionary
 
 if TYPE_CHECKING:
+    import os
+
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
@@ -140,7 +141,7 @@ def save_model(model: BertForMaskedLM, folder: str | os.PathLike[str], token_dic
     return folder
 
 
-def _json_default(obj: Any) -> Any:  # noqa: ANN401
+def _json_default(obj: Any) -> Any:
     if isinstance(obj, ModelPreset):
         return asdict(obj)
     if isinstance(obj, Path):

@@ -18,7 +18,6 @@ Needs the ``train`` extra (torch and transformers); importing this module does n
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from genecorpus.errors import ConfigError, InputError
-from genecorpus.vocab import TokenDictionary
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Sequence
 
     import anndata as ad
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
     from transformers import BertForMaskedLM
 
     from genecorpus.corpus import CorpusReader
+    from genecorpus.vocab import TokenDictionary
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +223,7 @@ def open_corpus_for_model(corpus: str | os.PathLike[str], model_dictionary: Toke
     A corpus without its own ``token_dictionary.pkl`` (e.g. the published Genecorpus-30M parquet files)
     is read with ``corpus_token_dictionary`` if given, else with the model's dictionary.
     """
-    from genecorpus.corpus import CorpusReader
-    from genecorpus.corpus import CorpusFiles
+    from genecorpus.corpus import CorpusFiles, CorpusReader
 
     if corpus_token_dictionary is not None and not Path(corpus_token_dictionary).is_file():
         msg = f"{corpus_token_dictionary}: no such token dictionary; check the path"
@@ -331,7 +330,8 @@ def embed_corpus(
         "layer": int(layer),
         "pool": pool,
         "token_dictionary": str(tdict_path.resolve()),
-        "corpus_token_dictionary": str(reader.files.token_dictionary.resolve()) if reader.files.token_dictionary else "",
+        "corpus_token_dictionary": (str(reader.files.token_dictionary.resolve())
+                                    if reader.files.token_dictionary else ""),
         "max_length": int(encoder.max_length),
         "n_truncated": n_long,
     })

@@ -472,7 +472,7 @@ def read_cell_counts(obs: pd.DataFrame, *, counts: Sequence[str | os.PathLike[st
         description = ", ".join(str(p) for p in paths)
     elif corpus is not None:
         sources = _sources_from_manifest(corpus)
-        description = f"the inputs listed in {Path(corpus) / 'manifest.json'}"
+        description = f"the inputs listed in {Path(corpus) / MANIFEST}"
     else:
         msg = ("no raw counts for the baseline: the embeddings name no corpus; pass the count files "
                "with --counts (or skip the baseline with --no-baseline)")
@@ -538,7 +538,7 @@ def log1p_normalize(counts: sp.spmatrix) -> sp.csr_matrix:
 # ------------------------------------------------------------------------------ cross-validation
 
 
-def _classifier(name: str, *, n_neighbors: int, n_train: int) -> Any:  # noqa: ANN401 - an sklearn Pipeline
+def _classifier(name: str, *, n_neighbors: int, n_train: int) -> Any:
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import Pipeline
@@ -560,7 +560,8 @@ class CenteredRandomizedPCA:
     3,500 Kang cells × 14,053 genes, where the trailing singular values are nearly equal (so the 50th
     component is arbitrary anyway); this takes well under a second. Halko, Martinsson & Tropp (2011),
     algorithm 4.4: a Gaussian test matrix of ``n_components + n_oversamples`` columns, ``n_iter`` power
-    iterations (LU-normalized, as sklearn's ``randomized_svd``), all products with ``X - 1 mean`` done as ``X @ M - 1 (mean @ M)``.
+    iterations (LU-normalized, as sklearn's ``randomized_svd``), all products with ``X - 1 mean`` done as
+    ``X @ M - 1 (mean @ M)``.
     Signs follow sklearn's ``svd_flip`` convention (largest loading of each component positive).
     Has ``fit``/``transform``/``fit_transform`` so it can stand in a scikit-learn ``Pipeline``.
     """
@@ -572,7 +573,7 @@ class CenteredRandomizedPCA:
         self.n_iter = n_iter
         self.random_state = random_state
 
-    def fit(self, x: sp.spmatrix | np.ndarray, y: object = None) -> CenteredRandomizedPCA:  # noqa: ARG002
+    def fit(self, x: sp.spmatrix | np.ndarray, y: object = None) -> CenteredRandomizedPCA:
         """Fit the components (``components_``: n_components × n_genes float64) and ``mean_``."""
         x = sp.csr_matrix(x, dtype=np.float64)
         n_cells, n_genes = x.shape

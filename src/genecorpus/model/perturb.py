@@ -21,13 +21,13 @@ Needs the ``train`` extra (torch and transformers); importing this module does n
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from genecorpus.errors import ConfigError, GeneMappingError, InputError
 from genecorpus.model.embed import (
     UNS_KEY,
     CellEncoder,
@@ -36,9 +36,9 @@ from genecorpus.model.embed import (
     open_corpus_for_model,
     select_rows,
 )
-from genecorpus.errors import ConfigError, GeneMappingError, InputError
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Sequence
 
     import pandas as pd
@@ -305,7 +305,6 @@ def perturb(
     >>> result = perturb("pbmc-emb.h5ad", "pbmc-model", genes=["CD74"], mode="delete")  # doctest: +SKIP
     >>> result.write("cd74-deletion")  # doctest: +SKIP
     """
-    import pandas as pd
 
     from genecorpus.model.bert import load_model, quiet_transformers, require_torch
 

@@ -29,10 +29,16 @@ import numpy as np
 
 from genecorpus.corpus import CorpusReader
 from genecorpus.errors import ConfigError, InputError
-from genecorpus.model.masking import PaddedBatch, mask_genes, pad_cells
 from genecorpus.model.bert import (
-    MODEL_INFO, PRESETS, bert_config, pick_device, quiet_transformers, require_torch, save_model,
+    MODEL_INFO,
+    PRESETS,
+    bert_config,
+    pick_device,
+    quiet_transformers,
+    require_torch,
+    save_model,
 )
+from genecorpus.model.masking import PaddedBatch, mask_genes, pad_cells
 from genecorpus.model.rank_baseline import RankFrequencyBaseline
 from genecorpus.model.sampling import CellSplit, LengthGroupedSampler, split_cells
 
@@ -43,7 +49,6 @@ if TYPE_CHECKING:
     from transformers import BertForMaskedLM
 
     from genecorpus.model.masking import MaskedBatch
-    from genecorpus.vocab import TokenDictionary
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +126,7 @@ class _History:
     evals: list[dict[str, float]] = field(default_factory=list)
 
 
-def pretrain(  # noqa: PLR0913 - the CLI's options, keyword-only
+def pretrain(
     corpus: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,

@@ -86,7 +86,7 @@ class RankFrequencyBaseline:
             ids = np.asarray(cell[:max_length], dtype=np.int64)
             buffer.append(position_bins(np.arange(len(ids))) * vocab + ids)
             n_buffered += len(ids)
-            if n_buffered > 4_000_000:  # noqa: PLR2004 - bounds the buffer to ~32 MB
+            if n_buffered > 4_000_000:
                 flush()
         flush()
         counts = counts.reshape(n_bins, vocab)

@@ -84,7 +84,7 @@ def split_cells(lengths: np.ndarray, dataset_ids: np.ndarray | None = None, *, v
     if not 0 < val_fraction < 1:
         msg = f"--val-fraction {val_fraction}: must be between 0 and 1 (e.g. 0.05)"
         raise ConfigError(msg)
-    if n < 2:  # noqa: PLR2004
+    if n < 2:
         msg = f"the corpus has {n} cell(s); training and validation need at least two"
         raise ConfigError(msg)
     rng = np.random.default_rng([seed, 0x5EED])
@@ -94,7 +94,7 @@ def split_cells(lengths: np.ndarray, dataset_ids: np.ndarray | None = None, *, v
     if dataset_ids is not None:
         unique, codes, sizes = np.unique(np.asarray(dataset_ids).astype(str), return_inverse=True,
                                          return_counts=True)
-    if len(unique) >= 2:  # noqa: PLR2004
+    if len(unique) >= 2:
         held: list[int] = []
         n_held = 0
         for k in rng.permutation(len(unique)):
