@@ -202,6 +202,33 @@ def _loom_without_attributes(tmp: Path) -> tuple[Path, dict[str, Any]]:
     return path, {}
 
 
+def _zarr_with_cut_chunk(tmp: Path) -> tuple[Path, dict[str, Any]]:
+    path = testing.write_zarr(tmp / "cut.zarr", sp.csr_matrix(good_counts()), cell_ids=CELLS, gene_ids=GENES,
+                              zarr_format=2)
+    chunk = path / "X" / "data" / "0"  # blosc, which would decode the half chunk into garbage
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    return path, {}
+
+
+def _zarr_without_x(tmp: Path) -> tuple[Path, dict[str, Any]]:
+    import zarr
+
+    path = testing.write_zarr(tmp / "nox.zarr", sp.csr_matrix(good_counts()), cell_ids=CELLS, gene_ids=GENES,
+                              layer="counts")
+    shutil.rmtree(path / "X")
+    zarr.consolidate_metadata(path)
+    return path, {}
+
+
+def _zarr_group_not_anndata(tmp: Path) -> tuple[Path, dict[str, Any]]:
+    import zarr
+
+    path = tmp / "plain.zarr"
+    zarr.open_group(path, mode="w").create_array("X", shape=(N_CELLS, len(GENES)), dtype="f4")
+    return path, {}
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
 @pytest.mark.parametrize(("make", "needles"), [
     pytest.param(_garbage_h5ad, ["garbage.h5ad", "not a readable", "re-download"], id="corrupt-hdf5"),
     pytest.param(_truncated_h5ad, ["cut.h5ad", "re-download"], id="truncated-h5ad"),
@@ -219,6 +246,11 @@ def _loom_without_attributes(tmp: Path) -> tuple[Path, dict[str, Any]]:
     pytest.param(_ragged_csv, ["ragged.csv", "line 6", "'c4'", "11 fields", "fix"], id="csv-ragged-rows"),
     pytest.param(_mtx_without_features, ["mtx", "features.tsv", "needs all three"], id="10x-without-features"),
     pytest.param(_loom_without_attributes, ["bare.loom", "no gene ids", "add row_attrs/Gene"], id="loom-without-attributes"),
+    pytest.param(_zarr_with_cut_chunk, ["cut.zarr", "/X/data: chunk 0", "re-download or re-export"],
+                 id="zarr-chunk-cut-short"),
+    pytest.param(_zarr_without_x, ["nox.zarr", "no X", "layer="], id="zarr-without-X"),
+    pytest.param(_zarr_group_not_anndata, ["plain.zarr", "not a zarr AnnData", "re-export"],
+                 id="zarr-group-not-anndata"),
 ])
 def test_unreadable_input(tmp_path: Path, make: Callable[[Path], tuple[Path, dict[str, Any]]],
                           needles: list[str]) -> None:

@@ -151,7 +151,7 @@ def build(
 
 @app.command()
 def tokenize(
-    inputs: Annotated[list[Path], typer.Argument(help="Input files (h5ad, loom, 10x, CSV/TSV).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Input files (h5ad, zarr, loom, 10x, CSV/TSV).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to create.")],
     token_dictionary: Annotated[Path, typer.Option(help="Token dictionary pickle (e.g. Geneformer's).")],
     gene_medians: Annotated[Path, typer.Option(help="Gene median dictionary (.pkl) or genecorpus TSV.")],

@@ -54,11 +54,11 @@ class DatasetSpec(_Frozen):
     """One input dataset of a corpus."""
 
     path: str
-    """File or folder (10x matrix folder) to read."""
+    """File or folder (10x matrix folder, AnnData ``.zarr`` folder) to read."""
     id: str | None = None
     """Value of the ``dataset_id`` column; defaults to the file name without its suffixes."""
     format: str | None = None
-    """Reader name (``h5ad``, ``loom``, ``10x-mtx``, ``10x-h5``, ``csv``, ``tsv``); sniffed when omitted."""
+    """Reader name (``h5ad``, ``zarr``, ``loom``, ``10x-mtx``, ``10x-h5``, ``csv``, ``tsv``); sniffed when omitted."""
     gene_id: GeneIdKind = "auto"
     """Kind of gene identifiers in the input."""
     gene_column: str | None = None
@@ -66,9 +66,9 @@ class DatasetSpec(_Frozen):
     release: str | None = None
     """Annotation release of gene symbols (e.g. ``grch37``, ``ensembl93``); detected when omitted."""
     layer: str | None = None
-    """Read ``layers[layer]`` instead of X (h5ad, loom)."""
+    """Read ``layers[layer]`` instead of X (h5ad, zarr, loom)."""
     use_raw: bool = False
-    """Read ``raw.X`` instead of X (h5ad)."""
+    """Read ``raw.X`` instead of X (h5ad, zarr)."""
     cells_as_rows: bool | None = None
     """Orientation of a CSV/TSV file; detected when omitted."""
     obs_columns: tuple[str, ...] = ()
@@ -84,7 +84,7 @@ class DatasetSpec(_Frozen):
         if self.id:
             return self.id
         name = Path(self.path.rstrip("/")).name
-        for suffix in (".gz", ".h5ad", ".loom", ".h5", ".csv", ".tsv", ".txt"):
+        for suffix in (".gz", ".h5ad", ".zarr", ".loom", ".h5", ".csv", ".tsv", ".txt"):
             name = name.removesuffix(suffix)
         return name
 

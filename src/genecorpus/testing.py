@@ -23,8 +23,9 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Required, TypedDict, Unpack
 
 import h5py
 import numpy as np
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
 __all__ = [
+    "AnnDataContent",
     "cell_ids_for",
     "gene_ids_for",
     "random_counts",
@@ -45,6 +47,7 @@ __all__ = [
     "write_h5ad",
     "write_loom",
     "write_text",
+    "write_zarr",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -112,6 +115,48 @@ def _as_matrix(counts: sp.spmatrix, x_format: str, dtype: Any) -> Any:
     raise ValueError(msg)
 
 
+class AnnDataContent(TypedDict, total=False):
+    """The keywords of :func:`write_h5ad` (see there), which :func:`write_zarr` takes too."""
+
+    cell_ids: Required[Sequence[str]]
+    gene_ids: Required[Sequence[str]]
+    obs: Mapping[str, Any] | None
+    x_format: Literal["csr", "csc", "dense"]
+    layer: str | None
+    raw: bool
+    var: Mapping[str, Any] | None
+    dtype: Any
+
+
+def _anndata(counts: sp.spmatrix, content: AnnDataContent) -> Any:
+    """The ``anndata.AnnData`` that :func:`write_h5ad` and :func:`write_zarr` write."""
+    import anndata
+
+    obs, var, layer = content.get("obs"), content.get("var"), content.get("layer")
+    x_format = content.get("x_format", "csr")
+    obs_df = pd.DataFrame(dict(obs or {}), index=pd.Index(list(content["cell_ids"]), dtype=object))
+    var_df = pd.DataFrame(dict(var or {}), index=pd.Index(list(content["gene_ids"]), dtype=object))
+    matrix = _as_matrix(counts, x_format, content.get("dtype", np.float32))
+    if content.get("raw", False):
+        adata = anndata.AnnData(X=matrix, obs=obs_df, var=var_df)
+        adata.raw = adata
+        kept = np.arange(0, counts.shape[1], 2)
+        normalized = _normalized(counts)[:, kept]
+        adata = adata[:, kept].copy()
+        adata.X = _as_matrix(normalized, "csr" if x_format == "dense" else x_format, np.float32)
+        return adata
+    if layer is not None:
+        return anndata.AnnData(
+            X=_as_matrix(
+                _normalized(counts), "csr" if x_format == "dense" else x_format, np.float32
+            ),
+            obs=obs_df,
+            var=var_df,
+            layers={layer: matrix},
+        )
+    return anndata.AnnData(X=matrix, obs=obs_df, var=var_df)
+
+
 def write_h5ad(
     path: PathLike,
     counts: sp.spmatrix,
@@ -154,29 +199,57 @@ def write_h5ad(
     import anndata
 
     path = Path(path)
-    obs_df = pd.DataFrame(dict(obs or {}), index=pd.Index(list(cell_ids), dtype=object))
-    var_df = pd.DataFrame(dict(var or {}), index=pd.Index(list(gene_ids), dtype=object))
-    matrix = _as_matrix(counts, x_format, dtype)
-    if raw:
-        adata = anndata.AnnData(X=matrix, obs=obs_df, var=var_df)
-        adata.raw = adata
-        kept = np.arange(0, counts.shape[1], 2)
-        normalized = _normalized(counts)[:, kept]
-        adata = adata[:, kept].copy()
-        adata.X = _as_matrix(normalized, "csr" if x_format == "dense" else x_format, np.float32)
-    elif layer is not None:
-        adata = anndata.AnnData(
-            X=_as_matrix(
-                _normalized(counts), "csr" if x_format == "dense" else x_format, np.float32
-            ),
-            obs=obs_df,
-            var=var_df,
-            layers={layer: matrix},
-        )
-    else:
-        adata = anndata.AnnData(X=matrix, obs=obs_df, var=var_df)
+    content: AnnDataContent = {"cell_ids": cell_ids, "gene_ids": gene_ids, "obs": obs, "var": var,
+                               "x_format": x_format, "layer": layer, "raw": raw, "dtype": dtype}
+    adata = _anndata(counts, content)
     with anndata.settings.override(allow_write_nullable_strings=True):
         adata.write_h5ad(path, convert_strings_to_categoricals=False)
+    return path
+
+
+def write_zarr(
+    path: PathLike,
+    counts: sp.spmatrix,
+    *,
+    zarr_format: Literal[2, 3] = 3,
+    chunks: int | None = None,
+    **content: Unpack[AnnDataContent],
+) -> Path:
+    """Write an AnnData ``.zarr`` folder with anndata, in zarr format 2 or 3.
+
+    The AnnData is the one :func:`write_h5ad` writes for the same ``content`` keywords (``cell_ids``,
+    ``gene_ids``, ``obs``, ``x_format``, ``layer``, ``raw``, ``var``, ``dtype``; see there), so the
+    two hold the same counts, ids and columns.
+
+    Parameters
+    ----------
+    zarr_format
+        2 (blosc-compressed chunks) or 3 (zstd).
+    chunks
+        Values per chunk of every 1-D array (a sparse matrix's ``data``, ``indices``, ``indptr``,
+        the obs and var columns), or rows per chunk of a dense X; None lets anndata and zarr choose
+        (one chunk per array for small data).
+    """
+    import anndata
+
+    path = Path(path)
+    adata = _anndata(counts, content)
+    with (
+        anndata.settings.override(allow_write_nullable_strings=True, zarr_write_format=zarr_format),
+        warnings.catch_warnings(),
+    ):
+        # what anndata and zarr announce at every write: their next defaults, v3's consolidated metadata
+        for announcement in ("Writing zarr v2 data", "zarr v3 autosharding", "Consolidated metadata"):
+            warnings.filterwarnings("ignore", message=announcement, category=UserWarning)
+        if chunks is None or content.get("x_format") == "dense":
+            x_chunks = None if chunks is None else (chunks, adata.n_vars)
+            adata.write_zarr(path, chunks=x_chunks, convert_strings_to_categoricals=False)
+        else:  # write_zarr chunks only a dense X: write every element with the chunk length
+            import zarr
+
+            root = zarr.open_group(path, mode="w", zarr_format=zarr_format)
+            anndata.io.write_elem(root, "/", adata, dataset_kwargs={"chunks": (chunks,)})
+            zarr.consolidate_metadata(path)
     return path
 
 
@@ -383,11 +456,12 @@ def write_all_formats(
 ) -> dict[str, Path]:
     """Write the same counts in every format and layout; return ``{case name: path}``.
 
-    Cases: ``h5ad-csr``, ``h5ad-csc``, ``h5ad-dense``, ``loom`` (these four with ``obs``),
-    ``10x-mtx-v2`` and ``10x-mtx-v3`` (folders), ``10x-h5-v2``, ``10x-h5-v3``, ``csv-cells-as-rows``
-    (``.csv``, pandas corner), ``tsv-cells-as-columns`` (``.tsv.gz``, named corner) and
-    ``txt-cells-as-columns`` (``.txt``, tab, no corner as R writes it). Text layouts are detected
-    from the labels, so pass Ensembl-like gene ids or barcode-like cell ids (see
+    Cases: ``h5ad-csr``, ``h5ad-csc``, ``h5ad-dense``, ``loom``, ``zarr-v2-csr``, ``zarr-v3-csc``,
+    ``zarr-v3-dense`` (AnnData zarr folders in zarr format 2 or 3; these seven with ``obs``),
+    ``10x-mtx-v2`` and ``10x-mtx-v3`` (folders), ``10x-h5-v2``, ``10x-h5-v3``,
+    ``csv-cells-as-rows`` (``.csv``, pandas corner), ``tsv-cells-as-columns`` (``.tsv.gz``, named
+    corner) and ``txt-cells-as-columns`` (``.txt``, tab, no corner as R writes it). Text layouts
+    are detected from the labels, so pass Ensembl-like gene ids or barcode-like cell ids (see
     :func:`gene_ids_for`, :func:`cell_ids_for`).
     """
     root = Path(tmpdir)
@@ -398,6 +472,9 @@ def write_all_formats(
         "h5ad-csc": write_h5ad(root / "x_csc.h5ad", counts, **ids, obs=obs, x_format="csc"),
         "h5ad-dense": write_h5ad(root / "x_dense.h5ad", counts, **ids, obs=obs, x_format="dense"),
         "loom": write_loom(root / "counts.loom", counts, **ids, obs=obs),
+        "zarr-v2-csr": write_zarr(root / "x_csr_v2.zarr", counts, **ids, obs=obs, zarr_format=2),
+        "zarr-v3-csc": write_zarr(root / "x_csc_v3.zarr", counts, **ids, obs=obs, x_format="csc"),
+        "zarr-v3-dense": write_zarr(root / "x_dense_v3.zarr", counts, **ids, obs=obs, x_format="dense"),
         "10x-mtx-v2": write_10x_mtx(root / "mtx_v2", counts, **ids, version=2),
         "10x-mtx-v3": write_10x_mtx(root / "mtx_v3", counts, **ids, version=3),
         "10x-h5-v2": write_10x_h5(root / "v2.h5", counts, **ids, version=2),

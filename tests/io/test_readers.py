@@ -16,8 +16,8 @@ import scipy.sparse as sp
 from genecorpus import testing
 from genecorpus.errors import CountsError, InputError
 from genecorpus.io import CellSource, iter_block_ranges, open_dataset
-from genecorpus.io import h5ad as h5ad_module
-from genecorpus.io import hdf5 as hdf5_module
+from genecorpus.io import anndata_layout as anndata_layout_module
+from genecorpus.io import store as store_module
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -33,6 +33,9 @@ EXPECTED_FORMAT = {
     "h5ad-csc": "h5ad",
     "h5ad-dense": "h5ad",
     "loom": "loom",
+    "zarr-v2-csr": "zarr",
+    "zarr-v3-csc": "zarr",
+    "zarr-v3-dense": "zarr",
     "10x-mtx-v2": "10x-mtx",
     "10x-mtx-v3": "10x-mtx",
     "10x-h5-v2": "10x-h5",
@@ -42,7 +45,7 @@ EXPECTED_FORMAT = {
     "txt-cells-as-columns": "txt",
     "anndata": "anndata",
 }
-OBS_CASES = ("h5ad-csr", "h5ad-csc", "h5ad-dense", "loom", "anndata")
+OBS_CASES = ("h5ad-csr", "h5ad-csc", "h5ad-dense", "loom", "zarr-v2-csr", "zarr-v3-dense", "anndata")
 """Cases whose format carries per-cell columns."""
 
 
@@ -53,6 +56,11 @@ def _decode(values: Any) -> list[str]:
 
 def _load_h5ad(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
     adata = anndata.read_h5ad(path)
+    return sp.csr_matrix(adata.X), list(adata.obs_names), list(adata.var_names)
+
+
+def _load_zarr(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
+    adata = anndata.read_zarr(path)
     return sp.csr_matrix(adata.X), list(adata.obs_names), list(adata.var_names)
 
 
@@ -114,6 +122,7 @@ def independent_load(case: str, source: Any) -> tuple[sp.csr_matrix, list[str], 
     loaders = {
         "h5ad": _load_h5ad,
         "loom": _load_loom,
+        "zarr": _load_zarr,
         "10x-mtx": _load_10x_mtx,
         "10x-h5": _load_10x_h5,
         "csv": lambda p: _load_text(p, sep=",", cells_as_rows=True),
@@ -352,9 +361,9 @@ def test_chunked_paths_give_the_same_blocks(
     dataset: Dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tiny CSC scan pieces and dense pieces exercise the bounded-memory loops."""
-    monkeypatch.setattr(h5ad_module, "CSC_SCAN_VALUES", 5)
-    monkeypatch.setattr(hdf5_module, "DENSE_PIECE_VALUES", 50)
-    for case_name in ("h5ad-csc", "h5ad-dense", "loom"):
+    monkeypatch.setattr(anndata_layout_module, "CSC_SCAN_VALUES", 5)
+    monkeypatch.setattr(store_module, "DENSE_PIECE_VALUES", 50)
+    for case_name in ("h5ad-csc", "h5ad-dense", "loom", "zarr-v3-csc", "zarr-v3-dense"):
         with open_dataset(dataset.paths[case_name]) as source:
             counts = sp.vstack([b.counts for b in read_all(source, 13)])
         assert_same_matrix(counts, dataset.counts)

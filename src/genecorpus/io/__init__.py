@@ -14,12 +14,15 @@ name given, else by the path's suffix (confirmed by the sniffer when the suffix 
 ``csv``     comma-separated text, optionally ``.gz`` (``cells_as_rows=``)
 ``tsv``     tab-separated text, optionally ``.gz`` (``cells_as_rows=``)
 ``txt``     ``.txt`` text whose delimiter is sniffed (``cells_as_rows=``)
+``zarr``    AnnData ``.zarr`` folder, zarr format 2 or 3 (X as in h5ad; ``layer=``; ``use_raw=``)
 ========== ===============================================================================
 
 Inside: :mod:`~genecorpus.io.registry` holds the registry and :func:`open_dataset`;
 :mod:`~genecorpus.io.reader` the skeleton every reader builds on; :mod:`~genecorpus.io.counts` the
-validation every block goes through; :mod:`~genecorpus.io.hdf5` what the HDF5 formats share; one
-module per format (``h5ad``, ``memory``, ``loom``, ``tenx``, ``text``) registers its readers.
+validation every block goes through; :mod:`~genecorpus.io.store` the arrays and groups of HDF5 files
+and zarr folders read by row range; :mod:`~genecorpus.io.hdf5` what the HDF5 formats share;
+:mod:`~genecorpus.io.anndata_layout` anndata's on-disk layout, which h5ad and zarr share; one module
+per format (``h5ad``, ``memory``, ``loom``, ``tenx``, ``text``, ``zarr``) registers its readers.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from genecorpus.io.registry import iter_block_ranges, known_formats, open_datase
 
 # Importing a format module registers its readers, in the order of this import: the order in which
 # known_formats() lists the formats and open_dataset tries their content tests, so it is not sorted.
-from genecorpus.io import h5ad, memory, loom, tenx, text  # isort: skip
+from genecorpus.io import h5ad, memory, loom, tenx, text, zarr  # isort: skip
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -41,5 +44,5 @@ __all__ = [
     "register_reader",
 ]
 
-_READER_MODULES = (h5ad, memory, loom, tenx, text)
+_READER_MODULES = (h5ad, memory, loom, tenx, text, zarr)
 """The modules of the built-in readers, in registration order."""

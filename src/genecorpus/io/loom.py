@@ -1,7 +1,7 @@
 """Loom files (http://linnarssonlab.org/loompy/format/) read block by block with h5py.
 
 ``/matrix`` (or ``/layers/<name>``) is a dense genes x cells dataset; a block of cells is a column
-slab, read in pieces of at most :data:`~genecorpus.io.hdf5.DENSE_PIECE_VALUES` values and
+slab, read in pieces of at most :data:`~genecorpus.io.store.DENSE_PIECE_VALUES` values and
 transposed, so memory does not grow with the file.
 
 Genes: every 1-D ``/row_attrs`` dataset is a var column under its own name (``Gene``, ``Accession``,
@@ -22,9 +22,10 @@ import h5py
 import numpy as np
 
 from genecorpus.errors import InputError
-from genecorpus.io.hdf5 import DenseRows, H5Column, HDF5Reader, is_hdf5_with
+from genecorpus.io.hdf5 import HDF5Reader, is_hdf5_with
 from genecorpus.io.reader import as_str_array
 from genecorpus.io.registry import register_reader
+from genecorpus.io.store import DenseRows, StoredColumn, get_layer
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -40,18 +41,18 @@ CELL_ID_ATTRS = ("CellID", "obs_names", "cell_names")
 """Column attributes tried, in order, as the cell ids."""
 
 
-def _attr_columns(group: h5py.Group | None, n_rows: int) -> dict[str, H5Column]:
+def _attr_columns(group: h5py.Group | None, n_rows: int) -> dict[str, StoredColumn]:
     if not isinstance(group, h5py.Group):
         return {}
     columns = {}
     for name in group:
         elem = group[name]
         if isinstance(elem, h5py.Dataset) and elem.ndim == 1 and elem.shape[0] == n_rows:
-            columns[name] = H5Column(elem, xml_entities=True)
+            columns[name] = StoredColumn(elem, xml_entities=True)
     return columns
 
 
-def _pick_index(columns: dict[str, H5Column], preferred: tuple[str, ...]) -> str | None:
+def _pick_index(columns: dict[str, StoredColumn], preferred: tuple[str, ...]) -> str | None:
     for name in preferred:
         if name in columns:
             return name
@@ -77,7 +78,7 @@ class LoomReader(HDF5Reader):
             matrix = f.get("matrix")
             what = "/matrix"
         else:
-            matrix, what = self._layer(layer), f"/layers/{layer}"
+            matrix, what = get_layer(f, layer, path=self.path), f"/layers/{layer}"
         if not isinstance(matrix, h5py.Dataset) or matrix.ndim != 2:
             msg = (
                 f"{self.path}: {what} is missing or not a 2-D matrix, so not a loom file; "

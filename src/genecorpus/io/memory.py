@@ -4,7 +4,7 @@ Blocks are row slices of ``X`` (or ``layers[layer]``, or ``raw.X``): CSR matrice
 backed AnnData matrices and dask arrays are sliced as they are; an in-memory CSC matrix is converted
 to CSR once when the source is opened (a copy of the matrix), because slicing rows of a CSC costs a
 pass over all of it per block. Obs columns follow the conventions of the h5ad reader (see
-:mod:`genecorpus.io.h5ad`), so a dataset gives the same blocks from memory and from disk.
+:mod:`genecorpus.io.anndata_layout`), so a dataset gives the same blocks from memory and from disk.
 """
 
 from __future__ import annotations

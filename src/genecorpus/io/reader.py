@@ -120,6 +120,8 @@ class BaseReader(abc.ABC):
     format: str
     stored_dense: bool = False
     """The file stores a dense matrix (h5ad dense X, loom); set by the format."""
+    _container = "file"
+    """What holds the data, in messages ("the file is truncated"); a zarr store is a "folder"."""
     _n_cells: int
     _var_names: np.ndarray
 
@@ -209,8 +211,8 @@ class BaseReader(abc.ABC):
             obs = {name: self._obs[name].read(start, stop) for name in obs_columns}
         except OSError as exc:
             msg = (
-                f"{self.path}: rows {start}:{stop} could not be read ({one_line(exc)}); the file "
-                "is truncated or corrupt: re-download or re-export it"
+                f"{self.path}: rows {start}:{stop} could not be read ({one_line(exc)}); the "
+                f"{self._container} is truncated or corrupt: re-download or re-export it"
             )
             raise InputError(msg) from exc
         try:

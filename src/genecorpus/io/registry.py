@@ -52,6 +52,8 @@ class ReaderSpec:
     """Names from :data:`OPTIONS` the opener accepts."""
     in_memory: bool
     """The opener takes in-memory objects (e.g. ``AnnData``) rather than paths."""
+    folders: bool = False
+    """The format's sources are folders named with one of its suffixes (``.zarr``)."""
 
 
 _READERS: dict[str, ReaderSpec] = {}
@@ -64,6 +66,7 @@ def register_reader(
     sniff: Callable[[Any], bool] | None = None,
     options: tuple[str, ...] = (),
     in_memory: bool = False,
+    folders: bool = False,
 ) -> Callable[[Opener], Opener]:
     """Register the decorated function as the opener of input format ``name``.
 
@@ -85,6 +88,10 @@ def register_reader(
     in_memory
         The opener takes an in-memory object (such as an ``anndata.AnnData``) instead of a
         :class:`~pathlib.Path`.
+    folders
+        The format's sources are folders named with one of ``suffixes`` (a ``.zarr`` store): a
+        folder with such a name that no content test recognizes goes to this opener, which says
+        what is wrong with it (other folders are detected by content only).
 
     Returns
     -------
@@ -115,6 +122,7 @@ def register_reader(
             sniff=sniff,
             options=frozenset(options),
             in_memory=in_memory,
+            folders=folders,
         )
         return opener
 
@@ -171,10 +179,14 @@ def _detect_format(source: Any) -> ReaderSpec:
             f"anndata.AnnData (known formats: {_known_list()})"
         )
         raise InputError(msg)
-    if source.is_dir():  # a folder's suffix says nothing: only a reader's content test decides
+    if source.is_dir():  # a reader's content test decides, else the suffix of a folder format
         for spec in _READERS.values():
             if _sniff(spec, source):
                 return spec
+        name = source.name.lower()
+        for spec in _READERS.values():
+            if spec.folders and _matching_suffix(spec, name):
+                return spec  # its opener explains what is wrong with the folder
         msg = (
             f"{source}: a folder that no reader recognizes (folders are read as 10x matrix "
             "folders with matrix.mtx[.gz], features.tsv[.gz] or genes.tsv[.gz] and "
@@ -215,14 +227,14 @@ def open_dataset(
     Parameters
     ----------
     source
-        Path of a file or 10x folder, or an in-memory ``anndata.AnnData``.
+        Path of a file, 10x folder or zarr folder, or an in-memory ``anndata.AnnData``.
     format
         Registered format name (see :func:`known_formats`); detected from the suffix or the content
         when None.
     layer
-        Read counts from this layer instead of X (h5ad, AnnData, loom).
+        Read counts from this layer instead of X (h5ad, zarr, AnnData, loom).
     use_raw
-        Read counts from ``raw.X`` (genes from ``raw.var``) instead of X (h5ad, AnnData).
+        Read counts from ``raw.X`` (genes from ``raw.var``) instead of X (h5ad, zarr, AnnData).
     cells_as_rows
         Orientation of a CSV/TSV table; detected (and logged) when None.
 

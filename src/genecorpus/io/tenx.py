@@ -34,9 +34,10 @@ import scipy.io
 import scipy.sparse as sp
 
 from genecorpus.errors import InputError
-from genecorpus.io.hdf5 import CsrRows, HDF5Reader, is_hdf5_with
+from genecorpus.io.hdf5 import HDF5Reader, is_hdf5_with
 from genecorpus.io.reader import ArrayColumn, BaseReader, as_str_array, decode_strings, one_line
 from genecorpus.io.registry import register_reader
+from genecorpus.io.store import CsrRows
 
 __all__ = ["GENE_EXPRESSION", "TenxH5Reader", "TenxMtxReader"]
 
