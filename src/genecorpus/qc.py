@@ -180,7 +180,6 @@ def count_reasons(reason: np.ndarray) -> dict[str, int]:
     return {name: int(c) for name, c in zip(DROP_REASONS, counts, strict=True)}
 
 
-
 # ------------------------------------------------------------------------------------------- the pass
 
 
