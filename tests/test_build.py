@@ -23,12 +23,18 @@ from reference import RefDataset, collapse, encode_cell, gene_values, medians_of
 pytestmark = pytest.mark.slow
 
 
-def _load_reference_datasets(kang: Path, celltypist: Path) -> list[RefDataset]:
+def _rounded(x: sp.spmatrix) -> sp.csr_matrix:
+    """``np.round`` of every entry (zeros stay zero, so only the stored values need it), zeros dropped."""
+    out = sp.csr_matrix(x, dtype=np.float64, copy=True)
+    out.data = np.round(out.data)
+    out.eliminate_zeros()
+    return out
+
+
+def _load_reference_datasets(kang: Path, df: pd.DataFrame) -> list[RefDataset]:
     a = ad.read_h5ad(kang)
-    x = sp.csr_matrix(a.X).astype(np.float64)
     ids = genes.map_to_ensembl(np.asarray(a.var_names, dtype=object), kind="symbol").ensembl_ids
-    ds1 = RefDataset(sp.csr_matrix(np.round(x.toarray())), ids, np.asarray(a.obs_names, dtype=object))
-    df = pd.read_csv(celltypist, index_col=0)
+    ds1 = RefDataset(_rounded(a.X), ids, np.asarray(a.obs_names, dtype=object))
     ids2 = genes.map_to_ensembl(np.asarray(df.columns, dtype=object), kind="symbol").ensembl_ids
     ds2 = RefDataset(sp.csr_matrix(np.round(df.to_numpy(dtype=np.float64))), ids2,
                      np.asarray(df.index, dtype=object))
@@ -51,10 +57,10 @@ def real_corpus(real_config: BuildConfig, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="module")
-def reference(kang_control: Path, celltypist_csv: Path) -> dict:
+def reference(kang_control: Path, celltypist_frame: pd.DataFrame) -> dict:
     cands = genes.candidate_genes()
     mito = genes.mito_genes()
-    dsets = _load_reference_datasets(kang_control, celltypist_csv)
+    dsets = _load_reference_datasets(kang_control, celltypist_frame)
     values: dict[int, list[float]] = {}
     keeps, dropped = [], []
     for ds in dsets:

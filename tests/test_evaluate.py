@@ -33,8 +33,6 @@ from genecorpus.model.evaluate import EMBEDDING_KEY, evaluate_embeddings, join_l
 from genecorpus.public_data import fetch_public_file  # noqa: E402
 from genecorpus.testing import write_h5ad  # noqa: E402
 
-SHARED = Path(os.environ.get("GENECORPUS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-KANG_LABELS = SHARED / "labels" / "kang_ifnb_labels.csv"
 JOIN = "cell=cell_id,stim=dataset_id"  # the labels file as published: stim is ctrl|stim = our dataset ids
 PER_CLASS = {"CD4 T cells": 110, "CD14+ Monocytes": 110, "B cells": 80, "NK cells": 60}
 
@@ -46,13 +44,6 @@ def _one_blas_thread() -> object:
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
-
-
-@pytest.fixture(scope="session")
-def kang_labels() -> Path:
-    if not KANG_LABELS.is_file():
-        pytest.skip(f"Kang labels not found at {KANG_LABELS} (set GENECORPUS_SHARED)")
-    return KANG_LABELS
 
 
 @pytest.fixture(scope="session")

@@ -54,8 +54,8 @@ def _expected(ds: RefDataset, token_dict: dict, medians: dict, max_genes: int, w
     return cells
 
 
-def test_gc30m_on_real_pbmc(kang_control: Path, geneformer_dicts: Path, tmp_path: Path) -> None:
-    out = _tokenize([kang_control], tmp_path / "v1", geneformer_dicts, "V1", gene_id="symbol")
+def test_gc30m_on_real_pbmc(kang_control: Path, kang_gc30m: Path, geneformer_dicts: Path) -> None:
+    out = datasets.load_from_disk(str(kang_gc30m))  # tokenize of kang_control with gc30M, gene_id="symbol"
     assert out.column_names == ["input_ids", "dataset_id", "cell_id", "length"]
     assert out.features["input_ids"].feature.dtype == "int16"
     a = ad.read_h5ad(kang_control)
@@ -67,11 +67,12 @@ def test_gc30m_on_real_pbmc(kang_control: Path, geneformer_dicts: Path, tmp_path
     assert out["length"] == [len(c) for c in expected]
 
 
-def test_gc104m_with_mapping_dict_on_real_csv(celltypist_csv: Path, geneformer_dicts: Path, tmp_path: Path) -> None:
+def test_gc104m_with_mapping_dict_on_real_csv(celltypist_csv: Path, celltypist_frame: pd.DataFrame,
+                                             geneformer_dicts: Path, tmp_path: Path) -> None:
     out = _tokenize([celltypist_csv], tmp_path / "v2", geneformer_dicts, "V2")
     tokens = _plain_load(geneformer_dicts / "token_dictionary_gc95M.pkl")
     mapping = _plain_load(geneformer_dicts / "ensembl_mapping_dict_gc95M.pkl")
-    df = pd.read_csv(celltypist_csv, index_col=0)
+    df = celltypist_frame
     ids = np.array([mapping.get(s.upper(), "") for s in df.columns], dtype=object)
     ref = RefDataset(sp.csr_matrix(np.round(df.to_numpy(dtype=np.float64))), ids, np.asarray(df.index, dtype=object))
     expected = _expected(ref, tokens, _plain_load(geneformer_dicts / "gene_median_dictionary_gc95M.pkl"),
