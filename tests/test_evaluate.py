@@ -73,19 +73,26 @@ def kang_subset(kang_labels: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
+_STAND_INS: dict[tuple[str, ...], np.ndarray] = {}
+"""The stand-in PCA embeddings made so far, by the cells they embed (the same cells give the same PCA)."""
+
+
 def _embedding_file(subset: dict, path: Path, kind: str, *, ctrl_only: bool = False,
                     corpus: str | None = None) -> Path:
     """An embed-style .h5ad: obs dataset_id/cell_id, obsm X_genecorpus = PCA(20) of log counts or noise."""
     parts = ["ctrl"] if ctrl_only else ["ctrl", "stim"]
-    counts = sp.vstack([subset[f"{p}_counts"] for p in parts]).toarray().astype(np.float64)
     obs = pd.DataFrame({
         "dataset_id": np.concatenate([[p] * len(subset[f"{p}_cells"]) for p in parts]),
         "cell_id": np.concatenate([subset[f"{p}_cells"] for p in parts]),
     })
     obs.index = [f"{d}:{c}" for d, c in zip(obs.dataset_id, obs.cell_id, strict=True)]
     if kind == "pca":
-        logs = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
-        emb = PCA(20, svd_solver="randomized", random_state=0).fit_transform(logs)
+        key = tuple(obs.index)
+        if key not in _STAND_INS:
+            counts = sp.vstack([subset[f"{p}_counts"] for p in parts]).toarray().astype(np.float64)
+            logs = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
+            _STAND_INS[key] = PCA(20, svd_solver="randomized", random_state=0).fit_transform(logs)
+        emb = _STAND_INS[key]
     else:
         emb = np.random.default_rng(3).standard_normal((len(obs), 32))
     adata = ad.AnnData(obs=obs)

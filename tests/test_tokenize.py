@@ -16,7 +16,7 @@ from genecorpus import genes
 from genecorpus.build import build_corpus
 from genecorpus.config import BuildConfig, DatasetSpec
 
-from reference import RefDataset, collapse, encode_cell
+from reference import RefDataset, collapse, encode_cells
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +47,7 @@ def _expected(ds: RefDataset, token_dict: dict, medians: dict, max_genes: int, w
     g = collapse(ds, vocab)
     depth = np.asarray(ds.counts.sum(axis=1)).ravel()
     cells = []
-    for i in range(g.shape[0]):
-        cell = encode_cell(g.getrow(i), depth[i], med, tok, max_genes)
+    for cell in encode_cells(g, depth, med, tok, max_genes):
         if cell:
             cells.append([token_dict["<cls>"], *cell, token_dict["<eos>"]] if wrap else cell)
     return cells
