@@ -74,8 +74,8 @@ def _outputs(folder: Path) -> dict[str, str]:
     return out
 
 
-def _cli(*args: str | os.PathLike[str], workers: int = 2) -> list[str]:
-    return [sys.executable, "-m", "genecorpus", "build", *map(str, args), "--workers", str(workers), "--no-report"]
+def _cli(*args: str | os.PathLike[str]) -> list[str]:
+    return [sys.executable, "-m", "genecorpus", "build", *map(str, args), "--workers", "2", "--no-report"]
 
 
 def _env() -> dict[str, str]:
@@ -124,14 +124,26 @@ def _kill_when(manifest: Path, out: Path, condition: Callable[[Path], bool], *, 
     return None
 
 
-def _resume_and_check(data: dict[str, Any], out: Path, at_kill: dict[str, int] | None, *,
-                      workers: int = 2) -> str:
-    done = subprocess.run(_cli(data["manifest"], "--out", out, "--resume", workers=workers), env=_env(),
-                          capture_output=True, text=True, check=False)
+def _resume_by_cli(data: dict[str, Any], out: Path) -> str:
+    """``genecorpus build --resume`` with two workers; its log."""
+    done = subprocess.run(_cli(data["manifest"], "--out", out, "--resume"), env=_env(), capture_output=True,
+                          text=True, check=False)
     assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def _resume_in_process(data: dict[str, Any], out: Path, caplog: pytest.LogCaptureFixture) -> str:
+    """What ``genecorpus build --resume --workers 1`` runs, called in this process; its log."""
+    with caplog.at_level(logging.INFO, logger="genecorpus"):
+        build_corpus(load_manifest(data["manifest"]), out, resume=True, report=False)
+    return caplog.text
+
+
+def _check_resumed(data: dict[str, Any], out: Path, at_kill: dict[str, int] | None, log: str) -> None:
+    """The resumed build's bytes are the reference's, and it reused exactly the tasks finished at the kill."""
     assert _outputs(out) == data["reference"]
     assert not out.with_name(f".{out.name}.incomplete").exists()
-    log = " ".join(done.stderr.split())
+    log = " ".join(log.split())
     if at_kill is not None:
         for stage, n in at_kill.items():
             found = re.search(rf"{stage}: (\d+) of (\d+) tasks reused", log)
@@ -139,7 +151,6 @@ def _resume_and_check(data: dict[str, Any], out: Path, at_kill: dict[str, int] |
                 assert int(found.group(1)) == n, (stage, log)
             else:  # a stage is only skipped if the killed build had not reached it
                 assert n == 0, (stage, log)
-    return log
 
 
 def _all_qc_done(work: Path) -> bool:
@@ -161,14 +172,16 @@ def _writing(work: Path) -> bool:
 @pytest.mark.parametrize("condition", [_all_qc_done, _medians_under_way, _selection_under_way, _writing],
                          ids=["after-qc", "mid-histogram", "mid-selection", "mid-writing"])
 def test_kill_and_resume_gives_identical_bytes(data: dict[str, Any], tmp_path: Path,
-                                               condition: Callable[[Path], bool]) -> None:
+                                               condition: Callable[[Path], bool],
+                                               caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "corpus"
     at_kill = _kill_when(data["manifest"], out, condition)
     assert at_kill is not None, "the build finished before the kill point"
     assert not out.exists()
-    # resumed by one worker: what a build reuses must not depend on the number of workers either (and the
-    # resume starts no worker pool); killed pools resumed by pools: test_kill_at_random_moments_...
-    _resume_and_check(data, out, at_kill, workers=1)
+    # resumed in this process with one worker (what a build reuses must not depend on the number of
+    # workers either; no interpreter or pool to start); the command line resuming with a pool after
+    # kills: test_kill_at_random_moments_and_resume_repeatedly
+    _check_resumed(data, out, at_kill, _resume_in_process(data, out, caplog))
 
 
 class _SecondsAfterFirstLook:
@@ -200,7 +213,7 @@ def test_kill_at_random_moments_and_resume_repeatedly(data: dict[str, Any], tmp_
         print(f"kill {i} after {delay:.1f} s: finished tasks {at_kill}")  # noqa: T201 - shown with -s
         if at_kill is None:  # finished before the kill: resuming a complete corpus is a no-op
             break
-    _resume_and_check(data, out, at_kill)
+    _check_resumed(data, out, at_kill, _resume_by_cli(data, out))
 
 
 # ------------------------------------------------------------------------- in-process, interrupted
