@@ -22,6 +22,8 @@ from genecorpus.testing import random_counts, write_h5ad, write_loom
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from genecorpus.executors import LocalExecutor
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GENECORPUS_SHARED", REPO.parent / "shared"))
 GENEFORMER_DICTS = SHARED / "geneformer-dicts"
@@ -91,6 +93,19 @@ def kang_gc30m(kang_control: Path, geneformer_dicts: Path, tmp_path_factory: pyt
     tokenize([kang_control], out, token_dictionary=geneformer_dicts / "token_dictionary_gc30M.pkl",
              gene_medians=geneformer_dicts / "gene_median_dictionary_gc30M.pkl", gene_id="symbol", report=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def two_worker_pool() -> Iterator[LocalExecutor]:
+    """Two local worker processes, started once for the in-process builds that compare one worker with
+    two (``build_corpus(..., executor=two_worker_pool)``): starting a pool costs more than those builds.
+    ``workers=2`` itself, which starts a pool per build, is used by test_api, test_build and the command
+    line tests."""
+    from genecorpus.executors import LocalExecutor
+
+    pool = LocalExecutor(2)
+    yield pool
+    pool.close()
 
 
 @pytest.fixture(scope="module")

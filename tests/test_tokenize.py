@@ -123,8 +123,10 @@ def geneformer_expression(adata: ad.AnnData, token_dict: dict, medians: dict, ma
     x_norm = sp.csr_matrix(adata.X[:, loc] / n_counts * 10_000 / norm_factor)
     cells = []
     for i in range(x_norm.shape[0]):
-        row = x_norm.getrow(i)
-        cells.append([int(t) for _, t in sorted(zip(-row.data, toks[row.indices]))][:max_genes])
+        lo, hi = x_norm.indptr[i], x_norm.indptr[i + 1]
+        value, token = x_norm.data[lo:hi], toks[x_norm.indices[lo:hi]]
+        # sorted(zip(-value, token)): by value descending, then token ascending
+        cells.append(token[np.lexsort((token, -value))][:max_genes].tolist())
     return cells
 
 
