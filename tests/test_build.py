@@ -6,6 +6,7 @@ import hashlib
 import json
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import datasets
@@ -20,7 +21,8 @@ from genecorpus.config import BuildConfig, DatasetSpec
 
 from reference import RefDataset, collapse, encode_cells, gene_values, medians_of, qc_keep
 
-pytestmark = pytest.mark.slow
+if TYPE_CHECKING:
+    from genecorpus.executors import LocalExecutor
 
 
 def _rounded(x: sp.spmatrix) -> sp.csr_matrix:
@@ -134,7 +136,35 @@ def _digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.iterdir()) if p.suffix in (".arrow", ".pkl", ".tsv") or p.name.endswith(".json") and p.name != "manifest.json"}
 
 
+@pytest.mark.slow  # a second build of the whole real corpus; the next test checks the same on real subsets
 def test_two_workers_give_identical_bytes(real_config: BuildConfig, real_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "w2"
     build_corpus(real_config.model_copy(update={"block_size": 333}), out, workers=2)
     assert _digests(out) == _digests(real_corpus)
+
+
+@pytest.fixture(scope="module")
+def real_subsets(kang_control: Path, celltypist_subset_csv: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Real cells in the formats of the real files, small enough to build twice: the first 300 Kang cells
+    (float32 CSC h5ad, all 35,635 symbols, repeats included) and the celltypist subset of conftest.py."""
+    kang = ad.read_h5ad(kang_control)[:300].copy()
+    assert sp.issparse(kang.X) and kang.X.format == "csc" and kang.X.dtype == np.float32
+    path = tmp_path_factory.mktemp("kang-subset") / "kang300.h5ad"
+    kang.write_h5ad(path)
+    return path, celltypist_subset_csv
+
+
+def test_two_workers_give_identical_bytes_on_real_subsets(real_subsets: tuple[Path, Path],
+                                                          two_worker_pool: LocalExecutor, tmp_path: Path) -> None:
+    """As above, on less: 100-cell shards and 33-cell blocks cut the datasets into many tasks, merged in
+    task order whatever the worker that ran them."""
+    kang, celltypist = real_subsets
+    config = BuildConfig(datasets=(DatasetSpec(path=str(kang), id="kang", gene_id="symbol"),
+                                   DatasetSpec(path=str(celltypist), id="celltypist", gene_id="symbol")),
+                         block_size=700, shard_cells=100)
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    build_corpus(config, one, workers=1, report=False)
+    build_corpus(config.model_copy(update={"block_size": 33}), two, executor=two_worker_pool, report=False)
+    assert sum(name.endswith(".arrow") for name in _digests(one)) == 5  # 3 Kang shards, 2 celltypist
+    assert _digests(two) == _digests(one)

@@ -18,8 +18,6 @@ from genecorpus.config import BuildConfig, DatasetSpec
 
 from reference import RefDataset, collapse, encode_cells
 
-pytestmark = pytest.mark.slow
-
 
 def _plain_load(path: Path) -> dict:
     with path.open("rb") as fh:
@@ -66,12 +64,21 @@ def test_gc30m_on_real_pbmc(kang_control: Path, kang_gc30m: Path, geneformer_dic
     assert out["length"] == [len(c) for c in expected]
 
 
-def test_gc104m_with_mapping_dict_on_real_csv(celltypist_csv: Path, celltypist_frame: pd.DataFrame,
-                                             geneformer_dicts: Path, tmp_path: Path) -> None:
-    out = _tokenize([celltypist_csv], tmp_path / "v2", geneformer_dicts, "V2")
+@pytest.mark.parametrize("table", [
+    pytest.param("whole", marks=pytest.mark.slow),  # its 32,786 columns take seconds per pass to parse
+    "subset",  # conftest's celltypist_subset_csv: 120 cells, ~3,300 genes, same format and values
+])
+def test_gc104m_with_mapping_dict_on_real_csv(table: str, geneformer_dicts: Path, tmp_path: Path,
+                                             request: pytest.FixtureRequest) -> None:
+    if table == "whole":
+        path: Path = request.getfixturevalue("celltypist_csv")
+        df: pd.DataFrame = request.getfixturevalue("celltypist_frame")
+    else:
+        path = request.getfixturevalue("celltypist_subset_csv")
+        df = pd.read_csv(path, index_col=0, low_memory=False)
+    out = _tokenize([path], tmp_path / "v2", geneformer_dicts, "V2")
     tokens = _plain_load(geneformer_dicts / "token_dictionary_gc95M.pkl")
     mapping = _plain_load(geneformer_dicts / "ensembl_mapping_dict_gc95M.pkl")
-    df = celltypist_frame
     ids = np.array([mapping.get(s.upper(), "") for s in df.columns], dtype=object)
     ref = RefDataset(sp.csr_matrix(np.round(df.to_numpy(dtype=np.float64))), ids, np.asarray(df.index, dtype=object))
     expected = _expected(ref, tokens, _plain_load(geneformer_dicts / "gene_median_dictionary_gc95M.pkl"),
