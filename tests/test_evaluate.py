@@ -110,9 +110,11 @@ def _counts(subset: dict) -> list[Path]:
 def test_good_embedding_beats_chance_noise_does_not(kang_subset: dict, kang_labels: Path, tmp_path: Path) -> None:
     good = _embedding_file(kang_subset, tmp_path / "pca.h5ad", "pca")
     noise = _embedding_file(kang_subset, tmp_path / "noise.h5ad", "noise")
-    r_good = evaluate_embeddings(good, "cell_type_kang", counts=_counts(kang_subset), labels=kang_labels, join=JOIN)
+    # 3 folds (the default 5: test_outputs_and_determinism): each fold fits the baseline's PCA again
+    r_good = evaluate_embeddings(good, "cell_type_kang", counts=_counts(kang_subset), labels=kang_labels, join=JOIN,
+                                 folds=3)
     r_noise = evaluate_embeddings(noise, "cell_type_kang", counts=_counts(kang_subset), labels=kang_labels,
-                                  join=JOIN)
+                                  join=JOIN, folds=3)
     # unlabeled ctrl cells and all stim cells (no Kang label) are left out
     assert r_good.n_cells == sum(PER_CLASS.values())
     assert r_good.n_unlabeled == 60 + 80
@@ -220,8 +222,9 @@ def test_corpus_manifest_gives_the_baseline_counts(kang_subset: dict, kang_label
         subset[f"{s}_cells"] = kang_subset[f"{s}_cells"][kept]
         subset[f"{s}_counts"] = kang_subset[f"{s}_counts"][kept]
     emb = _embedding_file(subset, tmp_path / "emb.h5ad", "pca", corpus=str(corpus))
-    via_manifest = evaluate_embeddings(emb, "cell_type_kang", labels=kang_labels, join=JOIN)
-    via_files = evaluate_embeddings(emb, "cell_type_kang", labels=kang_labels, join=JOIN, counts=_counts(kang_subset))
+    via_manifest = evaluate_embeddings(emb, "cell_type_kang", labels=kang_labels, join=JOIN, folds=3)
+    via_files = evaluate_embeddings(emb, "cell_type_kang", labels=kang_labels, join=JOIN, counts=_counts(kang_subset),
+                                    folds=3)
     assert via_manifest.baseline_source is not None and "manifest.json" in via_manifest.baseline_source
     for clf in ("logreg", "knn"):
         np.testing.assert_array_equal(via_manifest.score("baseline", clf).predictions,
