@@ -9,13 +9,15 @@ with our own dictionary in the gc30m and gc104m layouts, and, where the shared f
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 N_CELLS = 300
 

@@ -1,8 +1,8 @@
 """A slow, obvious reference of the whole pipeline (SPEC §2.3–§2.7), written independently of src/.
 
 It loads each dataset whole, uses numpy's own mean/std/median and plain sorts (Python's, or numpy's
-lexsort on the same keys for whole matrices), and returns the expected medians and token lists. Only the gene-ID mapping is shared with the code under test (it has
-its own tests in test_genes.py).
+lexsort on the same keys, one cell at a time), and returns the expected medians and token lists. Only
+the gene-ID mapping is shared with the code under test (it has its own tests in test_genes.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import json
 import math
 import shutil
 from collections import Counter
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -28,6 +28,9 @@ import torch  # the train extra: make test installs it, so a missing one fails h
 import transformers
 
 from genecorpus.model.pretrain import pretrain  # noqa: E402 - needs torch
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
