@@ -82,7 +82,7 @@ def assert_clean_failure(result: Outcome, out: Path, *needles: str) -> None:
 
 
 @pytest.mark.parametrize(("value", "word", "how"), [(0.5, "c3", IN_PROCESS), (-2.0, "c3", IN_PROCESS),
-                                                    (np.nan, "c3", SUBPROCESS)])  # NaN: numpy may warn
+                                                    (np.nan, "c3", SUBPROCESS)])  # a NaN warning would reach stderr
 def test_build_refuses_values_that_are_not_counts(tmp_path: Path, value: float, word: str, how: str) -> None:
     x = good_counts()
     x[3, 2] = value

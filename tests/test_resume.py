@@ -1,12 +1,15 @@
 """Resumable builds: kill a real ``genecorpus build`` with SIGKILL, resume it, and compare bytes.
 
-The reference is an uninterrupted build of the same manifest (in this process, one worker: the
-bytes do not depend on where the tasks ran, see test_determinism.py). A build is started in its own process
-group, killed (the driver and its workers) once a condition on its work folder holds — all QC tasks
-done, a median pass under way, part files being written, or a random moment — and rerun with
-``--resume``. The output must be byte-identical to the reference (the manifest up to its timings), and
-the resumed run must reuse exactly the tasks the killed one had finished: its log line per stage says
-how many it reused, which is compared with the records counted on disk at the moment of the kill.
+The reference is an uninterrupted build of the same manifest (in this process, one worker: the bytes
+do not depend on where the tasks ran, see test_determinism.py). A build with two workers is started in
+its own process group, killed (the driver and its workers) once a condition on its work folder holds —
+all QC tasks done, a median pass under way, part files being written, or a random moment — and resumed:
+after the four fixed kill points by ``build_corpus(..., resume=True)`` in this process (what
+``genecorpus build --resume --workers 1`` runs, without an interpreter to start), after the random kills
+by ``genecorpus build --resume`` with two workers. The output must be byte-identical to the reference
+(the manifest up to its timings), and the resumed run must reuse exactly the tasks the killed one had
+finished: its log line per stage says how many it reused, which is compared with the records counted on
+disk at the moment of the kill.
 """
 
 from __future__ import annotations
