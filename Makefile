@@ -23,7 +23,7 @@ example: venv
 	$(PY) examples/kang_pretrain.py --minutes $(MINUTES)
 
 # style (ruff), the one-way import graph (import-linter contracts in pyproject.toml), then the suite
-# without the tests marked slow (heavy cases on whole real datasets; a cheaper test checks the same)
+# without the tests marked slow (heavy cases whose property cheaper tests also check)
 PYTEST_MARKS ?= not slow
 test: venv
 	$(VENV)/bin/ruff check src benchmarks examples scripts

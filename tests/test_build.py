@@ -4,7 +4,7 @@ The real corpus is the Kang PBMC file and the celltypist sample's counts. ``make
 those counts as an h5ad written here (same cells, genes and float values, noise included; the corpus
 files come out byte for byte the same as from the CSV): the builder parses a text table again in each
 of its passes, which costs seconds per pass over the CSV's 32,786 columns. The CSV itself goes through
-the same tests under ``make test-all`` (marked slow), whole, and through a build in the default run as a
+the same tests under ``make test-all`` (marked slow), whole, and through a build in ``make test`` as a
 subset (test_two_workers_give_identical_bytes_on_real_subsets); io/test_readers.py reads it whole.
 """
 
@@ -158,6 +158,7 @@ def _digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.iterdir()) if p.suffix in (".arrow", ".pkl", ".tsv") or p.name.endswith(".json") and p.name != "manifest.json"}
 
 
+@pytest.mark.slow  # a second build of the whole real corpus: the next test checks the same on real subsets
 def test_two_workers_give_identical_bytes(real_config: BuildConfig, real_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "w2"
     build_corpus(real_config.model_copy(update={"block_size": 333}), out, workers=2)
@@ -178,8 +179,8 @@ def real_subsets(kang_control: Path, celltypist_subset_csv: Path,
 
 def test_two_workers_give_identical_bytes_on_real_subsets(real_subsets: tuple[Path, Path],
                                                           two_worker_pool: LocalExecutor, tmp_path: Path) -> None:
-    """As above on a CSV in the default run too (a subset, see the module docstring): 100-cell shards and
-    33-cell blocks cut the datasets into many tasks, merged in task order whatever worker ran them."""
+    """As above, on subsets of both real files, the CSV included: 100-cell shards and 33-cell blocks cut
+    the datasets into many tasks, merged in task order whatever worker ran them."""
     kang, celltypist = real_subsets
     config = BuildConfig(datasets=(DatasetSpec(path=str(kang), id="kang", gene_id="symbol"),
                                    DatasetSpec(path=str(celltypist), id="celltypist", gene_id="symbol")),

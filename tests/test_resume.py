@@ -3,10 +3,10 @@
 The reference is an uninterrupted build of the same manifest (in this process, one worker: the bytes
 do not depend on where the tasks ran, see test_determinism.py). A build with two workers is started in
 its own process group, killed (the driver and its workers) once a condition on its work folder holds —
-all QC tasks done, a median pass under way, part files being written, or a random moment — and resumed:
-after the four fixed kill points by ``build_corpus(..., resume=True)`` in this process (what
-``genecorpus build --resume --workers 1`` runs, without an interpreter to start), after the random kills
-by ``genecorpus build --resume`` with two workers. The output must be byte-identical to the reference
+all QC tasks done, a median pass under way, part files being written, or a random moment — and resumed
+by ``genecorpus build --resume`` with two workers (while writing, and after the random kills), or by
+``build_corpus(..., resume=True)`` in this process (what ``genecorpus build --resume --workers 1`` runs,
+without an interpreter to start). The output must be byte-identical to the reference
 (the manifest up to its timings), and the resumed run must reuse exactly the tasks the killed one had
 finished: its log line per stage says how many it reused, which is compared with the records counted on
 disk at the moment of the kill.
@@ -172,19 +172,20 @@ def _writing(work: Path) -> bool:
     return len(list((work / "parts").glob("*.arrow"))) >= 3
 
 
-@pytest.mark.parametrize("condition", [_all_qc_done, _medians_under_way, _selection_under_way, _writing],
+@pytest.mark.parametrize(("condition", "by_cli"), [(_all_qc_done, False), (_medians_under_way, False),
+                                                   (_selection_under_way, False), (_writing, True)],
                          ids=["after-qc", "mid-histogram", "mid-selection", "mid-writing"])
 def test_kill_and_resume_gives_identical_bytes(data: dict[str, Any], tmp_path: Path,
-                                               condition: Callable[[Path], bool],
+                                               condition: Callable[[Path], bool], by_cli: bool,
                                                caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "corpus"
     at_kill = _kill_when(data["manifest"], out, condition)
     assert at_kill is not None, "the build finished before the kill point"
     assert not out.exists()
-    # resumed in this process with one worker (what a build reuses must not depend on the number of
-    # workers either; no interpreter or pool to start); the command line resuming with a pool after
-    # kills: test_kill_at_random_moments_and_resume_repeatedly
-    _check_resumed(data, out, at_kill, _resume_in_process(data, out, caplog))
+    # resumed by `genecorpus build --resume` with two workers, or in this process with one (what a build
+    # reuses must not depend on the number of workers either; no interpreter or pool to start)
+    log = _resume_by_cli(data, out) if by_cli else _resume_in_process(data, out, caplog)
+    _check_resumed(data, out, at_kill, log)
 
 
 class _SecondsAfterFirstLook:
@@ -202,6 +203,7 @@ class _SecondsAfterFirstLook:
         return now - self.start > self.delay
 
 
+@pytest.mark.slow  # three runs; each stage is killed and resumed in make test by the test above
 def test_kill_at_random_moments_and_resume_repeatedly(data: dict[str, Any], tmp_path: Path) -> None:
     """Kill, resume and kill the resumed run again, at random times; the last resume finishes."""
     repeats = int(os.environ.get("GENECORPUS_KILL_REPEATS", "2"))
