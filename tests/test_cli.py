@@ -1,26 +1,55 @@
-"""The command line on bad input: one clear line, non-zero exit, nothing left behind."""
+"""The command line on bad input: one clear line, non-zero exit, nothing left behind.
+
+Cases marked ``SUBPROCESS`` run the real ``python -m genecorpus`` in a new process, so that its stderr
+holds everything the process prints (warnings, HDF5's own diagnostics), for each command at least once.
+The others check the same message through typer's CliRunner in this process, which saves an interpreter
+start-up per case; test_bad_input.py has many more cases that way.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from typer.testing import CliRunner
+
+from genecorpus.cli import app
 
 GENES = ["ENSG00000141510", "ENSG00000012048", "ENSG00000139618", "ENSG00000157764", "ENSG00000146648",
          "ENSG00000133703", "ENSG00000121879", "ENSG00000171862", "ENSG00000198804"]
 
 
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+SUBPROCESS = "subprocess"
+IN_PROCESS = "in-process"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(*args: str, cwd: Path, how: str = SUBPROCESS) -> Outcome:
+    """``genecorpus *args`` run from ``cwd``: in a new process (the real entry point), or in this one."""
+    if how == IN_PROCESS:
+        with contextlib.chdir(cwd):
+            result = CliRunner().invoke(app, list(args))
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        return Outcome(result.exit_code, result.stdout, result.stderr)
     env = {**os.environ, "GENECORPUS_NO_PROGRESS": "1"}
-    return subprocess.run([sys.executable, "-m", "genecorpus", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "genecorpus", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300, check=False)
+    return Outcome(done.returncode, done.stdout, done.stderr)
 
 
 def write_h5ad(path: Path, x: np.ndarray) -> Path:
@@ -41,7 +70,7 @@ def manifest(tmp: Path, data: Path, extra: str = "") -> Path:
     return p
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess[str], out: Path, *needles: str) -> None:
+def assert_clean_failure(result: Outcome, out: Path, *needles: str) -> None:
     assert result.returncode != 0
     lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, result.stderr
@@ -52,17 +81,19 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], out: Path, *n
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-@pytest.mark.parametrize(("value", "word"), [(0.5, "c3"), (-2.0, "c3"), (np.nan, "c3")])
-def test_build_refuses_values_that_are_not_counts(tmp_path: Path, value: float, word: str) -> None:
+@pytest.mark.parametrize(("value", "word", "how"), [(0.5, "c3", IN_PROCESS), (-2.0, "c3", IN_PROCESS),
+                                                    (np.nan, "c3", SUBPROCESS)])  # a NaN warning would reach stderr
+def test_build_refuses_values_that_are_not_counts(tmp_path: Path, value: float, word: str, how: str) -> None:
     x = good_counts()
     x[3, 2] = value
     data = write_h5ad(tmp_path / "bad.h5ad", x)
     out = tmp_path / "corpus"
-    result = run("build", str(manifest(tmp_path, data)), "--out", str(out), cwd=tmp_path)
+    result = run("build", str(manifest(tmp_path, data)), "--out", str(out), cwd=tmp_path, how=how)
     assert_clean_failure(result, out, "bad.h5ad", word, GENES[2])
 
 
 def test_truncated_h5ad(tmp_path: Path) -> None:
+    """In a real process: HDF5's C library prints its own error stack to stderr unless silenced."""
     data = write_h5ad(tmp_path / "cut.h5ad", good_counts())
     raw = data.read_bytes()
     data.write_bytes(raw[: len(raw) // 2])
@@ -73,7 +104,8 @@ def test_truncated_h5ad(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     out = tmp_path / "corpus"
-    result = run("build", str(manifest(tmp_path, tmp_path / "nowhere.h5ad")), "--out", str(out), cwd=tmp_path)
+    result = run("build", str(manifest(tmp_path, tmp_path / "nowhere.h5ad")), "--out", str(out), cwd=tmp_path,
+                 how=IN_PROCESS)
     assert_clean_failure(result, out, "nowhere.h5ad")
 
 
@@ -85,8 +117,8 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_manifest_errors(tmp_path: Path, text: str, needle: str) -> None:
     data = write_h5ad(tmp_path / "ok.h5ad", good_counts())
     out = tmp_path / "corpus"
-    assert_clean_failure(run("build", str(manifest(tmp_path, data, text)), "--out", str(out), cwd=tmp_path),
-                         out, "m.toml", needle)
+    assert_clean_failure(run("build", str(manifest(tmp_path, data, text)), "--out", str(out), cwd=tmp_path,
+                             how=IN_PROCESS), out, "m.toml", needle)
 
 
 class Evil:
@@ -94,8 +126,9 @@ class Evil:
         return (os.system, ("echo pwned > pwned.txt",))
 
 
-@pytest.mark.parametrize("payload", [[1, 2, 3], Evil(), {"<pad>": 0, "<mask>": [1]}])
-def test_dictionary_that_is_not_a_plain_dict(tmp_path: Path, payload: object) -> None:
+@pytest.mark.parametrize(("payload", "how"), [([1, 2, 3], IN_PROCESS), (Evil(), SUBPROCESS),
+                                             ({"<pad>": 0, "<mask>": [1]}, IN_PROCESS)])
+def test_dictionary_that_is_not_a_plain_dict(tmp_path: Path, payload: object, how: str) -> None:
     data = write_h5ad(tmp_path / "ok.h5ad", good_counts())
     bad = tmp_path / "token_dictionary.pkl"
     bad.write_bytes(pickle.dumps(payload))
@@ -103,7 +136,7 @@ def test_dictionary_that_is_not_a_plain_dict(tmp_path: Path, payload: object) ->
     medians.write_bytes(pickle.dumps(dict.fromkeys(GENES, 1.0)))
     out = tmp_path / "corpus"
     result = run("tokenize", str(data), "--out", str(out), "--token-dictionary", str(bad),
-                 "--gene-medians", str(medians), cwd=tmp_path)
+                 "--gene-medians", str(medians), cwd=tmp_path, how=how)
     assert_clean_failure(result, out, "token_dictionary.pkl")
     assert not (tmp_path / "pwned.txt").exists()
 
@@ -121,5 +154,5 @@ def test_tokenize_with_own_dictionaries_and_inspect(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "cells:" in result.stdout and "TP53" in result.stdout or "top genes" in result.stdout
     again = run("tokenize", str(data), "--out", str(out), "--token-dictionary", "t.pkl",
-                "--gene-medians", "m.pkl", cwd=tmp_path)
+                "--gene-medians", "m.pkl", cwd=tmp_path, how=IN_PROCESS)
     assert again.returncode != 0 and "already exists" in again.stderr

@@ -1,4 +1,8 @@
-"""The Dask engine: a real LocalCluster (2 workers × 1 thread) gives the bytes of a local build."""
+"""The Dask engine: a real LocalCluster (2 workers × 1 thread) gives the bytes of a local build.
+
+One cluster serves the module (a LocalCluster takes seconds to start); the command line reaches it through
+its manifest's ``[cluster]`` section.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import distributed  # the dask extra: make test installs it, so a missing one fa
 from genecorpus import genes  # noqa: E402
 from genecorpus.build import build_corpus  # noqa: E402
 from genecorpus.cli import app  # noqa: E402
-from genecorpus.config import BuildConfig, ClusterSpec, DatasetSpec  # noqa: E402
+from genecorpus.config import BuildConfig, ClusterSpec, DatasetSpec, load_cluster_spec  # noqa: E402
 from genecorpus.errors import ConfigError, InputError  # noqa: E402
 from genecorpus.executors import DaskExecutor, LocalExecutor, make_executor  # noqa: E402
 from genecorpus.testing import random_counts, write_h5ad  # noqa: E402
@@ -25,9 +29,12 @@ def _digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
 
 
+LOCAL_CLUSTER = ClusterSpec(engine="dask", kind="local", workers=2, memory_per_worker="2GiB")
+
+
 @pytest.fixture(scope="module")
 def cluster() -> DaskExecutor:
-    executor = DaskExecutor.create(ClusterSpec(engine="dask", kind="local", workers=2, memory_per_worker="2GiB"))
+    executor = DaskExecutor.create(LOCAL_CLUSTER)
     yield executor
     executor.close()
 
@@ -38,10 +45,11 @@ def _config(paths: tuple[Path, ...]) -> BuildConfig:
 
 
 def test_dask_local_cluster_gives_the_bytes_of_local_workers(
-        h5ad_and_loom: tuple[Path, Path], cluster: DaskExecutor, tmp_path: Path) -> None:
+        h5ad_and_loom: tuple[Path, Path], cluster: DaskExecutor, two_worker_pool: LocalExecutor,
+        tmp_path: Path) -> None:
     local1, local2, dask = tmp_path / "w1", tmp_path / "w2", tmp_path / "dask"
     build_corpus(_config(h5ad_and_loom), local1, workers=1, report=False)
-    build_corpus(_config(h5ad_and_loom), local2, workers=2, report=False)
+    build_corpus(_config(h5ad_and_loom), local2, executor=two_worker_pool, report=False)
     build_corpus(_config(h5ad_and_loom), dask, executor=cluster, report=False)
     assert len(cluster.client.scheduler_info()["workers"]) == 2
     want = _digests(local1)
@@ -104,16 +112,28 @@ def test_connect_to_a_running_scheduler(cluster: DaskExecutor) -> None:
     assert cluster.map("t", _slow_identity, [(2,)]) == [2]  # the cluster is not closed by a client
 
 
-def test_cli_engine_dask_and_cluster_section(h5ad_and_loom: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli_engine_dask_and_cluster_section(h5ad_and_loom: tuple[Path, Path], cluster: DaskExecutor,
+                                             tmp_path: Path) -> None:
+    from distributed import get_task_stream
     from typer.testing import CliRunner
 
-    manifest = tmp_path / "m.toml"
     lines = [f'[[datasets]]\npath = "{p}"\ngene_id = "ensembl"\n' for p in h5ad_and_loom]
-    manifest.write_text("block_size = 64\nshard_cells = 100\n" + "".join(lines)
-                        + '[cluster]\nengine = "dask"\nkind = "local"\nworkers = 2\nmemory_per_worker = "2GiB"\n')
+    head = "block_size = 64\nshard_cells = 100\n" + "".join(lines)
+    # a section that starts a LocalCluster reads as the spec the `cluster` fixture started its cluster from
+    local = tmp_path / "local.toml"
+    local.write_text(head + '[cluster]\nengine = "dask"\nkind = "local"\nworkers = 2\nmemory_per_worker = "2GiB"\n')
+    assert load_cluster_spec(local) == LOCAL_CLUSTER
+    # the build runs on the cluster the section names: here that one, by its scheduler's address
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(head + f'[cluster]\nengine = "dask"\nkind = "scheduler"\n'
+                               f'address = "{cluster.client.scheduler.address}"\nworkers = 2\n')
     runner = CliRunner()
-    res = runner.invoke(app, ["build", str(manifest), "--out", str(tmp_path / "c"), "--no-report"])
+    with get_task_stream(client=cluster.client) as stream:
+        res = runner.invoke(app, ["build", str(manifest), "--out", str(tmp_path / "c"), "--no-report"])
     assert res.exit_code == 0, res.output
+    stages = {str(task["key"]).rsplit("-", 2)[0] for task in stream.data}
+    assert {"qc", "encode"} <= stages, stages
+    assert len(cluster.client.scheduler_info()["workers"]) == 2  # still up: the command closed its client only
     res = runner.invoke(app, ["build", str(manifest), "--out", str(tmp_path / "l"), "--no-report",
                               "--engine", "local"])
     assert res.exit_code == 0, res.output

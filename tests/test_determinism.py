@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from genecorpus.build import build_corpus
 from genecorpus.config import BuildConfig, DatasetSpec
+
+if TYPE_CHECKING:
+    from genecorpus.executors import LocalExecutor
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -30,9 +34,11 @@ def _config(paths: tuple[Path, Path], block_size: int) -> BuildConfig:
 
 @pytest.mark.parametrize(("block_size", "workers"), [(1, 1), (7, 2), (1000, 2)])
 def test_bytes_do_not_depend_on_blocks_or_workers(h5ad_and_loom: tuple[Path, Path], reference_build: Path,
-                                                  tmp_path: Path, block_size: int, workers: int) -> None:
+                                                  two_worker_pool: LocalExecutor, tmp_path: Path, block_size: int,
+                                                  workers: int) -> None:
     out = tmp_path / "corpus"
-    build_corpus(_config(h5ad_and_loom, block_size), out, workers=workers, report=False)
+    executor = {1: None, 2: two_worker_pool}[workers]  # None: tasks run in this process
+    build_corpus(_config(h5ad_and_loom, block_size), out, executor=executor, report=False)
     got = _digests(out)
     assert got == _digests(reference_build)
     assert sum(name.endswith(".arrow") for name in got) == 5  # 230 → 3 shards, 170 → 2 (100 input cells each)

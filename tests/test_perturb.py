@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from embedding_data import kang_corpus, reference_layer, tiny_model
+from embedding_data import kang_corpus, kang_labels_if_present, reference_layer, tiny_model
 from typer.testing import CliRunner
 
 import torch  # noqa: F401 - the train extra: make test installs it, so a missing one fails here
@@ -18,6 +18,8 @@ from genecorpus.model.embed import CellEncoder, embed_corpus  # noqa: E402
 from genecorpus.errors import ConfigError, InputError  # noqa: E402
 from genecorpus.model.bert import load_model  # noqa: E402
 from genecorpus.model.perturb import perturb, perturb_tokens, resolve_genes  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CD74 = "ENSG00000019582"  # HLA class II chaperone: high in B cells and monocytes, absent from most T cells
 
@@ -30,14 +32,14 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gc30m(data_dir: Path) -> tuple[Path, Path]:
-    corpus = kang_corpus(data_dir, "gc30m")
+def gc30m(data_dir: Path, shared_folder: Path) -> tuple[Path, Path]:
+    corpus = kang_corpus(data_dir, "gc30m", kang_labels_if_present(shared_folder))
     return corpus, tiny_model(data_dir / "tiny-gc30m", corpus / "token_dictionary.pkl")
 
 
 @pytest.fixture(scope="session")
-def gc104m(data_dir: Path) -> tuple[Path, Path]:
-    corpus = kang_corpus(data_dir, "gc104m")
+def gc104m(data_dir: Path, shared_folder: Path) -> tuple[Path, Path]:
+    corpus = kang_corpus(data_dir, "gc104m", kang_labels_if_present(shared_folder))
     return corpus, tiny_model(data_dir / "tiny-gc104m", corpus / "token_dictionary.pkl", seed=1)
 
 

@@ -7,7 +7,7 @@ import json
 import math
 import shutil
 from collections import Counter
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -29,7 +29,10 @@ import transformers
 
 from genecorpus.model.pretrain import pretrain  # noqa: E402 - needs torch
 
-SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "genecorpus-sample"
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Small settings that keep each run to seconds on a shared CPU.
 FAST = {"preset": "tiny", "batch_size": 4, "max_length": 64, "val_cells": 24, "baseline_cells": 200}
@@ -379,11 +382,8 @@ def test_bad_settings_are_one_line_errors(real_corpus: Path, tmp_path: Path) -> 
     assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()
 
 
-def test_published_parquet_sample(tmp_path: Path, geneformer_dicts: Path) -> None:
-    sample = SHARED_SAMPLE / "genecorpus_500_samples.parquet"
-    if not sample.is_file():
-        pytest.skip(f"published Genecorpus-30M sample not found at {sample}")
-    result = pretrain(sample, tmp_path / "m", max_steps=4, token_dictionary=geneformer_dicts /
+def test_published_parquet_sample(tmp_path: Path, genecorpus_sample: Path, geneformer_dicts: Path) -> None:
+    result = pretrain(genecorpus_sample, tmp_path / "m", max_steps=4, token_dictionary=geneformer_dicts /
                       "token_dictionary_gc30M.pkl", **FAST)
     assert result.info["split"]["by"] == "cell"
     assert result.info["split"]["n_held_out_cells"] == 25  # 5 % of 500

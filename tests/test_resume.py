@@ -1,11 +1,15 @@
 """Resumable builds: kill a real ``genecorpus build`` with SIGKILL, resume it, and compare bytes.
 
-The reference is an uninterrupted build of the same manifest. A build is started in its own process
-group, killed (the driver and its workers) once a condition on its work folder holds — all QC tasks
-done, a median pass under way, part files being written, or a random moment — and rerun with
-``--resume``. The output must be byte-identical to the reference (the manifest up to its timings), and
-the resumed run must reuse exactly the tasks the killed one had finished: its log line per stage says
-how many it reused, which is compared with the records counted on disk at the moment of the kill.
+The reference is an uninterrupted build of the same manifest (in this process, one worker: the bytes
+do not depend on where the tasks ran, see test_determinism.py). A build with two workers is started in
+its own process group, killed (the driver and its workers) once a condition on its work folder holds —
+all QC tasks done, a median pass under way, part files being written, or a random moment — and resumed
+by ``genecorpus build --resume`` with two workers (while writing, and after the random kills), or by
+``build_corpus(..., resume=True)`` in this process (what ``genecorpus build --resume --workers 1`` runs,
+without an interpreter to start). The output must be byte-identical to the reference
+(the manifest up to its timings), and the resumed run must reuse exactly the tasks the killed one had
+finished: its log line per stage says how many it reused, which is compared with the records counted on
+disk at the moment of the kill.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import pytest
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
-from genecorpus.config import BuildConfig, DatasetSpec, QCParams
+from genecorpus.config import BuildConfig, DatasetSpec, QCParams, load_manifest
 from genecorpus.errors import ConfigError, GenecorpusError
 from genecorpus.executors import LocalExecutor
 from genecorpus.resume import WorkFolder
@@ -37,7 +41,7 @@ from genecorpus.testing import random_counts, write_h5ad
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-N_CELLS = 2000
+N_CELLS = 1000  # per dataset: 3 x 4 tasks per stage, enough to stop a build in the middle of each
 SHARD_CELLS = 250
 STAGES = ("qc", "histogram", "selection", "encode")
 
@@ -87,9 +91,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     paths = [_write(folder, name, seed) for name, seed in (("a", 1), ("b", 2), ("c", 3))]
     manifest = _manifest(folder, paths)
     reference = folder / "reference"
-    done = subprocess.run(_cli(manifest, "--out", reference), env=_env(), capture_output=True, text=True,
-                          check=False)
-    assert done.returncode == 0, done.stderr
+    build_corpus(load_manifest(manifest), reference, report=False)
     return {"folder": folder, "paths": paths, "manifest": manifest, "reference": _outputs(reference)}
 
 
@@ -125,13 +127,26 @@ def _kill_when(manifest: Path, out: Path, condition: Callable[[Path], bool], *, 
     return None
 
 
-def _resume_and_check(data: dict[str, Any], out: Path, at_kill: dict[str, int] | None) -> str:
+def _resume_by_cli(data: dict[str, Any], out: Path) -> str:
+    """``genecorpus build --resume`` with two workers; its log."""
     done = subprocess.run(_cli(data["manifest"], "--out", out, "--resume"), env=_env(), capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def _resume_in_process(data: dict[str, Any], out: Path, caplog: pytest.LogCaptureFixture) -> str:
+    """What ``genecorpus build --resume --workers 1`` runs, called in this process; its log."""
+    with caplog.at_level(logging.INFO, logger="genecorpus"):
+        build_corpus(load_manifest(data["manifest"]), out, resume=True, report=False)
+    return caplog.text
+
+
+def _check_resumed(data: dict[str, Any], out: Path, at_kill: dict[str, int] | None, log: str) -> None:
+    """The resumed build's bytes are the reference's, and it reused exactly the tasks finished at the kill."""
     assert _outputs(out) == data["reference"]
     assert not out.with_name(f".{out.name}.incomplete").exists()
-    log = " ".join(done.stderr.split())
+    log = " ".join(log.split())
     if at_kill is not None:
         for stage, n in at_kill.items():
             found = re.search(rf"{stage}: (\d+) of (\d+) tasks reused", log)
@@ -139,7 +154,6 @@ def _resume_and_check(data: dict[str, Any], out: Path, at_kill: dict[str, int] |
                 assert int(found.group(1)) == n, (stage, log)
             else:  # a stage is only skipped if the killed build had not reached it
                 assert n == 0, (stage, log)
-    return log
 
 
 def _all_qc_done(work: Path) -> bool:
@@ -158,17 +172,38 @@ def _writing(work: Path) -> bool:
     return len(list((work / "parts").glob("*.arrow"))) >= 3
 
 
-@pytest.mark.parametrize("condition", [_all_qc_done, _medians_under_way, _selection_under_way, _writing],
+@pytest.mark.parametrize(("condition", "by_cli"), [(_all_qc_done, False), (_medians_under_way, False),
+                                                   (_selection_under_way, False), (_writing, True)],
                          ids=["after-qc", "mid-histogram", "mid-selection", "mid-writing"])
 def test_kill_and_resume_gives_identical_bytes(data: dict[str, Any], tmp_path: Path,
-                                               condition: Callable[[Path], bool]) -> None:
+                                               condition: Callable[[Path], bool], by_cli: bool,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "corpus"
     at_kill = _kill_when(data["manifest"], out, condition)
     assert at_kill is not None, "the build finished before the kill point"
     assert not out.exists()
-    _resume_and_check(data, out, at_kill)
+    # resumed by `genecorpus build --resume` with two workers, or in this process with one (what a build
+    # reuses must not depend on the number of workers either; no interpreter or pool to start)
+    log = _resume_by_cli(data, out) if by_cli else _resume_in_process(data, out, caplog)
+    _check_resumed(data, out, at_kill, log)
 
 
+class _SecondsAfterFirstLook:
+    """A kill condition that holds ``delay`` seconds after it is first asked, i.e. after the work folder
+    appeared (a fresh build: once the driver has started; a resumed one: right from the start)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.start: float | None = None
+
+    def __call__(self, _work: Path) -> bool:
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        return now - self.start > self.delay
+
+
+@pytest.mark.slow  # three runs; each stage is killed and resumed in make test by the test above
 def test_kill_at_random_moments_and_resume_repeatedly(data: dict[str, Any], tmp_path: Path) -> None:
     """Kill, resume and kill the resumed run again, at random times; the last resume finishes."""
     repeats = int(os.environ.get("GENECORPUS_KILL_REPEATS", "2"))
@@ -176,15 +211,14 @@ def test_kill_at_random_moments_and_resume_repeatedly(data: dict[str, Any], tmp_
     out = tmp_path / "corpus"
     at_kill = None
     for i in range(repeats):
-        delay = rng.uniform(0.5, 8.0)
-        start = time.monotonic()
+        # a build of these inputs keeps its work folder about 2-3 s on two cores: most kills land inside
+        delay = rng.uniform(0.2, 2.0)
         # after the first kill, every run resumes the one before (and may itself be killed)
-        at_kill = _kill_when(data["manifest"], out, lambda _w, d=delay, t=start: time.monotonic() - t > d,
-                             resume=i > 0)
+        at_kill = _kill_when(data["manifest"], out, _SecondsAfterFirstLook(delay), resume=i > 0)
         print(f"kill {i} after {delay:.1f} s: finished tasks {at_kill}")  # noqa: T201 - shown with -s
         if at_kill is None:  # finished before the kill: resuming a complete corpus is a no-op
             break
-    _resume_and_check(data, out, at_kill)
+    _check_resumed(data, out, at_kill, _resume_by_cli(data, out))
 
 
 # ------------------------------------------------------------------------- in-process, interrupted
@@ -217,14 +251,14 @@ def _interrupted(config: BuildConfig, out: Path, stage: str) -> None:
 
 @pytest.fixture
 def small(tmp_path: Path) -> list[Path]:
-    return [_write(tmp_path, name, seed, n_cells=1000) for name, seed in (("a", 1), ("b", 2), ("c", 3))]
+    return [_write(tmp_path, name, seed) for name, seed in (("a", 1), ("b", 2), ("c", 3))]
 
 
 def test_changed_input_redoes_exactly_its_tasks(small: list[Path], tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "corpus"
     _interrupted(_config(small), out, "encode")
-    _write(tmp_path, "b", seed=7, n_cells=1000)  # new content, same path
+    _write(tmp_path, "b", seed=7)  # new content, same path
     with caplog.at_level(logging.INFO, logger="genecorpus"):
         build_corpus(_config(small), out, report=False, resume=True)
     log = " ".join(caplog.text.split())
@@ -294,7 +328,7 @@ def test_resume_of_a_complete_corpus(small: list[Path], tmp_path: Path) -> None:
     result = build_corpus(_config(small), out, report=False, resume=True)  # up to date: nothing to do
     assert result.n_cells > 0 and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert not leftover.exists()
-    _write(tmp_path, "a", seed=9, n_cells=1000)
+    _write(tmp_path, "a", seed=9)
     with pytest.raises(ConfigError, match=r"a\.h5ad.*--overwrite"):
         build_corpus(_config(small), out, report=False, resume=True)
     build_corpus(_config(small), out, report=False, resume=True, overwrite=True)

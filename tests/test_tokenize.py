@@ -16,9 +16,7 @@ from genecorpus import genes
 from genecorpus.build import build_corpus
 from genecorpus.config import BuildConfig, DatasetSpec
 
-from reference import RefDataset, collapse, encode_cell
-
-pytestmark = pytest.mark.slow
+from reference import RefDataset, collapse, encode_cells
 
 
 def _plain_load(path: Path) -> dict:
@@ -47,15 +45,14 @@ def _expected(ds: RefDataset, token_dict: dict, medians: dict, max_genes: int, w
     g = collapse(ds, vocab)
     depth = np.asarray(ds.counts.sum(axis=1)).ravel()
     cells = []
-    for i in range(g.shape[0]):
-        cell = encode_cell(g.getrow(i), depth[i], med, tok, max_genes)
+    for cell in encode_cells(g, depth, med, tok, max_genes):
         if cell:
             cells.append([token_dict["<cls>"], *cell, token_dict["<eos>"]] if wrap else cell)
     return cells
 
 
-def test_gc30m_on_real_pbmc(kang_control: Path, geneformer_dicts: Path, tmp_path: Path) -> None:
-    out = _tokenize([kang_control], tmp_path / "v1", geneformer_dicts, "V1", gene_id="symbol")
+def test_gc30m_on_real_pbmc(kang_control: Path, kang_gc30m: Path, geneformer_dicts: Path) -> None:
+    out = datasets.load_from_disk(str(kang_gc30m))  # tokenize of kang_control with gc30M, gene_id="symbol"
     assert out.column_names == ["input_ids", "dataset_id", "cell_id", "length"]
     assert out.features["input_ids"].feature.dtype == "int16"
     a = ad.read_h5ad(kang_control)
@@ -67,11 +64,21 @@ def test_gc30m_on_real_pbmc(kang_control: Path, geneformer_dicts: Path, tmp_path
     assert out["length"] == [len(c) for c in expected]
 
 
-def test_gc104m_with_mapping_dict_on_real_csv(celltypist_csv: Path, geneformer_dicts: Path, tmp_path: Path) -> None:
-    out = _tokenize([celltypist_csv], tmp_path / "v2", geneformer_dicts, "V2")
+@pytest.mark.parametrize("table", [
+    pytest.param("whole", marks=pytest.mark.slow),  # its 32,786 columns take seconds per pass to parse
+    "subset",  # conftest's celltypist_subset_csv: 120 cells, ~3,300 genes, same format and values
+])
+def test_gc104m_with_mapping_dict_on_real_csv(table: str, geneformer_dicts: Path, tmp_path: Path,
+                                             request: pytest.FixtureRequest) -> None:
+    if table == "whole":
+        path: Path = request.getfixturevalue("celltypist_csv")
+        df: pd.DataFrame = request.getfixturevalue("celltypist_frame")
+    else:
+        path = request.getfixturevalue("celltypist_subset_csv")
+        df = pd.read_csv(path, index_col=0, low_memory=False)
+    out = _tokenize([path], tmp_path / "v2", geneformer_dicts, "V2")
     tokens = _plain_load(geneformer_dicts / "token_dictionary_gc95M.pkl")
     mapping = _plain_load(geneformer_dicts / "ensembl_mapping_dict_gc95M.pkl")
-    df = pd.read_csv(celltypist_csv, index_col=0)
     ids = np.array([mapping.get(s.upper(), "") for s in df.columns], dtype=object)
     ref = RefDataset(sp.csr_matrix(np.round(df.to_numpy(dtype=np.float64))), ids, np.asarray(df.index, dtype=object))
     expected = _expected(ref, tokens, _plain_load(geneformer_dicts / "gene_median_dictionary_gc95M.pkl"),
@@ -123,8 +130,10 @@ def geneformer_expression(adata: ad.AnnData, token_dict: dict, medians: dict, ma
     x_norm = sp.csr_matrix(adata.X[:, loc] / n_counts * 10_000 / norm_factor)
     cells = []
     for i in range(x_norm.shape[0]):
-        row = x_norm.getrow(i)
-        cells.append([int(t) for _, t in sorted(zip(-row.data, toks[row.indices]))][:max_genes])
+        lo, hi = x_norm.indptr[i], x_norm.indptr[i + 1]
+        value, token = x_norm.data[lo:hi], toks[x_norm.indices[lo:hi]]
+        # sorted(zip(-value, token)): by value descending, then token ascending
+        cells.append(token[np.lexsort((token, -value))][:max_genes].tolist())
     return cells
 
 

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from genecorpus import _kernels, genes
-from genecorpus.build import build_corpus, tokenize
+from genecorpus.build import build_corpus
 from genecorpus.cli import app
 from genecorpus.config import BuildConfig, DatasetSpec
 from genecorpus.errors import InputError
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 Rows = list[dict[str, Any]]
-
-PUBLISHED_SAMPLE = "genecorpus-sample/genecorpus_500_samples.parquet"
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -65,15 +63,6 @@ def gc30m(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def gc104m(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(inputs, tmp_path_factory.mktemp("validate-gc104m") / "corpus", "gc104m")
-
-
-@pytest.fixture(scope="module")
-def kang_gc30m(kang_control: Path, geneformer_dicts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real Kang PBMC control data tokenized with the published gc30M dictionaries."""
-    out = tmp_path_factory.mktemp("validate-kang") / "corpus"
-    tokenize([kang_control], out, token_dictionary=geneformer_dicts / "token_dictionary_gc30M.pkl",
-             gene_medians=geneformer_dicts / "gene_median_dictionary_gc30M.pkl", gene_id="symbol", report=False)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -185,10 +174,8 @@ def test_real_pbmc_tie_order_is_checked(kang_gc30m: Path, tmp_path: Path) -> Non
     assert "out of order" in problem["message"]
 
 
-def test_published_genecorpus_sample(geneformer_dicts: Path, tmp_path: Path) -> None:
-    sample = geneformer_dicts.parent / PUBLISHED_SAMPLE
-    if not sample.exists():
-        pytest.skip(f"published sample not found at {sample}")
+def test_published_genecorpus_sample(genecorpus_sample: Path, geneformer_dicts: Path, tmp_path: Path) -> None:
+    sample = genecorpus_sample
     tdict = geneformer_dicts / "token_dictionary_gc30M.pkl"
     medians = geneformer_dicts / "gene_median_dictionary_gc30M.pkl"
     report = validate_corpus(sample, token_dictionary=tdict, gene_medians=medians)

@@ -459,8 +459,8 @@ def test_kang_pbmc_ctrl_csr_equals_anndata() -> None:
     assert_same_matrix(counts, sp.csr_matrix(reference.X))
 
 
-def test_celltypist_csv_equals_rounded_pandas(celltypist_csv: Path) -> None:
-    frame = pd.read_csv(celltypist_csv, index_col=0, low_memory=False)
+def test_celltypist_csv_equals_rounded_pandas(celltypist_csv: Path, celltypist_frame: pd.DataFrame) -> None:
+    frame = celltypist_frame  # pd.read_csv(celltypist_csv, index_col=0, low_memory=False), parsed once
     assert (frame.to_numpy() != frame.round().to_numpy()).any()  # the file really has float noise
     expected = sp.csr_matrix(frame.round().to_numpy())
     with open_dataset(celltypist_csv) as source:
