@@ -26,7 +26,7 @@ example: venv
 # without the tests marked slow (heavy cases whose property cheaper tests also check)
 PYTEST_MARKS ?= not slow
 test: venv
-	$(VENV)/bin/ruff check src benchmarks examples scripts
+	$(VENV)/bin/ruff check src tests benchmarks examples scripts
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "$(PYTEST_MARKS)"
 

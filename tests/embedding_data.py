@@ -121,7 +121,7 @@ def reference_layer(model_folder: Path, ids: np.ndarray, layer: int) -> np.ndarr
 
 
 @functools.lru_cache(maxsize=4)
-def _load(model_folder: str) -> Any:  # noqa: ANN401
+def _load(model_folder: str) -> Any:
     from transformers import BertForMaskedLM
 
     return BertForMaskedLM.from_pretrained(model_folder).eval()

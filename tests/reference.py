@@ -80,7 +80,7 @@ def medians_of(values: dict[int, list[float]], n_genes: int) -> np.ndarray:
 def encode_cell(row: sp.csr_matrix, depth: float, medians: np.ndarray, tokens: np.ndarray,
                 max_genes: int) -> list[int]:
     pairs = []
-    for j, c in zip(row.indices.tolist(), row.data.tolist()):
+    for j, c in zip(row.indices.tolist(), row.data.tolist(), strict=False):
         m = medians[j]
         if np.isfinite(m) and m > 0 and tokens[j] >= 0:
             pairs.append((-(c / depth * 10_000.0 / m), int(tokens[j])))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import datasets
@@ -15,6 +15,9 @@ import scipy.sparse as sp
 
 import genecorpus
 from genecorpus.errors import CountsError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 GENES = sorted(["ENSG00000141510", "ENSG00000012048", "ENSG00000139618", "ENSG00000157764",
                 "ENSG00000146648", "ENSG00000133703", "ENSG00000121879", "ENSG00000171862"])
@@ -48,7 +51,7 @@ def test_tokenize_in_memory_anndata_equals_file(dictionaries: tuple[Path, Path],
     x, y = datasets.load_from_disk(str(from_memory.path)), datasets.load_from_disk(str(from_file.path))
     assert x["input_ids"] == y["input_ids"]
     assert x["cell_id"] == y["cell_id"]
-    nonempty = [c for c, n in zip(a.obs_names, np.asarray(a.X.sum(axis=1)).ravel()) if n > 0]
+    nonempty = [c for c, n in zip(a.obs_names, np.asarray(a.X.sum(axis=1)).ravel(), strict=False) if n > 0]
     assert x["cell_id"] == nonempty
     assert x["cell_type"] == y["cell_type"] == [a.obs.loc[c, "cell_type"] for c in x["cell_id"]]
 

@@ -21,7 +21,6 @@ import os
 import pickle
 import shlex
 import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
@@ -35,6 +34,7 @@ from genecorpus.cli import app
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from click.testing import Result
 

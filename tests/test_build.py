@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anndata as ad
@@ -22,14 +21,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from reference import RefDataset, collapse, encode_cells, gene_values, medians_of, qc_keep
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
 from genecorpus.config import BuildConfig, DatasetSpec
 
-from reference import RefDataset, collapse, encode_cells, gene_values, medians_of, qc_keep
-
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from genecorpus.executors import LocalExecutor
 
 
@@ -104,7 +104,7 @@ def test_output_opens_with_datasets(real_corpus: Path) -> None:
     assert ds.features["length"].dtype == "int64"
     lengths = pickle.loads((real_corpus / "lengths.pkl").read_bytes())
     assert lengths == ds["length"]
-    assert all(len(ids) == n for ids, n in zip(ds["input_ids"], ds["length"]))
+    assert all(len(ids) == n for ids, n in zip(ds["input_ids"], ds["length"], strict=False))
     for name in ("token_dictionary.pkl", "gene_medians.tsv", "gene_medians.pkl", "manifest.json"):
         assert (real_corpus / name).is_file()
     assert not list(real_corpus.parent.glob(".corpus.incomplete*"))
@@ -112,8 +112,8 @@ def test_output_opens_with_datasets(real_corpus: Path) -> None:
 
 def test_medians_match_brute_force(real_corpus: Path, reference: dict) -> None:
     table = pd.read_csv(real_corpus / "gene_medians.tsv", sep="\t", dtype={"median": str})
-    got = {g: float(v) for g, v in zip(table["ensembl_id"], table["median"])}
-    expected = {g: m for g, m in zip(reference["genes"].tolist(), reference["medians"]) if np.isfinite(m)}
+    got = {g: float(v) for g, v in zip(table["ensembl_id"], table["median"], strict=False)}
+    expected = {g: m for g, m in zip(reference["genes"].tolist(), reference["medians"], strict=False) if np.isfinite(m)}
     assert got.keys() == expected.keys()
     bad = [g for g in got if got[g] != expected[g]]
     assert not bad, f"{len(bad)} medians differ, e.g. {bad[:3]}"
@@ -124,24 +124,24 @@ def test_cells_match_reference_encoding(real_corpus: Path, reference: dict) -> N
     tokens = pickle.loads((real_corpus / "token_dictionary.pkl").read_bytes())
     assert tokens["<pad>"] == 0 and tokens["<mask>"] == 1
     gene_list = reference["genes"]
-    vocab = sorted(g for g, m in zip(gene_list.tolist(), reference["medians"]) if np.isfinite(m))
+    vocab = sorted(g for g, m in zip(gene_list.tolist(), reference["medians"], strict=False) if np.isfinite(m))
     assert [tokens[g] for g in vocab] == list(range(2, 2 + len(vocab)))
     tok = np.array([tokens.get(g, -1) for g in gene_list.tolist()])
     ds = datasets.load_from_disk(str(real_corpus))
     expected_ids, expected_cells = [], []
-    for name, d, keep in zip(("kang", "celltypist"), reference["datasets"], reference["keep"]):
+    for name, d, keep in zip(("kang", "celltypist"), reference["datasets"], reference["keep"], strict=False):
         g = collapse(d, gene_list)
         depth = np.asarray(d.counts.sum(axis=1)).ravel()
         kept = np.flatnonzero(keep)
         expected_ids += [(name, d.cell_ids[i]) for i in kept]
         expected_cells += encode_cells(g, depth, reference["medians"], tok, 2048, rows=kept)
-    assert list(zip(ds["dataset_id"], ds["cell_id"])) == expected_ids
+    assert list(zip(ds["dataset_id"], ds["cell_id"], strict=False)) == expected_ids
     assert ds["input_ids"] == expected_cells
 
 
 def test_qc_accounting(real_corpus: Path, reference: dict) -> None:
     manifest = json.loads((real_corpus / "manifest.json").read_text())
-    for d, ref_dropped in zip(manifest["datasets"], reference["dropped"]):
+    for d, ref_dropped in zip(manifest["datasets"], reference["dropped"], strict=False):
         cells = d["cells"]
         assert cells["in"] == cells["kept"] + sum(cells["dropped"].values())
         for reason, n in ref_dropped.items():
@@ -155,7 +155,7 @@ def test_qc_accounting(real_corpus: Path, reference: dict) -> None:
 
 def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.suffix in (".arrow", ".pkl", ".tsv") or p.name.endswith(".json") and p.name != "manifest.json"}
+            for p in sorted(folder.iterdir()) if p.suffix in (".arrow", ".pkl", ".tsv") or (p.name.endswith(".json") and p.name != "manifest.json")}
 
 
 @pytest.mark.slow  # a second build of the whole real corpus: the next test checks the same on real subsets

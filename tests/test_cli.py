@@ -14,7 +14,7 @@ import pickle
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -23,6 +23,9 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from genecorpus.cli import app
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 GENES = ["ENSG00000141510", "ENSG00000012048", "ENSG00000139618", "ENSG00000157764", "ENSG00000146648",
          "ENSG00000133703", "ENSG00000121879", "ENSG00000171862", "ENSG00000198804"]
@@ -122,7 +125,7 @@ def test_manifest_errors(tmp_path: Path, text: str, needle: str) -> None:
 
 
 class Evil:
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (os.system, ("echo pwned > pwned.txt",))
 
 
@@ -152,7 +155,7 @@ def test_tokenize_with_own_dictionaries_and_inspect(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     result = run("inspect", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "cells:" in result.stdout and "TP53" in result.stdout or "top genes" in result.stdout
+    assert ("cells:" in result.stdout and "TP53" in result.stdout) or "top genes" in result.stdout
     again = run("tokenize", str(data), "--out", str(out), "--token-dictionary", "t.pkl",
                 "--gene-medians", "m.pkl", cwd=tmp_path, how=IN_PROCESS)
     assert again.returncode != 0 and "already exists" in again.stderr

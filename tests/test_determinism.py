@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -12,6 +11,8 @@ from genecorpus.build import build_corpus
 from genecorpus.config import BuildConfig, DatasetSpec
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from genecorpus.executors import LocalExecutor
 
 

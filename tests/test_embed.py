@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
 import pytest
-from embedding_data import (kang_corpus, kang_geneformer_corpus, kang_labels_if_present, kang_subset,
-                            reference_layer, tiny_model)
+import torch  # noqa: F401 - the train extra: make test installs it, so a missing one fails here
+from embedding_data import (
+    kang_corpus,
+    kang_geneformer_corpus,
+    kang_labels_if_present,
+    kang_subset,
+    reference_layer,
+    tiny_model,
+)
 from typer.testing import CliRunner
 
-import torch  # noqa: F401 - the train extra: make test installs it, so a missing one fails here
+from genecorpus.cli import app
+from genecorpus.corpus import CorpusReader
+from genecorpus.errors import ConfigError, InputError
+from genecorpus.model.embed import EMBEDDING_KEY, embed_corpus
 
-from genecorpus.cli import app  # noqa: E402
-from genecorpus.corpus import CorpusReader  # noqa: E402
-from genecorpus.model.embed import EMBEDDING_KEY, embed_corpus  # noqa: E402
-from genecorpus.errors import ConfigError, InputError  # noqa: E402
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -147,7 +155,7 @@ def test_mean_excludes_cls_and_eos_and_cls_pool_is_position_zero(gc104m: tuple[P
 
 def test_cls_pool_without_cls_token_is_one_line_error(gc30m: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, model = gc30m
-    with pytest.raises(ConfigError, match="has no <cls> token.*use --pool mean"):
+    with pytest.raises(ConfigError, match=r"has no <cls> token.*use --pool mean"):
         embed_corpus(corpus, model, out=tmp_path / "x.h5ad", pool="cls", cells=[0])
     assert not (tmp_path / "x.h5ad").exists()
 
@@ -192,7 +200,7 @@ def test_corpus_of_another_dictionary_is_refused(gc30m: tuple[Path, Path], genef
     corpus, _ = gc30m
     tdict = geneformer_dicts / "token_dictionary_gc30M.pkl"
     model = tiny_model(data_dir / "geneformer-gc30m", tdict, geneformer_layout="bin")
-    with pytest.raises(InputError, match="tokenized with another dictionary.*re-tokenize") as err:
+    with pytest.raises(InputError, match=r"tokenized with another dictionary.*re-tokenize") as err:
         embed_corpus(corpus, model, out=tmp_path / "x.h5ad", token_dictionary=tdict, cells=[0])
     assert "\n" not in str(err.value)
     assert not (tmp_path / "x.h5ad").exists()

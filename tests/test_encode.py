@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -16,7 +18,7 @@ def reference_encode(x: sp.csr_matrix, depth, medians, tokens, max_genes: int) -
     for i in range(x.shape[0]):
         row = x.getrow(i)
         pairs = []
-        for g, c in zip(row.indices, row.data):
+        for g, c in zip(row.indices, row.data, strict=False):
             if medians[g] > 0:
                 value = float(c) / float(depth[i]) * 10_000.0 / float(medians[g])
                 pairs.append((-value, int(tokens[g])))
@@ -26,7 +28,7 @@ def reference_encode(x: sp.csr_matrix, depth, medians, tokens, max_genes: int) -
 
 def _split(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    return [tokens[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+    return [tokens[a:b].tolist() for a, b in itertools.pairwise(bounds)]
 
 
 @pytest.mark.parametrize("max_genes", [2048, 5])
@@ -47,7 +49,7 @@ def test_near_ties_one_ulp_apart() -> None:
     medians = np.array([m, np.nextafter(m, 2.0), m, np.nextafter(m, 0.0)])
     x = sp.csr_matrix(np.array([[3, 3, 3, 3]], dtype=np.int64))
     tokens = np.array([10, 11, 12, 13], dtype=np.int32)
-    got, lengths = rank_value_encode(x, depth=np.array([9.0]), medians=medians, tokens=tokens, max_genes=10)
+    got, _lengths = rank_value_encode(x, depth=np.array([9.0]), medians=medians, tokens=tokens, max_genes=10)
     # larger median → smaller value; exact ties (genes 0 and 2) by ascending token
     assert got.tolist() == [13, 10, 12, 11]
     assert got.tolist() == reference_encode(x, [9.0], medians, tokens, 10)[0]
@@ -76,7 +78,7 @@ def test_geneformer_sparse_arithmetic_is_reproduced() -> None:
     expected = []
     for i in range(n_cells):
         row = norm.getrow(i)
-        order = sorted(zip(-row.data, tokens[row.indices]))
+        order = sorted(zip(-row.data, tokens[row.indices], strict=False))
         expected.append([int(t) for _, t in order])
     got, lengths = rank_value_encode(sp.csr_matrix(dense.astype(np.int64)), depth=depth32.astype(np.float64),
                                      medians=medians, tokens=tokens, max_genes=4096,
@@ -94,7 +96,7 @@ def test_geneformer_dense_arithmetic_is_reproduced(n_dtype: type) -> None:
     medians = rng.uniform(0.2, 5.0, 300)
     tokens = np.arange(2, 302, dtype=np.int32)
     norm = dense / depth[:, None] * 10_000 / medians
-    expected = [[int(t) for _, t in sorted(zip(-row[row > 0], tokens[row > 0]))] for row in norm]
+    expected = [[int(t) for _, t in sorted(zip(-row[row > 0], tokens[row > 0], strict=False))] for row in norm]
     arithmetic = Arithmetic.geneformer(value_dtype=np.dtype(np.float32), depth_dtype=np.dtype(n_dtype), dense=True)
     got, lengths = rank_value_encode(sp.csr_matrix(dense.astype(np.int64)), depth=depth.astype(np.float64),
                                      medians=medians, tokens=tokens, max_genes=4096, arithmetic=arithmetic)
@@ -111,7 +113,7 @@ def test_geneformer_sparse_arithmetic_for_every_dtype_pair(x_dtype: type, n_dtyp
     medians = rng.uniform(0.2, 5.0, 500)
     tokens = np.arange(2, 502, dtype=np.int32)
     norm = sp.csr_matrix(sp.csr_matrix(dense.astype(x_dtype)) / depth[:, None] * 10_000 / medians)
-    expected = [[int(t) for _, t in sorted(zip(-norm.getrow(i).data, tokens[norm.getrow(i).indices]))]
+    expected = [[int(t) for _, t in sorted(zip(-norm.getrow(i).data, tokens[norm.getrow(i).indices], strict=False))]
                 for i in range(40)]
     arithmetic = Arithmetic.geneformer(value_dtype=np.dtype(x_dtype), depth_dtype=np.dtype(n_dtype), dense=False)
     got, lengths = rank_value_encode(sp.csr_matrix(dense), depth=depth.astype(np.float64), medians=medians,
@@ -148,10 +150,10 @@ def test_adversarial_near_ties_against_reference(seed: int) -> None:
                                          arithmetic=arithmetic, keep=keep)
         assert (lengths[~keep] == 0).all()
         cells = _split(got, lengths[keep])
-        for i, cell in zip(np.flatnonzero(keep), cells):
+        for i, cell in zip(np.flatnonzero(keep), cells, strict=False):
             row = x.getrow(i)
             pairs = []
-            for g, c in zip(row.indices, row.data):
+            for g, c in zip(row.indices, row.data, strict=False):
                 if medians[g] > 0:
                     if arithmetic.reciprocal:
                         head = np.float64(np.float32(c) * (np.float32(1) / np.float32(depth[i])) * np.float32(10_000))

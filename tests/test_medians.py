@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -17,7 +19,7 @@ def brute_force_medians(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray) -
         rows = x.indices[x.indptr[g]:x.indptr[g + 1]]
         counts = x.data[x.indptr[g]:x.indptr[g + 1]]
         sel = keep[rows]
-        values = [float(c) / float(d) * 10_000.0 for c, d in zip(counts[sel], depth[rows][sel])]
+        values = [float(c) / float(d) * 10_000.0 for c, d in zip(counts[sel], depth[rows][sel], strict=False)]
         if values:
             out[g] = np.median(np.array(values, dtype=np.float64))
     return out
@@ -26,9 +28,9 @@ def brute_force_medians(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray) -
 def exact_medians(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, cuts: list[int]) -> np.ndarray:
     """The module's three passes, with the cells cut into blocks at ``cuts``, merged in order."""
     bounds = [0, *cuts, x.shape[0]]
-    blocks = [(x[a:b], depth[a:b], keep[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    blocks = [(x[a:b], depth[a:b], keep[a:b]) for a, b in itertools.pairwise(bounds)]
     window = medians.GeneWindow.empty(x.shape[1])
-    for xb, db, kb in blocks:
+    for xb, db, _ in blocks:
         part = medians.GeneWindow.empty(x.shape[1])
         part.add(xb, db, np.ones(xb.shape[0], bool))  # the window may be wider than the kept cells
         window.merge(part)
@@ -146,7 +148,7 @@ def _task_results(x: sp.csr_matrix, depth: np.ndarray, keep: np.ndarray, window:
     """One :class:`ValueSelection` per task, fed block by block, as medians.selection_task does."""
     bounds = [0, *task_cuts, x.shape[0]]
     out = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         sel = medians.ValueSelection(window, shift, targets, buffer_pairs=buffer_pairs)
         for s in range(a, b, block):
             e = min(s + block, b)
@@ -274,7 +276,7 @@ def test_one_gene_with_200k_values_in_one_bin() -> None:
     values = medians.ValueMultiset.union(parts, 2)
     assert len(values) > 199_000  # nearly all distinct, all in the one target bin
     got = medians.select_medians(targets, values)
-    expected = np.median((data.astype(np.float64) / depth * 10_000.0))
+    expected = np.median(data.astype(np.float64) / depth * 10_000.0)
     assert got[0].tobytes() == np.float64(expected).tobytes()
     assert np.isnan(got[1])
 
@@ -348,6 +350,6 @@ def test_selection_state_is_distinct_keys_not_values() -> None:
 
 def test_missing_values_are_detected() -> None:
     x, depth, keep = _random_case(4)
-    window, shift, targets = _passes(x, depth, keep)
+    _window, _shift, targets = _passes(x, depth, keep)
     with pytest.raises(ValueError, match="middle ranks"):
         medians.select_medians(targets, medians.ValueMultiset.empty(x.shape[1]))

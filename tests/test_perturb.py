@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch  # noqa: F401 - the train extra: make test installs it, so a missing one fails here
 from embedding_data import kang_corpus, kang_labels_if_present, reference_layer, tiny_model
 from typer.testing import CliRunner
 
-import torch  # noqa: F401 - the train extra: make test installs it, so a missing one fails here
+from genecorpus.cli import app
+from genecorpus.corpus import CorpusReader
+from genecorpus.errors import ConfigError, InputError
+from genecorpus.model.bert import load_model
+from genecorpus.model.embed import CellEncoder, embed_corpus
+from genecorpus.model.perturb import perturb, perturb_tokens, resolve_genes
 
-from genecorpus.cli import app  # noqa: E402
-from genecorpus.corpus import CorpusReader  # noqa: E402
-from genecorpus.model.embed import CellEncoder, embed_corpus  # noqa: E402
-from genecorpus.errors import ConfigError, InputError  # noqa: E402
-from genecorpus.model.bert import load_model  # noqa: E402
-from genecorpus.model.perturb import perturb, perturb_tokens, resolve_genes  # noqa: E402
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -172,7 +174,7 @@ def test_shifts_agree_with_a_computation_by_hand(gc30m: tuple[Path, Path], tmp_p
 def test_overexpress_on_a_gc104m_corpus(gc104m: tuple[Path, Path], tmp_path: Path) -> None:
     corpus, model = gc104m
     token = token_of(corpus, CD74)
-    holding, lacking = cells_with_and_without(corpus, token, n=1)
+    _holding, lacking = cells_with_and_without(corpus, token, n=1)
     result = perturb(corpus, model, genes=[CD74], mode="overexpress", max_cells=3)
     assert result.cells["corpus_row"].tolist() == [0, 1, 2]
     reader = CorpusReader.open(corpus)

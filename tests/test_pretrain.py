@@ -13,21 +13,19 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch  # the train extra: make test installs it, so a missing one fails here
+import transformers
 
 from genecorpus.config import BuildConfig, DatasetSpec
 from genecorpus.corpus import CorpusReader
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.masking import IGNORE_INDEX, mask_genes, pad_cells
-from genecorpus.public_data import fetch_public_file
+from genecorpus.model.pretrain import pretrain
 from genecorpus.model.rank_baseline import RankFrequencyBaseline, position_bins
 from genecorpus.model.sampling import LengthGroupedSampler, split_cells
+from genecorpus.public_data import fetch_public_file
 from genecorpus.testing import write_h5ad
 from genecorpus.vocab import TokenDictionary
-
-import torch  # the train extra: make test installs it, so a missing one fails here
-import transformers
-
-from genecorpus.model.pretrain import pretrain  # noqa: E402 - needs torch
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -264,7 +262,7 @@ def test_split_by_cell_without_datasets_and_val_cap() -> None:
 def test_rank_baseline_matches_a_slow_count(real_corpus: Path) -> None:
     reader = CorpusReader.open(real_corpus)
     tdict = reader.token_dictionary
-    cells = [reader.input_ids(r) for r in range(0, 200)]
+    cells = [reader.input_ids(r) for r in range(200)]
     baseline = RankFrequencyBaseline.fit(iter(cells), tdict, max_length=300)
     # slow reference: Counter per position bin, bins from the definition (exact < 64, 4 per octave)
     def bin_of(p: int) -> int:
@@ -324,11 +322,11 @@ def test_model_folder_opens_with_from_pretrained(real_corpus: Path, tmp_path: Pa
     assert (out / "checkpoint" / "training_state.pt").is_file()
     last = transformers.BertForMaskedLM.from_pretrained(out / "checkpoint").state_dict()
     assert all(torch.equal(value, last[key]) for key, value in model.state_dict().items())
-    with pytest.raises(ConfigError, match="--resume .* --overwrite"):
+    with pytest.raises(ConfigError, match=r"--resume .* --overwrite"):
         pretrain(real_corpus, out, max_steps=6, **FAST)
 
 
-class _Crash(RuntimeError):
+class _CrashError(RuntimeError):
     pass
 
 
@@ -338,9 +336,9 @@ def test_resume_continues_the_same_trajectory(real_corpus: Path, tmp_path: Path)
 
     def crash_at_step_6(stage: str, done: int, total: int) -> None:
         if done == 6:
-            raise _Crash
+            raise _CrashError
 
-    with pytest.raises(_Crash):
+    with pytest.raises(_CrashError):
         pretrain(real_corpus, tmp_path / "b", progress=crash_at_step_6, **settings)
     state = json.loads((tmp_path / "b" / "checkpoint" / "training_state.json").read_text())
     assert state["step"] == 4
@@ -377,7 +375,7 @@ def test_bad_settings_are_one_line_errors(real_corpus: Path, tmp_path: Path) -> 
         pretrain(tmp_path, tmp_path / "m2", max_steps=3)
     bare = shutil.copytree(real_corpus, tmp_path / "bare")
     (bare / "token_dictionary.pkl").unlink()
-    with pytest.raises(InputError, match="no token_dictionary.pkl; pass the corpus's token dictionary"):
+    with pytest.raises(InputError, match=r"no token_dictionary\.pkl; pass the corpus's token dictionary"):
         pretrain(bare, tmp_path / "m2", max_steps=3)
     assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()
 

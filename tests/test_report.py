@@ -8,9 +8,11 @@ import json
 import pickle
 import re
 import shutil
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
+import jinja2  # noqa: F401 - core dependencies: never skipped
+import matplotlib  # noqa: F401
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,12 +21,12 @@ import scipy.sparse as sp
 from genecorpus import genes
 from genecorpus.build import build_corpus
 from genecorpus.config import BuildConfig, DatasetSpec
-from genecorpus.errors import InputError
 from genecorpus.corpus.manifest import DROP_REASONS
+from genecorpus.errors import InputError
 from genecorpus.report import write_report
 
-import jinja2  # noqa: F401 - core dependencies: never skipped
-import matplotlib  # noqa: F401
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QC_PNGS = ("qc_n_counts.png", "qc_mito.png")

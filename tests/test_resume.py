@@ -215,7 +215,7 @@ def test_kill_at_random_moments_and_resume_repeatedly(data: dict[str, Any], tmp_
         delay = rng.uniform(0.2, 2.0)
         # after the first kill, every run resumes the one before (and may itself be killed)
         at_kill = _kill_when(data["manifest"], out, _SecondsAfterFirstLook(delay), resume=i > 0)
-        print(f"kill {i} after {delay:.1f} s: finished tasks {at_kill}")  # noqa: T201 - shown with -s
+        print(f"kill {i} after {delay:.1f} s: finished tasks {at_kill}")
         if at_kill is None:  # finished before the kill: resuming a complete corpus is a no-op
             break
     _check_resumed(data, out, at_kill, _resume_by_cli(data, out))
@@ -238,7 +238,7 @@ class _InterruptAt:
             raise KeyboardInterrupt
 
 
-def _config(paths: list[Path], **kwargs: Any) -> BuildConfig:  # noqa: ANN401
+def _config(paths: list[Path], **kwargs: Any) -> BuildConfig:
     specs = tuple(DatasetSpec(path=str(p), gene_id="ensembl", **kwargs.pop(p.stem, {})) for p in paths)
     return BuildConfig(datasets=specs, shard_cells=SHARD_CELLS, block_size=100, **kwargs)
 
@@ -355,10 +355,10 @@ def test_failure_keeps_finished_tasks_only_with_resume(small: list[Path], tmp_pa
     ids = np.concatenate([genes.candidate_genes()[::40][:400], genes.mito_genes()[:13]]).astype(object)
     write_h5ad(bad, counts, gene_ids=ids, cell_ids=np.array([f"x{i}" for i in range(600)], dtype=object))
     out = tmp_path / "corpus"
-    with pytest.raises(GenecorpusError, match="2.5"):
+    with pytest.raises(GenecorpusError, match=r"2\.5"):
         build_corpus(_config([*small, bad]), out, report=False)
     assert not out.with_name(".corpus.incomplete").exists()  # the default leaves nothing behind
-    with pytest.raises(GenecorpusError, match="2.5"):
+    with pytest.raises(GenecorpusError, match=r"2\.5"):
         build_corpus(_config([*small, bad]), out, report=False, resume=True)
     assert WorkFolder.unfinished(out)  # kept for the next --resume
     build_corpus(_config(small), out, report=False, resume=True)  # the bad dataset removed from the manifest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import datasets
@@ -11,12 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from reference import RefDataset, collapse, encode_cells
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
 from genecorpus.config import BuildConfig, DatasetSpec
 
-from reference import RefDataset, collapse, encode_cells
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _plain_load(path: Path) -> dict:

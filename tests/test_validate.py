@@ -20,8 +20,8 @@ from genecorpus import _kernels, genes
 from genecorpus.build import build_corpus
 from genecorpus.cli import app
 from genecorpus.config import BuildConfig, DatasetSpec
-from genecorpus.errors import InputError
 from genecorpus.corpus.folder import sha256_of_path
+from genecorpus.errors import InputError
 from genecorpus.testing import random_counts, write_h5ad, write_loom
 from genecorpus.validate import CHECKS, ValidationReport, validate_corpus
 

@@ -218,10 +218,24 @@ class DaskExecutor:
                                                 allow_other_workers=False, pure=False) for w in workers]
 
     def _submit(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
+        self._await_warm_up()
         shared = self._scatter_shared(tasks)
         token = uuid.uuid4().hex[:8]
         return [self.client.submit(fn, *(shared.get(id(a), a) for a in tasks[i]), key=f"{stage}-{i}-{token}",
                                    pure=False) for i in range(len(tasks))]
+
+    def _await_warm_up(self) -> None:
+        """Let the warm-up imports finish before anything is sent to the workers.
+
+        A worker unpickles what it receives in another thread than the one running the warm-up task; two
+        threads importing submodules of one package at once can see it half initialized (an ImportError).
+        """
+        warm_up, self._warm_up = self._warm_up, []
+        if warm_up:
+            from distributed import wait
+
+            with contextlib.suppress(Exception):  # a failed warm-up only means the first task imports
+                wait(warm_up)
 
     def _scatter_shared(self, tasks: Sequence[tuple[Any, ...]]) -> dict[int, Any]:
         """Objects passed to more than one task, sent to the cluster once (id → future)."""

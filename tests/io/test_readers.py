@@ -450,7 +450,7 @@ def test_kang_pbmc_control_csc_equals_anndata(kang_control: Path) -> None:
 
 @old_anndata_file
 def test_kang_pbmc_ctrl_csr_equals_anndata() -> None:
-    from genecorpus.public_data import fetch_public_file  # noqa: PLC0415
+    from genecorpus.public_data import fetch_public_file
 
     path = fetch_public_file("kang_pbmc_ctrl")
     reference = anndata.read_h5ad(path)
