@@ -80,7 +80,7 @@ from genecorpus.qc import (
     qc_task,
 )
 from genecorpus.report import write_report
-from genecorpus.resume import InputDigests, TaskKeys, WorkFolder, fingerprint, run_recorded
+from genecorpus.resume import InputDigests, TaskKeys, WorkFolder, file_identity, fingerprint, run_recorded
 from genecorpus.vocab import LAYOUTS, LayoutName, TokenDictionary, load_gene_medians, load_pickled_dict
 
 if TYPE_CHECKING:
@@ -322,6 +322,8 @@ class _Build:
                 continue
             build.plans.append(plan)
         build._require_some()
+        if not config.allow_repeated_files:
+            _refuse_repeated_files(build.plans)
         return build
 
     # ---- the stages, in order
@@ -501,6 +503,9 @@ class _Build:
             filter_column=plan.filter_column,
             qc=qc.thresholds[plan.index].to_record(),
             cells=CellCounts(n_in=n_in, kept=kept, dropped=dropped),
+            matrix=plan.matrix,
+            select_columns=plan.select_columns,
+            primary_column=plan.primary_column,
         )
 
     # ---- failures
@@ -666,6 +671,38 @@ class _Failures:
             self.failed.setdefault(cells.dataset, result.message)
             return acc
         return self.combine(acc, result)
+
+
+def _refuse_repeated_files(plans: Sequence[DatasetPlan]) -> None:
+    """Refuse two datasets read from the same file, or from two files with the same content.
+
+    Only distinct files of equal size are hashed here (rarely any); the other inputs' sha256 is computed
+    in the background while the build runs, as always.
+    """
+    files: dict[Path, DatasetPlan] = {}
+    for plan in plans:
+        if plan.source is None:
+            path = Path(plan.spec.path).resolve()
+            if path in files:
+                _repeated(plan, files[path], "the same file as")
+            files[path] = plan
+    by_size: dict[int, list[Path]] = {}
+    for path in files:
+        by_size.setdefault(file_identity(path)[0], []).append(path)
+    for paths in (p for p in by_size.values() if len(p) > 1):
+        seen: dict[str, DatasetPlan] = {}
+        for path in paths:
+            digest = sha256_of_path(path)[0]
+            if digest in seen:
+                _repeated(files[path], seen[digest], f"identical to (sha256 {digest[:12]}…)")
+            seen[digest] = files[path]
+
+
+def _repeated(plan: DatasetPlan, first: DatasetPlan, how: str) -> None:
+    msg = (f"{plan.spec.path}: dataset {plan.spec.dataset_id!r} is {how} {first.spec.path} (dataset "
+           f"{first.spec.dataset_id!r}), so its cells would be in the corpus twice; remove one, or set "
+           "allow_repeated_files = true in the manifest")
+    raise ConfigError(msg)
 
 
 # ------------------------------------------------------------------------------------- the out folder

@@ -35,7 +35,9 @@ __all__ = ["NO_VOCAB_REASON", "QC_SAMPLE_CELLS", "DatasetQC", "QCMoments", "QCPa
 QC_SAMPLE_CELLS = 20_000
 """At most about this many cells per dataset keep their QC statistics for the report."""
 
-_R_FILTER, _R_COUNTS, _R_MITO, _R_GENES, _R_VOCAB = range(len(DROP_REASONS))
+(_R_FILTER, _R_COUNTS, _R_MITO, _R_GENES, _R_VOCAB, _R_PRIMARY, _R_DUPLICATE) = (
+    DROP_REASONS.index(r) for r in ("filter_pass", "n_counts_outlier", "mito_outlier", "min_genes", "no_vocab_genes",
+                                    "not_primary_data", "duplicate"))
 NO_VOCAB_REASON = _R_VOCAB
 """Reason index of a kept cell that has no vocabulary gene (decided by the encoding pass)."""
 
@@ -99,14 +101,18 @@ class _Moments:
 
 @dataclass
 class QCMoments:
-    """Mergeable moments of n_counts and the mito statistic over the preselected cells of a dataset."""
+    """Mergeable moments of n_counts and the mito statistic over the selected cells of a dataset.
+
+    Selected: pre-selected (``filter_pass`` and the other selection columns) and primary (not marked
+    ``is_primary_data = False``); the card's rule looks at the dataset's own cells.
+    """
 
     n_counts: _Moments = field(default_factory=_Moments)
     mito: _Moments = field(default_factory=_Moments)
 
     def add(self, stats: CellStats, mode: str) -> None:
-        """Add the preselected cells of one block."""
-        sel = stats.preselected
+        """Add the selected cells of one block."""
+        sel = stats.selected
         self.n_counts.add(stats.n_counts[sel])
         self.mito.add(stats.mito_values(mode)[sel])
 
@@ -163,6 +169,7 @@ class DatasetQC:
         """
         reason = np.full(stats.n_counts.shape[0], -1, dtype=np.int8)
         reason[~stats.preselected] = _R_FILTER
+        reason[(reason < 0) & ~stats.primary] = _R_PRIMARY
         if self.enabled:
             bad = np.abs(stats.n_counts.astype(np.float64) - self.n_counts_mean) > self.n_sd * self.n_counts_sd
             reason[(reason < 0) & bad] = _R_COUNTS
@@ -216,7 +223,7 @@ def qc_task(plan: DatasetPlan, cells: CellRange, settings: QCPassSettings) -> QC
         moments.add(b.stats, settings.mito_mode)
         samples.append(b.stats.take(np.flatnonzero((np.arange(b.start, b.start + b.genes.shape[0]) % stride) == 0)))
         if settings.value_window and plan.spec.use_for_medians:
-            window.add(b.genes, b.depth, b.stats.preselected)
+            window.add(b.genes, b.depth, b.stats.selected)
     return QCTaskResult(moments, window, CellStats.concatenate(samples) if samples else None)
 
 

@@ -55,6 +55,8 @@ _REASON_COLORS = {
     "mito_outlier": "#c44e52",
     "min_genes": "#8172b3",
     "no_vocab_genes": "#937860",
+    "not_primary_data": "#da8bc3",
+    "duplicate": "#55a868",
 }
 _CUT_COLOR = "#222222"
 _DPI = 100

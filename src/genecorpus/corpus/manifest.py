@@ -16,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from genecorpus.config import BuildConfig, DatasetSpec, Mode, describe_validation_error
 from genecorpus.errors import InputError
@@ -26,16 +26,21 @@ if TYPE_CHECKING:
     import os
 
 __all__ = [
-    "DROP_REASONS", "FORMAT", "CellCounts", "ComputedMedians", "CorpusSummary", "DatasetRecord", "DepthSource",
-    "GeneMappingSummary", "GivenMedians", "Manifest", "QCThresholds", "SkippedDataset", "Stage",
+    "DROP_REASONS", "FORMAT", "RULE_ORDER", "CellCounts", "ComputedMedians", "CorpusSummary", "DatasetRecord",
+    "DepthSource", "GeneMappingSummary", "GivenMedians", "Manifest", "QCThresholds", "SkippedDataset", "Stage",
     "VocabularySummary", "package_versions",
 ]
 
 FORMAT = "genecorpus/1"
 """The version of the record this module reads and writes."""
 
-DROP_REASONS = ("filter_pass", "n_counts_outlier", "mito_outlier", "min_genes", "no_vocab_genes")
-"""Why a cell was dropped, in the order the rules apply; each dropped cell counts under the first."""
+DROP_REASONS = ("filter_pass", "n_counts_outlier", "mito_outlier", "min_genes", "no_vocab_genes", "not_primary_data",
+                "duplicate")
+"""Why a cell was dropped. A dropped cell counts under the first rule it fails, in the order :data:`RULE_ORDER`;
+the index of a reason here is what ``report/qc_sample.npz`` stores, so new reasons are only ever appended."""
+RULE_ORDER = ("filter_pass", "not_primary_data", "n_counts_outlier", "mito_outlier", "min_genes", "duplicate",
+              "no_vocab_genes")
+"""The order in which the rules drop cells: pre-selection, curation, QC, duplicates, then encoding."""
 
 Stage = Literal["plan", "qc", "medians", "encode"]
 """The pass of a build in which a skipped dataset failed."""
@@ -73,6 +78,8 @@ class GeneMappingSummary(_Record):
     """Distinct universe genes they map to (columns of one gene are summed)."""
     n_mito_columns: int
     """Columns of mitochondrial genes."""
+    n_filtered_out: int = 0
+    """Columns left out because ``var["feature_is_filtered"]`` marks them (CELLxGENE's curation)."""
 
 
 class QCThresholds(_Record):
@@ -105,6 +112,16 @@ class CellCounts(_Record):
     dropped: dict[str, int]
     """Dropped cells by reason, every reason of :data:`DROP_REASONS` listed in that order."""
 
+    @field_validator("dropped")
+    @classmethod
+    def _every_reason(cls, value: dict[str, int]) -> dict[str, int]:
+        # reasons added after a manifest was written dropped no cell of it
+        unknown = sorted(set(value) - set(DROP_REASONS))
+        if unknown:
+            msg = f"unknown drop reason {unknown[0]!r}; known: {', '.join(DROP_REASONS)}"
+            raise ValueError(msg)
+        return {reason: value.get(reason, 0) for reason in DROP_REASONS}
+
 
 class DatasetRecord(_Record):
     """One dataset of the corpus: where it came from, how it was read, and where its cells went."""
@@ -122,6 +139,13 @@ class DatasetRecord(_Record):
     """The pre-selection column found in the input (None: all cells pre-selected)."""
     qc: QCThresholds
     cells: CellCounts
+    matrix: str | None = None
+    """The matrix the counts were read from (``X``, ``raw.X`` or ``layers['counts']``; chosen by
+    ``counts = "auto"``); None in manifests written before it was recorded (then ``spec`` says)."""
+    select_columns: tuple[str, ...] = ()
+    """Further pre-selection columns found in the input (``spec.select_columns``)."""
+    primary_column: str | None = None
+    """``is_primary_data`` when the input has it and ``spec.primary_only`` (its False cells were dropped)."""
 
     @property
     def in_memory(self) -> bool:
