@@ -24,7 +24,7 @@ Examples
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -33,7 +33,7 @@ import scipy.sparse as sp
 from genecorpus import _kernels, genes
 from genecorpus.corpus.manifest import DepthSource, GeneMappingSummary
 from genecorpus.errors import ConfigError, CountsError, GenecorpusError, GeneMappingError, InputError
-from genecorpus.io import open_dataset
+from genecorpus.io import CellBlock, open_dataset
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     from genecorpus.config import DatasetSpec
     from genecorpus.io import CellSource
 
-__all__ = ["CellRange", "CellStats", "DatasetPlan", "GeneBlock", "gene_keys", "plan_dataset", "split_cells"]
+__all__ = [
+    "CellRange", "CellStats", "DatasetPlan", "GeneBlock", "gene_keys", "plan_dataset", "split_cells", "split_dataset",
+]
 
 _NO_GENES = np.empty(0, dtype=object)
 
@@ -128,7 +130,8 @@ class DatasetPlan:
     n_genes: int
     """Size of the universe."""
     col_to_gene: np.ndarray
-    """Input column → index into the universe, or -1 (int32)."""
+    """Input column → index into the universe, or -1 (not a universe gene), or -2 (left out entirely:
+    ``feature_is_filtered``) (int32)."""
     is_mito_col: np.ndarray
     """Input column is a mitochondrial gene (bool)."""
     gene_summary: GeneMappingSummary
@@ -146,6 +149,15 @@ class DatasetPlan:
     """No two input columns map to the same gene (nothing to sum)."""
     source: Any = None
     """An in-memory AnnData (Python API only; read in this process)."""
+    part: str | None = None
+    """The value of ``spec.split_by`` this plan reads (None: the whole file)."""
+    rows: np.ndarray | None = None
+    """The file's rows of this part, ascending (int64); None: every row. Cell ``i`` of the plan is row ``rows[i]``."""
+
+    @property
+    def dataset_id(self) -> str:
+        """The dataset's id in the corpus: the spec's, or ``<id>/<value>`` for a part of a split file."""
+        return self.spec.dataset_id if self.part is None else f"{self.spec.dataset_id}/{self.part}"
 
     def open(self) -> CellSource:
         """Open the dataset for reading."""
@@ -170,15 +182,7 @@ class DatasetPlan:
         want = list(dict.fromkeys([*obs_columns, *(["n_counts"] if from_obs else []), *self._flag_columns]))
         source = self.open()
         try:
-            for first in range(start, stop, block_size):
-                last = min(first + block_size, stop)
-                try:
-                    block = source.read_block(first, last, obs_columns=want)
-                except GenecorpusError:
-                    raise
-                except (OSError, ValueError, KeyError) as e:
-                    msg = f"{self.spec.path}: cannot read cells {first}:{last} ({e}); the file may be corrupt"
-                    raise InputError(msg) from None
+            for first, block in self._read_cells(source, start, stop, block_size=block_size, obs_columns=want):
                 x = block.counts
                 gdata, gidx, gptr, totals, mito = _kernels.collapse_csr(
                     x.data, x.indices, x.indptr.astype(np.int64), self.col_to_gene, self.is_mito_col,
@@ -193,6 +197,38 @@ class DatasetPlan:
                                 block.value_dtype or np.dtype(np.float32), block.dense_input)
         finally:
             source.close()
+
+    def _read_cells(self, source: CellSource, start: int, stop: int, *, block_size: int,
+                    obs_columns: list[str]) -> Iterator[tuple[int, CellBlock]]:
+        """Cells ``start:stop`` of the plan as (index of the first, block); a part's rows are picked out of
+        the file's blocks of ``block_size`` rows, from its first row to its last (blocks without any are skipped)."""
+        if self.rows is None:
+            for first in range(start, stop, block_size):
+                yield first, self._read_rows(source, first, min(first + block_size, stop), obs_columns)
+            return
+        members = self.rows[start:stop]
+        if not len(members):
+            return
+        for lo in range(int(members[0]), int(members[-1]) + 1, block_size):
+            hi = min(lo + block_size, int(members[-1]) + 1)
+            a, b = np.searchsorted(members, [lo, hi])
+            if a == b:
+                continue
+            block = self._read_rows(source, lo, hi, obs_columns)
+            pick = members[a:b] - lo
+            yield start + int(a), CellBlock(
+                counts=block.counts[pick], cell_ids=block.cell_ids[pick], start=start + int(a),
+                obs={name: np.asarray(values)[pick] for name, values in block.obs.items()},
+                value_dtype=block.value_dtype, dense_input=block.dense_input)
+
+    def _read_rows(self, source: CellSource, first: int, last: int, obs_columns: list[str]) -> CellBlock:
+        try:
+            return source.read_block(first, last, obs_columns=obs_columns)
+        except GenecorpusError:
+            raise
+        except (OSError, ValueError, KeyError) as e:
+            msg = f"{self.spec.path}: cannot read cells {first}:{last} ({e}); the file may be corrupt"
+            raise InputError(msg) from None
 
     @property
     def _flag_columns(self) -> list[str]:
@@ -370,7 +406,7 @@ def _filtered_out(opened: CellSource, spec: DatasetSpec, source: Any, *, use_raw
     finally:
         if flags_of is not opened:
             flags_of.close()
-    return np.isin(np.asarray(opened.var_names, dtype=object), list(marked))
+    return np.array([name in marked for name in np.asarray(opened.var_names, dtype=object).tolist()], dtype=bool)
 
 
 def plan_dataset(
@@ -425,7 +461,7 @@ def plan_dataset(
             keys, mapped = _keys(opened, spec, mapping)
         filtered_out = _filtered_out(opened, spec, source, use_raw=use_raw)
         col_to_gene = genes.collapse_index(keys, universe)
-        col_to_gene[filtered_out] = -1
+        col_to_gene[filtered_out] = _kernels.EXCLUDED_COLUMN
         is_mito = np.isin(keys, mito)
         n_used = int((col_to_gene >= 0).sum())
         n_distinct = int(np.unique(col_to_gene[col_to_gene >= 0]).shape[0])
@@ -459,6 +495,34 @@ def plan_dataset(
             primary_column=PRIMARY_COLUMN if spec.primary_only and PRIMARY_COLUMN in obs else None,
             layer=layer, use_raw=use_raw, injective=n_distinct == n_used, source=source,
         )
+
+
+def split_dataset(plan: DatasetPlan) -> list[DatasetPlan]:
+    """The parts of a dataset planned with ``spec.split_by``: one plan per value of that obs column.
+
+    Parts come in the order of their values (as strings, sorted), each with the rows that hold its value;
+    each is its own dataset for QC, medians and the manifest, ``<id>/<value>``. A plan without
+    ``split_by`` is returned alone.
+
+    Raises
+    ------
+    ConfigError
+        The dataset has no such obs column.
+    """
+    column = plan.spec.split_by
+    if column is None:
+        return [plan]
+    with plan.open() as source:
+        if column not in source.obs_columns:
+            msg = (f"{plan.spec.path}: no obs column {column!r} to split by; available: "
+                   f"{', '.join(sorted(source.obs_columns)) or 'none'}")
+            raise ConfigError(msg)
+        values = np.array([str(v) for v in np.asarray(source.obs_column(column)).tolist()], dtype=object)
+    parts = []
+    for value in sorted(set(values.tolist())):
+        rows = np.flatnonzero(values == value).astype(np.int64)
+        parts.append(replace(plan, part=value, rows=rows, n_cells=len(rows)))
+    return parts
 
 
 @dataclass(frozen=True)

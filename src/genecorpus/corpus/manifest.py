@@ -38,11 +38,12 @@ DROP_REASONS = ("filter_pass", "n_counts_outlier", "mito_outlier", "min_genes", 
                 "duplicate")
 """Why a cell was dropped. A dropped cell counts under the first rule it fails, in the order :data:`RULE_ORDER`;
 the index of a reason here is what ``report/qc_sample.npz`` stores, so new reasons are only ever appended."""
-RULE_ORDER = ("filter_pass", "not_primary_data", "n_counts_outlier", "mito_outlier", "min_genes", "duplicate",
+RULE_ORDER = ("filter_pass", "not_primary_data", "duplicate", "n_counts_outlier", "mito_outlier", "min_genes",
               "no_vocab_genes")
-"""The order in which the rules drop cells: pre-selection, curation, QC, duplicates, then encoding."""
+"""The order in which the rules drop cells: pre-selection, curation, duplicates (so that QC sees each dataset
+as it would be without its copies), QC, then encoding."""
 
-Stage = Literal["plan", "qc", "medians", "encode"]
+Stage = Literal["plan", "qc", "duplicates", "medians", "encode"]
 """The pass of a build in which a skipped dataset failed."""
 
 
@@ -146,6 +147,8 @@ class DatasetRecord(_Record):
     """Further pre-selection columns found in the input (``spec.select_columns``)."""
     primary_column: str | None = None
     """``is_primary_data`` when the input has it and ``spec.primary_only`` (its False cells were dropped)."""
+    split_value: str | None = None
+    """For a part of a file split by ``spec.split_by``: the value its cells hold (its id is ``<id>/<value>``)."""
 
     @property
     def in_memory(self) -> bool:
@@ -191,6 +194,36 @@ class CorpusSummary(_Record):
     columns: tuple[str, ...]
 
 
+class SharedCells(_Record):
+    """Cells of dataset ``b`` that are copies of cells of dataset ``a`` (``a`` earlier in the manifest)."""
+
+    a: str
+    b: str
+    n_cells: int
+
+
+class DuplicatesSummary(_Record):
+    """What duplicate detection found (:mod:`genecorpus.duplicates`)."""
+
+    policy: Literal["drop", "report"]
+    rule: str
+    """The verification rule, in words."""
+    n_key_pairs: int = 0
+    """Pairs of cells that shared a fingerprint key (counted once per key range in which they did)."""
+    n_candidate_pairs: int
+    """Of those, the pairs whose sketches agree: verified on their counts."""
+    n_verified_pairs: int
+    """Of those, the pairs verification calls the same cell (across datasets and within)."""
+    n_common_keys: int
+    """Keys shared by too many cells to make candidates (very shallow cells)."""
+    shared: tuple[SharedCells, ...]
+    """Per pair of datasets that share cells, how many (every pair with at least one)."""
+    within: dict[str, int]
+    """Per dataset with any: cells identical to an earlier cell of the same dataset (reported, not dropped)."""
+    n_dropped: int
+    """Cells dropped as later copies (0 with ``report``)."""
+
+
 class SkippedDataset(_Record):
     """A dataset left out with ``--on-error skip``."""
 
@@ -215,6 +248,8 @@ class Manifest(_Record):
     vocabulary: VocabularySummary
     corpus: CorpusSummary
     skipped: tuple[SkippedDataset, ...] = ()
+    duplicates: DuplicatesSummary | None = None
+    """None when duplicates were not looked for (``keep``, ``tokenize``, or manifests before 0.2)."""
     files: dict[str, str] = Field(default_factory=dict)
     """sha256 of the dictionary and lengths files beside the shards (by file name)."""
     timings: dict[str, float] = Field(default_factory=dict)
