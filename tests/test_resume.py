@@ -43,12 +43,24 @@ if TYPE_CHECKING:
 
 N_CELLS = 1000  # per dataset: 3 x 4 tasks per stage, enough to stop a build in the middle of each
 SHARD_CELLS = 250
-STAGES = ("qc", "histogram", "selection", "encode")
+COPY_EVERY = 5
+"""Dataset c holds copies of every 5th cell of dataset a: duplicate detection reads and drops them."""
+STAGES = ("qc", "candidates", "candidate_cells", "histogram", "selection", "encode")
 
 
-def _write(folder: Path, name: str, seed: int, n_cells: int = N_CELLS) -> Path:
+def _counts(n_cells: int, seed: int) -> Any:
     ids = np.concatenate([genes.candidate_genes()[::40][:400], genes.mito_genes()[:13]]).astype(object)
-    counts = random_counts(n_cells, len(ids), density=0.15, seed=seed)
+    return ids, random_counts(n_cells, len(ids), density=0.15, seed=seed)
+
+
+def _write(folder: Path, name: str, seed: int, n_cells: int = N_CELLS, *, copies_of: int | None = None) -> Path:
+    """A random dataset; ``copies_of``: its cells 0, 5, 10, … are the cells of dataset ``copies_of``'s seed
+    with the same index (re-published copies, other barcodes), so the duplicates pass has work."""
+    ids, counts = _counts(n_cells, seed)
+    if copies_of is not None:
+        counts = counts.tolil()
+        counts[::COPY_EVERY] = _counts(n_cells, copies_of)[1][::COPY_EVERY]
+        counts = counts.tocsr()
     return Path(write_h5ad(folder / f"{name}.h5ad", counts, gene_ids=ids,
                            cell_ids=np.array([f"{name}{i}" for i in range(n_cells)], dtype=object)))
 
@@ -88,10 +100,12 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("resume")
-    paths = [_write(folder, name, seed) for name, seed in (("a", 1), ("b", 2), ("c", 3))]
+    paths = [_write(folder, "a", 1), _write(folder, "b", 2), _write(folder, "c", 3, copies_of=1)]
     manifest = _manifest(folder, paths)
     reference = folder / "reference"
-    build_corpus(load_manifest(manifest), reference, report=False)
+    built = build_corpus(load_manifest(manifest), reference, report=False)
+    copies = built.manifest.datasets[2].cells.dropped["duplicate"]
+    assert copies >= 0.9 * N_CELLS // COPY_EVERY, "the reference build should find the copies in dataset c"
     return {"folder": folder, "paths": paths, "manifest": manifest, "reference": _outputs(reference)}
 
 
@@ -160,6 +174,14 @@ def _all_qc_done(work: Path) -> bool:
     return _records(work)["qc"] == 3 * N_CELLS // SHARD_CELLS
 
 
+def _candidates_under_way(work: Path) -> bool:
+    return _records(work)["candidates"] >= 1
+
+
+def _candidate_cells_under_way(work: Path) -> bool:
+    return _records(work)["candidate_cells"] >= 1
+
+
 def _medians_under_way(work: Path) -> bool:
     return _records(work)["histogram"] >= 1
 
@@ -172,9 +194,10 @@ def _writing(work: Path) -> bool:
     return len(list((work / "parts").glob("*.arrow"))) >= 3
 
 
-@pytest.mark.parametrize(("condition", "by_cli"), [(_all_qc_done, False), (_medians_under_way, False),
-                                                   (_selection_under_way, False), (_writing, True)],
-                         ids=["after-qc", "mid-histogram", "mid-selection", "mid-writing"])
+@pytest.mark.parametrize(("condition", "by_cli"), [
+    (_all_qc_done, False), (_candidates_under_way, False), (_candidate_cells_under_way, False),
+    (_medians_under_way, False), (_selection_under_way, False), (_writing, True)],
+    ids=["after-qc", "mid-candidates", "mid-candidate-cells", "mid-histogram", "mid-selection", "mid-writing"])
 def test_kill_and_resume_gives_identical_bytes(data: dict[str, Any], tmp_path: Path,
                                                condition: Callable[[Path], bool], by_cli: bool,
                                                caplog: pytest.LogCaptureFixture) -> None:

@@ -13,6 +13,8 @@ import numpy as np
 from numba import njit
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+EXCLUDED_COLUMN = -2
+"""``col_to_gene`` value of an input column left out entirely: not a gene, and not in the cell's total."""
 TARGET_SUM = 10_000.0
 """Counts are scaled to this many per cell before dividing by the gene's median (SPEC §2.4, §2.6)."""
 
@@ -21,7 +23,8 @@ TARGET_SUM = 10_000.0
 def collapse_csr(data, indices, indptr, col_to_gene, is_mito_col, n_genes, injective):  # type: ignore[no-untyped-def]
     """Per-row totals, and input columns summed into genes: ``col_to_gene[col]`` is a gene index or -1.
 
-    Totals and mitochondrial totals (``is_mito_col``) are int64 sums over *all* input columns. With
+    Totals and mitochondrial totals (``is_mito_col``) are int64 sums over *all* input columns, but those
+    marked -2 (left out of the dataset entirely, as CELLxGENE's ``feature_is_filtered`` genes). With
     ``injective`` (no two columns map to one gene) entries are only renamed and filtered. Returns
     (int64 data, int32 indices, int64 indptr) of a CSR over ``n_genes`` columns whose indices are
     unique within a row but not necessarily sorted (no consumer needs them sorted), then the totals
@@ -42,10 +45,12 @@ def collapse_csr(data, indices, indptr, col_to_gene, is_mito_col, n_genes, injec
         for k in range(indptr[i], indptr[i + 1]):
             c = data[k]
             col = indices[k]
+            g = col_to_gene[col]
+            if g == EXCLUDED_COLUMN:
+                continue
             t += c
             if is_mito_col[col]:
                 m += c
-            g = col_to_gene[col]
             if g < 0:
                 continue
             if injective:
@@ -637,3 +642,78 @@ def cell_problems_csr(tokens, offsets, lengths, token_kind, cls_token, eos_token
             f |= CELL_EMPTY
         flags[i] = f
     return flags
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mix64(h, v):  # type: ignore[no-untyped-def]
+    """Fold ``v`` into hash ``h`` (uint64): splitmix64's finalizer over ``h * 31 + v + golden ratio``."""
+    z = h * np.uint64(31) + np.uint64(v) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def fingerprint_csr(data, indices, indptr, selected, gene_group, n_groups, per_group, tops, min_count,  # type: ignore[no-untyped-def]
+                    sketch_size):
+    """Keys and sketch of each selected row, from its entries on genes with ``gene_group >= 0``.
+
+    A row's entries are ordered by count descending, then gene ascending. Keys (uint64, 0 = none):
+    ``n_groups`` group keys, of the row's first ``per_group`` entries of each group when there are that
+    many and the last has a count of at least ``min_count``; then one key per ``tops[j]``, of the row's
+    first ``tops[j]`` entries when the last has at least ``min_count`` and the next entry (if any) has a
+    smaller count (the set is the same whatever else the row lacks). A key hashes its kind, genes and
+    counts. The sketch is the first ``sketch_size`` (gene, count) pairs, -1 padded (int32, int64).
+    """
+    n = indptr.shape[0] - 1
+    n_keys = n_groups + tops.shape[0]
+    keys = np.zeros((n, n_keys), dtype=np.uint64)
+    sketch_genes = np.full((n, sketch_size), -1, dtype=np.int32)
+    sketch_counts = np.full((n, sketch_size), -1, dtype=np.int64)
+    taken = np.zeros(n_groups, dtype=np.int64)
+    group_hash = np.zeros(n_groups, dtype=np.uint64)
+    for i in range(n):
+        if not selected[i]:
+            continue
+        lo, hi = indptr[i], indptr[i + 1]
+        m = 0
+        for k in range(lo, hi):
+            if gene_group[indices[k]] >= 0 and data[k] > 0:
+                m += 1
+        genes = np.empty(m, dtype=np.int64)
+        counts = np.empty(m, dtype=np.int64)
+        order_key = np.empty(m, dtype=np.int64)
+        m = 0
+        for k in range(lo, hi):
+            g = indices[k]
+            if gene_group[g] >= 0 and data[k] > 0:
+                genes[m] = g
+                counts[m] = data[k]
+                # count descending, then gene ascending (genes < 2**24, counts < 2**39)
+                order_key[m] = (np.int64(2**39) - min(data[k], np.int64(2**39 - 1))) * np.int64(2**24) + g
+                m += 1
+        order = np.argsort(order_key)
+        genes = genes[order]
+        counts = counts[order]
+        for j in range(min(m, sketch_size)):
+            sketch_genes[i, j] = genes[j]
+            sketch_counts[i, j] = counts[j]
+        taken[:] = 0
+        for b in range(n_groups):
+            group_hash[b] = np.uint64(b + 1)
+        for j in range(m):
+            b = gene_group[genes[j]]
+            if taken[b] < per_group:
+                group_hash[b] = _mix64(_mix64(group_hash[b], genes[j]), counts[j])
+                taken[b] += 1
+                if taken[b] == per_group and counts[j] >= min_count:
+                    keys[i, b] = group_hash[b]
+        for t in range(tops.shape[0]):
+            k = tops[t]
+            if m < k or counts[k - 1] < min_count or (m > k and counts[k] == counts[k - 1]):
+                continue
+            h = np.uint64(1000 + k)
+            for j in range(k):
+                h = _mix64(_mix64(h, genes[j]), counts[j])
+            keys[i, n_groups + t] = h
+    return keys, sketch_genes, sketch_counts

@@ -56,15 +56,31 @@ from genecorpus.corpus.manifest import (
     ComputedMedians,
     CorpusSummary,
     DatasetRecord,
+    DuplicatesSummary,
     GivenMedians,
     Manifest,
+    SharedCells,
     SkippedDataset,
     Stage,
     VocabularySummary,
     package_versions,
 )
 from genecorpus.corpus.shards import corpus_schema, publish_folder, publish_shards
-from genecorpus.dataset import CellRange, DatasetPlan, plan_dataset, split_cells
+from genecorpus.dataset import CellRange, CellStats, DatasetPlan, plan_dataset, split_cells, split_dataset
+from genecorpus.duplicates import (
+    MAX_MISMATCHES,
+    MIN_SHARED_GENES,
+    MISMATCH_FRACTION,
+    Candidates,
+    CandidateSettings,
+    CellVectors,
+    candidate_task,
+    cells_task,
+    duplicate_groups,
+    gene_groups,
+    sketch_path,
+    verify_pairs,
+)
 from genecorpus.encode import EncodeResult, EncodeSettings, RankOrder, encode_task, metadata_columns
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError, TaskFailure
 from genecorpus.executors import Executor, LocalExecutor, fold
@@ -80,7 +96,15 @@ from genecorpus.qc import (
     qc_task,
 )
 from genecorpus.report import write_report
-from genecorpus.resume import InputDigests, TaskKeys, WorkFolder, fingerprint, run_recorded
+from genecorpus.resume import (
+    InputDigests,
+    TaskKeys,
+    WorkFolder,
+    code_fingerprint,
+    file_identity,
+    fingerprint,
+    run_recorded,
+)
 from genecorpus.vocab import LAYOUTS, LayoutName, TokenDictionary, load_gene_medians, load_pickled_dict
 
 if TYPE_CHECKING:
@@ -286,6 +310,14 @@ class _Settings:
         """Medians are computed (none were given)."""
         return self.given_medians is None
 
+    @property
+    def find_duplicates(self) -> bool:
+        """Cells are fingerprinted in the QC pass and duplicates looked for (a build, not with ``keep``).
+
+        ``tokenize`` reproduces Geneformer's tokenizer: every input cell is tokenized.
+        """
+        return self.mode == "build" and self.config.duplicates != "keep"
+
 
 @dataclass
 class _Build:
@@ -314,14 +346,17 @@ class _Build:
             source = sources[i] if i < len(sources) else None  # None: read spec.path
             try:
                 plan = plan_dataset(spec, universe=settings.universe, mito=settings.mito, mapping=settings.mapping,
-                                    use_obs_n_counts=config.use_obs_n_counts, index=len(build.plans), source=source)
+                                    use_obs_n_counts=config.use_obs_n_counts, source=source)
+                parts = split_dataset(plan)
             except GenecorpusError as e:
                 if not skip:
                     raise
-                build._skip(spec, "plan", str(e))
+                build._skip(spec.dataset_id, spec.path, "plan", str(e))
                 continue
-            build.plans.append(plan)
+            build.plans += [dataclasses.replace(p, index=len(build.plans) + j) for j, p in enumerate(parts)]
         build._require_some()
+        if not config.allow_repeated_files:
+            _refuse_repeated_files(build.plans)
         return build
 
     # ---- the stages, in order
@@ -332,7 +367,7 @@ class _Build:
         with InputDigests(paths, on_done=self.work.record_digest if self.work.records else None) as digests:
             keys = TaskKeys(self.work, self.work.input_tokens(paths, digests.get) if self.work.records else {},
                             fingerprint("qc", self.settings.mode, len(self.settings.universe), self.settings.qc,
-                                        self.settings.universe, QC_SAMPLE_CELLS))
+                                        self.settings.universe, QC_SAMPLE_CELLS, self.settings.find_duplicates))
             while True:
                 cells = split_cells(self.plans, self.settings.config.shard_cells)
                 logger.info("%d datasets, %d cells, %d tasks", len(self.plans),
@@ -353,25 +388,97 @@ class _Build:
                 return self._publish(_Passes(cells, qc, medians_, vocabulary, encoded), digests)
 
     def _qc(self, keys: TaskKeys, cells: list[CellRange]) -> _QCPass:
+        """The QC pass (moments, value windows, fingerprints), duplicate detection, then the thresholds."""
         s = self.settings
         results: list[QCTaskResult]
-        if s.qc.enabled or s.need_medians:
+        if s.qc.enabled or s.need_medians or s.find_duplicates:
             records, qc_keys = keys.records("qc", self.plans, cells, lambda _: keys.qc_settings)
+            groups = gene_groups(len(s.universe), np.isin(s.universe, s.mito)) if s.find_duplicates else None
+            settings = QCPassSettings(s.config.block_size, s.qc.mito, value_window=s.need_medians,
+                                      fingerprint_groups=groups)
+            outputs = [self.work.fingerprints(k) for k in qc_keys]
             with self.timings.stage("qc"):
-                settings = QCPassSettings(s.config.block_size, s.qc.mito, value_window=s.need_medians)
-                results = self.executor.map("qc", run_recorded, self._tasks(
-                    records, qc_task, [(self.plans[c.dataset], c, settings) for c in cells]))
+                args = [(self.plans[c.dataset], c, settings, out) for c, out in zip(cells, outputs, strict=True)]
+                written = [(out, sketch_path(out)) for out in outputs] if s.find_duplicates else None
+                results = self.executor.map("qc", run_recorded, self._tasks(records, qc_task, args, outputs=written))
             failed = _failed_datasets(cells, results)
             if failed:
                 return _QCPass([], [], qc_keys, failed)
         else:
             results = [QCTaskResult(QCMoments(), medians.GeneWindow.empty(0)) for _ in cells]
             qc_keys = []
-        thresholds = dataset_thresholds(self.plans, cells, results, s.qc)
+        copies = _Copies.none()
+        if s.find_duplicates:
+            with self.timings.stage("duplicates"):
+                copies = self._duplicates(keys, cells, qc_keys)
+            if copies.failed:
+                return _QCPass([], [], qc_keys, copies.failed)
+        thresholds = dataset_thresholds(self.plans, cells, results, s.qc, duplicates=copies.dropped)
         sample = qc_sample(cells, results, thresholds, s.qc.mito)
         if sample is not None:
             sample.write(self.work.corpus / REPORT_DIR / QC_SAMPLE)
-        return _QCPass(results, thresholds, qc_keys, {})
+        return _QCPass(results, thresholds, qc_keys, {}, copies.summary)
+
+    def _duplicates(self, keys: TaskKeys, cells: list[CellRange], qc_keys: list[str]) -> _Copies:
+        """Cells published twice (:mod:`genecorpus.duplicates`): candidates from the QC pass's fingerprints,
+        read again and verified; with ``drop``, the later copies and their QC statistics."""
+        s = self.settings
+        files = tuple((str(self.work.fingerprints(k)), c.dataset) for c, k in zip(cells, qc_keys, strict=True))
+        width = 2**64 // DUPLICATE_KEY_RANGES
+        tasks = [CandidateSettings(files, p * width, (p + 1) * width if p < DUPLICATE_KEY_RANGES - 1 else 2**64)
+                 for p in range(DUPLICATE_KEY_RANGES)]
+        shared = fingerprint("candidates", qc_keys, [c.dataset for c in cells])
+        records = self.work.plan_stage("candidates", [
+            (f"keys {p + 1}/{len(tasks)}", {"code": code_fingerprint(), "settings": fingerprint(shared, p)})
+            for p in range(len(tasks))])
+        found: list[Candidates] = self.executor.map("duplicates (candidates)", run_recorded, [
+            (r, (), candidate_task, t) for r, t in zip(records, tasks, strict=True)])
+        pairs = np.unique(np.concatenate([f.pairs for f in found]), axis=0)
+        cells_read, failed = self._candidate_cells(keys, cells, qc_keys, pairs)
+        if failed:
+            return _Copies.none(failed)
+        has = [np.isin(np.arange(len(s.universe)), p.col_to_gene[p.col_to_gene >= 0]) for p in self.plans]
+        not_mito = ~np.isin(s.universe, s.mito)
+        involved = {(int(a), int(b)) for a, _, b, _ in pairs.tolist()}
+        shared_genes = {(min(a, b), max(a, b)): has[a] & has[b] & not_mito for a, b in involved}
+        verified, _ = verify_pairs(pairs, lambda d, c: cells_read[(d, c)][0].row(cells_read[(d, c)][1]),
+                                   shared_genes)
+        drop = duplicate_groups(verified) if s.config.duplicates == "drop" else {}
+        summary = _duplicates_summary(self.plans, s.config.duplicates, found, verified, n_dropped=len(drop))
+        logger.info("duplicates: %d pairs shared a key, %d candidates, %d verified; %d cells dropped",
+                    summary.n_key_pairs, len(pairs), len(verified), len(drop))
+        dropped: dict[int, tuple[np.ndarray, CellStats]] = {}
+        for d in sorted({d for d, _ in drop}):
+            rows = sorted(c for dd, c in drop if dd == d)
+            dropped[d] = (np.array(rows, dtype=np.int64),
+                          CellStats.concatenate([cells_read[(d, c)][0].stats.take(np.array([cells_read[(d, c)][1]]))
+                                                 for c in rows]))
+        return _Copies(dropped, summary, {})
+
+    def _candidate_cells(self, keys: TaskKeys, cells: list[CellRange], qc_keys: list[str], pairs: np.ndarray,
+                         ) -> tuple[dict[tuple[int, int], tuple[CellVectors, int]], dict[int, str]]:
+        """The candidate cells read again: (dataset, cell) → (the task's cells, row in them)."""
+        wanted = np.unique(np.concatenate([pairs[:, :2], pairs[:, 2:]]), axis=0)
+        by_range = []
+        for c in cells:
+            mine = wanted[(wanted[:, 0] == c.dataset) & (wanted[:, 1] >= c.start) & (wanted[:, 1] < c.stop), 1]
+            if len(mine):
+                by_range.append((c, mine))
+        if not by_range:
+            return {}, {}
+        wanted_of = {c.index: mine for c, mine in by_range}
+        records, _ = keys.records("candidate_cells", self.plans, [c for c, _ in by_range],
+                                  lambda c: fingerprint("cells", wanted_of[c.index]),
+                                  [qc_keys[c.index] for c, _ in by_range])
+        results = self.executor.map("duplicates (cells)", run_recorded, self._tasks(records, cells_task, [
+            (self.plans[c.dataset], c, mine, self.settings.config.block_size) for c, mine in by_range]))
+        failed = _failed_datasets([c for c, _ in by_range], results)
+        read: dict[tuple[int, int], tuple[CellVectors, int]] = {}
+        for (c, _), r in zip(by_range, results, strict=True):
+            if isinstance(r, CellVectors):
+                for i, cell in enumerate(r.cells.tolist()):
+                    read[(c.dataset, cell)] = (r, i)
+        return read, failed
 
     def _medians(self, keys: TaskKeys, cells: list[CellRange], qc: _QCPass) -> _MedianPass:
         s = self.settings
@@ -425,7 +532,7 @@ class _Build:
             del values
         provenance = ComputedMedians(
             method="exact nonzero median of count / n_counts * 10000 (float64), radix selection",
-            datasets=tuple(p.spec.dataset_id for p in self.plans if p.spec.use_for_medians),
+            datasets=tuple(p.dataset_id for p in self.plans if p.spec.use_for_medians),
             n_detected_genes=int(np.isfinite(gene_median).sum()),
         )
         return _MedianPass(gene_median, provenance)
@@ -475,6 +582,7 @@ class _Build:
             corpus=CorpusSummary(n_cells=int(lengths.shape[0]), n_tokens=int(lengths.sum()), layout=s.config.layout,
                                  shards=tuple(shard_names), columns=tuple(encoded.schema.names)),
             skipped=tuple(self.skipped),
+            duplicates=qc.duplicates,
             files=file_digests(folder),
         )
         self.timings["total"] = round(time.perf_counter() - self.started, 3)
@@ -491,7 +599,7 @@ class _Build:
             raise RuntimeError(msg)
         digest, size = digests.get(Path(plan.spec.path)) if plan.source is None else ("in-memory", 0)
         return DatasetRecord(
-            dataset_id=plan.spec.dataset_id,
+            dataset_id=plan.dataset_id,
             path=plan.spec.path if plan.source is None else "<AnnData>",
             sha256=digest,
             bytes=size,
@@ -501,6 +609,10 @@ class _Build:
             filter_column=plan.filter_column,
             qc=qc.thresholds[plan.index].to_record(),
             cells=CellCounts(n_in=n_in, kept=kept, dropped=dropped),
+            matrix=plan.matrix,
+            select_columns=plan.select_columns,
+            primary_column=plan.primary_column,
+            split_value=plan.part,
         )
 
     # ---- failures
@@ -512,14 +624,14 @@ class _Build:
         the corpus is exactly the corpus built without the failed ones.
         """
         for index, message in sorted(failed.items()):
-            self._skip(self.plans[index].spec, stage, message)
+            self._skip(self.plans[index].dataset_id, self.plans[index].spec.path, stage, message)
         kept = [p for p in self.plans if p.index not in failed]
         self.plans = [dataclasses.replace(p, index=j) for j, p in enumerate(kept)]
         self._require_some()
 
-    def _skip(self, spec: DatasetSpec, stage: Stage, message: str) -> None:
-        logger.warning("skipping %s: %s", spec.dataset_id, message)
-        self.skipped.append(SkippedDataset(dataset_id=spec.dataset_id, path=spec.path, stage=stage, error=message))
+    def _skip(self, dataset_id: str, path: str, stage: Stage, message: str) -> None:
+        logger.warning("skipping %s: %s", dataset_id, message)
+        self.skipped.append(SkippedDataset(dataset_id=dataset_id, path=path, stage=stage, error=message))
 
     def _require_some(self) -> None:
         if not self.plans:
@@ -546,6 +658,22 @@ class _QCPass:
     """Record key of each task (empty when the pass did not run), upstream of the later passes' keys."""
     failed: dict[int, str]
     """Dataset (plan index) → the message of its first failed task (``on_error="skip"``)."""
+    duplicates: DuplicatesSummary | None = None
+    """What duplicate detection found (None when it did not look)."""
+
+
+@dataclass(frozen=True)
+class _Copies:
+    """Cells dropped as later copies: per dataset, their indices (ascending) and QC statistics."""
+
+    dropped: dict[int, tuple[np.ndarray, CellStats]]
+    summary: DuplicatesSummary | None
+    failed: dict[int, str]
+
+    @classmethod
+    def none(cls, failed: dict[int, str] | None = None) -> _Copies:
+        """No copies (duplicates not looked for, or some datasets' tasks failed)."""
+        return cls({}, None, failed or {})
 
 
 @dataclass(frozen=True)
@@ -629,6 +757,33 @@ class _Vocabulary:
         return {g: float(m) for g, m in zip(self.genes.tolist(), medians_, strict=True)}
 
 
+DUPLICATE_KEY_RANGES = 16
+"""Candidate tasks: each reads one 16th of every task's fingerprint keys (bounded memory per task)."""
+
+DUPLICATE_RULE = (f"same cell when, on the genes both datasets have (mitochondrial genes left out), at least "
+                  f"{MIN_SHARED_GENES} genes are nonzero in either cell and at most max({MAX_MISMATCHES}, "
+                  f"{MISMATCH_FRACTION:.0%} of them) differ; within a dataset, identical counts")
+
+
+def _duplicates_summary(plans: Sequence[DatasetPlan], policy: str, found: Sequence[Candidates], verified: np.ndarray,
+                        *, n_dropped: int) -> DuplicatesSummary:
+    across = verified[verified[:, 0] != verified[:, 2]] if len(verified) else verified
+    shared: dict[tuple[int, int], set[int]] = {}
+    for da, _, db, cb in across.tolist():
+        shared.setdefault((da, db), set()).add(cb)
+    within_cells: dict[int, set[int]] = {}
+    for da, _, _, cb in (verified[verified[:, 0] == verified[:, 2]] if len(verified) else verified).tolist():
+        within_cells.setdefault(da, set()).add(cb)
+    within = {plans[d].dataset_id: len(c) for d, c in sorted(within_cells.items())}
+    return DuplicatesSummary(
+        policy=policy, rule=DUPLICATE_RULE, n_key_pairs=sum(f.n_key_pairs for f in found),
+        n_candidate_pairs=sum(len(f.pairs) for f in found), n_verified_pairs=len(verified),
+        n_common_keys=sum(f.n_common_keys for f in found),
+        shared=tuple(SharedCells(a=plans[a].dataset_id, b=plans[b].dataset_id, n_cells=len(c))
+                     for (a, b), c in sorted(shared.items())),
+        within=within, n_dropped=n_dropped)
+
+
 def _settings_key(name: str, settings: Any) -> str:
     """Fingerprint of a pass's settings for the task keys, without the block size (which changes no result)."""
     return fingerprint(name, dataclasses.replace(settings, block_size=0))
@@ -666,6 +821,40 @@ class _Failures:
             self.failed.setdefault(cells.dataset, result.message)
             return acc
         return self.combine(acc, result)
+
+
+def _refuse_repeated_files(plans: Sequence[DatasetPlan]) -> None:
+    """Refuse two datasets read from the same file, or from two files with the same content.
+
+    Only distinct files of equal size are hashed here (rarely any); the other inputs' sha256 is computed
+    in the background while the build runs, as always.
+    """
+    files: dict[Path, DatasetPlan] = {}
+    for plan in plans:
+        if plan.source is None:
+            path = Path(plan.spec.path).resolve()
+            if path in files and files[path].spec == plan.spec and plan.part is not None:
+                continue  # parts of one split file
+            if path in files:
+                _repeated(plan, files[path], "the same file as")
+            files[path] = plan
+    by_size: dict[int, list[Path]] = {}
+    for path in files:
+        by_size.setdefault(file_identity(path)[0], []).append(path)
+    for paths in (p for p in by_size.values() if len(p) > 1):
+        seen: dict[str, DatasetPlan] = {}
+        for path in paths:
+            digest = sha256_of_path(path)[0]
+            if digest in seen:
+                _repeated(files[path], seen[digest], f"identical to (sha256 {digest[:12]}…)")
+            seen[digest] = files[path]
+
+
+def _repeated(plan: DatasetPlan, first: DatasetPlan, how: str) -> None:
+    msg = (f"{plan.spec.path}: dataset {plan.dataset_id!r} is {how} {first.spec.path} (dataset "
+           f"{first.dataset_id!r}), so its cells would be in the corpus twice; remove one, or set "
+           "allow_repeated_files = true in the manifest")
+    raise ConfigError(msg)
 
 
 # ------------------------------------------------------------------------------------- the out folder
@@ -795,6 +984,7 @@ def tokenize(
             datasets=tuple(specs), layout=layout, block_size=block_size,
             token_dictionary=str(token_dictionary), gene_medians=str(gene_medians),
             gene_mapping=str(gene_mapping) if gene_mapping else None,
+            duplicates="keep",  # Geneformer's tokenizer, reproduced: every input cell is tokenized
         )
     except ValidationError as e:
         msg = f"invalid tokenize settings: {describe_validation_error(e)}"

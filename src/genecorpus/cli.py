@@ -121,6 +121,9 @@ def build(
     scheduler: Annotated[str | None, typer.Option(help="Address of a running Dask scheduler.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Cells read at a time (overrides the manifest).")] = None,
     layout: Annotated[str | None, typer.Option(help="gc30m or gc104m (overrides the manifest).")] = None,
+    duplicates: Annotated[str | None, typer.Option(
+        help="Cells found in two datasets: drop the later copies, report them, or keep (do not look); "
+             "overrides the manifest (default drop).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     on_error: Annotated[str, typer.Option(
         help="fail: stop at the first unreadable dataset; skip: leave it out and list it in the manifest.")] = "fail",
@@ -138,7 +141,7 @@ def build(
     from genecorpus.config import load_cluster_spec, load_manifest
 
     def run(executor: Executor) -> BuildResult:
-        config = load_manifest(manifest, block_size=block_size, layout=layout)
+        config = load_manifest(manifest, block_size=block_size, layout=layout, duplicates=duplicates)
         return build_corpus(config, out, workers=workers or 1, overwrite=overwrite, executor=executor,
                             report=report, on_error=on_error, resume=resume)
 

@@ -69,6 +69,10 @@ class DatasetSpec(_Frozen):
     """Read ``layers[layer]`` instead of X (h5ad, zarr, loom)."""
     use_raw: bool = False
     """Read ``raw.X`` instead of X (h5ad, zarr)."""
+    counts: Literal["auto", "X"] = "auto"
+    """Where the raw counts are when neither ``layer`` nor ``use_raw`` says: ``auto`` reads X if it holds
+    integer counts, else ``raw.X``, else ``layers["counts"]`` (CELLxGENE files keep normalized values in X),
+    and records which in the manifest; ``X`` always reads X."""
     cells_as_rows: bool | None = None
     """Orientation of a CSV/TSV file; detected when omitted."""
     obs_columns: tuple[str, ...] = ()
@@ -77,6 +81,15 @@ class DatasetSpec(_Frozen):
     """Whether this dataset's kept cells contribute to the corpus medians."""
     filter_column: str = "filter_pass"
     """Boolean obs column that pre-selects cells when present (Geneformer's convention)."""
+    select_columns: tuple[str, ...] = ()
+    """More boolean obs columns that pre-select cells like ``filter_column``: a cell is kept only with 1/True
+    in every one of them (they must exist); dropped cells count under ``filter_pass``."""
+    split_by: str | None = None
+    """An obs column (e.g. ``donor_id``, ``sample``) whose values split the file into datasets ``<id>/<value>``,
+    each with its own QC (the card filters within a dataset), in the order of the values."""
+    primary_only: bool = True
+    """Drop the cells whose ``is_primary_data`` (CELLxGENE: the same cells are published elsewhere) is
+    False, under ``not_primary_data``, when the dataset has that column."""
 
     @property
     def dataset_id(self) -> str:
@@ -122,6 +135,13 @@ class BuildConfig(_Frozen):
     """Input cells per task and output shard; a shard holds the kept cells of that many input cells."""
     use_obs_n_counts: bool = True
     """Take each cell's depth from ``obs["n_counts"]`` when present (Geneformer compatibility)."""
+    duplicates: Literal["drop", "report", "keep"] = "drop"
+    """Cells found in several datasets from their counts (:mod:`genecorpus.duplicates`): ``drop`` keeps the
+    first in manifest order and drops the later copies under ``duplicate`` before the medians; ``report``
+    only lists them in the manifest; ``keep`` does not look."""
+    allow_repeated_files: bool = False
+    """Build even when two datasets are the same file (same sha256); by default that is refused, since
+    every cell would be in the corpus twice."""
 
     @field_validator("datasets")
     @classmethod

@@ -24,7 +24,7 @@ Examples
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -32,8 +32,8 @@ import scipy.sparse as sp
 
 from genecorpus import _kernels, genes
 from genecorpus.corpus.manifest import DepthSource, GeneMappingSummary
-from genecorpus.errors import ConfigError, GenecorpusError, GeneMappingError, InputError
-from genecorpus.io import open_dataset
+from genecorpus.errors import ConfigError, CountsError, GenecorpusError, GeneMappingError, InputError
+from genecorpus.io import CellBlock, open_dataset
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     from genecorpus.config import DatasetSpec
     from genecorpus.io import CellSource
 
-__all__ = ["CellRange", "CellStats", "DatasetPlan", "GeneBlock", "gene_keys", "plan_dataset", "split_cells"]
+__all__ = [
+    "CellRange", "CellStats", "DatasetPlan", "GeneBlock", "gene_keys", "plan_dataset", "split_cells", "split_dataset",
+]
 
 _NO_GENES = np.empty(0, dtype=object)
 
@@ -59,13 +61,22 @@ class CellStats:
     n_genes
         Number of detected (count > 0) universe genes (int64).
     preselected
-        The ``filter_pass`` column (cells whose value equals 1), or all True (bool).
+        The pre-selection columns (``filter_pass`` and ``select_columns``: cells whose values equal 1), or
+        all True (bool).
+    primary
+        False for the cells ``is_primary_data`` marks as published elsewhere, else True (bool).
     """
 
     n_counts: np.ndarray
     mito_counts: np.ndarray
     n_genes: np.ndarray
     preselected: np.ndarray
+    primary: np.ndarray
+
+    @property
+    def selected(self) -> np.ndarray:
+        """The cells QC looks at: pre-selected and primary (bool)."""
+        return self.preselected & self.primary
 
     def mito_values(self, mode: str) -> np.ndarray:
         """The quantity the mitochondrial rule looks at: counts (int64) or fraction (float64)."""
@@ -77,13 +88,12 @@ class CellStats:
 
     def take(self, rows: np.ndarray) -> CellStats:
         """The statistics of some cells of the block (a copy)."""
-        return CellStats(self.n_counts[rows], self.mito_counts[rows], self.n_genes[rows], self.preselected[rows])
+        return CellStats(*(getattr(self, f.name)[rows] for f in fields(self)))
 
     @classmethod
     def concatenate(cls, parts: Sequence[CellStats]) -> CellStats:
         """The statistics of several blocks, one after the other."""
-        return cls(*(np.concatenate([getattr(p, name) for p in parts])
-                     for name in ("n_counts", "mito_counts", "n_genes", "preselected")))
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 @dataclass(frozen=True)
@@ -120,24 +130,43 @@ class DatasetPlan:
     n_genes: int
     """Size of the universe."""
     col_to_gene: np.ndarray
-    """Input column → index into the universe, or -1 (int32)."""
+    """Input column → index into the universe, or -1 (not a universe gene), or -2 (left out entirely:
+    ``feature_is_filtered``) (int32)."""
     is_mito_col: np.ndarray
     """Input column is a mitochondrial gene (bool)."""
     gene_summary: GeneMappingSummary
     depth: DepthSource
     filter_column: str | None
     """The pre-selection column when the input has it."""
+    select_columns: tuple[str, ...]
+    """Further pre-selection columns (all present in the input)."""
+    primary_column: str | None
+    """``is_primary_data`` when the input has it and the spec drops non-primary cells."""
+    layer: str | None
+    use_raw: bool
+    """The matrix of counts, resolved from the spec (``counts = "auto"`` may choose raw.X or a layer)."""
     injective: bool
     """No two input columns map to the same gene (nothing to sum)."""
     source: Any = None
     """An in-memory AnnData (Python API only; read in this process)."""
+    part: str | None = None
+    """The value of ``spec.split_by`` this plan reads (None: the whole file)."""
+    rows: np.ndarray | None = None
+    """The file's rows of this part, ascending (int64); None: every row. Cell ``i`` of the plan is row ``rows[i]``."""
+
+    @property
+    def dataset_id(self) -> str:
+        """The dataset's id in the corpus: the spec's, or ``<id>/<value>`` for a part of a split file."""
+        return self.spec.dataset_id if self.part is None else f"{self.spec.dataset_id}/{self.part}"
 
     def open(self) -> CellSource:
         """Open the dataset for reading."""
-        s = self.spec
-        target = self.source if self.source is not None else s.path
-        return open_dataset(target, format=s.format, layer=s.layer, use_raw=s.use_raw,
-                            cells_as_rows=s.cells_as_rows)
+        return _open(self.spec, self.source, layer=self.layer, use_raw=self.use_raw)
+
+    @property
+    def matrix(self) -> str:
+        """Where the counts are read from: ``X``, ``raw.X`` or ``layers['<name>']``."""
+        return "raw.X" if self.use_raw else f"layers[{self.layer!r}]" if self.layer else "X"
 
     def read_blocks(self, start: int, stop: int, *, block_size: int,
                     obs_columns: Sequence[str] = ()) -> Iterator[GeneBlock]:
@@ -150,25 +179,17 @@ class DatasetPlan:
             non-positive ``obs["n_counts"]`` but nonzero counts.
         """
         from_obs = self.depth is DepthSource.OBS_N_COUNTS
-        want = list(dict.fromkeys([*obs_columns, *(["n_counts"] if from_obs else []),
-                                   *([self.filter_column] if self.filter_column else [])]))
+        want = list(dict.fromkeys([*obs_columns, *(["n_counts"] if from_obs else []), *self._flag_columns]))
         source = self.open()
         try:
-            for first in range(start, stop, block_size):
-                last = min(first + block_size, stop)
-                try:
-                    block = source.read_block(first, last, obs_columns=want)
-                except GenecorpusError:
-                    raise
-                except (OSError, ValueError, KeyError) as e:
-                    msg = f"{self.spec.path}: cannot read cells {first}:{last} ({e}); the file may be corrupt"
-                    raise InputError(msg) from None
+            for first, block in self._read_cells(source, start, stop, block_size=block_size, obs_columns=want):
                 x = block.counts
                 gdata, gidx, gptr, totals, mito = _kernels.collapse_csr(
                     x.data, x.indices, x.indptr.astype(np.int64), self.col_to_gene, self.is_mito_col,
                     self.n_genes, self.injective)
                 g = sp.csr_matrix((gdata, gidx, gptr), shape=(x.shape[0], self.n_genes))
-                stats = CellStats(totals, mito, np.diff(gptr), self._preselected(block.obs, block.cell_ids))
+                stats = CellStats(totals, mito, np.diff(gptr), self._preselected(block.obs, block.cell_ids),
+                                  self._primary(block.obs, block.cell_ids))
                 depth, depth_dtype = totals.astype(np.float64), np.dtype(np.int64)
                 if from_obs:
                     depth, depth_dtype = self._obs_depth(block.obs["n_counts"], stats, block.cell_ids)
@@ -177,16 +198,68 @@ class DatasetPlan:
         finally:
             source.close()
 
+    def _read_cells(self, source: CellSource, start: int, stop: int, *, block_size: int,
+                    obs_columns: list[str]) -> Iterator[tuple[int, CellBlock]]:
+        """Cells ``start:stop`` of the plan as (index of the first, block); a part's rows are picked out of
+        the file's blocks of ``block_size`` rows, from its first row to its last (blocks without any are skipped)."""
+        if self.rows is None:
+            for first in range(start, stop, block_size):
+                yield first, self._read_rows(source, first, min(first + block_size, stop), obs_columns)
+            return
+        members = self.rows[start:stop]
+        if not len(members):
+            return
+        for lo in range(int(members[0]), int(members[-1]) + 1, block_size):
+            hi = min(lo + block_size, int(members[-1]) + 1)
+            a, b = np.searchsorted(members, [lo, hi])
+            if a == b:
+                continue
+            block = self._read_rows(source, lo, hi, obs_columns)
+            pick = members[a:b] - lo
+            yield start + int(a), CellBlock(
+                counts=block.counts[pick], cell_ids=block.cell_ids[pick], start=start + int(a),
+                obs={name: np.asarray(values)[pick] for name, values in block.obs.items()},
+                value_dtype=block.value_dtype, dense_input=block.dense_input)
+
+    def _read_rows(self, source: CellSource, first: int, last: int, obs_columns: list[str]) -> CellBlock:
+        try:
+            return source.read_block(first, last, obs_columns=obs_columns)
+        except GenecorpusError:
+            raise
+        except (OSError, ValueError, KeyError) as e:
+            msg = f"{self.spec.path}: cannot read cells {first}:{last} ({e}); the file may be corrupt"
+            raise InputError(msg) from None
+
+    @property
+    def _flag_columns(self) -> list[str]:
+        return [*([self.filter_column] if self.filter_column else []), *self.select_columns,
+                *([self.primary_column] if self.primary_column else [])]
+
     def _preselected(self, obs: Mapping[str, np.ndarray], cell_ids: np.ndarray) -> np.ndarray:
-        if not self.filter_column:
+        keep = np.ones(len(cell_ids), dtype=bool)
+        for name in [*([self.filter_column] if self.filter_column else []), *self.select_columns]:
+            keep &= self._flags(name, obs[name], cell_ids)
+        return keep
+
+    def _primary(self, obs: Mapping[str, np.ndarray], cell_ids: np.ndarray) -> np.ndarray:
+        if not self.primary_column:
             return np.ones(len(cell_ids), dtype=bool)
-        flags = np.asarray(obs[self.filter_column])
-        if flags.dtype.kind not in "biuf":
-            msg = (f"{self.spec.path}: obs column {self.filter_column!r} holds {flags.dtype} values "
-                   f"(cell {cell_ids[0]!r}: {flags[0]!r}); it must be boolean or 0/1 "
+        return self._flags(self.primary_column, obs[self.primary_column], cell_ids)
+
+    def _flags(self, name: str, values: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
+        """A boolean obs column as bool: 1/True keeps a cell (Geneformer's test is ``value == 1``)."""
+        flags = np.asarray(values)
+        if flags.dtype.kind in "biuf":
+            return flags == 1
+        text = np.array([str(v).lower() for v in flags.tolist()], dtype=object)
+        known = np.isin(text, ["true", "false", "1", "0"])
+        if not known.all():
+            i = int(np.flatnonzero(~known)[0])
+            msg = (f"{self.spec.path}: obs column {name!r} holds {flags.dtype} values "
+                   f"(cell {cell_ids[i]!r}: {flags[i]!r}); it must be boolean or 0/1 "
                    f"(cells with 1/True are kept)")
             raise InputError(msg)
-        return flags == 1  # Geneformer's test: a cell passes when its value equals 1
+        return np.isin(text, ["true", "1"])
 
     def _obs_depth(self, stored: np.ndarray, stats: CellStats, cell_ids: np.ndarray) -> tuple[np.ndarray, np.dtype]:
         stored = np.asarray(stored)
@@ -200,16 +273,29 @@ class DatasetPlan:
         return depth, stored.dtype
 
 
+ENSEMBL_COLUMNS = ("ensembl_id", "feature_id")
+"""var columns that hold Ensembl IDs, by convention (ours and Geneformer's; CELLxGENE's)."""
+SYMBOL_COLUMN = "feature_name"
+"""CELLxGENE's var column of gene symbols (its index is Ensembl IDs)."""
+
+
 def _identifiers(source: CellSource, spec: DatasetSpec) -> np.ndarray:
-    """The gene identifiers of the input columns: ``gene_column``, else ``ensembl_id``, else the var index."""
+    """The gene identifiers of the input columns.
+
+    ``gene_column`` when given; else an Ensembl ID column (:data:`ENSEMBL_COLUMNS`); else, for
+    ``gene_id = "symbol"``, CELLxGENE's ``feature_name``; else the var index.
+    """
     if spec.gene_column:
         if spec.gene_column not in source.var_columns:
             msg = (f"{source.path}: no var column {spec.gene_column!r}; available: "
                    f"{', '.join(source.var_columns) or 'none'} (or omit gene_column to use the index)")
             raise ConfigError(msg)
         return source.var_column(spec.gene_column)
-    if "ensembl_id" in source.var_columns:
-        return source.var_column("ensembl_id")
+    for name in ENSEMBL_COLUMNS:
+        if name in source.var_columns:
+            return source.var_column(name)
+    if spec.gene_id == "symbol" and SYMBOL_COLUMN in source.var_columns:
+        return source.var_column(SYMBOL_COLUMN)
     return source.var_names
 
 
@@ -246,14 +332,81 @@ def gene_keys(spec: DatasetSpec, *, mapping: Mapping[str, str] | None = None, so
     -------
     Object array of str, one per input column.
     """
-    with _open(spec, source) as opened:
+    layer, use_raw = _counts_matrix(spec, source)
+    with _open(spec, source, layer=layer, use_raw=use_raw) as opened:
         return _keys(opened, spec, mapping)[0]
 
 
-def _open(spec: DatasetSpec, source: Any) -> CellSource:
+def _open(spec: DatasetSpec, source: Any, *, layer: str | None = None, use_raw: bool = False) -> CellSource:
     target = source if source is not None else spec.path
-    return open_dataset(target, format=spec.format, layer=spec.layer, use_raw=spec.use_raw,
-                        cells_as_rows=spec.cells_as_rows)
+    return open_dataset(target, format=spec.format, layer=layer, use_raw=use_raw, cells_as_rows=spec.cells_as_rows)
+
+
+COUNTS_PROBE_CELLS = 500
+"""Cells of a matrix read to tell raw counts from normalized values (``counts = "auto"``)."""
+COUNTS_LAYER = "counts"
+"""The layer that holds raw counts by convention (scanpy's and CELLxGENE submitters' ``layers["counts"]``)."""
+
+
+def _counts_matrix(spec: DatasetSpec, source: Any) -> tuple[str | None, bool]:
+    """``(layer, use_raw)`` of the matrix that holds the raw counts (see ``DatasetSpec.counts``).
+
+    X is taken unless its first :data:`COUNTS_PROBE_CELLS` cells are not integer counts and ``raw.X`` or
+    ``layers["counts"]`` exists; then the first of those whose cells are counts. When none is, the error is
+    X's own (which says what to do).
+    """
+    if spec.layer is not None or spec.use_raw or spec.counts == "X":
+        return spec.layer, spec.use_raw
+    others = []
+    for layer, use_raw in ((None, True), (COUNTS_LAYER, False)):
+        try:
+            _open(spec, source, layer=layer, use_raw=use_raw).close()
+        except InputError:
+            continue  # the format has no such matrix, or this file has none
+        others.append((layer, use_raw))
+    if not others:
+        return None, False
+    try:
+        _probe(spec, source, None, use_raw=False)
+    except CountsError as x_error:
+        for layer, use_raw in others:
+            try:
+                _probe(spec, source, layer, use_raw=use_raw)
+            except CountsError:
+                continue
+            return layer, use_raw
+        raise x_error from None
+    return None, False
+
+
+def _probe(spec: DatasetSpec, source: Any, layer: str | None, *, use_raw: bool) -> None:
+    with _open(spec, source, layer=layer, use_raw=use_raw) as opened:
+        opened.read_block(0, min(opened.n_cells, COUNTS_PROBE_CELLS))
+
+
+FILTERED_COLUMN = "feature_is_filtered"
+"""CELLxGENE's var column marking genes the submitter filtered out of X (their raw counts are left out too)."""
+PRIMARY_COLUMN = "is_primary_data"
+"""CELLxGENE's obs column: False for cells also published in another dataset."""
+
+
+def _filtered_out(opened: CellSource, spec: DatasetSpec, source: Any, *, use_raw: bool) -> np.ndarray:
+    """Per input column: marked by ``var["feature_is_filtered"]`` (bool); all False without that column.
+
+    ``raw.X`` has its own var, without the column: it is then looked up in X's var by gene name.
+    """
+    flags_of = _open(spec, source) if use_raw else opened
+    if FILTERED_COLUMN not in flags_of.var_columns:
+        if flags_of is not opened:
+            flags_of.close()
+        return np.zeros(len(opened.var_names), dtype=bool)
+    try:
+        values = np.asarray([str(v).lower() in ("true", "1") for v in flags_of.var_column(FILTERED_COLUMN)])
+        marked = set(np.asarray(flags_of.var_names, dtype=object)[values].tolist())
+    finally:
+        if flags_of is not opened:
+            flags_of.close()
+    return np.array([name in marked for name in np.asarray(opened.var_names, dtype=object).tolist()], dtype=bool)
 
 
 def plan_dataset(
@@ -299,13 +452,16 @@ def plan_dataset(
     ConfigError
         ``gene_column`` or an obs column is not in the dataset.
     """
-    with _open(spec, source) as opened:
+    layer, use_raw = _counts_matrix(spec, source)
+    with _open(spec, source, layer=layer, use_raw=use_raw) as opened:
         if unmapped == "drop":
             mapped: genes.GeneMapping | None = _map(opened, spec, mapping)
             keys = mapped.ensembl_ids
         else:
             keys, mapped = _keys(opened, spec, mapping)
+        filtered_out = _filtered_out(opened, spec, source, use_raw=use_raw)
         col_to_gene = genes.collapse_index(keys, universe)
+        col_to_gene[filtered_out] = _kernels.EXCLUDED_COLUMN
         is_mito = np.isin(keys, mito)
         n_used = int((col_to_gene >= 0).sum())
         n_distinct = int(np.unique(col_to_gene[col_to_gene >= 0]).shape[0])
@@ -318,13 +474,14 @@ def plan_dataset(
             n_columns_in_universe=n_used,
             n_genes_in_universe=n_distinct,
             n_mito_columns=int(is_mito.sum()),
+            n_filtered_out=int(filtered_out.sum()),
         )
         if n_used == 0:
             msg = (f"{opened.path}: none of its {len(keys)} genes is in the gene universe; check gene_id, "
                    f"release or the gene mapping")
             raise InputError(msg)
         obs = set(opened.obs_columns)
-        missing = [c for c in spec.obs_columns if c not in obs]
+        missing = [c for c in (*spec.obs_columns, *spec.select_columns) if c not in obs]
         if missing:
             msg = (f"{opened.path}: obs column {missing[0]!r} not found; available: "
                    f"{', '.join(sorted(obs)) or 'none'}")
@@ -334,8 +491,38 @@ def plan_dataset(
             is_mito_col=is_mito, gene_summary=summary,
             depth=DepthSource.OBS_N_COUNTS if use_obs_n_counts and "n_counts" in obs else DepthSource.TOTAL_COUNTS,
             filter_column=spec.filter_column if spec.filter_column in obs else None,
-            injective=n_distinct == n_used, source=source,
+            select_columns=tuple(spec.select_columns),
+            primary_column=PRIMARY_COLUMN if spec.primary_only and PRIMARY_COLUMN in obs else None,
+            layer=layer, use_raw=use_raw, injective=n_distinct == n_used, source=source,
         )
+
+
+def split_dataset(plan: DatasetPlan) -> list[DatasetPlan]:
+    """The parts of a dataset planned with ``spec.split_by``: one plan per value of that obs column.
+
+    Parts come in the order of their values (as strings, sorted), each with the rows that hold its value;
+    each is its own dataset for QC, medians and the manifest, ``<id>/<value>``. A plan without
+    ``split_by`` is returned alone.
+
+    Raises
+    ------
+    ConfigError
+        The dataset has no such obs column.
+    """
+    column = plan.spec.split_by
+    if column is None:
+        return [plan]
+    with plan.open() as source:
+        if column not in source.obs_columns:
+            msg = (f"{plan.spec.path}: no obs column {column!r} to split by; available: "
+                   f"{', '.join(sorted(source.obs_columns)) or 'none'}")
+            raise ConfigError(msg)
+        values = np.array([str(v) for v in np.asarray(source.obs_column(column)).tolist()], dtype=object)
+    parts = []
+    for value in sorted(set(values.tolist())):
+        rows = np.flatnonzero(values == value).astype(np.int64)
+        parts.append(replace(plan, part=value, rows=rows, n_cells=len(rows)))
+    return parts
 
 
 @dataclass(frozen=True)

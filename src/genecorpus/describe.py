@@ -18,6 +18,8 @@ from genecorpus.vocab import TokenDictionary
 if TYPE_CHECKING:
     import os
 
+    from genecorpus.corpus.manifest import Manifest
+
 __all__ = ["describe_corpus"]
 
 
@@ -26,6 +28,20 @@ def _symbols() -> dict[str, str]:
 
     table = load_gene_table("gencode48")
     return dict(zip(table["ensembl_id"], table["symbol"], strict=True))
+
+
+def _duplicates_line(m: Manifest) -> str:
+    """What duplicate detection found, in one line."""
+    d = m.duplicates
+    if d is None:
+        return 'duplicates: not looked for (duplicates = "keep")'
+    n_shared = sum(s.n_cells for s in d.shared)
+    pairs = len(d.shared)
+    within = sum(d.within.values())
+    fate = f"{d.n_dropped:,} dropped" if d.policy == "drop" else "reported, kept"
+    return (f"duplicates ({d.policy}): {n_shared:,} cells also in an earlier dataset "
+            f"({pairs} pair{'s' if pairs != 1 else ''} of datasets), {fate}; "
+            f"{within:,} identical cells within a dataset (kept)")
 
 
 def describe_corpus(
@@ -73,10 +89,12 @@ def describe_corpus(
     if m is not None:
         lines.append(f"layout: {m.corpus.layout}   vocabulary: {m.vocabulary.n_genes:,} genes   "
                      f"medians: {m.medians.source}")
+        if m.mode == "build":
+            lines.append(_duplicates_line(m))
         lines.append("")
         lines.append(f"{'dataset':<28}{'in':>9}{'kept':>9}  dropped by reason")
         for d in m.datasets:
-            dropped = ", ".join(f"{k} {v}" for k, v in d.cells.dropped.items() if v) or "none"
+            dropped = ", ".join(f"{k} {v:,}" for k, v in d.cells.dropped.items() if v) or "none"
             lines.append(f"{d.dataset_id:<28}{d.cells.n_in:>9,}{d.cells.kept:>9,}  {dropped}")
     if first_cells:
         if files.token_dictionary is None:

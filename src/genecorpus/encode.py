@@ -298,7 +298,7 @@ def encode_task(plan: DatasetPlan, cells: CellRange, qc: DatasetQC, settings: En
     try:
         for b in plan.read_blocks(cells.start, cells.stop, block_size=settings.block_size, obs_columns=wanted):
             n_in += b.genes.shape[0]
-            keep, reason = qc.keep_mask(b.stats)
+            keep, reason = qc.keep_mask(b.stats, first_cell=b.start)
             tokens, lengths = rank_value_encode(
                 b.genes, depth=b.depth, order=settings.order, keep=keep, max_genes=layout.max_genes,
                 arithmetic=Arithmetic.geneformer_of(b) if settings.geneformer_arithmetic else SPEC_ARITHMETIC)
@@ -310,7 +310,7 @@ def encode_task(plan: DatasetPlan, cells: CellRange, qc: DatasetQC, settings: En
                 dropped[name] += c
             rows, lengths = rows[~empty], lengths[~empty]
             tokens, lengths = apply_layout(tokens, lengths, layout=layout, special=settings.special)
-            columns = {"dataset_id": np.full(rows.shape[0], plan.spec.dataset_id, dtype=object),
+            columns = {"dataset_id": np.full(rows.shape[0], plan.dataset_id, dtype=object),
                        "cell_id": np.asarray(b.cell_ids, dtype=object)[rows]}
             for c in settings.metadata:
                 if c.name in FIXED_COLUMNS:

@@ -301,7 +301,8 @@ def histogram_task(plan: DatasetPlan, cells: CellRange, qc: DatasetQC, settings:
     # int32 keeps the table small enough for the CPU cache (a task has far fewer than 2**31 cells)
     hist = np.zeros((plan.n_genes, N_BINS), dtype=np.int32)
     for b in plan.read_blocks(cells.start, cells.stop, block_size=settings.block_size):
-        histogram_values(b.genes, b.depth, qc.keep_mask(b.stats)[0], hist, window=settings.window, shift=settings.shift)
+        keep = qc.keep_mask(b.stats, first_cell=b.start)[0]
+        histogram_values(b.genes, b.depth, keep, hist, window=settings.window, shift=settings.shift)
     return hist
 
 
@@ -326,5 +327,5 @@ def selection_task(plan: DatasetPlan, cells: CellRange, qc: DatasetQC, settings:
     """The selection pass over one range of a dataset's cells: the values in each gene's target bins."""
     selection = ValueSelection(settings.window, settings.shift, settings.targets)
     for b in plan.read_blocks(cells.start, cells.stop, block_size=settings.block_size):
-        selection.add(b.genes, b.depth, qc.keep_mask(b.stats)[0])
+        selection.add(b.genes, b.depth, qc.keep_mask(b.stats, first_cell=b.start)[0])
     return selection.result()

@@ -12,7 +12,7 @@ float64 once. :meth:`DatasetQC.keep_mask` then applies the rule to any block.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Literal
 
@@ -21,10 +21,12 @@ import numpy as np
 from genecorpus.corpus.manifest import DROP_REASONS, QCThresholds
 from genecorpus.corpus.qc_sample import QCSample
 from genecorpus.dataset import CellStats
+from genecorpus.duplicates import fingerprint_cells, write_fingerprints
 from genecorpus.medians import GeneWindow
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
 
     from genecorpus.config import QCParams
     from genecorpus.dataset import CellRange, DatasetPlan
@@ -35,7 +37,9 @@ __all__ = ["NO_VOCAB_REASON", "QC_SAMPLE_CELLS", "DatasetQC", "QCMoments", "QCPa
 QC_SAMPLE_CELLS = 20_000
 """At most about this many cells per dataset keep their QC statistics for the report."""
 
-_R_FILTER, _R_COUNTS, _R_MITO, _R_GENES, _R_VOCAB = range(len(DROP_REASONS))
+(_R_FILTER, _R_COUNTS, _R_MITO, _R_GENES, _R_VOCAB, _R_PRIMARY, _R_DUPLICATE) = (
+    DROP_REASONS.index(r) for r in ("filter_pass", "n_counts_outlier", "mito_outlier", "min_genes", "no_vocab_genes",
+                                    "not_primary_data", "duplicate"))
 NO_VOCAB_REASON = _R_VOCAB
 """Reason index of a kept cell that has no vocabulary gene (decided by the encoding pass)."""
 
@@ -89,6 +93,11 @@ class _Moments:
         self.s1 += other.s1
         self.s2 += other.s2
 
+    def subtract(self, other: _Moments) -> None:
+        self.n -= other.n
+        self.s1 -= other.s1
+        self.s2 -= other.s2
+
     def mean_sd(self) -> tuple[float, float]:
         if self.n == 0:
             return 0.0, 0.0
@@ -99,14 +108,18 @@ class _Moments:
 
 @dataclass
 class QCMoments:
-    """Mergeable moments of n_counts and the mito statistic over the preselected cells of a dataset."""
+    """Mergeable moments of n_counts and the mito statistic over the selected cells of a dataset.
+
+    Selected: pre-selected (``filter_pass`` and the other selection columns) and primary (not marked
+    ``is_primary_data = False``); the card's rule looks at the dataset's own cells.
+    """
 
     n_counts: _Moments = field(default_factory=_Moments)
     mito: _Moments = field(default_factory=_Moments)
 
     def add(self, stats: CellStats, mode: str) -> None:
-        """Add the preselected cells of one block."""
-        sel = stats.preselected
+        """Add the selected cells of one block."""
+        sel = stats.selected
         self.n_counts.add(stats.n_counts[sel])
         self.mito.add(stats.mito_values(mode)[sel])
 
@@ -114,6 +127,11 @@ class QCMoments:
         """Add another partial result (call in a fixed order; the sums are exact anyway)."""
         self.n_counts.merge(other.n_counts)
         self.mito.merge(other.mito)
+
+    def subtract(self, other: QCMoments) -> None:
+        """Take out cells added before (duplicates): exactly as if they had never been added."""
+        self.n_counts.subtract(other.n_counts)
+        self.mito.subtract(other.mito)
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,9 @@ class DatasetQC:
     """False when the dataset has no mitochondrial genes (the rule is skipped)."""
     mito_mean: float
     mito_sd: float
+    duplicates: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    """Cells (index in the dataset, ascending int64) dropped as later copies of cells of earlier datasets;
+    the moments above leave them out."""
 
     @classmethod
     def from_moments(cls, moments: QCMoments, params: QCParams, *, has_mito: bool) -> DatasetQC:
@@ -155,14 +176,19 @@ class DatasetQC:
             min_genes=self.min_genes,
         )
 
-    def keep_mask(self, stats: CellStats) -> tuple[np.ndarray, np.ndarray]:
+    def keep_mask(self, stats: CellStats, *, first_cell: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Which cells of a block pass QC (bool), and the drop reason of each cell (int8, -1 = kept).
 
         Reasons index :data:`~genecorpus.corpus.manifest.DROP_REASONS`; the first rule a cell fails is its
-        reason.
+        reason, in the order of :data:`~genecorpus.corpus.manifest.RULE_ORDER`. ``first_cell`` is the index
+        of the block's first cell in its dataset (for :attr:`duplicates`).
         """
         reason = np.full(stats.n_counts.shape[0], -1, dtype=np.int8)
         reason[~stats.preselected] = _R_FILTER
+        reason[(reason < 0) & ~stats.primary] = _R_PRIMARY
+        if len(self.duplicates):
+            cells = np.arange(first_cell, first_cell + len(reason))
+            reason[(reason < 0) & np.isin(cells, self.duplicates)] = _R_DUPLICATE
         if self.enabled:
             bad = np.abs(stats.n_counts.astype(np.float64) - self.n_counts_mean) > self.n_sd * self.n_counts_sd
             reason[(reason < 0) & bad] = _R_COUNTS
@@ -204,11 +230,19 @@ class QCPassSettings:
     """The statistic of the mitochondrial rule."""
     value_window: bool
     """Also record each gene's value window for the medians (of the datasets that feed them)."""
+    fingerprint_groups: np.ndarray | None = None
+    """Fingerprint the cells for duplicate detection with these gene groups (:func:`genecorpus.duplicates.gene_groups`);
+    None: do not."""
 
 
-def qc_task(plan: DatasetPlan, cells: CellRange, settings: QCPassSettings) -> QCTaskResult:
-    """The QC pass over one range of a dataset's cells (runs in a worker)."""
+def qc_task(plan: DatasetPlan, cells: CellRange, settings: QCPassSettings, fingerprints: Path | None = None,
+            ) -> QCTaskResult:
+    """The QC pass over one range of a dataset's cells (runs in a worker).
+
+    With ``settings.fingerprint_groups``, the selected cells' fingerprints are written to ``fingerprints``.
+    """
     moments = QCMoments()
+    keys = []
     window = GeneWindow.empty(plan.n_genes if settings.value_window else 0)
     stride = -(-plan.n_cells // QC_SAMPLE_CELLS)
     samples = []
@@ -216,20 +250,37 @@ def qc_task(plan: DatasetPlan, cells: CellRange, settings: QCPassSettings) -> QC
         moments.add(b.stats, settings.mito_mode)
         samples.append(b.stats.take(np.flatnonzero((np.arange(b.start, b.start + b.genes.shape[0]) % stride) == 0)))
         if settings.value_window and plan.spec.use_for_medians:
-            window.add(b.genes, b.depth, b.stats.preselected)
+            window.add(b.genes, b.depth, b.stats.selected)
+        if settings.fingerprint_groups is not None:
+            keys.append(fingerprint_cells(b.genes, selected=b.stats.selected, first_cell=b.start,
+                                          groups=settings.fingerprint_groups))
+    if settings.fingerprint_groups is not None and fingerprints is not None:
+        write_fingerprints(fingerprints, keys)
     return QCTaskResult(moments, window, CellStats.concatenate(samples) if samples else None)
 
 
 def dataset_thresholds(plans: Sequence[DatasetPlan], cells: Sequence[CellRange], results: Sequence[QCTaskResult],
-                       params: QCParams) -> list[DatasetQC]:
-    """Each dataset's QC thresholds from its tasks' moments, merged in task order."""
+                       params: QCParams, *, duplicates: Mapping[int, tuple[np.ndarray, CellStats]] | None = None,
+                       ) -> list[DatasetQC]:
+    """Each dataset's QC thresholds from its tasks' moments, merged in task order.
+
+    ``duplicates`` maps a dataset to the cells dropped as copies (indices, ascending, and their statistics):
+    they are taken out of the moments, so the thresholds are those of the dataset without them.
+    """
     out = []
     for plan in plans:
         moments = QCMoments()
         for c, r in zip(cells, results, strict=True):
             if c.dataset == plan.index:
                 moments.merge(r.moments)
-        out.append(DatasetQC.from_moments(moments, params, has_mito=bool(plan.is_mito_col.any())))
+        rows = np.empty(0, np.int64)
+        if duplicates and plan.index in duplicates:
+            rows, stats = duplicates[plan.index]
+            removed = QCMoments()
+            removed.add(stats, params.mito)
+            moments.subtract(removed)
+        out.append(replace(DatasetQC.from_moments(moments, params, has_mito=bool(plan.is_mito_col.any())),
+                           duplicates=rows))
     return out
 
 
@@ -244,5 +295,7 @@ def qc_sample(cells: Sequence[CellRange], results: Sequence[QCTaskResult], thres
         n_counts=np.concatenate([s.n_counts for _, s in parts]),
         mito=np.concatenate([s.mito_values(mito_mode).astype(np.float64) for _, s in parts]),
         n_genes=np.concatenate([s.n_genes for _, s in parts]),
-        reason=np.concatenate([thresholds[d].keep_mask(s)[1] for d, s in parts]),
+        # the sample knows no cell indices: copies dropped as duplicates show as QC sees them
+        reason=np.concatenate([replace(thresholds[d], duplicates=np.empty(0, np.int64)).keep_mask(s)[1]
+                               for d, s in parts]),
     )

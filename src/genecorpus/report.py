@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from genecorpus.corpus.folder import GENE_MEDIANS_TSV, LENGTHS, MANIFEST, QC_SAMPLE, REPORT_DIR, read_lengths
-from genecorpus.corpus.manifest import DROP_REASONS, DatasetRecord, Manifest, QCThresholds
+from genecorpus.corpus.manifest import DROP_REASONS, DatasetRecord, DuplicatesSummary, Manifest, QCThresholds
 from genecorpus.corpus.qc_sample import QCSample
 from genecorpus.corpus.shards import publish_folder
 from genecorpus.errors import ConfigError, DictionaryError, InputError
@@ -55,6 +55,8 @@ _REASON_COLORS = {
     "mito_outlier": "#c44e52",
     "min_genes": "#8172b3",
     "no_vocab_genes": "#937860",
+    "not_primary_data": "#da8bc3",
+    "duplicate": "#55a868",
 }
 _CUT_COLOR = "#222222"
 _DPI = 100
@@ -423,6 +425,20 @@ caption { text-align: left; font-style: italic; padding: 0.2em 0; }
 {% endfor %}</table>
 <img src="cells.png" alt="Cells in, kept and dropped by reason, per dataset">
 
+{% if dup %}<h2>Duplicate cells</h2>
+<p>Cells found in two datasets from their counts (policy <b>{{ dup.policy }}</b>: {{ dup.fate }}). Rule: {{ dup.rule }}.
+{{ dup.n_key }} pairs of cells shared a fingerprint key; {{ dup.n_candidate }} of them had agreeing sketches and were
+compared on their counts, and {{ dup.n_verified }} were verified{% if dup.n_common != "0" %}
+({{ dup.n_common }} fingerprints shared by too many cells were not used){% endif %}.</p>
+{% if dup.columns %}<table id="duplicates">
+<caption>Cells of the row's dataset that are copies of cells of the column's (earlier) dataset.</caption>
+<tr><th>dataset (copies) · earlier dataset →</th>{% for name in dup.columns %}<th>{{ name }}</th>{% endfor %}</tr>
+{% for row in dup.rows %}<tr><td>{{ row.name }}</td>{% for v in row.cells %}<td class="num">{{ v }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% else %}<p>No cell was found in two datasets.</p>
+{% endif %}{% if dup.within %}<p>Cells identical to an earlier cell of the same dataset (reported, kept):
+{{ dup.within }}.</p>
+{% endif %}{% endif %}
 <h2>Quality control</h2>
 {% if qc_plots %}
 <p>Histograms of a fixed sample of cells of each dataset (at most about 20,000 per dataset), coloured by QC
@@ -495,6 +511,25 @@ def _cell_rows(datasets: Sequence[DatasetRecord]) -> list[dict[str, Any]]:
                  "pct": f"{100 * tot_kept / tot_in:.1f}" if tot_in else "–",
                  "dropped": [_num(tot_dropped[r]) for r in DROP_REASONS], "total": True})
     return rows
+
+
+def _duplicates_context(summary: DuplicatesSummary | None, datasets: Sequence[DatasetRecord]) -> dict[str, Any] | None:
+    """The duplicates section: the matrix of shared cells over the datasets that share any (manifest order)."""
+    if summary is None:
+        return None
+    order = {d.dataset_id: i for i, d in enumerate(datasets)}
+    earlier = sorted({s.a for s in summary.shared}, key=order.__getitem__)
+    later = sorted({s.b for s in summary.shared}, key=order.__getitem__)
+    n = {(s.b, s.a): s.n_cells for s in summary.shared}
+    return {
+        "policy": summary.policy,
+        "fate": f"{_num(summary.n_dropped)} later copies dropped" if summary.policy == "drop" else "reported, kept",
+        "rule": summary.rule, "n_key": _num(summary.n_key_pairs), "n_candidate": _num(summary.n_candidate_pairs),
+        "n_verified": _num(summary.n_verified_pairs), "n_common": _num(summary.n_common_keys),
+        "columns": earlier,
+        "rows": [{"name": b, "cells": [_num(n[(b, a)]) if (b, a) in n else "" for a in earlier]} for b in later],
+        "within": ", ".join(f"{k} {_num(v)}" for k, v in summary.within.items()),
+    }
 
 
 def _mito_rule_text(qc: QCThresholds) -> str:
@@ -585,6 +620,7 @@ def _render_html(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> str:
         notes=_notes(corpus, qc_plots=qc_plots, max_panels=max_panels),
         reasons=DROP_REASONS,
         cell_rows=_cell_rows(corpus.datasets),
+        dup=_duplicates_context(m.duplicates, corpus.datasets),
         qc_plots=qc_plots,
         n_sd=_fmt(corpus.n_sd),
         mito_modes=" / ".join(modes) or "counts",

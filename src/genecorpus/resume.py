@@ -8,6 +8,7 @@ one file system)::
     tasks/<stage>/<key>.pkl     a finished task's result (zlib-compressed pickle, written atomically)
     tasks/<stage>/<key>.json    what the key was made of (to say why a task is redone)
     parts/<key>.arrow           the Arrow part an encoding task wrote
+    fingerprints/<key>.npy      the cells' fingerprints a QC task wrote (duplicate detection)
     publish.json                part → shard names while shards are moved into ``corpus/``
     corpus/                     the corpus being assembled; renamed to ``OUT`` when complete
 
@@ -373,7 +374,7 @@ class WorkFolder:
         else:
             self._clear(keep=("lock",))
         shutil.rmtree(self.corpus, ignore_errors=True)
-        for sub in ("corpus", "tasks", "parts"):
+        for sub in ("corpus", "tasks", "parts", "fingerprints"):
             (self.path / sub).mkdir(exist_ok=True)
         inputs = self.path / "inputs.json"
         if self.resumed and inputs.is_file():
@@ -492,6 +493,10 @@ class WorkFolder:
     def part(self, key: str) -> Path:
         """The Arrow part file of an encoding task."""
         return self.path / "parts" / f"{key}.arrow"
+
+    def fingerprints(self, key: str) -> Path:
+        """The cells' fingerprints a QC task wrote (see :mod:`genecorpus.duplicates`)."""
+        return self.path / "fingerprints" / f"{key}.npy"
 
     def plan_stage(self, stage: str, entries: Sequence[tuple[str, dict[str, str]]]) -> list[Path | None]:
         """Record paths for a stage's tasks, given each task's slot (dataset and cells) and components.

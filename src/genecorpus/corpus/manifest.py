@@ -16,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from genecorpus.config import BuildConfig, DatasetSpec, Mode, describe_validation_error
 from genecorpus.errors import InputError
@@ -26,18 +26,24 @@ if TYPE_CHECKING:
     import os
 
 __all__ = [
-    "DROP_REASONS", "FORMAT", "CellCounts", "ComputedMedians", "CorpusSummary", "DatasetRecord", "DepthSource",
-    "GeneMappingSummary", "GivenMedians", "Manifest", "QCThresholds", "SkippedDataset", "Stage",
+    "DROP_REASONS", "FORMAT", "RULE_ORDER", "CellCounts", "ComputedMedians", "CorpusSummary", "DatasetRecord",
+    "DepthSource", "GeneMappingSummary", "GivenMedians", "Manifest", "QCThresholds", "SkippedDataset", "Stage",
     "VocabularySummary", "package_versions",
 ]
 
 FORMAT = "genecorpus/1"
 """The version of the record this module reads and writes."""
 
-DROP_REASONS = ("filter_pass", "n_counts_outlier", "mito_outlier", "min_genes", "no_vocab_genes")
-"""Why a cell was dropped, in the order the rules apply; each dropped cell counts under the first."""
+DROP_REASONS = ("filter_pass", "n_counts_outlier", "mito_outlier", "min_genes", "no_vocab_genes", "not_primary_data",
+                "duplicate")
+"""Why a cell was dropped. A dropped cell counts under the first rule it fails, in the order :data:`RULE_ORDER`;
+the index of a reason here is what ``report/qc_sample.npz`` stores, so new reasons are only ever appended."""
+RULE_ORDER = ("filter_pass", "not_primary_data", "duplicate", "n_counts_outlier", "mito_outlier", "min_genes",
+              "no_vocab_genes")
+"""The order in which the rules drop cells: pre-selection, curation, duplicates (so that QC sees each dataset
+as it would be without its copies), QC, then encoding."""
 
-Stage = Literal["plan", "qc", "medians", "encode"]
+Stage = Literal["plan", "qc", "duplicates", "medians", "encode"]
 """The pass of a build in which a skipped dataset failed."""
 
 
@@ -73,6 +79,8 @@ class GeneMappingSummary(_Record):
     """Distinct universe genes they map to (columns of one gene are summed)."""
     n_mito_columns: int
     """Columns of mitochondrial genes."""
+    n_filtered_out: int = 0
+    """Columns left out because ``var["feature_is_filtered"]`` marks them (CELLxGENE's curation)."""
 
 
 class QCThresholds(_Record):
@@ -105,6 +113,16 @@ class CellCounts(_Record):
     dropped: dict[str, int]
     """Dropped cells by reason, every reason of :data:`DROP_REASONS` listed in that order."""
 
+    @field_validator("dropped")
+    @classmethod
+    def _every_reason(cls, value: dict[str, int]) -> dict[str, int]:
+        # reasons added after a manifest was written dropped no cell of it
+        unknown = sorted(set(value) - set(DROP_REASONS))
+        if unknown:
+            msg = f"unknown drop reason {unknown[0]!r}; known: {', '.join(DROP_REASONS)}"
+            raise ValueError(msg)
+        return {reason: value.get(reason, 0) for reason in DROP_REASONS}
+
 
 class DatasetRecord(_Record):
     """One dataset of the corpus: where it came from, how it was read, and where its cells went."""
@@ -122,6 +140,15 @@ class DatasetRecord(_Record):
     """The pre-selection column found in the input (None: all cells pre-selected)."""
     qc: QCThresholds
     cells: CellCounts
+    matrix: str | None = None
+    """The matrix the counts were read from (``X``, ``raw.X`` or ``layers['counts']``; chosen by
+    ``counts = "auto"``); None in manifests written before it was recorded (then ``spec`` says)."""
+    select_columns: tuple[str, ...] = ()
+    """Further pre-selection columns found in the input (``spec.select_columns``)."""
+    primary_column: str | None = None
+    """``is_primary_data`` when the input has it and ``spec.primary_only`` (its False cells were dropped)."""
+    split_value: str | None = None
+    """For a part of a file split by ``spec.split_by``: the value its cells hold (its id is ``<id>/<value>``)."""
 
     @property
     def in_memory(self) -> bool:
@@ -167,6 +194,36 @@ class CorpusSummary(_Record):
     columns: tuple[str, ...]
 
 
+class SharedCells(_Record):
+    """Cells of dataset ``b`` that are copies of cells of dataset ``a`` (``a`` earlier in the manifest)."""
+
+    a: str
+    b: str
+    n_cells: int
+
+
+class DuplicatesSummary(_Record):
+    """What duplicate detection found (:mod:`genecorpus.duplicates`)."""
+
+    policy: Literal["drop", "report"]
+    rule: str
+    """The verification rule, in words."""
+    n_key_pairs: int = 0
+    """Pairs of cells that shared a fingerprint key (counted once per key range in which they did)."""
+    n_candidate_pairs: int
+    """Of those, the pairs whose sketches agree: verified on their counts."""
+    n_verified_pairs: int
+    """Of those, the pairs verification calls the same cell (across datasets and within)."""
+    n_common_keys: int
+    """Keys shared by too many cells to make candidates (very shallow cells)."""
+    shared: tuple[SharedCells, ...]
+    """Per pair of datasets that share cells, how many (every pair with at least one)."""
+    within: dict[str, int]
+    """Per dataset with any: cells identical to an earlier cell of the same dataset (reported, not dropped)."""
+    n_dropped: int
+    """Cells dropped as later copies (0 with ``report``)."""
+
+
 class SkippedDataset(_Record):
     """A dataset left out with ``--on-error skip``."""
 
@@ -191,6 +248,8 @@ class Manifest(_Record):
     vocabulary: VocabularySummary
     corpus: CorpusSummary
     skipped: tuple[SkippedDataset, ...] = ()
+    duplicates: DuplicatesSummary | None = None
+    """None when duplicates were not looked for (``keep``, ``tokenize``, or manifests before 0.2)."""
     files: dict[str, str] = Field(default_factory=dict)
     """sha256 of the dictionary and lengths files beside the shards (by file name)."""
     timings: dict[str, float] = Field(default_factory=dict)

@@ -105,7 +105,10 @@ class ShardWriter:
     def _flush(self, rows: int) -> None:
         table = pa.Table.from_batches(self._pending, schema=self.schema)
         head, rest = table.slice(0, rows), table.slice(rows)
-        self._writer.write_batch(head.combine_chunks().to_batches()[0])
+        # a copy, never a slice: a slice keeps its parent's buffers, and the IPC writer pads a list column's
+        # values by where the slice starts, so the bytes would depend on how the rows arrived (block size)
+        written = head.take(pa.array(np.arange(rows, dtype=np.int64))).combine_chunks()
+        self._writer.write_batch(written.to_batches()[0])
         self._pending = rest.combine_chunks().to_batches() if rest.num_rows else []
         self._pending_rows = rest.num_rows
 

@@ -86,6 +86,10 @@ class CellSource(Protocol):
         """Names of the per-cell metadata columns available."""
         ...
 
+    def obs_column(self, name: str) -> np.ndarray:
+        """Return one per-cell metadata column for every cell, without reading any counts."""
+        ...
+
     def read_block(self, start: int, stop: int, *, obs_columns: Sequence[str] = ()) -> CellBlock:
         """Read cells ``start:stop`` as validated raw counts, with the requested obs columns."""
         ...

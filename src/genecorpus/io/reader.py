@@ -172,6 +172,19 @@ class BaseReader(abc.ABC):
         """Names of the per-cell metadata columns available."""
         return list(self._obs)
 
+    def obs_column(self, name: str) -> np.ndarray:
+        """Return obs column ``name`` for every cell (as :meth:`read_block` slices it), reading no counts."""
+        if name not in self.obs_columns:
+            known = ", ".join(self.obs_columns) or "none"
+            msg = f"{self.path}: no cell annotation column {name!r}; available: {known}"
+            raise InputError(msg)
+        try:
+            return self._obs[name].read(0, self.n_cells)
+        except OSError as exc:
+            msg = (f"{self.path}: obs column {name!r} could not be read ({one_line(exc)}); the "
+                   f"{self._container} is truncated or corrupt: re-download or re-export it")
+            raise InputError(msg) from exc
+
     @abc.abstractmethod
     def _read_counts(self, start: int, stop: int) -> Any:
         """Return rows ``start:stop`` as a sparse matrix (any numeric dtype), unvalidated."""
