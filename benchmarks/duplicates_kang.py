@@ -62,11 +62,10 @@ def main() -> None:
     across = pairs[pairs[:, 0] != pairs[:, 2]]
     has = [np.isin(np.arange(len(universe)), p.col_to_gene[p.col_to_gene >= 0]) for p in plans]
     shared = {(0, 1): has[0] & has[1] & ~mito_mask, (0, 0): has[0] & ~mito_mask, (1, 1): has[1] & ~mito_mask}
-    def cell(d: int, c: int) -> tuple[np.ndarray, np.ndarray]:
-        x = read[d][1]
-        return x.indices[x.indptr[c]:x.indptr[c + 1]], x.data[x.indptr[c]:x.indptr[c + 1]]
-
-    verified, checks = duplicates.verify_pairs(across, cell, shared)
+    counts = sp.vstack([read[0][1], read[1][1]], format="csr")
+    offset = read[0][1].shape[0]
+    verified, checks = duplicates.verify_pairs(across, counts, np.stack([across[:, 1], offset + across[:, 3]], axis=1),
+                                               shared)
 
     names = [ad.read_h5ad(f, backed="r").obs_names for f in files]
     index_b = {_barcode(n): i for i, n in enumerate(names[1])}
@@ -79,18 +78,19 @@ def main() -> None:
           f"candidates (sketches agree): {len(pairs):,} ({len(across):,} across the two files)")
     print(f"verified across: {len(called):,}; of them barcode-matched: {len(called & truth):,}; "
           f"false: {len(called - truth)}; barcode-matched not found: {len(truth - called)}")
-    by_pair = {(a, b): c for c, (_, a, _, b) in zip(checks, across.tolist(), strict=True)}
-    dist = Counter(by_pair[p].n_mismatch for p in truth if p in by_pair)
+    by_pair = {(a, b): (int(n), int(m), bool(same)) for (_, a, _, b), n, m, same in
+               zip(across.tolist(), checks.n_shared, checks.n_mismatch, checks.same, strict=True)}
+    dist = Counter(by_pair[p][1] for p in truth if p in by_pair)
     print("differing genes among the barcode-matched pairs: "
           + ", ".join(f"{k}: {v}" for k, v in sorted(dist.items())))
-    missing = sorted(truth - set(by_pair))
-    for a, b in missing:  # never a candidate: how do the two cells compare?
-        check = duplicates.verify_pair(cell(0, a), cell(1, b), shared[(0, 1)], within=False)
-        print(f"  not a candidate: {names[0][a]} / {names[1][b]}: {check}")
-    for a, b in sorted(p for p in truth if p in by_pair and not by_pair[p].same):
+    for a, b in sorted(truth - set(by_pair)):  # never a candidate: how do the two cells compare?
+        pair = np.array([[0, a, 1, b]])
+        _, check = duplicates.verify_pairs(pair, counts, np.array([[a, offset + b]]), shared)
+        print(f"  not a candidate: {names[0][a]} / {names[1][b]}: {check.n_mismatch[0]} of "
+              f"{check.n_shared[0]} genes differ")
+    for a, b in sorted(p for p in truth if p in by_pair and not by_pair[p][2]):
         print(f"  candidate, not verified: {names[0][a]} / {names[1][b]}: {by_pair[(a, b)]}")
-    rejected = sorted((c.n_mismatch / max(c.n_shared, 1), c.n_mismatch, c.n_shared)
-                      for c in checks if not c.same)
+    rejected = sorted((m / max(n, 1), m, n) for n, m, same in by_pair.values() if not same)
     print(f"rejected candidates: {len(rejected)}; the closest (differing / nonzero genes): "
           + ", ".join(f"{m}/{n}" for _, m, n in rejected[:5]))
 

