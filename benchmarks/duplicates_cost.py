@@ -4,7 +4,7 @@ candidates, no verification) and ``--duplicates drop`` (the default), alternated
 Usage::
 
     .venv/bin/python benchmarks/duplicates_cost.py                 # kang, synthetic 100k, 100k twice
-    .venv/bin/python benchmarks/duplicates_cost.py --sizes 20k --runs 1
+    .venv/bin/python benchmarks/duplicates_cost.py --sizes 20k --runs 1 --scenarios once
 
 Scenarios:
 
@@ -84,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100k", help="synthetic sizes (default 100k; '' for none)")
     parser.add_argument("--runs", type=int, default=3, help="runs per policy (median; default 3)")
+    parser.add_argument("--scenarios", default="kang,once,twice", help="which of kang, once, twice (default all)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
         "GENECORPUS_BENCH_DIR", REPO / "benchmarks" / ".cache")))
@@ -95,8 +96,10 @@ def main() -> None:
     work = args.cache_dir.resolve() / "duplicates"
     work.mkdir(parents=True, exist_ok=True)
     scenarios: list[tuple[str, Path, bool]] = []  # name, manifest, has copies
-    link_public_files(KANG_FILES, REPO / "examples" / "data")
-    scenarios.append(("kang (4 real datasets)", REPO / "examples" / "kang_pretrain.toml", True))
+    wanted = {s.strip() for s in args.scenarios.split(",")}
+    if "kang" in wanted:
+        link_public_files(KANG_FILES, REPO / "examples" / "data")
+        scenarios.append(("kang (4 real datasets)", REPO / "examples" / "kang_pretrain.toml", True))
     for label in [s.strip() for s in args.sizes.split(",") if s.strip()]:
         from genecorpus.public_data import fetch_public_file
 
@@ -105,8 +108,10 @@ def main() -> None:
                                         dict_dir=args.dict_dir,
                                         reference=lambda: fetch_public_file("kang_pbmc_ctrl"), log=print)
         h5ad = data.paths["h5ad"]
-        scenarios.append((f"synthetic {label}", _synthetic_manifest(work, h5ad, twice=False), False))
-        scenarios.append((f"synthetic {label} twice", _synthetic_manifest(work, h5ad, twice=True), True))
+        if "once" in wanted:
+            scenarios.append((f"synthetic {label}", _synthetic_manifest(work, h5ad, twice=False), False))
+        if "twice" in wanted:
+            scenarios.append((f"synthetic {label} twice", _synthetic_manifest(work, h5ad, twice=True), True))
 
     cli = [sys.executable, "-m", "genecorpus"]
     results: dict[str, Any] = {"machine": measure.machine_info(REPO), "runs": args.runs, "workers": args.workers,

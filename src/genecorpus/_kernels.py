@@ -701,30 +701,36 @@ def fingerprint_csr(data, indices, indptr, selected, gene_group, n_groups, per_g
     for i in range(n):
         if not selected[i]:
             continue
-        m = 0
         n_top = 0
         grp_n[:] = 0
         for k in range(indptr[i], indptr[i + 1]):
-            g = np.int64(indices[k])
             c = np.int64(data[k])
-            b = gene_group[g]
-            if b < 0 or c <= 0:
+            if c <= 0:
                 continue
-            m += 1
+            g = np.int64(indices[k])
+            # most entries are 1s: below min_count an entry is in no valid key, so once the sketch is full
+            # it only matters if it still ranks into the sketch
+            if c < min_count and n_top == cap and (c < top_c[cap - 1] or (c == top_c[cap - 1] and g > top_g[cap - 1])):
+                continue
+            b = gene_group[g]
+            if b < 0:
+                continue
             n_top = _insert_ranked(top_g, top_c, 0, n_top, cap, g, c)
-            grp_n[b] = _insert_ranked(grp_g, grp_c, b * per_group, grp_n[b], per_group, g, c)
+            if c >= min_count:  # a group key needs all its genes at min_count or more
+                grp_n[b] = _insert_ranked(grp_g, grp_c, b * per_group, grp_n[b], per_group, g, c)
         for j in range(min(n_top, sketch_size)):
             sketch_genes[i, j] = top_g[j]
             sketch_counts[i, j] = top_c[j]
         for b in range(n_groups):
-            if grp_n[b] == per_group and grp_c[b * per_group + per_group - 1] >= min_count:
+            if grp_n[b] == per_group:
                 h = np.uint64(b + 1)
                 for j in range(b * per_group, (b + 1) * per_group):
                     h = _mix64(_mix64(h, grp_g[j]), grp_c[j])
                 keys[i, b] = h
         for t in range(tops.shape[0]):
             k = tops[t]
-            if m < k or top_c[k - 1] < min_count or (m > k and top_c[k] == top_c[k - 1]):
+            # the buffer holds more than max(tops) entries, so n_top > k exactly when the row has more than k
+            if n_top < k or top_c[k - 1] < min_count or (n_top > k and top_c[k] == top_c[k - 1]):
                 continue
             h = np.uint64(1000 + k)
             for j in range(k):
