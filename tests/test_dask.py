@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +20,6 @@ from genecorpus.config import BuildConfig, ClusterSpec, DatasetSpec, load_cluste
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.executors import DaskExecutor, LocalExecutor, make_executor
 from genecorpus.testing import random_counts, write_h5ad
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -144,3 +141,19 @@ def test_cli_engine_dask_and_cluster_section(h5ad_and_loom: tuple[Path, Path], c
     res = runner.invoke(app, ["build", str(bad), "--out", str(tmp_path / "x")])
     assert res.exit_code == 1
     assert "bad.toml: cluster." in res.output and "needs an address" in res.output
+
+
+def test_duplicates_on_dask_give_the_bytes_of_local_workers(h5ad_and_loom: tuple[Path, Path], cluster: DaskExecutor,
+                                                            tmp_path: Path) -> None:
+    """A third dataset re-publishes 100 cells of the first (other barcodes, reversed order): the duplicates
+    pass finds and drops them on a Dask cluster exactly as in this process."""
+    ids = np.concatenate([genes.candidate_genes()[::40][:400], genes.mito_genes()[:13]]).astype(object)
+    copies = random_counts(230, len(ids), density=0.15, seed=1)[:100][::-1]  # the conftest's first dataset
+    again = write_h5ad(tmp_path / "again.h5ad", copies, gene_ids=ids,
+                       cell_ids=np.array([f"again{i}" for i in range(100)], dtype=object))
+    paths = (*h5ad_and_loom, Path(again))
+    local, dask = tmp_path / "local", tmp_path / "dask"
+    built = build_corpus(_config(paths), local, workers=1, report=False)
+    build_corpus(_config(paths), dask, executor=cluster, report=False)
+    assert built.manifest.duplicates is not None and built.manifest.duplicates.n_dropped == 100
+    assert _digests(dask) == _digests(local)

@@ -45,7 +45,7 @@ N_CELLS = 1000  # per dataset: 3 x 4 tasks per stage, enough to stop a build in 
 SHARD_CELLS = 250
 COPY_EVERY = 5
 """Dataset c holds copies of every 5th cell of dataset a: duplicate detection reads and drops them."""
-STAGES = ("qc", "candidates", "candidate_cells", "histogram", "selection", "encode")
+STAGES = ("qc", "candidates", "candidate_cells", "verify", "histogram", "selection", "encode")
 
 
 def _counts(n_cells: int, seed: int) -> Any:

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import scipy.sparse as sp
 from pydantic import ValidationError
 
 from genecorpus import genes, medians
@@ -74,13 +73,15 @@ from genecorpus.duplicates import (
     MISMATCHES_PER_100_GENES,
     Candidates,
     CandidateSettings,
-    CellVectors,
+    CellsRead,
+    VerifySettings,
     candidate_task,
+    cell_files,
     cells_task,
     duplicate_groups,
     gene_groups,
     sketch_path,
-    verify_pairs,
+    verify_task,
 )
 from genecorpus.encode import EncodeResult, EncodeSettings, RankOrder, encode_task, metadata_columns
 from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError, TaskFailure
@@ -429,41 +430,32 @@ class _Build:
         width = 2**64 // n_ranges
         tasks = [CandidateSettings(files, p * width, (p + 1) * width if p < n_ranges - 1 else 2**64)
                  for p in range(n_ranges)]
-        shared = fingerprint("candidates", qc_keys, [c.dataset for c in cells])
+        upstream = fingerprint("candidates", qc_keys, [c.dataset for c in cells])
         records = self.work.plan_stage("candidates", [
-            (f"keys {p + 1}/{len(tasks)}", {"code": code_fingerprint(), "settings": fingerprint(shared, p)})
+            (f"keys {p + 1}/{len(tasks)}", {"code": code_fingerprint(), "settings": fingerprint(upstream, p)})
             for p in range(len(tasks))])
         found: list[Candidates] = self.executor.map("duplicates (candidates)", run_recorded, [
             (r, (), candidate_task, t) for r, t in zip(records, tasks, strict=True)])
         pairs = np.unique(np.concatenate([f.pairs for f in found]), axis=0)
-        cells_read, failed = self._candidate_cells(keys, cells, qc_keys, pairs)
+        read, failed = self._candidate_cells(keys, cells, qc_keys, pairs)
         if failed:
             return _Copies.none(failed)
-        counts = sp.vstack([r.counts for _, r in cells_read], format="csr") if cells_read else None
-        first_row = np.cumsum([0] + [len(r.cells) for _, r in cells_read])
-        row_of = {(d, cell): int(first_row[k] + i)
-                  for k, (d, r) in enumerate(cells_read) for i, cell in enumerate(r.cells.tolist())}
-        has = [np.isin(np.arange(len(s.universe)), p.col_to_gene[p.col_to_gene >= 0]) for p in self.plans]
-        not_mito = ~np.isin(s.universe, s.mito)
-        shared_genes = {(min(a, b), max(a, b)): (has[a] & has[b] & not_mito if a != b else np.ones(len(not_mito), bool))
-                        for a, b in {(int(a), int(b)) for a, _, b, _ in pairs.tolist()}}
-        rows = np.array([(row_of[(a, ca)], row_of[(b, cb)]) for a, ca, b, cb in pairs.tolist()],
-                        dtype=np.int64).reshape(-1, 2)
-        verified, _ = verify_pairs(pairs, counts, rows, shared_genes) if counts is not None else (pairs, None)
+        checks = self._verify(pairs, read, upstream)
+        verified = pairs[checks] if len(pairs) else pairs
         drop = duplicate_groups(verified) if s.config.duplicates == "drop" else {}
         summary = _duplicates_summary(self.plans, s.config.duplicates, found, verified, n_dropped=len(drop))
         logger.info("duplicates: %d pairs shared a key, %d candidates, %d verified; %d cells dropped",
                     summary.n_key_pairs, len(pairs), len(verified), len(drop))
-        stats = CellStats.concatenate([r.stats for _, r in cells_read]) if cells_read else None
         dropped: dict[int, tuple[np.ndarray, CellStats]] = {}
         for d in sorted({d for d, _ in drop}):
-            cells_d = np.array(sorted(c for dd, c in drop if dd == d), dtype=np.int64)
-            dropped[d] = (cells_d, stats.take(np.array([row_of[(d, c)] for c in cells_d.tolist()])))  # type: ignore[union-attr]
+            copies = np.array(sorted(c for dd, c in drop if dd == d), dtype=np.int64)
+            stats = [r.stats.take(np.flatnonzero(np.isin(r.cells, copies))) for c, r, _ in read if c.dataset == d]
+            dropped[d] = (copies, CellStats.concatenate(stats))
         return _Copies(dropped, summary, {})
 
     def _candidate_cells(self, keys: TaskKeys, cells: list[CellRange], qc_keys: list[str], pairs: np.ndarray,
-                         ) -> tuple[list[tuple[int, CellVectors]], dict[int, str]]:
-        """The candidate cells read again, per task that holds any: (dataset, its cells)."""
+                         ) -> tuple[list[tuple[CellRange, CellsRead, Path]], dict[int, str]]:
+        """The candidate cells read again, per range that holds any: the range, what came back, the folder."""
         wanted = np.unique(np.concatenate([pairs[:, :2], pairs[:, 2:]]), axis=0)
         by_range = []
         for c in cells:
@@ -473,14 +465,58 @@ class _Build:
         if not by_range:
             return [], {}
         wanted_of = {c.index: mine for c, mine in by_range}
-        records, _ = keys.records("candidate_cells", self.plans, [c for c, _ in by_range],
-                                  lambda c: fingerprint("cells", wanted_of[c.index]),
-                                  [qc_keys[c.index] for c, _ in by_range])
+        records, cell_keys = keys.records("candidate_cells", self.plans, [c for c, _ in by_range],
+                                          lambda c: fingerprint("cells", wanted_of[c.index]),
+                                          [qc_keys[c.index] for c, _ in by_range])
+        folders = [self.work.candidate_cells(k) for k in cell_keys]
         results = self.executor.map("duplicates (cells)", run_recorded, self._tasks(records, cells_task, [
-            (self.plans[c.dataset], c, mine, self.settings.config.block_size) for c, mine in by_range]))
+            (self.plans[c.dataset], c, mine, self.settings.config.block_size, folder)
+            for (c, mine), folder in zip(by_range, folders, strict=True)],
+            outputs=[cell_files(folder) for folder in folders]))
         failed = _failed_datasets([c for c, _ in by_range], results)
-        read = [(c.dataset, r) for (c, _), r in zip(by_range, results, strict=True) if isinstance(r, CellVectors)]
+        read = [(c, r, folder) for (c, _), r, folder in zip(by_range, results, folders, strict=True)
+                if isinstance(r, CellsRead)]
         return read, failed
+
+    def _verify(self, pairs: np.ndarray, read: list[tuple[CellRange, CellsRead, Path]], upstream: str) -> np.ndarray:
+        """Verify the candidate pairs in tasks of at most ``VERIFY_PAIRS_PER_TASK`` pairs, grouped by the range of
+        their second cell; each task reads only its pairs' cells. Returns which pairs are one cell (bool)."""
+        if not len(pairs):
+            return np.zeros(0, bool)
+        s = self.settings
+        folders = tuple(str(f) for _, _, f in read)
+        ranges = sorted((c.dataset, c.start, j) for j, (c, _, _) in enumerate(read))
+        bounds = np.array([(d, start) for d, start, _ in ranges], dtype=np.int64)
+        folder_of_range = np.array([j for _, _, j in ranges], dtype=np.int64)
+
+        def stored_in(dataset: np.ndarray, cell: np.ndarray) -> np.ndarray:
+            at = np.searchsorted(bounds[:, 0] * 2**40 + bounds[:, 1], dataset * 2**40 + cell, side="right") - 1
+            return folder_of_range[at]
+
+        where = np.stack([stored_in(pairs[:, 0], pairs[:, 1]), stored_in(pairs[:, 2], pairs[:, 3])], axis=1)
+        has = [np.isin(np.arange(len(s.universe)), p.col_to_gene[p.col_to_gene >= 0]) for p in self.plans]
+        not_mito = ~np.isin(s.universe, s.mito)
+        order = np.lexsort((np.arange(len(pairs)), where[:, 1]))
+        chunks = [c for f in np.unique(where[:, 1]).tolist()
+                  for m in [order[where[order, 1] == f]]
+                  for c in np.array_split(m, -(-len(m) // VERIFY_PAIRS_PER_TASK))]
+        tasks = []
+        for chunk in chunks:
+            involved = {(min(a, b), max(a, b)) for a, b in pairs[chunk][:, [0, 2]].tolist()}
+            shared = {(a, b): has[a] & has[b] & not_mito if a != b else np.ones(len(s.universe), bool)
+                      for a, b in sorted(involved)}
+            tasks.append(VerifySettings(pairs[chunk], folders, where[chunk], shared, len(s.universe)))
+        names = [Path(f).name for f in folders]  # the cells tasks' keys
+        records = self.work.plan_stage("verify", [
+            (f"pairs {i + 1}/{len(tasks)}", {"code": code_fingerprint(), "settings": fingerprint(
+                upstream, t.pairs, [names[f] for f in t.stored_in.ravel()])})
+            for i, t in enumerate(tasks)])
+        checks = self.executor.map("duplicates (verify)", run_recorded,
+                                   [(r, (), verify_task, t) for r, t in zip(records, tasks, strict=True)])
+        same = np.zeros(len(pairs), bool)
+        for chunk, check in zip(chunks, checks, strict=True):
+            same[chunk] = check.same
+        return same
 
     def _medians(self, keys: TaskKeys, cells: list[CellRange], qc: _QCPass) -> _MedianPass:
         s = self.settings
@@ -759,6 +795,8 @@ class _Vocabulary:
         return {g: float(m) for g, m in zip(self.genes.tolist(), medians_, strict=True)}
 
 
+VERIFY_PAIRS_PER_TASK = 50_000
+"""Candidate pairs per verification task (its memory: the counts of at most twice as many cells)."""
 CELLS_PER_KEY_RANGE = 1_000_000
 MAX_KEY_RANGES = 4096
 """Candidate tasks: one per million input cells (at least 2, at most 4,096), each reading its range of

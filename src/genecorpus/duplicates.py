@@ -58,9 +58,11 @@ __all__ = [
     "TOPS",
     "CandidateSettings",
     "Candidates",
-    "CellVectors",
+    "CellsRead",
     "PairChecks",
+    "VerifySettings",
     "candidate_task",
+    "cell_files",
     "cells_task",
     "duplicate_groups",
     "fingerprint_cells",
@@ -69,6 +71,7 @@ __all__ = [
     "sketch_path",
     "sketches_agree",
     "verify_pairs",
+    "verify_task",
     "write_fingerprints",
 ]
 
@@ -236,22 +239,29 @@ def candidate_task(settings: CandidateSettings) -> Candidates:
     return Candidates(kept, len(out), n_common)
 
 
+_CELL_ARRAYS = ("cells", "indptr", "indices", "data")
+
+
+def cell_files(folder: Path) -> tuple[Path, ...]:
+    """The files a :func:`cells_task` writes into its folder: cell ids, then the CSR arrays."""
+    return tuple(folder / f"{name}.npy" for name in _CELL_ARRAYS)
+
+
 @dataclass(frozen=True)
-class CellVectors:
-    """Some cells of one task, over the universe: their counts and QC statistics."""
+class CellsRead:
+    """The candidate cells of one range, read again (their counts are in the task's folder)."""
 
     cells: np.ndarray
     """Index in the plan (int64), ascending."""
-    counts: sp.csr_matrix
-    """Cells × universe genes (int64), sorted indices."""
     stats: CellStats
     """Their QC statistics (a dropped copy is taken out of its dataset's QC moments)."""
 
 
-def cells_task(plan: DatasetPlan, cells: CellRange, wanted: np.ndarray, block_size: int) -> CellVectors:
+def cells_task(plan: DatasetPlan, cells: CellRange, wanted: np.ndarray, block_size: int, folder: Path) -> CellsRead:
     """Read the ``wanted`` cells (indices in the plan, ascending) of one range again, for verification.
 
-    Only the blocks that hold wanted cells are read.
+    Only the blocks that hold wanted cells are read. Their counts over the universe (CSR, sorted indices,
+    int64) are written to ``folder`` (:func:`cell_files`) for the verification tasks, which memory-map them.
     """
     rows, stats, picked = [], [], []
     starts = np.arange(cells.start, cells.stop, block_size)
@@ -266,9 +276,62 @@ def cells_task(plan: DatasetPlan, cells: CellRange, wanted: np.ndarray, block_si
     counts = sp.vstack(rows, format="csr") if rows else sp.csr_matrix((0, plan.n_genes), dtype=np.int64)
     counts.sort_indices()
     empty = np.empty(0, np.int64)
-    return CellVectors(np.concatenate(picked) if picked else empty, counts,
-                       CellStats.concatenate(stats) if stats else CellStats(empty, empty, empty, np.empty(0, bool),
-                                                                            np.empty(0, bool)))
+    ids = np.concatenate(picked) if picked else empty
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, array in zip(cell_files(folder), (ids, counts.indptr.astype(np.int64), counts.indices.astype(np.int32),
+                                                counts.data.astype(np.int64)), strict=True):
+        _save(path, array)
+    return CellsRead(ids, CellStats.concatenate(stats) if stats else CellStats(empty, empty, empty, np.empty(0, bool),
+                                                                              np.empty(0, bool)))
+
+
+def _gather(folder: Path, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of the stored cells ``wanted`` (ids), as (lengths, indices, data), copied out of the memory map."""
+    ids, indptr, indices, data = (np.load(p, mmap_mode="r", allow_pickle=False) for p in cell_files(folder))
+    at = np.searchsorted(ids, wanted)
+    lo, hi = np.asarray(indptr[at]), np.asarray(indptr[at + 1])
+    lengths = hi - lo
+    take = np.repeat(lo - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(int(lengths.sum()))
+    return lengths, np.asarray(indices[take]), np.asarray(data[take])
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """One verification task: candidate pairs, where their cells are stored, and the genes to compare."""
+
+    pairs: np.ndarray
+    """``(n, 4)`` int64: dataset and cell of each end."""
+    folders: tuple[str, ...]
+    """Folders written by :func:`cells_task`."""
+    stored_in: np.ndarray
+    """``(n, 2)`` int64: the folder (index into ``folders``) of each end."""
+    shared: dict[tuple[int, int], np.ndarray]
+    """Genes compared per pair of datasets (see :func:`verify_pairs`)."""
+    n_genes: int
+
+
+def verify_task(settings: VerifySettings) -> PairChecks:
+    """Verify a chunk of candidate pairs, reading only their cells from the stored folders."""
+    pairs, n = settings.pairs, len(settings.pairs)
+    ends = np.concatenate([pairs[:, [0, 1]], pairs[:, [2, 3]]])  # first ends, then second ends
+    where = np.concatenate([settings.stored_in[:, 0], settings.stored_in[:, 1]])
+    lengths = np.zeros(2 * n, np.int64)
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for f in np.unique(where).tolist():
+        mine = np.flatnonzero(where == f)
+        lens, idx, val = _gather(Path(settings.folders[f]), ends[mine, 1])
+        lengths[mine] = lens
+        parts[f] = (idx, val)
+    indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    indices = np.empty(indptr[-1], np.int32)
+    data = np.empty(indptr[-1], np.int64)
+    for f, (idx, val) in parts.items():
+        mine = np.flatnonzero(where == f)
+        pos = np.repeat(indptr[mine], lengths[mine]) + (np.arange(len(idx)) - np.repeat(
+            np.r_[0, np.cumsum(lengths[mine])[:-1]], lengths[mine]))
+        indices[pos], data[pos] = idx, val
+    counts = sp.csr_matrix((data, indices, indptr), shape=(2 * n, settings.n_genes))
+    return verify_pairs(pairs, counts, np.stack([np.arange(n), n + np.arange(n)], axis=1), settings.shared)[1]
 
 
 @dataclass(frozen=True)

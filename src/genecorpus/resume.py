@@ -9,6 +9,7 @@ one file system)::
     tasks/<stage>/<key>.json    what the key was made of (to say why a task is redone)
     parts/<key>.arrow           the Arrow part an encoding task wrote
     fingerprints/<key>.npy      the cells' fingerprints a QC task wrote (duplicate detection)
+    candidate_cells/<key>/      candidate cells read again for verification (duplicate detection)
     publish.json                part → shard names while shards are moved into ``corpus/``
     corpus/                     the corpus being assembled; renamed to ``OUT`` when complete
 
@@ -497,6 +498,10 @@ class WorkFolder:
     def fingerprints(self, key: str) -> Path:
         """The cells' fingerprints a QC task wrote (see :mod:`genecorpus.duplicates`)."""
         return self.path / "fingerprints" / f"{key}.npy"
+
+    def candidate_cells(self, key: str) -> Path:
+        """The folder where a task stored the candidate cells it read again, for verification."""
+        return self.path / "candidate_cells" / key
 
     def plan_stage(self, stage: str, entries: Sequence[tuple[str, dict[str, str]]]) -> list[Path | None]:
         """Record paths for a stage's tasks, given each task's slot (dataset and cells) and components.
