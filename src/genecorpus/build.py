@@ -795,7 +795,7 @@ class _Vocabulary:
         return {g: float(m) for g, m in zip(self.genes.tolist(), medians_, strict=True)}
 
 
-VERIFY_PAIRS_PER_TASK = 50_000
+VERIFY_PAIRS_PER_TASK = 20_000
 """Candidate pairs per verification task (its memory: the counts of at most twice as many cells)."""
 CELLS_PER_KEY_RANGE = 1_000_000
 MAX_KEY_RANGES = 4096

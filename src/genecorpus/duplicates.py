@@ -239,12 +239,13 @@ def candidate_task(settings: CandidateSettings) -> Candidates:
     return Candidates(kept, len(out), n_common)
 
 
-_CELL_ARRAYS = ("cells", "indptr", "indices", "data")
+_CELL_FILES = ("cells.npy", "indptr.npy", "indices.bin", "data.bin")
 
 
 def cell_files(folder: Path) -> tuple[Path, ...]:
-    """The files a :func:`cells_task` writes into its folder: cell ids, then the CSR arrays."""
-    return tuple(folder / f"{name}.npy" for name in _CELL_ARRAYS)
+    """The files a :func:`cells_task` writes into its folder: cell ids and row pointers (``.npy``, int64),
+    then the CSR's column indices (raw little-endian int32) and counts (raw little-endian int64)."""
+    return tuple(folder / name for name in _CELL_FILES)
 
 
 @dataclass(frozen=True)
@@ -260,34 +261,49 @@ class CellsRead:
 def cells_task(plan: DatasetPlan, cells: CellRange, wanted: np.ndarray, block_size: int, folder: Path) -> CellsRead:
     """Read the ``wanted`` cells (indices in the plan, ascending) of one range again, for verification.
 
-    Only the blocks that hold wanted cells are read. Their counts over the universe (CSR, sorted indices,
-    int64) are written to ``folder`` (:func:`cell_files`) for the verification tasks, which memory-map them.
+    Only the blocks that hold wanted cells are read, and their cells' counts over the universe (CSR rows,
+    sorted indices) are streamed to ``folder`` (:func:`cell_files`), one block in memory at a time, for the
+    verification tasks, which memory-map them.
     """
-    rows, stats, picked = [], [], []
+    ids_path, indptr_path, indices_path, data_path = cell_files(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lengths, stats, picked = [], [], []
     starts = np.arange(cells.start, cells.stop, block_size)
-    for w in np.unique(np.searchsorted(starts, wanted, side="right") - 1).tolist():
-        stop = min(int(starts[w]) + block_size, cells.stop)
-        for block in plan.read_blocks(int(starts[w]), stop, block_size=block_size):
-            inside = wanted[(wanted >= block.start) & (wanted < block.start + block.genes.shape[0])]
-            local = inside - block.start
-            rows.append(block.genes[local])
-            stats.append(block.stats.take(local))
-            picked.append(inside)
-    counts = sp.vstack(rows, format="csr") if rows else sp.csr_matrix((0, plan.n_genes), dtype=np.int64)
-    counts.sort_indices()
+    tmp = [p.with_name(p.name + ".tmp") for p in (indices_path, data_path)]
+    with tmp[0].open("wb") as indices_out, tmp[1].open("wb") as data_out:  # streamed: one block in memory
+        for w in np.unique(np.searchsorted(starts, wanted, side="right") - 1).tolist():
+            stop = min(int(starts[w]) + block_size, cells.stop)
+            for block in plan.read_blocks(int(starts[w]), stop, block_size=block_size):
+                inside = wanted[(wanted >= block.start) & (wanted < block.start + block.genes.shape[0])]
+                local = inside - block.start
+                rows = block.genes[local]
+                rows.sort_indices()
+                indices_out.write(rows.indices.astype("<i4").tobytes())
+                data_out.write(rows.data.astype("<i8").tobytes())
+                lengths.append(np.diff(rows.indptr))
+                stats.append(block.stats.take(local))
+                picked.append(inside)
+    for t, path in zip(tmp, (indices_path, data_path), strict=True):
+        t.replace(path)
     empty = np.empty(0, np.int64)
     ids = np.concatenate(picked) if picked else empty
-    folder.mkdir(parents=True, exist_ok=True)
-    for path, array in zip(cell_files(folder), (ids, counts.indptr.astype(np.int64), counts.indices.astype(np.int32),
-                                                counts.data.astype(np.int64)), strict=True):
-        _save(path, array)
+    indptr = np.r_[0, np.cumsum(np.concatenate(lengths))] if lengths else np.zeros(1)
+    _save(indptr_path, indptr.astype(np.int64))
+    _save(ids_path, ids)
     return CellsRead(ids, CellStats.concatenate(stats) if stats else CellStats(empty, empty, empty, np.empty(0, bool),
                                                                               np.empty(0, bool)))
 
 
+def _raw(path: Path, dtype: str) -> np.ndarray:
+    """A raw array file, memory-mapped (an empty file is an empty array)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0, dtype)
+
+
 def _gather(folder: Path, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of the stored cells ``wanted`` (ids), as (lengths, indices, data), copied out of the memory map."""
-    ids, indptr, indices, data = (np.load(p, mmap_mode="r", allow_pickle=False) for p in cell_files(folder))
+    ids_path, indptr_path, indices_path, data_path = cell_files(folder)
+    ids, indptr = (np.load(p, mmap_mode="r", allow_pickle=False) for p in (ids_path, indptr_path))
+    indices, data = _raw(indices_path, "<i4"), _raw(data_path, "<i8")
     at = np.searchsorted(ids, wanted)
     lo, hi = np.asarray(indptr[at]), np.asarray(indptr[at + 1])
     lengths = hi - lo
