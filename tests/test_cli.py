@@ -14,7 +14,7 @@ import pickle
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -23,9 +23,6 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from genecorpus.cli import app
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 GENES = ["ENSG00000141510", "ENSG00000012048", "ENSG00000139618", "ENSG00000157764", "ENSG00000146648",
          "ENSG00000133703", "ENSG00000121879", "ENSG00000171862", "ENSG00000198804"]
@@ -124,6 +121,16 @@ def test_manifest_errors(tmp_path: Path, text: str, needle: str) -> None:
                              how=IN_PROCESS), out, "m.toml", needle)
 
 
+def test_no_dataset_feeds_the_medians(tmp_path: Path) -> None:
+    """Every dataset with use_for_medians = false: named as the cause before anything is read."""
+    data = write_h5ad(tmp_path / "ok.h5ad", good_counts())
+    m = tmp_path / "m.toml"
+    m.write_text(f'[[datasets]]\npath = "{data}"\nuse_for_medians = false\n')
+    out = tmp_path / "corpus"
+    assert_clean_failure(run("build", str(m), "--out", str(out), cwd=tmp_path, how=IN_PROCESS), out, "m.toml",
+                         "use_for_medians = false", "vocabulary would be empty")
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned > pwned.txt",))
@@ -159,3 +166,46 @@ def test_tokenize_with_own_dictionaries_and_inspect(tmp_path: Path) -> None:
     again = run("tokenize", str(data), "--out", str(out), "--token-dictionary", "t.pkl",
                 "--gene-medians", "m.pkl", cwd=tmp_path, how=IN_PROCESS)
     assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_tokenize_reads_the_counts_layer_it_is_told(tmp_path: Path) -> None:
+    """Normalized X with the counts in a layer auto does not know: the error names the tokenize options, and
+    ``--layer`` reads the layer (the tokens equal those of the counts written as X)."""
+    counts = good_counts()
+    a = ad.AnnData(sp.csr_matrix(np.log1p(counts).astype(np.float32)))
+    a.var_names, a.obs_names = GENES[: counts.shape[1]], [f"c{i}" for i in range(counts.shape[0])]
+    a.layers["umi"] = sp.csr_matrix(counts.astype(np.float32))
+    a.write_h5ad(tmp_path / "normalized.h5ad")
+    write_h5ad(tmp_path / "plain.h5ad", counts)
+    tokens = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(sorted(GENES))}}
+    (tmp_path / "t.pkl").write_bytes(pickle.dumps(tokens))
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(dict.fromkeys(GENES, 2.0)))
+    dicts = ["--token-dictionary", "t.pkl", "--gene-medians", "m.pkl", "--no-report"]
+    refused = run("tokenize", "normalized.h5ad", "--out", "a", *dicts, cwd=tmp_path, how=IN_PROCESS)
+    assert_clean_failure(refused, tmp_path / "a", "normalized.h5ad", "--layer")
+    for name, extra in (("layer", ["--layer", "umi"]), ("plain", [])):
+        source = "plain.h5ad" if name == "plain" else "normalized.h5ad"
+        done = run("tokenize", source, "--out", name, *dicts, *extra, cwd=tmp_path, how=IN_PROCESS)
+        assert done.returncode == 0, done.stderr
+    import datasets
+
+    tokens_of = [datasets.load_from_disk(str(tmp_path / name))["input_ids"] for name in ("layer", "plain")]
+    assert tokens_of[0] == tokens_of[1] and len(tokens_of[0]) == counts.shape[0]
+
+
+def test_version_help_and_worker_count() -> None:
+    """``--version`` prints the package version; ``build --help`` shows the ``[cluster]`` section by name and
+    an example manifest that exists; a worker count below 1 is refused before anything runs."""
+    import genecorpus
+
+    runner = CliRunner()
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.strip() == f"genecorpus {genecorpus.__version__}"
+    shown = runner.invoke(app, ["build", "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+    assert "[cluster] section" in shown.output
+    assert "examples/pbmc_demo.toml" in shown.output
+    assert (Path(__file__).resolve().parents[1] / "examples" / "pbmc_demo.toml").is_file()
+    for command in (["build", "m.toml", "--out", "x"], ["tokenize", "a.h5ad", "--out", "x", "--token-dictionary",
+                                                        "t.pkl", "--gene-medians", "m.pkl"]):
+        refused = runner.invoke(app, [*command, "--workers", "0"])
+        assert refused.exit_code == 2 and "--workers" in refused.output

@@ -237,6 +237,9 @@ def test_outputs_and_determinism(kang_subset: dict, kang_labels: Path, tmp_path:
     assert files == ["confusion_baseline_knn.png", "confusion_baseline_logreg.png", "confusion_embedding_knn.png",
                      "confusion_embedding_logreg.png", "metrics.csv", "metrics.json", "predictions.csv", "table.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eval")]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "eval").stat().st_mode & 0o777 == 0o777 & ~umask  # the user's usual permissions, not 0700
     metrics = pd.read_csv(tmp_path / "eval" / "metrics.csv")
     row = metrics[(metrics.method == "baseline") & (metrics.classifier == "logreg") & (metrics.metric == "macro_f1")]
     folds = row[[f"fold_{k}" for k in range(1, 6)]].to_numpy().ravel()

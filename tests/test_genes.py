@@ -608,3 +608,13 @@ def test_make_gene_tables_reproduces_vendored_bytes(tmp_path: Path) -> None:
         assert gzip.decompress(fresh) == gzip.decompress(vendored), name
         assert fresh == vendored, f"{name}: same content, different gzip bytes (another zlib?)"
         assert len(vendored) < 600_000, f"{name} is {len(vendored)} bytes: keep the wheel small"
+
+
+def test_unmappable_identifiers_are_named_in_words() -> None:
+    """The message names the kind of identifier as a reader says it, not the setting's value."""
+    from genecorpus.errors import GeneMappingError
+
+    with pytest.raises(GeneMappingError, match=r"as gene symbols of release grch37 \(e\.g\. 'NOTAGENE1'"):
+        genes.map_to_ensembl(np.array(["NOTAGENE1", "NOTAGENE2"], dtype=object), kind="symbol", release="grch37")
+    with pytest.raises(GeneMappingError, match=r"as Ensembl IDs"):
+        genes.map_to_ensembl(np.array(["ENSG_NOT_AN_ID"], dtype=object), kind="ensembl")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -320,6 +321,10 @@ def test_model_folder_opens_with_from_pretrained(real_corpus: Path, tmp_path: Pa
                                    "baseline_val_top1", "baseline_val_top10"}
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "checkpoint" / "training_state.pt").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [*out.iterdir(), *(out / "checkpoint").iterdir()]:  # the user's usual permissions, not 0600
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
     last = transformers.BertForMaskedLM.from_pretrained(out / "checkpoint").state_dict()
     assert all(torch.equal(value, last[key]) for key, value in model.state_dict().items())
     with pytest.raises(ConfigError, match=r"--resume .* --overwrite"):

@@ -973,6 +973,8 @@ def tokenize(
     layout: LayoutName | None = None,
     obs_columns: Sequence[str] = (),
     gene_id: GeneIdKind = "auto",
+    layer: str | None = None,
+    use_raw: bool = False,
     workers: int = 1,
     block_size: int = DEFAULT_BLOCK_SIZE,
     overwrite: bool = False,
@@ -1000,6 +1002,9 @@ def tokenize(
         Per-cell metadata columns to copy.
     gene_id
         ``"auto"``, ``"ensembl"`` or ``"symbol"``.
+    layer, use_raw
+        Read the counts from this AnnData layer, or from ``raw.X``; by default X when it holds counts,
+        else ``raw.X``, else ``layers["counts"]`` (``counts = "auto"``).
     workers, block_size, overwrite, executor, report, on_error, resume
         As for :func:`build_corpus`.
 
@@ -1013,11 +1018,12 @@ def tokenize(
     try:
         for i, item in enumerate(inputs):
             if isinstance(item, str | os.PathLike):
-                specs.append(DatasetSpec(path=str(item), gene_id=gene_id, obs_columns=tuple(obs_columns)))
+                specs.append(DatasetSpec(path=str(item), gene_id=gene_id, obs_columns=tuple(obs_columns),
+                                         layer=layer, use_raw=use_raw))
                 sources.append(None)
             else:
                 specs.append(DatasetSpec(path=f"<AnnData {i}>", id=f"anndata-{i}", gene_id=gene_id,
-                                         obs_columns=tuple(obs_columns)))
+                                         obs_columns=tuple(obs_columns), layer=layer, use_raw=use_raw))
                 sources.append(item)
         ids = [s.dataset_id for s in specs]
         if len(set(ids)) != len(ids):

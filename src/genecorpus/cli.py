@@ -38,10 +38,20 @@ _err = Console(stderr=True)
 _state = {"debug": False}
 
 
+def _print_version(*, value: bool) -> None:
+    if value:
+        from genecorpus import __version__
+
+        typer.echo(f"genecorpus {__version__}")
+        raise typer.Exit
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     _state["debug"] = debug
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
@@ -115,9 +125,9 @@ def build(
     manifest: Annotated[Path, typer.Argument(help="TOML manifest listing the datasets.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to create.")],
     workers: Annotated[int | None, typer.Option(
-        help="Worker processes, local or Dask (same output for any number; default 1).")] = None,
+        min=1, help="Worker processes, local or Dask (same output for any number; default 1).")] = None,
     engine: Annotated[str | None, typer.Option(
-        help="local (worker processes) or dask (LocalCluster, or the manifest's [cluster]).")] = None,
+        help="local (worker processes) or dask (LocalCluster, or the manifest's \\[cluster] section).")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Address of a running Dask scheduler.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Cells read at a time (overrides the manifest).")] = None,
     layout: Annotated[str | None, typer.Option(help="gc30m or gc104m (overrides the manifest).")] = None,
@@ -135,7 +145,7 @@ def build(
 
     Example:
 
-        genecorpus build examples/pbmc.toml --out pbmc-corpus --workers 2
+        genecorpus build examples/pbmc_demo.toml --out pbmc-corpus --workers 2
     """
     from genecorpus.build import build_corpus
     from genecorpus.config import load_cluster_spec, load_manifest
@@ -162,7 +172,11 @@ def tokenize(
     layout: Annotated[str | None, typer.Option(help="gc30m or gc104m; default from the dictionary.")] = None,
     obs_columns: Annotated[str, typer.Option(help="Comma-separated obs columns to keep.")] = "",
     gene_id: Annotated[str, typer.Option(help="Kind of gene identifiers: auto, ensembl or symbol.")] = "auto",
-    workers: Annotated[int | None, typer.Option(help="Worker processes, local or Dask (default 1).")] = None,
+    layer: Annotated[str | None, typer.Option(
+        help="Read the counts from this AnnData layer (default: X if it holds counts, else raw.X, else "
+             "layers['counts']).")] = None,
+    use_raw: Annotated[bool, typer.Option("--use-raw", help="Read the counts from raw.X.")] = False,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes, local or Dask (default 1).")] = None,
     engine: Annotated[str | None, typer.Option(
         help="local (worker processes) or dask (a LocalCluster of --workers processes).")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Address of a running Dask scheduler.")] = None,
@@ -192,7 +206,8 @@ def tokenize(
     def run(executor: Executor) -> BuildResult:
         return tokenize_datasets(
             inputs, out, token_dictionary=token_dictionary, gene_medians=gene_medians,
-            gene_mapping=gene_mapping, layout=layout, gene_id=gene_id, workers=workers or 1,
+            gene_mapping=gene_mapping, layout=layout, gene_id=gene_id, layer=layer, use_raw=use_raw,
+            workers=workers or 1,
             obs_columns=[c.strip() for c in obs_columns.split(",") if c.strip()],
             block_size=block_size, overwrite=overwrite, executor=executor, report=report, on_error=on_error,
             resume=resume)

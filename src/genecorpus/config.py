@@ -154,6 +154,15 @@ class BuildConfig(_Frozen):
             seen.add(spec.dataset_id)
         return value
 
+    @model_validator(mode="after")
+    def _something_feeds_the_medians(self) -> BuildConfig:
+        if self.gene_medians is None and not any(spec.use_for_medians for spec in self.datasets):
+            msg = ("every dataset has use_for_medians = false and no gene_medians are given, so no gene would "
+                   "have a median and the vocabulary would be empty; set use_for_medians = true on at least "
+                   "one dataset, or give gene_medians")
+            raise ValueError(msg)
+        return self
+
 
 class ClusterSpec(_Frozen):
     """Where the tasks run: the ``[cluster]`` section of a manifest. Never changes the output."""

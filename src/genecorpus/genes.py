@@ -73,6 +73,9 @@ __all__ = [
     "strip_version",
 ]
 
+_KIND_WORDS = {"ensembl": "Ensembl IDs", "symbol": "gene symbols"}
+"""How messages name a kind of gene identifier."""
+
 logger = logging.getLogger(__name__)
 
 REFERENCE = "gencode48"
@@ -606,7 +609,7 @@ def map_to_ensembl(
         examples_ambiguous=_first_distinct(raw[ambiguous]),
     )
     if result.n_mapped == 0:
-        how = "the mapping dictionary" if mapping is not None else f"{resolved}s"
+        how = "the mapping dictionary" if mapping is not None else _KIND_WORDS[resolved]
         if used_release is not None:
             how += f" of release {used_release}"
         examples = ", ".join(map(repr, result.examples_unmapped + result.examples_ambiguous))

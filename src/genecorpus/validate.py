@@ -1163,6 +1163,12 @@ def _encoding_result(tally: _Tally, encoding: _EncodingCheck | None, stride: int
                                f"unreadable, or cell not found)")
         if not tally.n_checked and not tally.n_failed:
             tally.skipped = "no cell could be recomputed"
-    what = "all cells" if stride == 1 else f"a sample, every {stride:,}th cell"
+    what = "all cells" if stride == 1 else f"a sample, every {_ordinal(stride)} cell"
     verdict = f"{tally.n_failed:,} differ" if tally.n_failed else "all equal the expected encoding"
     return tally.result(f"{tally.n_checked:,} cells recomputed from the inputs ({what}); {verdict}")
+
+
+def _ordinal(n: int) -> str:
+    """``1`` → ``"1st"``, ``3`` → ``"3rd"``, ``12`` → ``"12th"``, ``1234`` → ``"1,234th"``."""
+    suffix = "th" if 11 <= n % 100 <= 13 else ("th", "st", "nd", "rd", "th")[min(n % 10, 4)]
+    return f"{n:,}{suffix}"

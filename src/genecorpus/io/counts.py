@@ -28,8 +28,9 @@ INTEGER_TOLERANCE = 1e-6
 """Floats within this distance of an integer are accepted as that integer (SPEC §2.1)."""
 
 _RAW_COUNTS_HINT = (
-    "genecorpus needs raw integer counts: pass layer=... or use_raw=True if the file also holds "
-    "them, or re-export the raw counts"
+    "genecorpus needs raw integer counts: if the file also holds them, read them from a layer or raw.X "
+    "(manifest: layer = \"counts\" or use_raw = true; tokenize: --layer counts or --use-raw; Python: layer= or "
+    "use_raw=True), or re-export the raw counts"
 )
 
 

@@ -17,6 +17,7 @@ Needs the ``train`` extra (``pip install 'genecorpus[train]'``: torch and transf
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,14 +27,12 @@ from genecorpus.errors import ConfigError, InputError
 from genecorpus.vocab import TokenDictionary
 
 if TYPE_CHECKING:
-    import os
-
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
 __all__ = [
-    "PRESETS", "ModelPreset", "bert_config", "load_model", "pick_device", "quiet_transformers", "require_torch",
-    "save_model",
+    "PRESETS", "ModelPreset", "bert_config", "default_permissions", "load_model", "pick_device", "quiet_transformers",
+    "require_torch", "save_model",
 ]
 
 MODEL_INFO = "genecorpus_model.json"
@@ -135,10 +134,23 @@ def save_model(model: BertForMaskedLM, folder: str | os.PathLike[str], token_dic
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    default_permissions(folder)
     token_dictionary.save(folder / TOKEN_DICTIONARY)
     if info is not None:
         (folder / MODEL_INFO).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
     return folder
+
+
+def default_permissions(folder: Path) -> None:
+    """Give the files of ``folder`` the permissions of a new file under the user's umask.
+
+    safetensors writes ``model.safetensors`` private (0600); a model folder is shared like any output.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _json_default(obj: Any) -> Any:

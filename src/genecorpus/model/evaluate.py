@@ -28,8 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -822,7 +822,9 @@ def write_evaluation(report: EvaluationReport, out: str | os.PathLike[str]) -> P
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".incomplete", dir=out.parent))
+    # mkdir (not mkdtemp, which makes it private) so the published folder gets the user's usual permissions
+    tmp = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.incomplete"
+    tmp.mkdir()
     try:
         report.metrics_frame().to_csv(tmp / "metrics.csv", index=False)
         (tmp / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

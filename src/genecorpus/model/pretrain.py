@@ -33,6 +33,7 @@ from genecorpus.model.bert import (
     MODEL_INFO,
     PRESETS,
     bert_config,
+    default_permissions,
     pick_device,
     quiet_transformers,
     require_torch,
@@ -531,6 +532,7 @@ class _Run:
         old = self.out / f".{CHECKPOINT}.old"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
+        default_permissions(tmp)
         h = self.history
         state = {
             "settings": {**self._compat()}, "total_steps": self.total_steps,
