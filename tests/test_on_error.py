@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,5 +92,16 @@ def test_cli_on_error_skip(inputs: dict[str, Path], tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     skipped = json.loads((tmp_path / "c" / "manifest.json").read_text())["skipped"]
     assert [s["dataset_id"] for s in skipped] == ["garbage"]
+    # the summary, inspect and the report show it, not only the manifest and a warning
+    assert re.search(r"garbage\s+skipped\s+\(--on-error skip, at plan\)", res.output), res.output
+    checked = runner.invoke(app, ["validate", str(tmp_path / "c")])
+    assert checked.exit_code == 0 and "WARNING  dataset garbage" in checked.output, checked.output
+    assert re.search(r"summary: pass .*, 1 warning;", checked.output), checked.output
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "c")])
+    assert shown.exit_code == 0 and "garbage" in shown.output and "skipped" in shown.output
+    reported = runner.invoke(app, ["build", str(manifest), "--out", str(tmp_path / "e"), "--on-error", "skip"])
+    index = tmp_path / "e" / "report" / "index.html"
+    assert reported.exit_code == 0 and f"report: {index}" in reported.output.replace("\n", "")
+    assert 'id="skipped"' in index.read_text() and "garbage" in index.read_text()
     res = runner.invoke(app, ["build", str(manifest), "--out", str(tmp_path / "d"), "--on-error", "maybe"])
     assert res.exit_code == 1 and "on_error must be 'fail' or 'skip'" in res.output

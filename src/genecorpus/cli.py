@@ -104,6 +104,7 @@ def _fail(e: BaseException) -> None:
 def _run_with_progress(run: Callable[[Executor], BuildResult], *, workers: int | None, engine: str | None,
                        scheduler: str | None, cluster: ClusterSpec | None = None) -> None:
     """Run a corpus job on the chosen executor with progress bars; print its summary or the error line."""
+    from genecorpus.corpus.folder import REPORT_DIR
     from genecorpus.describe import describe_corpus
     from genecorpus.executors import make_executor
 
@@ -116,6 +117,9 @@ def _run_with_progress(run: Callable[[Executor], BuildResult], *, workers: int |
             finally:
                 executor.close()
         typer.echo(describe_corpus(result.path, n_examples=1, scan=False))
+        index = result.path / REPORT_DIR / "index.html"
+        if index.is_file():
+            typer.echo(f"\nreport: {index}")
     except GenecorpusError as e:
         _fail(e)
 

@@ -96,6 +96,9 @@ def describe_corpus(
         for d in m.datasets:
             dropped = ", ".join(f"{k} {v:,}" for k, v in d.cells.dropped.items() if v) or "none"
             lines.append(f"{d.dataset_id:<28}{d.cells.n_in:>9,}{d.cells.kept:>9,}  {dropped}")
+        for skipped in m.skipped:
+            lines.append(f"{skipped.dataset_id:<28}{'skipped':>18}  (--on-error skip, at {skipped.stage}): "
+                         f"{skipped.error}")
     if first_cells:
         if files.token_dictionary is None:
             lines.append("\n(no token dictionary: pass --token-dictionary to decode cells)")

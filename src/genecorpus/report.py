@@ -424,6 +424,12 @@ caption { text-align: left; font-style: italic; padding: 0.2em 0; }
 {% for row in cell_rows %}<tr{% if row.total %} class="total"{% endif %}><td>{{ row.name }}</td><td class="num">{{ row.n_in }}</td><td class="num">{{ row.kept }}</td><td class="num">{{ row.pct }}</td>{% for v in row.dropped %}<td class="num">{{ v }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 <img src="cells.png" alt="Cells in, kept and dropped by reason, per dataset">
+{% if skipped %}<table id="skipped">
+<caption>Datasets left out with --on-error skip: none of their cells is in the corpus.</caption>
+<tr><th>dataset</th><th>path</th><th>stage</th><th>error</th></tr>
+{% for s in skipped %}<tr><td>{{ s.dataset_id }}</td><td>{{ s.path }}</td><td>{{ s.stage }}</td><td>{{ s.error }}</td></tr>
+{% endfor %}</table>
+{% endif %}
 
 {% if dup %}<h2>Duplicate cells</h2>
 <p>Cells found in two datasets from their counts (policy <b>{{ dup.policy }}</b>: {{ dup.fate }}). Rule: {{ dup.rule }}.
@@ -621,6 +627,7 @@ def _render_html(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> str:
         reasons=DROP_REASONS,
         cell_rows=_cell_rows(corpus.datasets),
         dup=_duplicates_context(m.duplicates, corpus.datasets),
+        skipped=m.skipped,
         qc_plots=qc_plots,
         n_sd=_fmt(corpus.n_sd),
         mito_modes=" / ".join(modes) or "counts",

@@ -156,6 +156,8 @@ class ValidationReport:
     n_cells: int
     """Rows read from the shards."""
     checks: tuple[CheckResult, ...]
+    warnings: tuple[str, ...] = ()
+    """What a user should know that fails no check (datasets left out with ``--on-error skip``)."""
 
     @property
     def ok(self) -> bool:
@@ -174,7 +176,7 @@ class ValidationReport:
         """The report as plain JSON-serializable data."""
         return {
             "path": str(self.path), "ok": self.ok, "kind": self.kind, "layout": self.layout,
-            "mode": self.mode, "n_shards": self.n_shards, "n_cells": self.n_cells,
+            "mode": self.mode, "n_shards": self.n_shards, "n_cells": self.n_cells, "warnings": list(self.warnings),
             "checks": [{
                 "name": c.name, "status": c.status, "summary": c.summary, "n_checked": c.n_checked,
                 "n_failed": c.n_failed, "notes": list(c.notes),
@@ -193,9 +195,12 @@ class ValidationReport:
             if c.n_failed > len(c.problems):
                 lines.append(f"{'':24} … and {c.n_failed - len(c.problems):,} more")
             lines.extend(f"{'':24} {note}" for note in c.notes)
+        lines.extend(f"WARNING  {w}" for w in self.warnings)
         failed = [c.name for c in self.checks if c.status == "FAIL"]
         n_skipped = sum(c.status == "skipped" for c in self.checks)
         skipped = f", {n_skipped} skipped" if n_skipped else ""
+        if self.warnings:
+            skipped += f", {len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''}"
         if failed:
             lines.append(f"summary: FAIL — {len(failed)} of {len(self.checks)} checks failed "
                          f"({', '.join(failed)}){skipped}; {self.n_cells:,} cells")
@@ -1114,6 +1119,8 @@ def validate_corpus(
         path=files.root if files.kind == "arrow" else Path(path), kind=files.kind, layout=layout.name,
         mode=manifest.mode if manifest is not None else None, n_shards=len(files.shards), n_cells=scan.n_rows,
         checks=tuple(results[name] for name in CHECKS),
+        warnings=tuple(f"dataset {d.dataset_id} ({d.path}) was left out with --on-error skip (at {d.stage}): "
+                       f"{d.error}" for d in (manifest.skipped if manifest is not None else ())),
     )
 
 
