@@ -2,19 +2,28 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HASH   := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+CORE   := $(VENV)/.core-$(HASH)
+FULL   := $(VENV)/.installed-$(HASH)
 
 .PHONY: demo example test test-all bench venv clean gene-tables
 
-venv: $(STAMP)
+# the core install (build a corpus) for the demo; the extras (tests, Dask, training) for everything else
+venv: $(FULL)
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	rm -f $(VENV)/.core-*
+	touch $(CORE)
+
+$(FULL): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dask,train]'
-	rm -f $(VENV)/.installed-*
-	touch $(STAMP)
+	rm -f $(VENV)/.installed-* $(VENV)/.core-*
+	touch $(FULL) $(CORE)
 
-demo: venv
+demo: $(CORE)
 	$(PY) examples/demo.py
 
 # Kang 2018 PBMC + demo data: build, pretrain `small` on the CPU for MINUTES, embed, evaluate vs the baseline

@@ -161,6 +161,11 @@ def test_drop_gives_the_corpus_built_without_the_copies(republished: dict[str, P
     assert summary.within == {}
     assert manifest.datasets[1].cells.dropped["duplicate"] == republished["n_copies"]
     assert summary.n_dropped == republished["n_copies"]
+    from genecorpus.describe import describe_corpus
+
+    n = republished["n_copies"]
+    assert (f"duplicates (drop): {n:,} cells also in an earlier dataset (1 pair of datasets), {n:,} dropped; "
+            "0 identical cells within a dataset (kept)") in describe_corpus(dropped, scan=False)
 
 
 def test_report_finds_the_same_and_drops_nothing(republished: dict[str, Path], dropped: Path, tmp_path: Path) -> None:
@@ -195,6 +200,9 @@ def test_rare_genes_removed_too_every_copy_is_found_and_no_distinct_cell(republi
     clean = build_corpus(_config(republished, "distinct", duplicates="report"), tmp_path / "clean", report=False)
     assert clean.manifest.duplicates is not None
     assert clean.manifest.duplicates.shared == ()  # two samples of distinct real cells: none shared
+    from genecorpus.describe import describe_corpus
+
+    assert "duplicates (report): no cell found in two datasets;" in describe_corpus(tmp_path / "clean", scan=False)
 
 
 _M64 = (1 << 64) - 1

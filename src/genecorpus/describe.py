@@ -39,9 +39,9 @@ def _duplicates_line(m: Manifest) -> str:
     pairs = len(d.shared)
     within = sum(d.within.values())
     fate = f"{d.n_dropped:,} dropped" if d.policy == "drop" else "reported, kept"
-    return (f"duplicates ({d.policy}): {n_shared:,} cells also in an earlier dataset "
-            f"({pairs} pair{'s' if pairs != 1 else ''} of datasets), {fate}; "
-            f"{within:,} identical cells within a dataset (kept)")
+    found = (f"{n_shared:,} cells also in an earlier dataset ({pairs} pair{'s' if pairs != 1 else ''} of "
+             f"datasets), {fate}" if n_shared else "no cell found in two datasets")
+    return f"duplicates ({d.policy}): {found}; {within:,} identical cells within a dataset (kept)"
 
 
 def describe_corpus(
