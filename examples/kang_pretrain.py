@@ -6,12 +6,13 @@ Steps (each a `genecorpus` command, the user-facing contract):
    `genecorpus build examples/kang_pretrain.toml` them into one corpus;
 2. `genecorpus pretrain CORPUS --preset small --time-limit MINUTES` (CPU, bounded time);
 3. `genecorpus embed CORPUS --model MODEL`;
-4. write a labels CSV joinable on (`cell_id`, `dataset_id`) from the Kang labels
-   (`$GENECORPUS_SHARED/labels/kang_ifnb_labels.csv`: its `stim` column ctrl|stim names the file, which
-   is the dataset `kang_ctrl` | `kang_stim` here);
-5. `genecorpus evaluate EMB --label L` for `cell_type_kang`, `cell_type_seurat` and `stim`: only the
-   Kang cells carry these labels, so only they are evaluated, beside the log1p-PCA(50) baseline computed
-   from the same cells' counts (found through the corpus manifest).
+4. write a labels CSV joinable on (`cell_id`, `dataset_id`): from the Kang labels when `--labels` (default
+   `$GENECORPUS_SHARED/labels/kang_ifnb_labels.csv`) exists — its `stim` column ctrl|stim names the file,
+   which is the dataset `kang_ctrl` | `kang_stim` here — else the stimulation condition alone, which the
+   datasets give (checked before anything is computed);
+5. `genecorpus evaluate EMB --label L` for `cell_type_kang`, `cell_type_seurat` and `stim` (or `stim` only):
+   only the Kang cells carry these labels, so only they are evaluated, beside the log1p-PCA(50) baseline
+   computed from the same cells' counts (found through the corpus manifest).
 
     python examples/kang_pretrain.py --minutes 20
     python examples/kang_pretrain.py --embeddings other.h5ad   # evaluate existing embeddings only
@@ -51,10 +52,45 @@ def run(*args: str) -> None:
     print(f"[{args[0]}: {time.monotonic() - start:.0f} s]", flush=True)
 
 
+LABEL_COLUMNS = ("cell", "stim", *LABELS[:2])
+
+
+def check_labels(source: Path) -> bool:
+    """Before any compute: True when the Kang labels CSV is there and has its columns; False (with what to do)
+    when it is absent; stop when it is unreadable."""
+    if not source.is_file():
+        print(f"labels: {source} not found, so only the stimulation condition is evaluated (the datasets give "
+              "it: kang_ctrl = ctrl, kang_stim = stim). For cell types, pass --labels with the Kang labels CSV "
+              f"(columns {', '.join(LABEL_COLUMNS)}; Kang et al. 2018, GEO GSE96583).")
+        return False
+    try:
+        header = pd.read_csv(source, dtype=str, nrows=0).columns
+    except (OSError, ValueError) as e:
+        sys.exit(f"{source}: cannot read the labels ({e}); pass --labels with a CSV file")
+    missing = [c for c in LABEL_COLUMNS if c not in header]
+    if missing:
+        sys.exit(f"{source}: no column {', '.join(missing)}; the Kang labels CSV has {', '.join(LABEL_COLUMNS)}")
+    return True
+
+
+def write_stim_labels(embeddings: Path, target: Path) -> Path:
+    """Labels from the datasets alone: each Kang cell's condition is the file it came from."""
+    import anndata as ad
+
+    obs = ad.read_h5ad(embeddings, backed="r").obs
+    stim_of = {dataset: stim for stim, dataset in DATASET_OF_STIM.items()}
+    kang = obs[obs.dataset_id.isin(list(stim_of))]
+    out = pd.DataFrame({"cell_id": kang.cell_id.astype(str).to_numpy(),
+                        "dataset_id": kang.dataset_id.astype(str).to_numpy()})
+    out["stim"] = out.dataset_id.map(stim_of)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out.to_csv(target, index=False)
+    print(f"labels: {target} ({len(out)} Kang cells; stim from the dataset each came from)")
+    return target
+
+
 def write_labels_csv(source: Path, target: Path) -> Path:
     """The Kang labels keyed by (cell_id, dataset_id) of this corpus, with the label columns unchanged."""
-    if not source.is_file():
-        sys.exit(f"{source}: Kang labels not found; set GENECORPUS_SHARED or pass --labels")
     table = pd.read_csv(source, dtype=str, keep_default_na=False)
     unknown = sorted(set(table.stim) - set(DATASET_OF_STIM))
     if unknown:
@@ -96,6 +132,7 @@ def main() -> None:
 
     out = args.out.resolve()
     corpus, model, emb = out / "corpus", out / "model", out / "embeddings.h5ad"
+    has_labels = check_labels(args.labels)
     if not (args.reuse_corpus and (corpus / "manifest.json").is_file()):
         link_public_files(INPUTS, HERE / "data")
         run("build", str(MANIFEST), "--out", str(corpus), "--workers", str(args.workers), "--overwrite")
@@ -115,8 +152,11 @@ def main() -> None:
         run(*embed)
     else:
         emb = args.embeddings.resolve()
-    labels = write_labels_csv(args.labels, out / "kang_labels.csv")
-    for label in LABELS:
+    if has_labels:
+        labels, evaluated = write_labels_csv(args.labels, out / "kang_labels.csv"), LABELS
+    else:
+        labels, evaluated = write_stim_labels(emb, out / "kang_stim_labels.csv"), ("stim",)
+    for label in evaluated:
         run("evaluate", str(emb), "--label", label, "--labels", str(labels), "--seed", str(args.seed),
             "--out", str(out / f"eval-{label}"))
     print(f"\nEverything is in {out}: model/ (loss_curve.png), embeddings.h5ad, eval-*/ (metrics, confusion matrices)")

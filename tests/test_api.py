@@ -78,3 +78,30 @@ def test_inspect_reads_published_genecorpus_sample(genecorpus_sample: Path, gene
     text = describe_corpus(genecorpus_sample, token_dictionary=geneformer_dicts / "token_dictionary_gc30M.pkl")
     assert "cells: 500" in text
     assert "top genes:" in text and "?" not in text.split("top genes:")[1].split()[0]
+
+
+def test_a_script_without_the_main_guard_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """Spawned workers import the main script again: an unguarded script asking for two workers stops at once
+    with the fix in one line and leaves nothing; the same calls under the guard build the corpus."""
+    from genecorpus import genes
+    from genecorpus.testing import random_counts, write_h5ad
+
+    ids = genes.candidate_genes()[::40][:300].astype(object)
+    data = write_h5ad(tmp_path / "a.h5ad", random_counts(200, len(ids), density=0.2, seed=1), gene_ids=ids,
+                      cell_ids=np.array([f"c{i}" for i in range(200)], dtype=object))
+    calls = ("import genecorpus\n"
+             f"config = genecorpus.BuildConfig(datasets=[genecorpus.DatasetSpec(path={str(data)!r}, gene_id='ensembl')])\n"
+             f"genecorpus.build_corpus(config, {str(tmp_path / 'out')!r}, workers=2, report=False)\n")
+    unguarded = tmp_path / "unguarded.py"
+    unguarded.write_text(calls)
+    done = subprocess.run([sys.executable, str(unguarded)], capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        f'{unguarded}: genecorpus starts worker processes, which import this script again and would start the build '
+        'again; put the calls under `if __name__ == "__main__":` (see the README), or use workers=1')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad", "unguarded.py"]  # nothing written
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text('if __name__ == "__main__":\n' + "".join(f"    {line}\n" for line in calls.splitlines()))
+    done = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()

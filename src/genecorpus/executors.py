@@ -6,15 +6,18 @@ merged in a fixed order and the output does not depend on the number of workers.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import importlib
 import logging
 import multiprocessing
 import os
+import sys
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from genecorpus.config import ClusterSpec, Engine
@@ -26,7 +29,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DaskExecutor", "Executor", "LocalExecutor", "ProgressCallback", "fold", "make_executor"]
+__all__ = [
+    "DaskExecutor", "Executor", "LocalExecutor", "ProgressCallback", "fold", "make_executor", "require_guarded_main",
+]
 
 A = TypeVar("A")
 
@@ -58,6 +63,34 @@ def _import_modules(modules: Sequence[str]) -> None:
         importlib.import_module(name)
 
 
+def require_guarded_main() -> None:
+    """Refuse to start worker processes from a script that would run again in each of them.
+
+    Spawned workers import the main script again (as multiprocessing does: a script file, but not a
+    package's ``__main__`` nor an interactive session); one that calls genecorpus at its top level would
+    start the same build in every worker. Raises :class:`~genecorpus.errors.ConfigError` naming the fix.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    if not path or (spec is not None and spec.name.endswith(".__main__")):
+        return
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            names = [node.test.left, *node.test.comparators]
+            if any(isinstance(n, ast.Name) and n.id == "__name__" for n in names) and any(
+                    isinstance(n, ast.Constant) and n.value == "__main__" for n in names):
+                return
+    msg = (f"{path}: genecorpus starts worker processes, which import this script again and would start "
+           "the build again; put the calls under `if __name__ == \"__main__\":` (see the README), or use "
+           "workers=1")
+    raise ConfigError(msg)
+
+
 class LocalExecutor:
     """Runs tasks in this process (``workers=1``) or in ``workers`` spawned processes.
 
@@ -73,6 +106,7 @@ class LocalExecutor:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            require_guarded_main()
             ctx = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
         return self._pool
