@@ -218,3 +218,20 @@ def test_broken_corpus_files(built: Path, tmp_path: Path, case: str, message: st
     with pytest.raises(InputError, match=re.escape(message)):
         write_report(copy)
     assert not [p for p in copy.iterdir() if p.name.startswith(".report")]
+
+
+def test_kept_ranges_read_as_what_they_cut(built: Path, index: Path) -> None:
+    """A kept range whose lower bound is below zero cuts nothing below: the table says "no lower cut"
+    rather than printing a negative count as if it were a cut."""
+    manifest = json.loads((built / "manifest.json").read_text())
+    html = index.read_text()
+    table = html[html.index('<table id="qc">'):]
+    table = table[:table.index("</table>")]
+    lows = []
+    for d in manifest["datasets"]:
+        lo = d["qc"]["n_counts_range"][0]
+        row = next(r for r in table.split("<tr>") if f"<td>{d['dataset_id']}</td>" in r)
+        assert ("no lower cut" in row) == (lo < 0), row
+        assert "[-" not in row, row
+        lows.append(lo)
+    assert min(lows) < 0  # the fixture's outliers widen the SD: the case is exercised

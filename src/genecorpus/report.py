@@ -241,8 +241,11 @@ def _qc_panel(ax: Axes, ds: DatasetRecord, sample: QCSample, *, stat: str) -> No
         ax.set_xlim(edges[0] - 2 * span, edges[-1] + 2 * span)
         ax.set_xticks([lo], [_fmt(lo)])
         text += f"\nevery cell: {_fmt(lo)}"
-    if enabled:
-        text += f"\nkeep [{_fmt(float(rng[0]))}, {_fmt(float(rng[1]))}]"
+    sd = qc.n_counts_sd if stat == "n_counts" else qc.mito_sd
+    if enabled and sd == 0:
+        text += "\nall equal: the rule removes nothing"
+    elif enabled:
+        text += f"\nkeep {_kept_range(float(rng[0]), float(rng[1]), sd=sd)}"
     if not enabled:
         text += "\nQC disabled: no cut"
     if n_over:
@@ -546,6 +549,15 @@ def _mito_rule_text(qc: QCThresholds) -> str:
     return f"on {qc.mito_mode}"
 
 
+def _kept_range(lo: float, hi: float, *, sd: float) -> str:
+    """A rule's kept range as a reader takes it: a bound below zero cuts nothing; SD 0 cuts nothing."""
+    if sd == 0:
+        return f"all at {_fmt(lo)}: no cut"
+    if lo < 0:
+        return f"no lower cut; ≤ {_fmt(hi)}"
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def _qc_rows(datasets: Sequence[DatasetRecord]) -> list[dict[str, str]]:
     rows = []
     for d in datasets:
@@ -557,10 +569,10 @@ def _qc_rows(datasets: Sequence[DatasetRecord]) -> list[dict[str, str]]:
             "name": d.dataset_id,
             "enabled": "on" if on else "off",
             "n_counts": f"{_fmt(qc.n_counts_mean)} ± {_fmt(qc.n_counts_sd)}" if on else "–",
-            "n_counts_range": f"[{_fmt(nr[0])}, {_fmt(nr[1])}]" if on else "–",
+            "n_counts_range": _kept_range(nr[0], nr[1], sd=qc.n_counts_sd) if on else "–",
             "mito_rule": _mito_rule_text(qc),
             "mito": f"{_fmt(qc.mito_mean)} ± {_fmt(qc.mito_sd)}" if mito_on else "–",
-            "mito_range": f"[{_fmt(mr[0])}, {_fmt(mr[1])}]" if mito_on else "–",
+            "mito_range": _kept_range(mr[0], mr[1], sd=qc.mito_sd) if mito_on else "–",
             "min_genes": str(qc.min_genes) if on else "–",
         })
     return rows
