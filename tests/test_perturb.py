@@ -204,11 +204,11 @@ def test_outputs_and_cli(gc30m: tuple[Path, Path], tmp_path: Path) -> None:
     embed_corpus(corpus, model, out=emb, cells=holding + lacking)
     prefix = tmp_path / "out" / "cd74"
     result = CliRunner().invoke(app, ["perturb", str(emb), "--model", str(model), "--genes", "CD74",
-                                      "--mode", "delete", "--out", str(prefix), "--top", "5"])
+                                      "--mode", "delete", "--out", str(prefix), "--top", "5", "--min-cells", "2"])
     assert result.exit_code == 0, result.output
     assert "delete CD74 (ENSG00000019582)" in result.output
     assert "cells: 4, holding the gene(s): 2, changed: 2" in result.output
-    assert "genes whose embeddings moved most (top 5)" in result.output
+    assert "genes whose embeddings moved most (top 5, among genes compared in at least 2 cells)" in result.output
     cells = pd.read_csv(tmp_path / "out" / "cd74_cells.csv")
     genes = pd.read_csv(tmp_path / "out" / "cd74_genes.csv")
     assert cells["corpus_row"].tolist() == holding + lacking
@@ -236,3 +236,22 @@ def test_cli_errors_are_one_line(gc30m: tuple[Path, Path], tmp_path: Path) -> No
     result = runner.invoke(app, ["perturb", str(bogus), "--model", str(model), "--genes", "CD74"])
     assert result.exit_code == 1
     assert result.output.startswith("error:") and "genecorpus embed" in result.output
+
+
+def test_genes_that_moved_most_are_reported_among_genes_seen_in_enough_cells() -> None:
+    """A gene compared in one or two cells has a noisy mean shift: the top list leaves it out (the CSV keeps it)."""
+    import pandas as pd
+
+    from genecorpus.model.perturb import MIN_CELLS, PerturbResult
+
+    shifts = pd.DataFrame({"ensembl_id": ["ENSG01", "ENSG02", "ENSG03"], "symbol": ["A", "B", "C"],
+                           "token": [5, 6, 7], "mean_shift": [0.9, 0.5, 0.1], "n_cells": [1, 40, 10]})
+    cells = pd.DataFrame({"n_genes_present": [1], "changed": [True], "shift": [0.2]})
+    genes = pd.DataFrame({"query": ["X"], "ensembl_id": ["ENSG09"], "symbol": ["X"], "token": [9]})
+    result = PerturbResult(mode="delete", genes=genes, cells=cells, gene_shifts=shifts)
+    assert result.min_cells == MIN_CELLS == 10
+    assert result.top_genes(5)["symbol"].tolist() == ["B", "C"]  # A: one cell
+    assert "among genes compared in at least 10 cells" in result.to_text()
+    strict = PerturbResult(mode="delete", genes=genes, cells=cells, gene_shifts=shifts, min_cells=50)
+    assert strict.top_genes(5).empty and "no gene was compared in 50 cells or more" in strict.to_text()
+    assert len(strict.gene_shifts) == 3

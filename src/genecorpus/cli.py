@@ -361,6 +361,8 @@ def perturb(
     batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 16,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if available).")] = None,
     top: Annotated[int, typer.Option(help="Genes listed whose embeddings moved most.")] = 20,
+    min_cells: Annotated[int, typer.Option(
+        min=1, help="List only genes compared in at least this many cells (fewer: noise).")] = 10,
     token_dictionary: Annotated[Path | None, typer.Option(
         help="The model's token dictionary, if its folder has none (Geneformer checkpoints).")] = None,
     corpus_token_dictionary: Annotated[Path | None, typer.Option(
@@ -386,7 +388,8 @@ def perturb(
             result = perturb_cells(source, model, genes=genes.split(","), mode=mode, layer=layer,  # type: ignore[arg-type]
                                    batch_size=batch_size, max_cells=max_cells, device=device,
                                    token_dictionary=token_dictionary,
-                                   corpus_token_dictionary=corpus_token_dictionary, progress=progress)
+                                   corpus_token_dictionary=corpus_token_dictionary, progress=progress,
+                                   min_cells=min_cells)
         written = result.write(out) if out is not None else ()
     except GenecorpusError as e:
         _fail(e)

@@ -48,11 +48,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PerturbResult", "perturb", "perturb_tokens", "resolve_genes"]
+__all__ = ["MIN_CELLS", "PerturbResult", "perturb", "perturb_tokens", "resolve_genes"]
 
 Mode = Literal["delete", "overexpress"]
 MODES: tuple[str, ...] = ("delete", "overexpress")
 
+
+MIN_CELLS = 10
+"""Default of :attr:`PerturbResult.min_cells`."""
 
 @dataclass(frozen=True)
 class PerturbResult:
@@ -69,6 +72,9 @@ class PerturbResult:
     gene_shifts: pd.DataFrame
     """One row per gene compared in at least one changed cell, largest ``mean_shift`` first:
     ``ensembl_id``, ``symbol``, ``token``, ``mean_shift``, ``n_cells``."""
+    min_cells: int = MIN_CELLS
+    """Genes compared in fewer cells are left out of :meth:`top_genes` (their mean is noise); all are in
+    :attr:`gene_shifts` and the genes CSV."""
 
     @property
     def mean_shift(self) -> float:
@@ -83,8 +89,8 @@ class PerturbResult:
         return float(shifts.mean()) if len(shifts) else float("nan")
 
     def top_genes(self, n: int = 20) -> pd.DataFrame:
-        """The ``n`` genes whose embeddings moved most."""
-        return self.gene_shifts.head(n)
+        """The ``n`` genes whose embeddings moved most, among those compared in at least ``min_cells`` cells."""
+        return self.gene_shifts[self.gene_shifts["n_cells"] >= self.min_cells].head(n)
 
     def write(self, prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
         """Write ``PREFIX_cells.csv`` and ``PREFIX_genes.csv`` (each via a temporary sibling)."""
@@ -112,8 +118,12 @@ class PerturbResult:
             f"{self.mean_shift_containing:.6f} over cells holding the gene(s)",
         ]
         head = self.top_genes(top)
+        if not len(head) and len(self.gene_shifts):
+            lines.append(f"no gene was compared in {self.min_cells} cells or more (--min-cells); the genes CSV "
+                         "lists every gene")
         if len(head):
-            lines.append(f"genes whose embeddings moved most (top {len(head)}):")
+            lines.append(f"genes whose embeddings moved most (top {len(head)}, among genes compared in at least "
+                         f"{self.min_cells} cells):")
             lines.append(f"  {'ensembl_id':<16} {'symbol':<12} {'mean_shift':>11} {'n_cells':>8}")
             for row in head.itertuples(index=False):
                 lines.append(f"  {row.ensembl_id:<16} {row.symbol:<12} {row.mean_shift:>11.6f} {row.n_cells:>8}")
@@ -269,6 +279,7 @@ def perturb(
     token_dictionary: str | os.PathLike[str] | None = None,
     corpus_token_dictionary: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
+    min_cells: int = MIN_CELLS,
 ) -> PerturbResult:
     """Delete or overexpress genes in cells and measure how the cell and gene embeddings move.
 
@@ -295,6 +306,8 @@ def perturb(
         The model's and the corpus's token dictionaries, when their folders have none.
     progress
         Called as ``progress("perturb", cells_done, cells_total)`` after each batch.
+    min_cells
+        The genes that moved most are reported among genes compared in at least this many cells.
 
     Returns
     -------
@@ -353,7 +366,8 @@ def perturb(
     cells["n_genes_compared"] = np.where(changed, comparison.n_compared(len(rows)), unchanged_compared)
     cells["cosine"] = np.where(changed, comparison.cell_cosine(len(rows)), 1.0)
     cells["shift"] = 1.0 - cells["cosine"]
-    return PerturbResult(mode=mode, genes=perturbed_genes, cells=cells, gene_shifts=comparison.gene_table())
+    return PerturbResult(mode=mode, genes=perturbed_genes, cells=cells, gene_shifts=comparison.gene_table(),
+                         min_cells=min_cells)
 
 
 class _Comparison:
