@@ -29,7 +29,8 @@ SHARED = Path(os.environ.get("GENECORPUS_SHARED", REPO.parent / "shared"))
 GENEFORMER_DICTS = SHARED / "geneformer-dicts"
 GENECORPUS_SAMPLE = SHARED / "genecorpus-sample" / "genecorpus_500_samples.parquet"
 KANG_LABELS = SHARED / "labels" / "kang_ifnb_labels.csv"
-SET_SHARED = "set GENECORPUS_SHARED to the folder holding geneformer-dicts/"
+SET_SHARED = ("optional file: set GENECORPUS_SHARED to the folder that holds geneformer-dicts/, "
+              "genecorpus-sample/ and labels/ to run this test")
 
 os.environ.setdefault("GENECORPUS_NO_PROGRESS", "1")
 

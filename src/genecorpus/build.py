@@ -68,9 +68,7 @@ from genecorpus.corpus.manifest import (
 from genecorpus.corpus.shards import corpus_schema, publish_folder, publish_shards
 from genecorpus.dataset import CellRange, CellStats, DatasetPlan, plan_dataset, split_cells, split_dataset
 from genecorpus.duplicates import (
-    MAX_MISMATCHES,
-    MIN_SHARED_GENES,
-    MISMATCHES_PER_100_GENES,
+    RULE,
     Candidates,
     CandidateSettings,
     CellsRead,
@@ -802,10 +800,6 @@ MAX_KEY_RANGES = 4096
 """Candidate tasks: one per million input cells (at least 2, at most 4,096), each reading its range of
 every task's fingerprint keys: about 128 MB of keys per task, whatever the corpus size."""
 
-DUPLICATE_RULE = (f"same cell when, on the genes both datasets have (mitochondrial genes left out), at least "
-                  f"{MIN_SHARED_GENES} genes are nonzero in either cell and at most max({MAX_MISMATCHES}, "
-                  f"{MISMATCHES_PER_100_GENES}% of them) differ; within a dataset, identical counts")
-
 
 def _duplicates_summary(plans: Sequence[DatasetPlan], policy: str, found: Sequence[Candidates], verified: np.ndarray,
                         *, n_dropped: int) -> DuplicatesSummary:
@@ -818,7 +812,7 @@ def _duplicates_summary(plans: Sequence[DatasetPlan], policy: str, found: Sequen
         within_cells.setdefault(da, set()).add(cb)
     within = {plans[d].dataset_id: len(c) for d, c in sorted(within_cells.items())}
     return DuplicatesSummary(
-        policy=policy, rule=DUPLICATE_RULE, n_key_pairs=sum(f.n_key_pairs for f in found),
+        policy=policy, rule=RULE, n_key_pairs=sum(f.n_key_pairs for f in found),
         n_candidate_pairs=sum(len(f.pairs) for f in found), n_verified_pairs=len(verified),
         n_common_keys=sum(f.n_common_keys for f in found),
         shared=tuple(SharedCells(a=plans[a].dataset_id, b=plans[b].dataset_id, n_cells=len(c))

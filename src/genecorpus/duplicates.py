@@ -54,6 +54,7 @@ __all__ = [
     "MAX_KEY_CELLS",
     "MIN_BAND_COUNT",
     "MIN_SHARED_GENES",
+    "RULE",
     "SKETCH_GENES",
     "TOPS",
     "CandidateSettings",
@@ -97,6 +98,10 @@ MIN_SHARED_GENES = 20
 MAX_MISMATCHES = 2
 MISMATCHES_PER_100_GENES = 1
 """A verified pair differs in at most ``max(MAX_MISMATCHES, ceil(MISMATCHES_PER_100_GENES · n / 100))`` genes."""
+RULE = (f"same cell when, on the genes both datasets have (mitochondrial genes left out), at least "
+        f"{MIN_SHARED_GENES} genes are nonzero in either cell and at most max({MAX_MISMATCHES}, "
+        f"{MISMATCHES_PER_100_GENES}% of them) differ; within a dataset, identical counts")
+"""The verification rule in words (the manifest records it)."""
 
 _FINGERPRINT_DTYPE = np.dtype([("key", "<u8"), ("cell", "<i8")])
 _SKETCH_DTYPE = np.dtype([("cell", "<i8"), ("genes", "<i4", (SKETCH_GENES,)), ("counts", "<i8", (SKETCH_GENES,))])
