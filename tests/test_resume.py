@@ -14,6 +14,7 @@ disk at the moment of the kill.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -114,21 +115,24 @@ def _records(work: Path) -> dict[str, int]:
 
 
 def _kill_when(manifest: Path, out: Path, condition: Callable[[Path], bool], *, resume: bool = False,
-               timeout: float = 180) -> dict[str, int] | None:
-    """Start a build and SIGKILL its process group once ``condition(work folder)`` holds.
+               timeout: float = 180, sig: signal.Signals = signal.SIGKILL) -> dict[str, int] | None:
+    """Start a build and send ``sig`` to its process group once ``condition(work folder)`` holds.
 
-    Returns the finished task records per stage at the kill, or None if the build finished first.
+    Returns the finished task records per stage once the build has ended, or None if it finished first.
+    SIGINT is Ctrl-C in a terminal: the build must then stop with one line, exit 130, and leave no process.
     """
     work = out.with_name(f".{out.name}.incomplete")
     args = ["--resume"] if resume else []
     proc = subprocess.Popen(_cli(manifest, "--out", out, *args), env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None:
             if work.is_dir() and condition(work):
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                os.killpg(proc.pid, sig)
+                _, stderr = proc.communicate(timeout=60)
+                if sig == signal.SIGINT:
+                    _check_interrupted(proc, stderr, work)
                 return _records(work)
             if time.monotonic() > deadline:
                 pytest.fail("the build did not reach the kill point in time")
@@ -139,6 +143,23 @@ def _kill_when(manifest: Path, out: Path, condition: Callable[[Path], bool], *, 
             proc.wait()
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     return None
+
+
+def _check_interrupted(proc: subprocess.Popen[str], stderr: str, work: Path) -> None:
+    """Ctrl-C: exit 130, one line naming the kept tasks and --resume, and no worker left running."""
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0] == (f"interrupted: {sum(_records(work).values())} finished tasks are kept in {work}: rerun "
+                        "with --resume to continue"), stderr
+    deadline = time.monotonic() + 20  # the workers were stopped with the driver (exited ones may take a
+    while True:                       # moment to be reaped once the driver has gone)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "processes of the interrupted build are still running"
+        time.sleep(0.1)
 
 
 def _resume_by_cli(data: dict[str, Any], out: Path) -> str:
@@ -194,17 +215,18 @@ def _writing(work: Path) -> bool:
     return len(list((work / "parts").glob("*.arrow"))) >= 3
 
 
-@pytest.mark.parametrize(("condition", "by_cli"), [
-    (_all_qc_done, False), (_candidates_under_way, False), (_candidate_cells_under_way, False),
-    (_medians_under_way, False),
-    pytest.param(_selection_under_way, False, marks=pytest.mark.slow),  # the same pass as mid-histogram
-    (_writing, True)],
-    ids=["after-qc", "mid-candidates", "mid-candidate-cells", "mid-histogram", "mid-selection", "mid-writing"])
+@pytest.mark.parametrize(("condition", "by_cli", "sig"), [
+    (_all_qc_done, False, signal.SIGKILL), (_candidates_under_way, False, signal.SIGKILL),
+    (_candidate_cells_under_way, False, signal.SIGINT), (_medians_under_way, False, signal.SIGKILL),
+    pytest.param(_selection_under_way, False, signal.SIGINT, marks=pytest.mark.slow),  # as mid-histogram
+    (_writing, True, signal.SIGKILL)],
+    ids=["after-qc", "mid-candidates", "ctrl-c-mid-candidate-cells", "mid-histogram", "ctrl-c-mid-selection",
+         "mid-writing"])
 def test_kill_and_resume_gives_identical_bytes(data: dict[str, Any], tmp_path: Path,
                                                condition: Callable[[Path], bool], by_cli: bool,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+                                               sig: signal.Signals, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "corpus"
-    at_kill = _kill_when(data["manifest"], out, condition)
+    at_kill = _kill_when(data["manifest"], out, condition, sig=sig)
     assert at_kill is not None, "the build finished before the kill point"
     assert not out.exists()
     # resumed by `genecorpus build --resume` with two workers, or in this process with one (what a build
@@ -455,3 +477,40 @@ def test_a_lost_worker_is_replaced_and_its_task_rerun(tmp_path: Path, caplog: py
         executor.close()
     assert results == [i * 10 for i in range(8)]
     assert "a worker process died during t" in caplog.text
+
+
+def test_workers_killed_again_and_again_end_with_one_line(data: dict[str, Any], tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Every worker SIGKILLed as it appears (what the OOM killer does to a build that cannot fit): after
+    its restarts the build stops with one line that keeps the finished tasks, and --resume finishes."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "corpus"
+    work = out.with_name(f".{out.name}.incomplete")
+    proc = subprocess.Popen(_cli(data["manifest"], "--out", out), env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    driver, kills = psutil.Process(proc.pid), 0
+    try:
+        while proc.poll() is None:
+            if work.is_dir() and _records(work)["qc"] >= 1:
+                for child in driver.children():
+                    with contextlib.suppress(psutil.Error):
+                        if "resource_tracker" not in " ".join(child.cmdline()):
+                            child.kill()
+                            kills += 1
+            time.sleep(0.01)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, stderr
+    assert kills >= 3 and "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    kept = sum(_records(work).values())
+    assert re.fullmatch(
+        r"error: worker processes died 3 times during \S+ \(killed, or out of memory\); use fewer --workers or "
+        rf"a smaller block_size; {kept} finished tasks are kept in {re.escape(str(work))}: rerun with --resume "
+        "to continue", lines[0]), lines[0]
+    assert not out.exists()
+    _check_resumed(data, out, _records(work), _resume_in_process(data, out, caplog))

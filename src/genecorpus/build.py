@@ -82,7 +82,17 @@ from genecorpus.duplicates import (
     verify_task,
 )
 from genecorpus.encode import EncodeResult, EncodeSettings, RankOrder, encode_task, metadata_columns
-from genecorpus.errors import ConfigError, DictionaryError, GenecorpusError, InputError, TaskFailure
+from genecorpus.errors import (
+    ConfigError,
+    DictionaryError,
+    GenecorpusError,
+    InputError,
+    ResourceError,
+    TaskFailure,
+    WorkerLostError,
+    environment_fault,
+    is_environment_fault,
+)
 from genecorpus.executors import Executor, LocalExecutor, fold
 from genecorpus.io import DEFAULT_BLOCK_SIZE
 from genecorpus.qc import (
@@ -231,17 +241,40 @@ def build_corpus(
         publish_folder(work.corpus, out)
         work.remove()
     except BaseException as e:
-        n = work.n_finished()
-        if (resume or isinstance(e, KeyboardInterrupt)) and n:
-            work.release()
-            logger.warning("%d finished tasks are kept in %s; rerun with --resume to continue", n, work.path)
-        else:
-            work.remove()
+        _fail_build(e, work, out, resume=resume)
         raise
     finally:
         if own_executor and executor is not None:
             executor.close()
     return BuildResult(out, manifest)
+
+
+def _fail_build(e: BaseException, work: WorkFolder, out: Path, *, resume: bool) -> None:
+    """Keep the finished tasks when the build may be resumed, and raise a machine fault as one line.
+
+    Bad input removes the work folder (nothing half-written remains) unless ``resume`` asked to keep it;
+    a fault of the machine (full disk, unwritable folder, killed workers, Ctrl-C) keeps it, since rerunning
+    with ``--resume`` after fixing the machine continues where the build stopped.
+    """
+    fault = is_environment_fault(e)
+    n = work.n_finished()
+    kept = ""
+    if n and (resume or fault):
+        work.release()
+        kept = f"{n} finished tasks are kept in {work.path}: rerun with --resume to continue"
+    else:
+        work.remove()
+    if isinstance(e, KeyboardInterrupt):
+        if kept:
+            e.add_note(kept)
+        return
+    if isinstance(e, WorkerLostError):
+        raise WorkerLostError(f"{e}; {kept}" if kept else str(e)) from e.__cause__
+    if fault:
+        line = environment_fault(e, where=work.path, doing=f"building {out}")
+        raise ResourceError(f"{line}; {kept}" if kept else line) from e
+    if kept:
+        logger.warning("%s", kept)
 
 
 class _Timings(dict[str, float]):

@@ -503,13 +503,39 @@ def pretrain(
                    f"{m[prefix + 'val_top10']:>9.4f}")
 
 
+def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that caused ``e`` (through typer's ``Exit(130)``), if any."""
+    seen: BaseException | None = e
+    for _ in range(4):
+        if seen is None or isinstance(seen, KeyboardInterrupt):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main() -> None:
-    """Entry point of the ``genecorpus`` console script."""
+    """Entry point of the ``genecorpus`` console script.
+
+    A fault of the machine that a command did not word itself (a full disk, an unwritable folder, no
+    memory) and Ctrl-C end with one line too; ``--debug`` shows the traceback.
+    """
+    from genecorpus.errors import environment_fault
+
     try:
         app()
-    except KeyboardInterrupt:
-        _err.print("interrupted")
+    except SystemExit as e:  # typer turns Ctrl-C into a silent exit 130; say what it left
+        interrupt = _interrupt_behind(e)
+        if interrupt is None or _state["debug"]:
+            raise
+        notes = getattr(interrupt, "__notes__", [])
+        _err.print(escape(": ".join(["interrupted", "; ".join(notes)]) if notes else "interrupted"),
+                   highlight=False, soft_wrap=True)
         sys.exit(130)
+    except (OSError, MemoryError) as e:
+        if _state["debug"] or isinstance(e, GenecorpusError):
+            raise
+        _err.print(f"[bold red]error:[/] {escape(environment_fault(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

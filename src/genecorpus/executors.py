@@ -13,9 +13,11 @@ import importlib
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import uuid
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -24,8 +26,7 @@ from genecorpus.config import ClusterSpec, Engine
 from genecorpus.errors import ConfigError, WorkerLostError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-    from concurrent.futures import Future
+    from collections.abc import Callable, Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,27 @@ class Executor(Protocol):
 def _import_modules(modules: Sequence[str]) -> None:
     for name in modules:
         importlib.import_module(name)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Processes started inside this block ignore SIGINT for good.
+
+    Ctrl-C reaches every process of the terminal's process group: the driver alone should stop (and stop
+    the workers), not each worker with a traceback of its own. A child whose parent ignores SIGINT keeps
+    it ignored (Python installs its KeyboardInterrupt handler only over the default action). SIGINT is
+    blocked meanwhile, so a Ctrl-C in this short window is delivered to the driver afterwards, not lost.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def require_guarded_main() -> None:
@@ -115,8 +137,9 @@ class LocalExecutor:
         """Spawn the workers now and let them import ``modules`` (no-op for one worker)."""
         if self.workers > 1:
             pool = self._get_pool()
-            for _ in range(self.workers):
-                pool.submit(_import_modules, list(modules))
+            with _children_ignore_sigint():
+                for _ in range(self.workers):
+                    pool.submit(_import_modules, list(modules))
 
     def map(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Run every task; results come back in task order."""
@@ -139,6 +162,15 @@ class LocalExecutor:
                 if self.progress:
                     self.progress(stage, i + 1, total)
             return acc
+        try:
+            return self._fold_in_pool(stage, fn, tasks, combine, initial)
+        except KeyboardInterrupt:
+            self._terminate()
+            raise
+
+    def _fold_in_pool(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
+                      combine: Callable[[A, Any], A], acc: A) -> A:
+        total = len(tasks)
         pool = self._get_pool()
         window = 2 * self.workers
         futures: dict[int, Future[Any]] = {}
@@ -146,7 +178,7 @@ class LocalExecutor:
         submitted = combined = done_count = restarts = 0
         while combined < total:
             while submitted < total and submitted - combined < window:
-                fut = pool.submit(fn, *tasks[submitted])
+                fut = _submit(pool, fn, tasks[submitted])
                 futures[submitted] = fut
                 running.add(fut)
                 submitted += 1
@@ -162,7 +194,7 @@ class LocalExecutor:
                 pool = self._get_pool()
                 for i, fut in futures.items():
                     if not fut.done() or fut.exception() is not None:
-                        futures[i] = pool.submit(fn, *tasks[i])
+                        futures[i] = _submit(pool, fn, tasks[i])
                 running = {f for f in futures.values() if not f.done()}
                 continue
             if errors:
@@ -171,7 +203,7 @@ class LocalExecutor:
                 wait(running)  # tasks already under way finish: nothing writes to the build after we raise
                 if isinstance(errors[0], BrokenProcessPool):
                     msg = (f"worker processes died {restarts + 1} times during {stage} (killed, or out of "
-                           "memory); use fewer --workers or a smaller block_size, or rerun with --resume")
+                           "memory); use fewer --workers or a smaller block_size")
                     raise WorkerLostError(msg) from errors[0]
                 raise errors[0]
             done_count += len(done)
@@ -187,6 +219,29 @@ class LocalExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def _terminate(self) -> None:
+        """Stop the workers at once (Ctrl-C): tasks under way write by rename, so nothing is left half-done."""
+        if self._pool is None:
+            return
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+
+
+def _submit(pool: ProcessPoolExecutor, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+    """``pool.submit`` with workers started SIGINT-free; a pool broken meanwhile gives a failed future."""
+    try:
+        with _children_ignore_sigint():
+            return pool.submit(fn, *args)
+    except BrokenProcessPool as e:  # a worker died since the last wait: handled like a task that saw it
+        failed: Future[Any] = Future()
+        failed.set_exception(e)
+        return failed
 
 
 class DaskExecutor:
@@ -237,9 +292,10 @@ class DaskExecutor:
                 job_script_prologue=list(spec.job_script_prologue))
             cluster.scale(jobs=spec.workers)
         else:
-            cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=spec.threads_per_worker,
-                                   processes=True, memory_limit=spec.memory_per_worker,
-                                   local_directory=spec.local_directory, dashboard_address=None)
+            with _children_ignore_sigint():
+                cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=spec.threads_per_worker,
+                                       processes=True, memory_limit=spec.memory_per_worker,
+                                       local_directory=spec.local_directory, dashboard_address=None)
         client = Client(cluster)
         return cls(client, cluster=cluster, progress=progress, n_workers=spec.workers)
 

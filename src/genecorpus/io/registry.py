@@ -214,6 +214,24 @@ def _detect_format(source: Any) -> ReaderSpec:
     raise InputError(msg)
 
 
+def _require_readable(path: Path) -> None:
+    """One line for a file or folder this user may not read, before any reader meets it."""
+    try:
+        if path.is_dir():
+            next(path.iterdir(), None)
+        else:
+            with path.open("rb"):
+                pass
+    except PermissionError:
+        what = "folder" if path.is_dir() else "file"
+        msg = (f"{path}: permission denied: this user may not read the {what}; make it readable "
+               f"(chmod a+r{'x' if what == 'folder' else ''}) or copy it somewhere you may read")
+        raise InputError(msg) from None
+    except OSError as exc:
+        msg = f"{path}: cannot be read ({exc.strerror or exc}); check the file system and rerun"
+        raise InputError(msg) from None
+
+
 def open_dataset(
     source: str | os.PathLike[str] | Any,
     *,
@@ -260,6 +278,7 @@ def open_dataset(
         if not source.exists():
             msg = f"{source}: no such file or folder; check the path"
             raise InputError(msg)
+        _require_readable(source)
     if format is None:
         spec = _detect_format(source)
     elif format in _READERS:
