@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import sklearn  # noqa: F401 - the train extra: make test installs it, so a missing one fails here
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
@@ -27,7 +27,14 @@ from typer.testing import CliRunner
 
 from genecorpus.cli import app
 from genecorpus.errors import InputError
-from genecorpus.model.evaluate import EMBEDDING_KEY, evaluate_embeddings, join_labels
+from genecorpus.model.evaluate import (
+    EMBEDDING_KEY,
+    ClassifierScores,
+    EvaluationReport,
+    evaluate_embeddings,
+    join_labels,
+    write_evaluation,
+)
 from genecorpus.public_data import fetch_public_file
 from genecorpus.testing import write_h5ad
 
@@ -235,7 +242,8 @@ def test_outputs_and_determinism(kang_subset: dict, kang_labels: Path, tmp_path:
                                  out=tmp_path / "eval")
     files = sorted(p.name for p in (tmp_path / "eval").iterdir())
     assert files == ["confusion_baseline_knn.png", "confusion_baseline_logreg.png", "confusion_embedding_knn.png",
-                     "confusion_embedding_logreg.png", "metrics.csv", "metrics.json", "predictions.csv", "table.txt"]
+                     "confusion_embedding_logreg.png", "metrics.csv", "metrics.json", "predictions.csv", "report.md",
+                     "table.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eval")]  # no temporary left
     umask = os.umask(0)
     os.umask(umask)
@@ -251,6 +259,9 @@ def test_outputs_and_determinism(kang_subset: dict, kang_labels: Path, tmp_path:
     assert len(predictions) == 500 and set(predictions.columns) >= {"cell_id", "dataset_id", "label", "fold",
                                                                      "embedding_logreg", "baseline_knn"}
     assert (predictions.label == predictions.dataset_id).all()  # stim (ctrl|stim) names the file
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert markdown.count("](confusion_") == 4
+    assert "| ctrl | 420 |" in markdown and "| stim | 80 |" in markdown
     assert report.score("embedding", "logreg").mean_sd("accuracy")[0] > 0.9  # IFN-beta response is strong
     again = evaluate_embeddings(emb, "stim", counts=_counts(kang_subset), labels=kang_labels, join=JOIN,
                                 out=tmp_path / "eval")  # replaces the folder
@@ -303,3 +314,63 @@ def test_cli_runs_and_prints_the_table(kang_subset: dict, kang_labels: Path, tmp
     assert result.output.count("| 360     | 4") == 4  # 4 rows: embedding/baseline x logreg/knn
     assert "left out: 140 cells without a label" in result.output
     assert (tmp_path / "ev" / "confusion_embedding_logreg.png").stat().st_size > 1000
+
+
+def _imbalanced_report(n_classes: int = 12, *, seed: int = 5) -> EvaluationReport:
+    """A made-up evaluation: classes from 400 cells down to 6, 80% of cells predicted right, the rest at random."""
+    rng = np.random.default_rng(seed)
+    classes = tuple(f"type {chr(ord('A') + k)}" for k in range(n_classes))
+    sizes = np.geomspace(400, 6, n_classes).round().astype(np.int64)
+    y = rng.permutation(np.repeat(np.arange(n_classes), sizes))
+    predicted = np.where(rng.random(y.size) < 0.8, y, rng.integers(0, n_classes, y.size))
+    fold = rng.integers(0, 5, y.size)
+    f1 = np.array([0.70, 0.72, 0.68, 0.71, 0.69])
+    scores = (ClassifierScores("embedding", "logreg", f1, f1 + 0.1, predicted),)
+    return EvaluationReport(label="cell_type", classes=classes, y=y, fold=fold,
+                            cells=pd.DataFrame({"cell_id": [f"c{i}" for i in range(y.size)]}), scores=scores,
+                            n_input_cells=int(y.size), n_unlabeled=0)
+
+
+def test_confusion_matrix_shows_the_cells_of_each_class() -> None:
+    """Tick labels carry each true class's cell count; each square its row share over its cells (none: empty)."""
+    from genecorpus.model.evaluate import _draw_confusion  # the figure object: its labels are the promise
+
+    report = _imbalanced_report()
+    scores = report.scores[0]
+    expected = confusion_matrix(report.y, scores.predictions)
+    np.testing.assert_array_equal(report.confusion("embedding", "logreg"), expected)
+    sizes = np.bincount(report.y)
+    ax = _draw_confusion(report, scores).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        f"{c} (n={n:,})" for c, n in zip(report.classes, sizes, strict=True)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(report.classes)
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert (expected == 0).any()  # empty squares are exercised
+    for i, j in np.ndindex(expected.shape):
+        if expected[i, j]:
+            assert texts[i, j] == f"{expected[i, j] / sizes[i]:.2f}\n{expected[i, j]:,}"
+        else:
+            assert (i, j) not in texts
+
+
+def test_evaluation_markdown_captions_each_matrix(tmp_path: Path) -> None:
+    report = _imbalanced_report()
+    write_evaluation(report, tmp_path / "eval")
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    sizes = np.bincount(report.y)
+    for c, n in zip(report.classes, sizes, strict=True):
+        assert f"| {c} | {n:,} |" in markdown
+    image = "![Confusion matrix of embedding + logreg](confusion_embedding_logreg.png)"
+    assert image in markdown
+    assert (tmp_path / "eval" / "confusion_embedding_logreg.png").is_file()
+    caption = markdown.split(image, 1)[1].strip()
+    big, small = int(np.argmax(sizes)), int(np.argmin(sizes))
+    assert (f"from {report.classes[big]} (n={sizes[big]:,}) to {report.classes[small]} (n={sizes[small]:,}), "
+            f"{sizes[big] / sizes[small]:.1f} to 1") in caption
+    matrix = confusion_matrix(report.y, report.scores[0].predictions)
+    recall = np.diag(matrix) / sizes
+    worst = int(np.argmin(recall))
+    off = matrix[worst].copy()
+    off[worst] = 0
+    assert (f"Lowest recall: {report.classes[worst]}, {matrix[worst, worst]:,} of {sizes[worst]:,} cells "
+            f"({recall[worst]:.2f}), most often predicted as {report.classes[int(np.argmax(off))]}") in caption

@@ -235,3 +235,92 @@ def test_kept_ranges_read_as_what_they_cut(built: Path, index: Path) -> None:
         assert "[-" not in row, row
         lows.append(lo)
     assert min(lows) < 0  # the fixture's outliers widen the SD: the case is exercised
+
+
+def _figures(page: str) -> dict[str, str]:
+    """Each figure's PNG file name → its caption (unescaped)."""
+    found = re.findall(r'<figure>\s*<img src="([^"]+)"[^>]*>\s*<figcaption>(.*?)</figcaption>\s*</figure>', page, re.S)
+    return {name: html.unescape(caption) for name, caption in found}
+
+
+@pytest.mark.parametrize("corpus", ["built", "tokenized"])
+def test_every_plot_has_a_caption(corpus: str, request: pytest.FixtureRequest) -> None:
+    """Every PNG of the page sits in a figure with a caption of its own, and no image is left without one."""
+    folder = request.getfixturevalue(corpus)
+    page = write_report(folder).read_text()
+    figures = _figures(page)
+    pngs = sorted(p.name for p in (folder / "report").glob("*.png"))
+    assert sorted(figures) == pngs
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == pngs  # no image outside a figure
+    assert all(len(c) > 200 for c in figures.values()), figures
+    assert len(set(figures.values())) == len(figures)  # not one boilerplate text
+    if corpus == "tokenized":
+        assert "not computed from these cells" in figures["medians.png"]
+        assert "no QC sample" in figures["genes_detected.png"]
+
+
+def test_captions_state_the_corpus_numbers(built: Path, index: Path) -> None:
+    """The cells, QC, genes and lengths captions give the counts of manifest.json, lengths.pkl and the sample."""
+    figures = _figures(index.read_text())
+    manifest = json.loads((built / "manifest.json").read_text())
+    datasets = {d["dataset_id"]: d for d in manifest["datasets"]}
+    n_in = sum(d["cells"]["in"] for d in datasets.values())
+    kept = sum(d["cells"]["kept"] for d in datasets.values())
+    assert f"In all, {kept:,} of {n_in:,} cells ({100 * kept / n_in:.1f}%) were kept" in figures["cells.png"]
+    for name, d in datasets.items():
+        removed = d["cells"]["dropped"]["n_counts_outlier"]
+        assert removed > 0  # the fixture's outliers: the count is exercised
+        assert f"{name} {removed:,} of {d['cells']['in']:,} cells" in figures["qc_n_counts.png"]
+    alpha_mito = datasets["alpha"]["cells"]["dropped"]["mito_outlier"]
+    assert f"alpha {alpha_mito:,} of 240 cells" in figures["qc_mito.png"]
+    assert "beta: no mitochondrial genes, rule skipped" in figures["qc_mito.png"]
+    min_genes = sum(d["cells"]["dropped"]["min_genes"] for d in datasets.values())
+    assert min_genes > 0
+    assert f"it removed {min_genes:,} cells in all" in figures["genes_detected.png"]
+    with np.load(built / "report" / "qc_sample.npz") as z:
+        n_genes, reason = z["n_genes"], z["reason"]
+    assert f"median of {np.median(n_genes[reason < 0]):,.0f} genes" in figures["genes_detected.png"]
+    lengths = np.asarray(pickle.loads((built / "lengths.pkl").read_bytes()))
+    assert f"{int((lengths >= 2048).sum()):,} of {lengths.size:,} cells" in figures["lengths.png"]
+    assert f"the median cell has {np.median(lengths):,.0f} tokens" in figures["lengths.png"]
+
+
+def test_medians_caption_explains_the_peaks_with_numbers(built: Path, index: Path) -> None:
+    """The medians are of depth-normalized values, not whole counts: the caption places one count in each
+    dataset's cells (10,000 / median depth of the kept sample cells) and its shares of genes match numpy."""
+    caption = _figures(index.read_text())["medians.png"]
+    medians = pd.read_csv(built / "gene_medians.tsv", sep="\t")["median"].to_numpy()
+    # the premise: normalized medians are (almost) never whole or half numbers, so they are not what peaks
+    assert np.mean(np.mod(2 * medians, 1) == 0) < 0.01
+    assert "not whole numbers" in caption
+    manifest = json.loads((built / "manifest.json").read_text())
+    with np.load(built / "report" / "qc_sample.npz") as z:
+        dataset, n_counts, reason = z["dataset"], z["n_counts"], z["reason"]
+    values, lows, highs = [], [], []
+    for i, d in enumerate(manifest["datasets"]):
+        depth = n_counts[(dataset == i) & (reason < 0)]
+        q25, q50, q75 = np.percentile(depth, [25, 50, 75])
+        values.append(1e4 / q50)
+        lows.append(1e4 / q75)
+        highs.append(1e4 / q25)
+        assert f"{d['dataset_id']} {1e4 / q50:.3g} ({q50:,.0f} counts)" in caption
+    in_band = np.any([(medians >= lo) & (medians <= hi) for lo, hi in zip(lows, highs, strict=True)], axis=0)
+    n = medians.size
+    assert f"{100 * in_band.mean():.1f}% of the {n:,} genes lie in a band" in caption
+    assert f"{100 * np.mean(medians >= 2 * max(values)):.1f}% lie at or above twice the highest line" in caption
+    assert f"{100 * np.mean(medians < min(lows)):.1f}% lie below the lowest band" in caption
+    assert f"Median of the {n:,} medians: {np.median(medians):.3g}" in caption
+
+
+def test_duplicates_matrix_caption_says_what_a_number_counts(built: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(built, tmp_path / "corpus")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["duplicates"] |= {"policy": "report", "shared": [{"a": "alpha", "b": "beta", "n_cells": 12}]}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    page = write_report(copy).read_text()
+    assert _row(page, "duplicates", "beta") == ["beta", "12"]
+    caption = html.unescape(re.search(r'<table id="duplicates">\s*<caption>(.*?)</caption>', page, re.S).group(1))
+    assert "cells of the row's dataset" in caption
+    assert "empty square means none" in caption
+    assert "stay in the corpus" in caption  # policy report
+    assert "12 of the 160 cells of beta (7.5%) are copies of cells of alpha" in caption

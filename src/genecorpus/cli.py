@@ -418,7 +418,8 @@ def evaluate(
 
     Cells without a label and classes with fewer cells than folds are left out (and listed). Prints
     macro F1 and accuracy (mean ± SD over folds); --out writes metrics.csv, metrics.json,
-    predictions.csv and confusion_<method>_<classifier>.png. Examples:
+    predictions.csv, confusion_<method>_<classifier>.png (cells per true class on the labels, each
+    square's share and cells) and report.md (the matrices with captions on how to read them). Examples:
 
         genecorpus evaluate emb.h5ad --label cell_type --out eval-cell-type
 

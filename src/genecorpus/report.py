@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from genecorpus.corpus.folder import GENE_MEDIANS_TSV, LENGTHS, MANIFEST, QC_SAMPLE, REPORT_DIR, read_lengths
-from genecorpus.corpus.manifest import DROP_REASONS, DatasetRecord, DuplicatesSummary, Manifest, QCThresholds
+from genecorpus.corpus.manifest import (
+    DROP_REASONS,
+    ComputedMedians,
+    DatasetRecord,
+    DepthSource,
+    DuplicatesSummary,
+    Manifest,
+    QCThresholds,
+)
 from genecorpus.corpus.qc_sample import QCSample
 from genecorpus.corpus.shards import publish_folder
 from genecorpus.errors import ConfigError, DictionaryError, InputError
@@ -59,12 +67,49 @@ _REASON_COLORS = {
     "duplicate": "#55a868",
 }
 _CUT_COLOR = "#222222"
+_BAND_ALPHA = 0.1
+"""Opacity of the shaded ranges (a QC rule's kept range, a dataset's one-count band)."""
 _DPI = 100
 _PNG_METADATA: dict[str, str | None] = {"Software": None}
 """Keeps the matplotlib version out of the PNG, so bytes only change when the picture does."""
 
 _OVERFLOW_QUANTILE = 0.005
 """QC histograms span the cut lines and all but this fraction of the largest values."""
+
+_TARGET_SUM = 10_000.0
+"""The scale of the normalization ``count / n_counts * 10,000`` (``_kernels.TARGET_SUM``, not imported: numba)."""
+
+MAX_DEPTH_MARKS = 8
+"""Datasets whose one-count value is marked on the medians plot; the caption names them all."""
+
+_MARK_COLORS = ("#c44e52", "#dd8452", "#55a868", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974")
+
+
+@dataclass(frozen=True)
+class _CaptionedPlot:
+    """One figure of the page: its PNG file, a short alt text and the caption printed under it."""
+
+    file: str
+    alt: str
+    caption: str
+    """What the reader sees and how to read it, with the numbers of this corpus."""
+
+
+@dataclass(frozen=True)
+class _OneCountMark:
+    """Where a gene seen with one count lands on the medians' scale in the cells of one dataset.
+
+    A count of 1 in a cell of depth ``n_counts`` is ``10,000 / n_counts``; taken at the median depth of
+    the dataset's kept cells in the QC sample, and over the middle half of them (25th to 75th percentile).
+    """
+
+    dataset_id: str
+    median_depth: float
+    """Median ``n_counts`` of the dataset's kept cells in the QC sample."""
+    value: float
+    """``10,000 / median_depth``."""
+    band: tuple[float, float]
+    """``10,000 / (75th percentile of n_counts)``, ``10,000 / (25th percentile)``."""
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -177,6 +222,7 @@ def _legend(fig: Figure, labels: Sequence[str], *, ncols: int, n_sd: float | Non
     handles = [Patch(color=colors[label], label=label) for label in labels]
     if n_sd is not None:
         handles.append(_cut_handle(n_sd))
+        handles.append(Patch(color=_KEPT_COLOR, alpha=_BAND_ALPHA, label="kept range"))
     fig.legend(handles=handles, loc="outside upper center", ncols=ncols, frameon=False, fontsize=9)
 
 
@@ -230,6 +276,10 @@ def _qc_panel(ax: Axes, ds: DatasetRecord, sample: QCSample, *, stat: str) -> No
         hi = lo + 1.1 * (top - lo)
         n_over = int((values > hi).sum())
     edges = _edges(values, lo, hi)
+    sd = qc.n_counts_sd if stat == "n_counts" else qc.mito_sd
+    if enabled and sd > 0:  # the kept range, lightly shaded behind the bars
+        ax.axvspan(max(float(rng[0]), float(edges[0])), min(float(rng[1]), float(edges[-1])), color=_KEPT_COLOR,
+                   alpha=_BAND_ALPHA, linewidth=0, zorder=0)
     _stacked_hist(ax, edges, _sample_layers(values, sample.reason))
     for c in cuts:
         ax.axvline(c, color=_CUT_COLOR, linestyle="--", linewidth=1)
@@ -241,7 +291,6 @@ def _qc_panel(ax: Axes, ds: DatasetRecord, sample: QCSample, *, stat: str) -> No
         ax.set_xlim(edges[0] - 2 * span, edges[-1] + 2 * span)
         ax.set_xticks([lo], [_fmt(lo)])
         text += f"\nevery cell: {_fmt(lo)}"
-    sd = qc.n_counts_sd if stat == "n_counts" else qc.mito_sd
     if enabled and sd == 0:
         text += "\nall equal: the rule removes nothing"
     elif enabled:
@@ -255,7 +304,11 @@ def _qc_panel(ax: Axes, ds: DatasetRecord, sample: QCSample, *, stat: str) -> No
     ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # headroom for the text
 
 
-def _plot_qc(corpus: _Corpus, sample: QCSample, *, stat: str, max_panels: int, path: Path) -> None:
+def _percent(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "–"
+
+
+def _plot_qc(corpus: _Corpus, sample: QCSample, *, stat: str, max_panels: int, path: Path) -> _CaptionedPlot:
     shown = corpus.datasets[:max_panels]
     ncols = min(len(shown), 4) or 1
     nrows = max(math.ceil(len(shown) / ncols), 1)
@@ -276,9 +329,53 @@ def _plot_qc(corpus: _Corpus, sample: QCSample, *, stat: str, max_panels: int, p
     any_cut = any(d.qc.enabled for d in shown)
     _legend(fig, _used_labels(sample), ncols=6 if ncols > 2 else 3, n_sd=corpus.n_sd if any_cut else None)
     _save(fig, path)
+    alt = ("Per-dataset histograms of total counts per cell" if stat == "n_counts"
+           else "Per-dataset histograms of mitochondrial counts per cell")
+    return _CaptionedPlot(path.name, alt + f" with the {_fmt(corpus.n_sd)}-SD cut lines",
+                          _qc_caption(corpus, stat=stat, shown=shown))
 
 
-def _plot_cells(corpus: _Corpus, path: Path) -> None:
+def _qc_caption(corpus: _Corpus, *, stat: str, shown: Sequence[DatasetRecord]) -> str:
+    """What a QC figure shows, and how many cells its rule removed from each dataset it draws."""
+    reason = "n_counts_outlier" if stat == "n_counts" else "mito_outlier"
+    if stat == "n_counts":
+        what = ("One panel per dataset: how many cells have each total count (n_counts, the sum of a cell's "
+                "counts over all its genes, i.e. how deeply it was sequenced), in a fixed sample of at most "
+                "about 20,000 cells per dataset.")
+    else:
+        fraction = any(d.qc.mito_mode == "fraction" for d in shown)
+        what = ("One panel per dataset: each cell's counts on mitochondrial genes"
+                + (" (as a fraction of its n_counts where the rule reads fractions)" if fraction else "")
+                + ", in the same sample; a large mitochondrial share usually marks a damaged or dying cell.")
+    how = (f"Bars are stacked by the cells' QC verdict: blue cells are kept, the other colours are dropped, "
+           f"each under the first rule that removed it (so a dropped colour inside the cuts is a cell another "
+           f"rule removed). The dashed lines are the dataset's cuts at the mean ± {_fmt(corpus.n_sd)} SD of its "
+           f"cells and the shaded band between them is the range kept: cells outside it are dropped as "
+           f"{reason}. A cut below zero removes nothing and is not drawn (the box says 'no lower cut'). The "
+           f"box gives the sample size, the share of the sample kept and the kept range; when a few extreme "
+           f"cells would squeeze the rest into one bar, they are piled into the last bar and the box says how "
+           f"many. Cells dropped later because none of their genes is in the vocabulary appear as kept here.")
+    parts = []
+    for d in shown:
+        qc, cells = d.qc, d.cells
+        if not qc.enabled:
+            parts.append(f"{d.dataset_id}: QC off, no cut")
+            continue
+        if stat == "mito" and (not qc.mito_rule or d.genes.n_mito_columns == 0):
+            parts.append(f"{d.dataset_id}: no mitochondrial genes, rule skipped")
+            continue
+        sd, rng = (qc.n_counts_sd, qc.n_counts_range) if stat == "n_counts" else (qc.mito_sd, qc.mito_range)
+        if sd == 0:
+            parts.append(f"{d.dataset_id}: every cell at {_fmt(rng[0])}, no cut")
+            continue
+        removed = cells.dropped[reason]
+        parts.append(f"{d.dataset_id} {removed:,} of {cells.n_in:,} cells ({_percent(removed, cells.n_in)}; kept: "
+                     f"{_kept_range(float(rng[0]), float(rng[1]), sd=sd)})")
+    removed_text = f" Cells this rule removed (all cells, from manifest.json): {'; '.join(parts)}." if parts else ""
+    return f"{what} {how}{removed_text}"
+
+
+def _plot_cells(corpus: _Corpus, path: Path) -> _CaptionedPlot:
     shown = corpus.datasets[:MAX_BAR_DATASETS]
     n = max(len(shown), 1)
     fig = _new_figure(9.0, 1.4 + 0.32 * n)
@@ -306,9 +403,29 @@ def _plot_cells(corpus: _Corpus, path: Path) -> None:
         title += f" (the first {len(shown)} of {len(corpus.datasets)})"
     ax.set_title(title, fontsize=11)
     _save(fig, path)
+    return _CaptionedPlot(path.name, "Cells in, kept and dropped by reason, per dataset", _cells_caption(corpus))
 
 
-def _plot_lengths(corpus: _Corpus, path: Path) -> None:
+def _cells_caption(corpus: _Corpus) -> str:
+    """What the cells chart shows, with the corpus's totals and its largest losses."""
+    datasets = corpus.datasets
+    n_in = sum(d.cells.n_in for d in datasets)
+    kept = sum(d.cells.kept for d in datasets)
+    dropped = {r: sum(d.cells.dropped[r] for d in datasets) for r in DROP_REASONS}
+    text = ("One bar per dataset: every cell read from it, blue for the cells kept in the corpus and the other "
+            "colours for the cells dropped, each counted under the first rule that removed it (in the order of "
+            "the table's columns); the percentage after a bar is the share of its cells kept.")
+    text += f" In all, {kept:,} of {n_in:,} cells ({_percent(kept, n_in)}) were kept"
+    listed = [f"{r} {n:,}" for r, n in sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])) if n]
+    text += ("; dropped: " + ", ".join(listed) + ".") if listed else "; no cell was dropped."
+    with_cells = [d for d in datasets if d.cells.n_in]
+    if len(with_cells) > 1:
+        worst = min(with_cells, key=lambda d: d.cells.kept / d.cells.n_in)
+        text += f" Lowest share kept: {worst.dataset_id} ({_percent(worst.cells.kept, worst.cells.n_in)})."
+    return text
+
+
+def _plot_lengths(corpus: _Corpus, path: Path) -> _CaptionedPlot:
     limit = corpus.length_limit
     lengths = corpus.lengths
     fig = _new_figure(8.0, 3.6)
@@ -331,9 +448,26 @@ def _plot_lengths(corpus: _Corpus, path: Path) -> None:
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     ax.set_title("Length of the encoded cells", fontsize=11)
     _save(fig, path)
+    return _CaptionedPlot(path.name, "Histogram of lengths with the truncation limit", _lengths_caption(corpus))
 
 
-def _plot_genes(corpus: _Corpus, path: Path) -> None:
+def _lengths_caption(corpus: _Corpus) -> str:
+    """What the lengths histogram shows, with the share of cells cut at the layout's limit."""
+    layout = LAYOUTS[corpus.layout]
+    limit, lengths = corpus.length_limit, corpus.lengths
+    specials = ", plus its <cls> and <eos> tokens" if layout.wrap_cls_eos else ""
+    text = (f"Length of each encoded cell: one token per vocabulary gene detected in the cell{specials}, the "
+            f"genes ranked by their expression relative to the gene's median (highest first). The model reads "
+            f"at most {limit:,} tokens (layout {layout.name}, the dashed line): a cell with more genes keeps its "
+            f"{layout.max_genes:,} highest-ranked ones, so such cells pile up at the line.")
+    if lengths.size:
+        at_limit = int((lengths >= limit).sum())
+        text += (f" {at_limit:,} of {lengths.size:,} cells ({_percent(at_limit, lengths.size)}) reach the limit; "
+                 f"the median cell has {np.median(lengths):,.0f} tokens (mean {lengths.mean():,.1f}).")
+    return text
+
+
+def _plot_genes(corpus: _Corpus, path: Path) -> _CaptionedPlot:
     fig = _new_figure(8.0, 3.6)
     ax = fig.subplots()
     sample = corpus.sample
@@ -359,28 +493,149 @@ def _plot_genes(corpus: _Corpus, path: Path) -> None:
         ax.set_title("Genes per cell in the corpus (no QC sample)", fontsize=11)
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     _save(fig, path)
+    return _CaptionedPlot(path.name, "Genes detected per cell", _genes_caption(corpus))
 
 
-def _plot_medians(values: np.ndarray, path: Path) -> None:
+def _genes_caption(corpus: _Corpus) -> str:
+    """What the genes-per-cell histogram shows, with the min_genes rule's toll and the typical cell."""
+    sample = corpus.sample
+    if sample is None:
+        layout = LAYOUTS[corpus.layout]
+        values = corpus.lengths - (2 if layout.wrap_cls_eos else 0)
+        text = (f"Vocabulary genes encoded per cell, read from the lengths (special tokens left out), so at "
+                f"most {layout.max_genes:,} (the dashed line): a cell with more detected genes is cut there. "
+                f"This corpus has no QC sample, so the cells that were dropped are not shown.")
+        if values.size:
+            text += f" The median cell has {np.median(values):,.0f} genes."
+        return text
+    text = ("How many genes each cell expresses: its candidate genes (protein-coding and miRNA) with a count "
+            "above zero, pooled over the QC samples of all datasets and stacked by QC verdict as in the "
+            "figures above.")
+    rules = sorted({d.qc.min_genes for d in corpus.datasets if d.qc.enabled})
+    if rules:
+        removed = sum(d.cells.dropped["min_genes"] for d in corpus.datasets)
+        text += (f" The dashed line is the min_genes rule ({', '.join(map(str, rules))}): a cell detecting fewer "
+                 f"genes (an empty droplet or debris, usually) is dropped; it removed {removed:,} cells in all.")
+    kept = sample.n_genes[sample.reason < 0]
+    if kept.size:
+        p5, p50, p95 = np.percentile(kept, [5, 50, 95])
+        text += (f" Kept cells of the sample detect a median of {p50:,.0f} genes (5th–95th percentile "
+                 f"{p5:,.0f}–{p95:,.0f}).")
+    return text
+
+
+def _one_count_marks(corpus: _Corpus) -> tuple[_OneCountMark, ...]:
+    """Per dataset that fed the computed medians: the value one count takes in its kept cells' depths."""
+    medians, sample = corpus.manifest.medians, corpus.sample
+    if sample is None or not isinstance(medians, ComputedMedians):
+        return ()
+    fed = set(medians.datasets)
+    marks = []
+    for i, d in enumerate(corpus.datasets):
+        part = sample.of(i)
+        depth = part.n_counts[(part.reason < 0) & (part.n_counts > 0)].astype(np.float64)
+        if d.dataset_id not in fed or depth.size == 0:
+            continue
+        q25, q50, q75 = (float(q) for q in np.percentile(depth, [25, 50, 75]))
+        marks.append(_OneCountMark(d.dataset_id, q50, _TARGET_SUM / q50, (_TARGET_SUM / q75, _TARGET_SUM / q25)))
+    return tuple(marks)
+
+
+def _plot_medians(corpus: _Corpus, medians: np.ndarray, path: Path) -> _CaptionedPlot:
     fig = _new_figure(8.0, 3.6)
     ax = fig.subplots()
-    positive = values[np.isfinite(values) & (values > 0)]
+    positive = medians[np.isfinite(medians) & (medians > 0)]
+    marks = _one_count_marks(corpus)
+    drawn = marks[:MAX_DEPTH_MARKS]
     if positive.size:
-        lo, hi = float(positive.min()), float(positive.max())
+        lo = min([float(positive.min()), *(m.value for m in drawn)])
+        hi = max([float(positive.max()), *(m.value for m in drawn)])
         if hi <= lo * 1.001:
             lo, hi = lo / 2, hi * 2
         edges = np.geomspace(lo, hi, 61)
+        for color, m in zip(_MARK_COLORS, drawn, strict=False):
+            ax.axvspan(*m.band, color=color, alpha=_BAND_ALPHA, linewidth=0, zorder=0)
         _stacked_hist(ax, edges, [("_genes", _KEPT_COLOR, positive)])
+        for color, m in zip(_MARK_COLORS, drawn, strict=False):
+            ax.axvline(m.value, color=color, linestyle="--", linewidth=1.2,
+                       label=f"1 count in a {_short(m.dataset_id, 24)} cell of median depth: {_fmt(m.value)}")
         ax.set_xscale("log")
         ax.set_xlim(edges[0], edges[-1])
         ax.text(0.02, 0.95, f"{positive.size:,} genes\nmedian of medians {np.median(positive):.3g}",
                 ha="left", va="top", transform=ax.transAxes, fontsize=8)
+        if drawn:
+            ax.legend(loc="upper right", fontsize=7, frameon=False)
     else:
         ax.text(0.5, 0.5, "no positive gene medians", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("gene median (nonzero counts / n_counts × 10,000), log scale")
+    ax.set_xlabel("gene median of count / n_counts × 10,000 over the cells that express it (log scale)")
     ax.set_ylabel("genes")
-    ax.set_title("Distribution of the gene medians", fontsize=11)
+    ax.set_title("Gene medians: the normalized expression of each gene where it is detected", fontsize=11)
     _save(fig, path)
+    return _CaptionedPlot(path.name, "Distribution of gene medians, log scale",
+                          _medians_caption(corpus, positive, marks))
+
+
+def _medians_caption(corpus: _Corpus, medians: np.ndarray, marks: Sequence[_OneCountMark]) -> str:
+    """Why the medians gather in peaks (the depth of the cells), with the shares of genes at each place."""
+    source = corpus.manifest.medians
+    scale = ("count / n_counts × 10,000: the gene's count in a cell divided by the cell's total counts, scaled "
+             "to 10,000. The encoding ranks the genes of a cell by that value divided by the gene's median, so "
+             "a gene ranks high where it is expressed above its usual level.")
+    why = ("Counts are whole numbers, and in typical single-cell data most genes are seen with a single count in "
+           "most of the cells that express them; such a gene's median is then 10,000 divided by the depth "
+           "(n_counts) of a typical cell that expresses it. So the medians are not whole numbers, yet they "
+           "gather where one count (or two, or three) falls in a typical cell: the peaks are set by the depth "
+           "of the cells rather than by the genes.")
+    if not isinstance(source, ComputedMedians):
+        text = (f"Medians read from the given file (the table above), not computed from these cells: each is a "
+                f"gene's median, over the cells of the corpus they were computed on that express it, of {scale} "
+                f"{why}")
+    else:
+        text = (f"Each gene's median is taken over the kept cells of {', '.join(source.datasets)} that express "
+                f"it, of {scale} {why}")
+    n = medians.size
+    if n == 0:
+        return text
+    summary = (f" Median of the {n:,} medians: {_fmt(float(np.median(medians)))} (5th–95th percentile "
+               f"{_fmt(float(np.percentile(medians, 5)))}–{_fmt(float(np.percentile(medians, 95)))}).")
+    if not marks:
+        if isinstance(source, ComputedMedians):
+            text += " The QC sample is missing, so where one count falls in these cells is not marked."
+        return text + summary
+    in_band = np.zeros(n, dtype=bool)
+    for m in marks:
+        in_band |= (medians >= m.band[0]) & (medians <= m.band[1])
+    above = int((medians >= 2 * max(m.value for m in marks)).sum())
+    below = int((medians < min(m.band[0] for m in marks)).sum())
+    if len(marks) == 1:
+        m = marks[0]
+        text += (f" The dashed line marks one count in a cell of {m.dataset_id}'s median depth ({m.median_depth:,.0f} "
+                 f"counts): {_fmt(m.value)}; the shaded band, one count over the middle half of its kept cells "
+                 f"(depths {_TARGET_SUM / m.band[1]:,.0f}–{_TARGET_SUM / m.band[0]:,.0f}, QC sample).")
+        where = "in the band"
+        twice, lowest, deepest = "the line", "the band", "its"
+    else:
+        listed = "; ".join(f"{m.dataset_id} {_fmt(m.value)} ({m.median_depth:,.0f} counts)" for m in marks)
+        text += (f" Each dashed line marks one count in a cell of a dataset's median depth — {listed} — and each "
+                 f"shaded band one count over the middle half of that dataset's kept cells (QC sample): datasets "
+                 f"sequenced to different depths give separate peaks, and a gene lands nearer the one whose "
+                 f"cells express it most.")
+        if len(marks) > MAX_DEPTH_MARKS:
+            text += f" The first {MAX_DEPTH_MARKS} of the {len(marks)} datasets are drawn."
+        where = "in a band"
+        twice, lowest = "the highest line", "the lowest band"
+        deepest = f"the deepest dataset's ({max(marks, key=lambda m: m.median_depth).dataset_id})"
+    marked = {m.dataset_id for m in marks}
+    from_obs = [d.dataset_id for d in corpus.datasets if d.dataset_id in marked and d.depth is DepthSource.OBS_N_COUNTS]
+    if from_obs:
+        text += (f" ({', '.join(from_obs)}: the medians divide by obs n_counts, the marks by the total counts the "
+                 f"QC sample holds.)")
+    text += (f" {_percent(int(in_band.sum()), n)} of the {n:,} genes lie {where}, where the median of a gene seen "
+             f"with one count lies; {_percent(above, n)} lie at or above twice {twice} (two counts or more in a cell of median "
+             f"depth: genes expressed strongly wherever they are detected, or found mostly in shallow cells); "
+             f"{_percent(below, n)} lie below {lowest} (genes found mostly in cells deeper than three quarters "
+             f"of {deepest} kept cells: one count is worth less in a deeper cell).")
+    return text + summary
 
 
 # -------------------------------------------------------------------------------------------- html
@@ -402,9 +657,15 @@ tr.total td { font-weight: bold; background: #fafafa; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.4em 0.8em; margin: 0.6em 0; }
 caption { text-align: left; font-style: italic; padding: 0.2em 0; }
+figure { margin: 0.5em 0 1.5em; }
+figcaption { max-width: 62em; font-size: 0.9em; line-height: 1.4; color: #333; }
 </style>
 </head>
 <body>
+{% macro figure(plot) %}<figure>
+<img src="{{ plot.file }}" alt="{{ plot.alt }}">
+<figcaption>{{ plot.caption }}</figcaption>
+</figure>{% endmacro %}
 <h1>genecorpus report</h1>
 <table>
 <tr><th>mode</th><td>{{ mode }}</td></tr>
@@ -426,7 +687,7 @@ caption { text-align: left; font-style: italic; padding: 0.2em 0; }
 <tr><th>dataset</th><th>cells in</th><th>kept</th><th>% kept</th>{% for r in reasons %}<th>{{ r }}</th>{% endfor %}</tr>
 {% for row in cell_rows %}<tr{% if row.total %} class="total"{% endif %}><td>{{ row.name }}</td><td class="num">{{ row.n_in }}</td><td class="num">{{ row.kept }}</td><td class="num">{{ row.pct }}</td>{% for v in row.dropped %}<td class="num">{{ v }}</td>{% endfor %}</tr>
 {% endfor %}</table>
-<img src="cells.png" alt="Cells in, kept and dropped by reason, per dataset">
+{{ figure(plots["cells.png"]) }}
 {% if skipped %}<table id="skipped">
 <caption>Datasets left out with --on-error skip: none of their cells is in the corpus.</caption>
 <tr><th>dataset</th><th>path</th><th>stage</th><th>error</th></tr>
@@ -440,7 +701,7 @@ caption { text-align: left; font-style: italic; padding: 0.2em 0; }
 compared on their counts, and {{ dup.n_verified }} were verified{% if dup.n_common != "0" %}
 ({{ dup.n_common }} fingerprints shared by too many cells were not used){% endif %}.</p>
 {% if dup.columns %}<table id="duplicates">
-<caption>Cells of the row's dataset that are copies of cells of the column's (earlier) dataset.</caption>
+<caption>{{ dup.caption }}</caption>
 <tr><th>dataset (copies) · earlier dataset →</th>{% for name in dup.columns %}<th>{{ name }}</th>{% endfor %}</tr>
 {% for row in dup.rows %}<tr><td>{{ row.name }}</td>{% for v in row.cells %}<td class="num">{{ v }}</td>{% endfor %}</tr>
 {% endfor %}</table>
@@ -449,14 +710,11 @@ compared on their counts, and {{ dup.n_verified }} were verified{% if dup.n_comm
 {{ dup.within }}.</p>
 {% endif %}{% endif %}
 <h2>Quality control</h2>
-{% if qc_plots %}
-<p>Histograms of a fixed sample of cells of each dataset (at most about 20,000 per dataset), coloured by QC
-verdict; dashed lines are the mean ± {{ n_sd }} SD cuts from manifest.json (a cut below zero removes nothing and is
-not drawn). Cells dropped later because none of their genes is in the vocabulary appear as kept here.</p>
+{% if "qc_n_counts.png" in plots %}
 <h3>Total counts per cell</h3>
-<img src="qc_n_counts.png" alt="Per-dataset histograms of n_counts with the 3-SD cut lines">
+{{ figure(plots["qc_n_counts.png"]) }}
 <h3>Mitochondrial {{ mito_modes }} per cell</h3>
-<img src="qc_mito.png" alt="Per-dataset histograms of mitochondrial counts with the 3-SD cut lines">
+{{ figure(plots["qc_mito.png"]) }}
 {% endif %}
 <table id="qc">
 <caption>Thresholds per dataset (population SD over the dataset's preselected cells).</caption>
@@ -470,17 +728,17 @@ not drawn). Cells dropped later because none of their genes is in the vocabulary
 <tr><th>dataset</th><th>ids</th><th>release</th><th>input genes</th><th>unmapped</th><th>ambiguous</th><th>columns in universe</th><th>genes in universe</th><th>mito columns</th><th>depth</th></tr>
 {% for row in gene_rows %}<tr><td>{{ row.name }}</td><td>{{ row.id_kind }}</td><td>{{ row.release }}</td><td class="num">{{ row.n_input_genes }}</td><td class="num">{{ row.n_unmapped }}</td><td class="num">{{ row.n_ambiguous }}</td><td class="num">{{ row.n_columns_in_universe }}</td><td class="num">{{ row.n_genes_in_universe }}</td><td class="num">{{ row.n_mito_columns }}</td><td>{{ row.depth }}</td></tr>
 {% endfor %}</table>
-<img src="genes_detected.png" alt="Genes detected per cell">
+{{ figure(plots["genes_detected.png"]) }}
 
 <h2>Lengths</h2>
-<img src="lengths.png" alt="Histogram of lengths with the truncation limit">
+{{ figure(plots["lengths.png"]) }}
 
 <h2>Gene medians</h2>
 <table id="medians">
 <caption>Median provenance (manifest.json).</caption>
 {% for key, value in provenance %}<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
 {% endfor %}</table>
-{% if medians_plot %}<img src="medians.png" alt="Distribution of gene medians, log scale">{% endif %}
+{% if "medians.png" in plots %}{{ figure(plots["medians.png"]) }}{% endif %}
 
 <h2>Software</h2>
 <table id="versions">
@@ -531,6 +789,7 @@ def _duplicates_context(summary: DuplicatesSummary | None, datasets: Sequence[Da
     later = sorted({s.b for s in summary.shared}, key=order.__getitem__)
     n = {(s.b, s.a): s.n_cells for s in summary.shared}
     return {
+        "caption": _duplicates_caption(summary, datasets),
         "policy": summary.policy,
         "fate": f"{_num(summary.n_dropped)} later copies dropped" if summary.policy == "drop" else "reported, kept",
         "rule": summary.rule, "n_key": _num(summary.n_key_pairs), "n_candidate": _num(summary.n_candidate_pairs),
@@ -539,6 +798,21 @@ def _duplicates_context(summary: DuplicatesSummary | None, datasets: Sequence[Da
         "rows": [{"name": b, "cells": [_num(n[(b, a)]) if (b, a) in n else "" for a in earlier]} for b in later],
         "within": ", ".join(f"{k} {_num(v)}" for k, v in summary.within.items()),
     }
+
+
+def _duplicates_caption(summary: DuplicatesSummary, datasets: Sequence[DatasetRecord]) -> str:
+    """What a number of the shared-cells matrix counts, what became of those cells, and the largest overlap."""
+    fate = ("they were dropped from the row's dataset (the cells table counts them under duplicate)"
+            if summary.policy == "drop" else "they are only listed and stay in the corpus")
+    text = ("Each number counts the cells of the row's dataset that the rule above calls the same cell as a cell "
+            "of the column's dataset, which comes earlier in the manifest (so the row's cells are the later "
+            f"copies); an empty square means none was found. Under policy {summary.policy}, {fate}.")
+    n_in = {d.dataset_id: d.cells.n_in for d in datasets}
+    if summary.shared:
+        top = max(summary.shared, key=lambda s: (s.n_cells / max(n_in.get(s.b, 0), 1), s.n_cells))
+        text += (f" Largest share: {top.n_cells:,} of the {n_in.get(top.b, 0):,} cells of {top.b} "
+                 f"({_percent(top.n_cells, n_in.get(top.b, 0))}) are copies of cells of {top.a}.")
+    return text
 
 
 def _mito_rule_text(qc: QCThresholds) -> str:
@@ -614,7 +888,7 @@ def _notes(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> list[str]:
     return notes
 
 
-def _render_html(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> str:
+def _render_html(corpus: _Corpus, *, plots: Sequence[_CaptionedPlot], max_panels: int) -> str:
     import jinja2
 
     m = corpus.manifest
@@ -635,18 +909,16 @@ def _render_html(corpus: _Corpus, *, qc_plots: bool, max_panels: int) -> str:
         vocab=(f"{_num(vocab.n_genes)} genes, {_num(vocab.n_tokens)} tokens"
                + (f" (special: {specials})" if specials else "")),
         medians_source=m.medians.source,
-        notes=_notes(corpus, qc_plots=qc_plots, max_panels=max_panels),
+        notes=_notes(corpus, qc_plots=any(p.file == "qc_n_counts.png" for p in plots), max_panels=max_panels),
         reasons=DROP_REASONS,
         cell_rows=_cell_rows(corpus.datasets),
         dup=_duplicates_context(m.duplicates, corpus.datasets),
         skipped=m.skipped,
-        qc_plots=qc_plots,
-        n_sd=_fmt(corpus.n_sd),
+        plots={p.file: p for p in plots},
         mito_modes=" / ".join(modes) or "counts",
         qc_rows=_qc_rows(corpus.datasets),
         gene_rows=_gene_rows(corpus.datasets),
         provenance=provenance,
-        medians_plot=corpus.gene_medians is not None,
         versions=versions,
     )
 
@@ -703,8 +975,10 @@ def write_report(corpus: str | os.PathLike[str], *, max_panels: int = MAX_DATASE
     thresholds, gene mapping, median provenance, versions) and plots: per-dataset QC histograms of
     ``n_counts`` and the mitochondrial statistic with the 3-SD cut lines (``build`` corpora only; they
     come from ``report/qc_sample.npz``), cells per dataset, the length histogram with the layout's
-    truncation limit, genes detected per cell, and the gene medians (log scale). An existing report is
-    replaced; other files in ``report/`` (such as ``qc_sample.npz``) are kept.
+    truncation limit, genes detected per cell, and the gene medians (log scale, with where one count
+    falls in each dataset's cells). Every plot has a caption that says what it shows and how to read it,
+    with this corpus's numbers (cells each rule removed, the share of genes at one count, ...). An existing
+    report is replaced; other files in ``report/`` (such as ``qc_sample.npz``) are kept.
 
     Parameters
     ----------
@@ -749,16 +1023,17 @@ def write_report(corpus: str | os.PathLike[str], *, max_panels: int = MAX_DATASE
         # a user's matplotlibrc must not change the pictures
         with matplotlib.style.context("default"):
             sample = data.sample if data.datasets else None
-            qc_plots = sample is not None
+            plots = []
             if sample is not None:
-                _plot_qc(data, sample, stat="n_counts", max_panels=max_panels, path=tmp / "qc_n_counts.png")
-                _plot_qc(data, sample, stat="mito", max_panels=max_panels, path=tmp / "qc_mito.png")
-            _plot_cells(data, tmp / "cells.png")
-            _plot_lengths(data, tmp / "lengths.png")
-            _plot_genes(data, tmp / "genes_detected.png")
+                plots.append(_plot_qc(data, sample, stat="n_counts", max_panels=max_panels,
+                                      path=tmp / "qc_n_counts.png"))
+                plots.append(_plot_qc(data, sample, stat="mito", max_panels=max_panels, path=tmp / "qc_mito.png"))
+            plots.append(_plot_cells(data, tmp / "cells.png"))
+            plots.append(_plot_lengths(data, tmp / "lengths.png"))
+            plots.append(_plot_genes(data, tmp / "genes_detected.png"))
             if data.gene_medians is not None:
-                _plot_medians(data.gene_medians, tmp / "medians.png")
-        html = _render_html(data, qc_plots=qc_plots, max_panels=max_panels)
+                plots.append(_plot_medians(data, data.gene_medians, tmp / "medians.png"))
+        html = _render_html(data, plots=plots, max_panels=max_panels)
         (tmp / "index.html").write_text(html, encoding="utf-8")
         _publish(tmp, final)
     except BaseException:

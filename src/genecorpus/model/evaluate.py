@@ -49,6 +49,7 @@ from genecorpus.io import DEFAULT_BLOCK_SIZE
 if TYPE_CHECKING:
     import anndata
     import pandas as pd
+    from matplotlib.figure import Figure
 
 __all__ = [
     "CLASSIFIERS",
@@ -56,6 +57,7 @@ __all__ = [
     "ClassifierScores",
     "EvaluationReport",
     "evaluate_embeddings",
+    "evaluation_markdown",
     "join_labels",
     "read_cell_counts",
     "require_sklearn",
@@ -158,6 +160,15 @@ class EvaluationReport:
         """Evaluated cells per class."""
         counts = np.bincount(self.y, minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
+
+    def confusion(self, method: str, classifier: str) -> np.ndarray:
+        """Cells of each true class (rows) predicted as each class (columns), out of fold (int64, classes × classes).
+
+        Rows sum to the cells of each class (:meth:`class_counts`), since every cell is a test cell once.
+        """
+        n = len(self.classes)
+        predicted = self.score(method, classifier).predictions
+        return np.bincount(self.y * n + predicted, minlength=n * n).reshape(n, n).astype(np.int64)
 
     def table(self) -> str:
         """The summary table: method | classifier | macro F1 | accuracy | n cells | n classes."""
@@ -782,34 +793,112 @@ def evaluate_embeddings(
 # ------------------------------------------------------------------------------------------ outputs
 
 
-def _confusion_figure(report: EvaluationReport, scores: ClassifierScores, path: Path) -> None:
+_METHOD_WORDS = {"embedding": "the cell embeddings",
+                 "baseline": f"the baseline (counts per {int(TARGET_SUM):,}, log1p, PCA({BASELINE_COMPONENTS}))"}
+
+
+def _confusion_file(scores: ClassifierScores) -> str:
+    return f"confusion_{scores.method}_{scores.classifier}.png"
+
+
+def _short_class(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _draw_confusion(report: EvaluationReport, scores: ClassifierScores) -> Figure:
+    """The confusion matrix of one method × classifier: true classes with their cell counts down, predictions across.
+
+    Each square is coloured by its share of the row (the true class's cells) and, up to 25 classes, shows
+    that share over its number of cells; squares without cells stay empty.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from sklearn.metrics import confusion_matrix
 
+    counts = report.confusion(scores.method, scores.classifier)
     n = len(report.classes)
-    matrix = confusion_matrix(report.y, scores.predictions, labels=np.arange(n)).astype(np.float64)
-    matrix /= np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = 2.5 + 0.45 * n
-    fig = Figure(figsize=(size + 2.2, size + 0.6), dpi=100, layout="constrained")
+    totals = counts.sum(axis=1)
+    shares = counts / np.maximum(totals, 1)[:, None]
+    annotate = n <= 25
+    size = 2.5 + (0.55 if annotate else 0.3) * n
+    fig = Figure(figsize=(size + 2.8, size + 1.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
-    names = [c if len(c) <= 28 else c[:27] + "…" for c in report.classes]
+    image = ax.imshow(shares, vmin=0, vmax=1, cmap="Blues")
+    names = [_short_class(c) for c in report.classes]
     ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 25:
+    ax.set_yticks(range(n), [f"{name} (n={int(t):,})" for name, t in zip(names, totals, strict=True)], fontsize=8)
+    ax.set_xlabel("predicted class (out of fold)")
+    ax.set_ylabel("true class (n = cells evaluated)")
+    if annotate:
+        fontsize = 7 if n <= 15 else 6
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if matrix[i, j] > 0.5 else "black")
+                if counts[i, j]:
+                    ax.text(j, i, f"{shares[i, j]:.2f}\n{int(counts[i, j]):,}", ha="center", va="center",
+                            fontsize=fontsize, linespacing=1.1,
+                            color="white" if shares[i, j] > 0.5 else "black")
     f1, f1_sd = scores.mean_sd("macro_f1")
-    ax.set_title(f"{report.label}: {scores.method} + {scores.classifier}\n"
-                 f"macro F1 {f1:.3f} ± {f1_sd:.3f} (out-of-fold, rows sum to 1)", fontsize=9)
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    ax.set_title(f"{report.label}: {scores.method} + {scores.classifier}, macro F1 {f1:.3f} ± {f1_sd:.3f}\n"
+                 + ("each square: share of the true class's cells (top), cells (bottom); empty: none"
+                    if annotate else "colour: share of the true class's cells"), fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class's cells (rows sum to 1)")
+    return fig
+
+
+def _confusion_caption(report: EvaluationReport, scores: ClassifierScores) -> str:
+    """How to read one confusion matrix, with its class sizes, imbalance and weakest class."""
+    counts = report.confusion(scores.method, scores.classifier)
+    totals = counts.sum(axis=1)
+    correct = np.diag(counts)
+    recall = correct / np.maximum(totals, 1)
+    classifier = ("logistic regression" if scores.classifier == "logreg"
+                  else f"{report.n_neighbors}-nearest-neighbour vote")
+    text = (f"Rows are the true {report.label} of the {report.n_cells:,} cells evaluated, each with its number "
+            f"of cells (n); columns are the class a {classifier} on {_METHOD_WORDS[scores.method]} predicted "
+            f"for a cell while the cell's fold was held out ({report.folds}-fold cross-validation). Each square "
+            f"gives the share of the row's cells (colour and top number; a row sums to 1) and their number "
+            f"(bottom); an empty square holds no cell. The diagonal is each class's recall: the share of its "
+            f"cells predicted right.")
+    big, small = int(np.argmax(totals)), int(np.argmin(totals))
+    f1, acc = scores.mean_sd("macro_f1")[0], scores.mean_sd("accuracy")[0]
+    text += (f" Classes run from {report.classes[big]} (n={int(totals[big]):,}) to {report.classes[small]} "
+             f"(n={int(totals[small]):,}), {totals[big] / max(totals[small], 1):.1f} to 1: macro F1 ({f1:.3f}) "
+             f"weighs every class alike and accuracy ({acc:.3f}) every cell, so accuracy well above macro F1 "
+             f"means the small classes are predicted worse.")
+    worst = int(np.argmin(recall))
+    if correct[worst] < totals[worst]:
+        missed = counts[worst].copy()
+        missed[worst] = 0
+        other = int(np.argmax(missed))
+        text += (f" Lowest recall: {report.classes[worst]}, {int(correct[worst]):,} of {int(totals[worst]):,} "
+                 f"cells ({recall[worst]:.2f}), most often predicted as {report.classes[other]} "
+                 f"({int(missed[other]):,} cell{'s' if missed[other] > 1 else ''}).")
+    else:
+        text += " Every cell is predicted as its true class."
+    return text
+
+
+def evaluation_markdown(report: EvaluationReport) -> str:
+    """The evaluation as a markdown page: the table, the cells per class, each confusion matrix with its caption.
+
+    The images are referred to by the file names :func:`write_evaluation` gives them.
+
+    Examples
+    --------
+    >>> print(evaluation_markdown(report))  # doctest: +SKIP
+    """
+    lines = [f"# Evaluation of `{report.label}`", "", "```text", report.describe(), "```", "",
+             "Cells evaluated per class (each class is split evenly over the folds):", "",
+             "| class | cells |", "| --- | ---: |"]
+    for name, n in report.class_counts().items():
+        escaped = name.replace("|", r"\|")  # a "|" in a class name would end the table cell
+        lines.append(f"| {escaped} | {n:,} |")
+    for s in report.scores:
+        f1, f1_sd = s.mean_sd("macro_f1")
+        lines += ["", f"## {s.method} + {s.classifier} (macro F1 {f1:.3f} ± {f1_sd:.3f})", "",
+                  f"![Confusion matrix of {s.method} + {s.classifier}]({_confusion_file(s)})", "",
+                  _confusion_caption(report, s)]
+    return "\n".join(lines) + "\n"
 
 
 def write_evaluation(report: EvaluationReport, out: str | os.PathLike[str]) -> Path:
@@ -817,8 +906,10 @@ def write_evaluation(report: EvaluationReport, out: str | os.PathLike[str]) -> P
 
     Files: ``metrics.csv`` (method × classifier × metric: mean, sd, fold_1…), ``metrics.json``
     (:meth:`EvaluationReport.to_dict`), ``predictions.csv`` (per cell: ids, label, fold and each
-    method × classifier's out-of-fold prediction), ``table.txt`` and ``confusion_<method>_<clf>.png``
-    (row-normalized confusion matrix of the out-of-fold predictions).
+    method × classifier's out-of-fold prediction), ``table.txt``, ``confusion_<method>_<clf>.png``
+    (confusion matrix of the out-of-fold predictions: each true class's cell count on its tick label,
+    each square its share of the row and its cells) and ``report.md`` (the table, the cells per class
+    and each confusion matrix with a caption saying how to read it).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -837,7 +928,9 @@ def write_evaluation(report: EvaluationReport, out: str | os.PathLike[str]) -> P
             predictions[f"{s.method}_{s.classifier}"] = np.array(report.classes, dtype=object)[s.predictions]
         predictions.to_csv(tmp / "predictions.csv", index=False)
         for s in report.scores:
-            _confusion_figure(report, s, tmp / f"confusion_{s.method}_{s.classifier}.png")
+            _draw_confusion(report, s).savefig(tmp / _confusion_file(s), format="png", dpi=100,
+                                               metadata={"Software": None})
+        (tmp / "report.md").write_text(evaluation_markdown(report), encoding="utf-8")
         publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
