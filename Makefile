@@ -32,12 +32,14 @@ example: venv
 	$(PY) examples/kang_pretrain.py --minutes $(MINUTES)
 
 # style (ruff), the one-way import graph (import-linter contracts in pyproject.toml), then the suite
-# without the tests marked slow (heavy cases whose property cheaper tests also check)
+# without the tests marked slow (heavy cases whose property cheaper tests also check), TEST_WORKERS
+# pytest processes each taking whole test files (module fixtures are built once)
 PYTEST_MARKS ?= not slow
+TEST_WORKERS ?= 2
 test: venv
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q -m "$(PYTEST_MARKS)"
+	$(PY) -m pytest -q -m "$(PYTEST_MARKS)" -n $(TEST_WORKERS) --dist loadfile
 
 # the whole suite, slow tests included
 test-all:
