@@ -244,8 +244,9 @@ def report(
     corpus: Annotated[Path, typer.Argument(help="A corpus folder written by build or tokenize.")],
     max_panels: Annotated[int, typer.Option(help="Datasets drawn in the QC figures (all are in the tables).")] = 24,
 ) -> None:
-    """Write CORPUS/report/index.html: QC histograms with the 3-SD cuts, cells per dataset,
-    lengths, genes per cell, gene medians, and summary tables.
+    """Write CORPUS/report/index.html: QC histograms, cells, lengths, genes, medians, tables.
+
+    The QC histograms show the 3-SD cuts; every plot has a caption with this corpus's numbers.
 
     Example:
 
@@ -319,8 +320,10 @@ def embed(
     corpus_token_dictionary: Annotated[Path | None, typer.Option(
         help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
 ) -> None:
-    """Embed every cell of a corpus: the mean of a layer's hidden states over the cell's gene tokens
-    (or its <cls> state), into obsm["X_genecorpus"] of an .h5ad whose obs holds the corpus metadata.
+    """Embed every cell of a corpus with a model, into obsm["X_genecorpus"] of an .h5ad.
+
+    A cell's embedding is the mean of a layer's hidden states over its gene tokens (or its <cls> state);
+    the .h5ad's obs holds the corpus metadata.
 
     Examples:
 
@@ -368,9 +371,10 @@ def perturb(
     corpus_token_dictionary: Annotated[Path | None, typer.Option(
         help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
 ) -> None:
-    """In-silico deletion or overexpression (Geneformer's in-silico perturbation): re-embed each
-    cell with the genes removed or moved to the front, and report the cosine shift of the cell
-    embedding per cell and on average, and the genes whose embeddings moved most.
+    """In-silico deletion or overexpression of genes, as Geneformer's in-silico perturbation.
+
+    Re-embeds each cell with the genes removed or moved to the front, and reports the cosine shift of
+    the cell embedding per cell and on average, and the genes whose embeddings moved most.
 
     Examples:
 
@@ -413,8 +417,10 @@ def evaluate(
     baseline: Annotated[bool, typer.Option(help="Compute the log1p-PCA(50) baseline from raw counts.")] = True,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for metrics and confusion matrices.")] = None,
 ) -> None:
-    """Predict a label from cell embeddings (logistic regression, kNN; stratified k-fold CV), beside the
-    baseline log1p-normalized counts -> PCA(50) -> the same classifiers, on the same cells and folds.
+    """Predict a label from cell embeddings, beside a log1p counts -> PCA(50) baseline.
+
+    Logistic regression and kNN, stratified k-fold CV; the baseline (log1p-normalized counts -> PCA(50)
+    -> the same classifiers) runs on the same cells and folds.
 
     Cells without a label and classes with fewer cells than folds are left out (and listed). Prints
     macro F1 and accuracy (mean ± SD over folds); --out writes metrics.csv, metrics.json,
