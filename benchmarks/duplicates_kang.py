@@ -24,23 +24,12 @@ import scipy.sparse as sp
 
 from genecorpus import duplicates, genes
 from genecorpus.config import DatasetSpec
-from genecorpus.dataset import DatasetPlan, plan_dataset
+from genecorpus.dataset import plan_dataset
 from genecorpus.public_data import fetch_public_file
 
 
 def _barcode(name: str) -> str:
     return name.replace("ctrl", "").split("-")[0].split(".")[0]
-
-
-def _read(plan: DatasetPlan, groups: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix]:
-    parts, rows = [], []
-    for b in plan.read_blocks(0, plan.n_cells, block_size=1000):
-        parts.append(duplicates.fingerprint_cells(b.genes, selected=np.ones(b.genes.shape[0], bool),
-                                                  first_cell=b.start, groups=groups))
-        rows.append(b.genes)
-    counts = sp.vstack(rows, format="csr")
-    counts.sort_indices()
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])), counts
 
 
 def main() -> None:
@@ -49,7 +38,7 @@ def main() -> None:
     files = (fetch_public_file("kang_pbmc_control"), fetch_public_file("kang_pbmc_ctrl"))
     plans = [plan_dataset(DatasetSpec(path=str(f), gene_id="symbol", release="grch37"), universe=universe, mito=mito,
                           index=i) for i, f in enumerate(files)]
-    read = [_read(p, duplicates.gene_groups(len(universe), mito_mask)) for p in plans]
+    read = [duplicates.fingerprint_dataset(p, duplicates.gene_groups(len(universe), mito_mask)) for p in plans]
     with TemporaryDirectory() as tmp:
         paths = []
         for i, (keys, _) in enumerate(read):

