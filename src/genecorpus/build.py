@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -303,6 +304,11 @@ class _Settings:
     mapping: dict[str, str] | None
     qc: QCParams
 
+    @functools.cached_property
+    def mito_mask(self) -> np.ndarray:
+        """Which universe genes are mitochondrial (bool, one per gene of ``universe``)."""
+        return np.isin(self.universe, self.mito)
+
     @classmethod
     def load(cls, config: BuildConfig, mode: Mode) -> _Settings:
         token_dict = TokenDictionary.load(config.token_dictionary) if config.token_dictionary else None
@@ -426,7 +432,7 @@ class _Build:
         results: list[QCTaskResult]
         if s.qc.enabled or s.need_medians or s.find_duplicates:
             records, qc_keys = keys.records("qc", self.plans, cells, lambda _: keys.qc_settings)
-            groups = gene_groups(len(s.universe), np.isin(s.universe, s.mito)) if s.find_duplicates else None
+            groups = gene_groups(len(s.universe), s.mito_mask) if s.find_duplicates else None
             settings = QCPassSettings(s.config.block_size, s.qc.mito, value_window=s.need_medians,
                                       fingerprint_groups=groups)
             outputs = [self.work.fingerprints(k) for k in qc_keys]
@@ -526,7 +532,7 @@ class _Build:
 
         where = np.stack([stored_in(pairs[:, 0], pairs[:, 1]), stored_in(pairs[:, 2], pairs[:, 3])], axis=1)
         has = [np.isin(np.arange(len(s.universe)), p.col_to_gene[p.col_to_gene >= 0]) for p in self.plans]
-        not_mito = ~np.isin(s.universe, s.mito)
+        not_mito = ~s.mito_mask
         order = np.lexsort((np.arange(len(pairs)), where[:, 1]))
         chunks = [c for f in np.unique(where[:, 1]).tolist()
                   for m in [order[where[order, 1] == f]]
