@@ -29,11 +29,13 @@ from genecorpus.model.rank_baseline import RankFrequencyBaseline, position_bins
 from genecorpus.model.sampling import LengthGroupedSampler, split_cells
 from genecorpus.model.schedule import (
     VALIDATION_SHARE,
+    LearningRateSchedule,
     MeasuredTimes,
     WorkSizes,
     measuring_done,
     plan_steps_for_time,
     plan_validation,
+    replan_steps,
 )
 from genecorpus.public_data import fetch_public_file
 from genecorpus.testing import write_h5ad
@@ -443,17 +445,52 @@ def test_time_plan_fills_the_budget_and_no_more() -> None:
 
 
 def test_measuring_stops_after_a_few_steps_or_a_share_of_the_budget() -> None:
-    assert not measuring_done(1, 0.1, 600) and not measuring_done(4, 11.0, 600)
-    assert measuring_done(5, 12.0, 600) and not measuring_done(5, 11.9, 600)
-    assert measuring_done(51, 1.0, 600) and not measuring_done(50, 1.0, 600)
-    assert measuring_done(2, 60.0, 600) and not measuring_done(1, 60.0, 600)  # slow steps: two of them
+    assert not measuring_done(1, 0.1, 600) and not measuring_done(2, 5.9, 600)
+    assert measuring_done(3, 6.0, 600) and not measuring_done(3, 5.9, 600)  # three steps and 1 % of the budget
+    assert measuring_done(51, 1.0, 600) and not measuring_done(50, 1.0, 600)  # fast steps: fifty of them
+    assert measuring_done(2, 30.0, 600) and not measuring_done(1, 30.0, 600)  # slow steps: two of them
     assert measuring_done(1, 300.0, 600)  # one step took half the budget
+
+
+def test_learning_rate_schedule_is_transformers_and_replans_continuously() -> None:
+    from transformers.optimization import _get_linear_schedule_with_warmup_lr_lambda as reference
+
+    for total in (1, 2, 9, 10, 11, 57, 1000, 12_345):
+        for warmup in sorted({0, 1, total // 10, min(1000, total // 10), total - 1, total, total + 5}):
+            schedule = LearningRateSchedule.linear(warmup_steps=warmup, total_steps=total)
+            for step in range(total + 2):  # the same factors to the last bit
+                assert schedule(step) == reference(step, num_warmup_steps=warmup, num_training_steps=total)
+    # a re-plan keeps the factor of the step it happens at, and ends at 0 at the new count
+    for step, total, warmup in ((30, 60, 10), (30, 200, 10), (5, 50, 8), (5, 400, 40), (99, 100, 10)):
+        schedule = LearningRateSchedule.linear(warmup_steps=10, total_steps=100)
+        before = [schedule(s) for s in range(step + 1)]
+        schedule.replan(step, total_steps=total, warmup_steps=warmup)
+        after = [schedule(s) for s in range(total + 2)]
+        assert after[step] == before[step] and after[total] == 0.0 and after[total - 1] > 0.0
+        np.testing.assert_allclose(after[:step], before[:step], rtol=1e-12)  # the steps done: unchanged
+        tail = np.array(after[max(step, warmup):total + 1])
+        assert np.all(np.diff(tail) < 0)  # falling to 0 once warmed up
+        if step < warmup:
+            assert max(after) == 1.0 and after[warmup] == 1.0
+
+
+def test_replan_only_when_the_pace_misses_the_time_limit() -> None:
+    on_time = {"seconds_per_step": 1.0, "limit_seconds": 1000}
+    assert replan_steps(100, 500, seconds_left=430, **on_time) is None  # 400 steps + the 30 s margin
+    assert replan_steps(100, 500, seconds_left=421, **on_time) is None  # 9 s late: the margin takes it
+    assert replan_steps(100, 500, seconds_left=419, **on_time) == 489  # 11 s late: fewer steps
+    assert replan_steps(100, 500, seconds_left=300, **on_time) == 370
+    assert replan_steps(100, 500, seconds_left=470, **on_time) is None  # 40 s early: not worth a change
+    assert replan_steps(100, 500, seconds_left=600, **on_time) == 670  # 170 s early: more steps
+    assert replan_steps(100, 500, seconds_left=-5, **on_time) == 101  # out of time: end at the next step
 
 
 def test_time_limit_alone_plans_the_steps_and_ends_the_schedule(real_corpus: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    # a wide safety margin: this machine's speed moves by tens of percent within seconds when it is shared
+    # a wide safety margin, and no re-planning: this machine's speed moves by tens of percent within seconds
+    # when it is shared, and this test checks the plan as made (re-planning has its own test)
     monkeypatch.setattr("genecorpus.model.schedule.SAFETY_SHARE", 0.3)
+    monkeypatch.setattr("genecorpus.model.pretrain.REPLAN_EVERY_SHARE", 100.0)
     limit = 0.1  # minutes
     started = time.monotonic()
     result = pretrain(real_corpus, tmp_path / "m", time_limit=limit, lr=2e-3, save_every=10_000, **FAST_AUTO_VAL)
@@ -477,6 +514,33 @@ def test_time_limit_alone_plans_the_steps_and_ends_the_schedule(real_corpus: Pat
     again = torch.load(tmp_path / "n" / "checkpoint" / "training_state.pt", weights_only=True)["history"]
     assert again["train_loss"] == history["train_loss"] and again["learning_rate"] == history["learning_rate"]
     assert same.info["plan"]["planned_by"] == "max_steps" and same.stopped == "max_steps"
+
+
+def test_a_plan_that_was_too_optimistic_is_corrected_in_time(real_corpus: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from genecorpus.model import pretrain as pretrain_module
+
+    plan = pretrain_module.plan_steps_for_time
+
+    def four_times_too_many(budget: float, *args: object, **kwargs: object) -> object:
+        return plan(4 * budget, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pretrain_module, "plan_steps_for_time", four_times_too_many)
+    monkeypatch.setattr("genecorpus.model.schedule.SAFETY_SHARE", 0.2)
+    limit = 0.1  # minutes
+    started = time.monotonic()
+    result = pretrain(real_corpus, tmp_path / "m", time_limit=limit, lr=2e-3, save_every=10_000, **FAST_AUTO_VAL)
+    took = time.monotonic() - started
+    plan_info = result.info["plan"]
+    first = plan_info["replans"][0]
+    assert first["total_steps"] < first["from_total"]  # fewer steps than the (wrong) plan
+    assert plan_info["total_steps"] == result.steps == plan_info["replans"][-1]["total_steps"]
+    assert result.stopped == "planned_steps" and result.info["training"]["schedule_completed"]
+    assert took < limit * 60 + 2.0
+    rates = np.array(torch.load(tmp_path / "m" / "checkpoint" / "training_state.pt",
+                                weights_only=True)["history"]["learning_rate"])
+    peak = int(np.argmax(rates))
+    assert rates[-1] <= 0.05 * 2e-3 and np.all(np.diff(rates[peak:]) <= 0)
 
 
 def test_step_count_keeps_its_schedule_under_a_time_limit(real_corpus: Path, tmp_path: Path,

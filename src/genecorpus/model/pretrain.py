@@ -51,7 +51,10 @@ from genecorpus.model.schedule import (
     DEFAULT_EVALS,
     DEFAULT_VAL_CELLS,
     EVAL_TOKEN_COST,
+    REPLAN_EVERY_SHARE,
+    LearningRateSchedule,
     MeasuredTimes,
+    Replan,
     StepPlan,
     ValidationPlan,
     WorkSizes,
@@ -59,6 +62,7 @@ from genecorpus.model.schedule import (
     measuring_done,
     plan_steps_for_time,
     plan_validation,
+    replan_steps,
 )
 
 if TYPE_CHECKING:
@@ -81,6 +85,8 @@ TRAINING_STATE = "training_state.pt"
 LOSS_CURVE = "loss_curve.png"
 METRICS = ("val_loss", "val_top1", "val_top10", "baseline_val_loss", "baseline_val_top1", "baseline_val_top10")
 """The validation metrics of an evaluation record (the others: ``step``, ``n_masked``, ``n_cells``…)."""
+RECENT_SHARE = 0.1
+"""The pace a run with a time limit goes by: that of its steps in this last share of the limit."""
 PACE_TOLERANCE = 1.1
 """A run with a time limit warns when its remaining steps need more than this times the time left."""
 SIZE_SAMPLE_BATCHES = 1000
@@ -186,10 +192,20 @@ class _Pace:
 
     step_seconds: list[float] = field(default_factory=list)
     step_tokens: list[int] = field(default_factory=list)
-    eval_seconds_per_token: float | None = None
+    eval_seconds: float = 0.0
+    """Seconds of this session's evaluations…"""
+    eval_as_train_seconds: float = 0.0
+    """…and what their tokens would have cost in training steps at the pace of the moment."""
+    measured_eval_cost: float | None = None
+    """A validation token's cost relative to a training token, as the time plan measured it."""
     checkpoint_seconds: float = 0.0
     model_seconds: float = 0.0
     warned: bool = False
+    recent_rate: tuple[float, float] | None = None
+    """When the recent pace was last computed, and its seconds per token."""
+    replanning: bool = False
+    """The steps were planned from the time limit in this session: re-plan them if the pace changes."""
+    last_check: float = 0.0
 
 
 def pretrain(
@@ -405,6 +421,7 @@ class _Run:
         self.optimizer = self._build_optimizer()
         self._plan: StepPlan | None = None
         self._validation: ValidationPlan | None = None
+        self.schedule: LearningRateSchedule | None = None
         self.val_batches: list[MaskedBatch] = []
         planned = self._plan_from_settings(saved)
         if planned is not None:
@@ -438,6 +455,8 @@ class _Run:
             plan = StepPlan.from_dict({**saved["plan"], "warmup_steps": warmup})
         else:
             plan = StepPlan(total, warmup, by)
+        if saved is not None and "schedule" in saved and saved["total_steps"] == total:
+            self.schedule = LearningRateSchedule([(int(a), float(f)) for a, f in saved["schedule"]])
         if saved is None:
             validation = plan_validation(total, self.sizes, eval_every=s.eval_every,
                                          fixed_val_cells=s.val_cells is not None)
@@ -446,15 +465,19 @@ class _Run:
             if total != validation.total_steps or s.eval_every not in (None, validation.eval_every):
                 validation = validation.with_steps(total, s.eval_every)
         else:  # a checkpoint of before validation plans: every evaluation scored the whole sample
-            n_batches = math.ceil(len(self.split.val_rows) / s.batch_size)
+            n_val = len(self.split.val_rows)
+            n_batches = math.ceil(n_val / s.batch_size)
             every = s.eval_every or max(1, math.ceil(total / DEFAULT_EVALS))
-            validation = ValidationPlan(total, every, len(self.split.val_rows), n_batches, n_batches,
-                                        (total - 1) // every, math.nan)
+            validation = ValidationPlan(total, every, n_val, n_batches, n_batches, (total - 1) // every, 0.0)
+            cost = validation.scored_cells * self.sizes.val_tokens_per_cell * EVAL_TOKEN_COST
+            validation = replace(validation, estimated_share=cost / (total * self.sizes.train_tokens_per_step))
         return plan, validation
 
     def _plan_from_time_limit(self) -> None:
         """Measure the speed, undo the measuring steps, and plan the steps that fill the time limit."""
         s = self.settings
+        logger.info("timing a few training steps to plan the steps from the time limit (then undone: the run "
+                    "starts from step 0)")
         times = self._measure_speed(self.deadline - time.monotonic())
         total, validation, estimated = plan_steps_for_time(
             self.deadline - time.monotonic(), times, sizes=self.sizes, eval_every=s.eval_every,
@@ -467,16 +490,21 @@ class _Run:
         plan = StepPlan(total, warmup, "time_limit", seconds_per_step=round(step_seconds, 4),
                         measured_steps=times.n_steps, measure_seconds=round(times.seconds, 2),
                         estimated_seconds=round(estimated, 1))
-        self.pace.eval_seconds_per_token = times.eval_seconds_per_token
+        self.pace.measured_eval_cost = times.eval_seconds_per_token / max(1e-12, times.train_seconds_per_token)
         self.pace.checkpoint_seconds, self.pace.model_seconds = times.checkpoint_seconds, times.model_seconds
+        self.pace.replanning, self.pace.last_check = True, time.monotonic()
         self._start(plan, validation)
 
     def _start(self, plan: StepPlan, validation: ValidationPlan) -> None:
         """Fix the plan: the learning-rate schedule, the resolved settings, the validation batches."""
-        from transformers import get_linear_schedule_with_warmup
+        from torch.optim.lr_scheduler import LambdaLR
 
         self._plan, self._validation = plan, validation
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, plan.warmup_steps, plan.total_steps)
+        if self.schedule is None:
+            self.schedule = LearningRateSchedule.linear(warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
+        # a plain function, not the schedule object nor a method: LambdaLR would save an object's state and load
+        # it back over the plan of a resumed run given more steps; the checkpoint holds the schedule itself
+        self.scheduler = LambdaLR(self.optimizer, lambda step: self._schedule(step))  # noqa: PLW0108
         self.settings = replace(self.settings, warmup_steps=plan.warmup_steps, eval_every=validation.eval_every)
         if validation.n_val_cells < len(self.split.val_rows):  # a short run scores a seeded sample of them
             rng = np.random.default_rng([self.settings.seed, 0x5A3B])
@@ -505,6 +533,12 @@ class _Run:
     @property
     def total_steps(self) -> int:
         return self.plan.total_steps
+
+    def _schedule(self, step: int) -> float:
+        if self.schedule is None:
+            msg = "the run's learning-rate schedule is not planned yet"
+            raise RuntimeError(msg)
+        return self.schedule(step)
 
     def _work_sizes(self) -> WorkSizes:
         """Tokens of a training step (mean over a sample of batches) and of a validation cell."""
@@ -543,9 +577,8 @@ class _Run:
             torch.cuda.set_rng_state(cuda_rng, self.device)
         self.sampler.load_state_dict(sampler_state)
         took = time.monotonic() - started
-        logger.info("measured %d training steps (%.3f s/step after the first), a validation sample and a model "
-                    "write in %.1f s; the run restarts from step 0 with its plan", len(seconds),
-                    train_per_token * self.sizes.train_tokens_per_step, took)
+        logger.info("timed %d training steps (%.3g s/step after the first), a validation batch and a model "
+                    "write in %.1f s", len(seconds), train_per_token * self.sizes.train_tokens_per_step, took)
         # a checkpoint writes the model and AdamW's two moments of every weight: three models' worth
         return MeasuredTimes(train_per_token, eval_per_token, 3 * model_seconds, model_seconds + plot_seconds,
                              len(seconds), took)
@@ -699,16 +732,16 @@ class _Run:
     def train(self) -> PretrainResult:
         if self._plan is None:
             self._plan_from_time_limit()
-        s, h, plan = self.settings, self.history, self.plan
+        s, h = self.settings, self.history
         self._log_plan()
-        stopped = "planned_steps" if plan.planned_by == "time_limit" else "max_steps"
-        while h.step < plan.total_steps:
+        stopped = "planned_steps" if self.plan.planned_by == "time_limit" else "max_steps"
+        while h.step < self.total_steps:
             if self.deadline < math.inf and time.monotonic() + self._end_seconds() >= self.deadline:
                 stopped = "time_limit"
                 lr = self.optimizer.param_groups[0]["lr"] / s.lr
                 logger.warning("time limit of %s min: stopping at step %d of %d, before the learning-rate "
                                "schedule ended (at %.0f %% of its peak); --resume continues it", s.time_limit,
-                               h.step, plan.total_steps, 100 * lr)
+                               h.step, self.total_steps, 100 * lr)
                 break
             loss, lr, padded, took = self._train_step(self.optimizer, self.scheduler, h.step)
             h.step += 1
@@ -718,13 +751,16 @@ class _Run:
             h.train_seconds += took
             self.pace.step_seconds.append(took)
             self.pace.step_tokens.append(padded.input_ids.size)
-            self._check_pace()
-            if h.step % s.eval_every == 0 and h.step < plan.total_steps:
+            if self.pace.replanning:
+                self._check_replan()
+            else:
+                self._check_pace()
+            if h.step % s.eval_every == 0 and h.step < self.total_steps:
                 self._evaluate(final=False)
-            if h.step % s.save_every == 0 and h.step < plan.total_steps:
+            if h.step % s.save_every == 0 and h.step < self.total_steps:
                 self._save_checkpoint()
             if self.progress is not None:
-                self.progress("pretrain", h.step, plan.total_steps)
+                self.progress("pretrain", h.step, self.total_steps)
         n_val = len(self.split.val_rows)  # records of older checkpoints have no n_cells: they scored every cell
         if not h.evals or h.evals[-1]["step"] != h.step or h.evals[-1].get("n_cells", n_val) < n_val:
             self._evaluate(final=True)
@@ -755,19 +791,71 @@ class _Run:
         p = self.pace
         return self._eval_seconds_per_token() * self.val_tokens + p.checkpoint_seconds + p.model_seconds
 
-    def _step_seconds(self) -> float:
-        """Mean seconds of a training step, from this session's steps (per token, as the plan counts: batches
-        differ in length; the first step, which pays one-off costs, left out); 0 before any."""
+    def _train_seconds_per_token(self) -> float:
+        """Seconds per token of this session's recent training steps (0 before any).
+
+        Per token, as the plan counts (batches differ in length); recent — the last
+        :data:`RECENT_SHARE` of the time limit, at least five steps — because a shared machine's speed moves;
+        the session's first step, which pays one-off costs, left out.
+        """
         p = self.pace
+        now = time.monotonic()
+        if p.recent_rate is not None and now - p.recent_rate[0] < 1.0:  # called every step: once a second is enough
+            return p.recent_rate[1]
         first = 1 if len(p.step_seconds) > 1 else 0
-        return sum(p.step_seconds[first:]) / max(1, sum(p.step_tokens[first:])) * self.sizes.train_tokens_per_step
+        window = RECENT_SHARE * (self.settings.time_limit or math.inf) * 60
+        start, seconds = len(p.step_seconds), 0.0
+        while start > first and (seconds < window or len(p.step_seconds) - start < 5):
+            start -= 1
+            seconds += p.step_seconds[start]
+        rate = seconds / max(1, sum(p.step_tokens[start:]))
+        p.recent_rate = (now, rate) if p.step_seconds else None
+        return rate
+
+    def _step_seconds(self) -> float:
+        """Seconds of a mean training step at the recent pace."""
+        return self._train_seconds_per_token() * self.sizes.train_tokens_per_step
 
     def _eval_seconds_per_token(self) -> float:
-        """Measured, or else estimated from the training steps (a validation token costs about
-        :data:`~genecorpus.model.schedule.EVAL_TOKEN_COST` of a training token)."""
-        if self.pace.eval_seconds_per_token is not None:
-            return self.pace.eval_seconds_per_token
-        return EVAL_TOKEN_COST * self._step_seconds() / self.sizes.train_tokens_per_step
+        """Seconds per validation token at the recent pace: the training pace times the cost of a validation
+        token relative to a training token — seen in this session's evaluations, or measured before, or
+        else :data:`~genecorpus.model.schedule.EVAL_TOKEN_COST`."""
+        p = self.pace
+        if p.eval_as_train_seconds > 0:
+            cost = p.eval_seconds / p.eval_as_train_seconds
+        else:
+            cost = p.measured_eval_cost or EVAL_TOKEN_COST
+        return cost * self._train_seconds_per_token()
+
+    def _check_replan(self) -> None:
+        """Every few percent of the time limit: change the step count if the run would end late (or early)."""
+        p, h, s = self.pace, self.history, self.settings
+        now = time.monotonic()
+        limit = (s.time_limit or 0.0) * 60
+        if len(p.step_seconds) < 6 or now - p.last_check < REPLAN_EVERY_SHARE * limit:
+            return
+        p.last_check = now
+        step_seconds = self._step_seconds()
+        v = self.validation
+        per_step = (step_seconds + v.subset_cells * self.sizes.val_tokens_per_cell * self._eval_seconds_per_token()
+                    / s.eval_every + p.checkpoint_seconds / s.save_every)
+        total = replan_steps(h.step, self.total_steps, seconds_left=self.deadline - now - self._end_seconds(),
+                             seconds_per_step=per_step, limit_seconds=limit)
+        if total is None:
+            return
+        plan = self.plan
+        warmup = plan.warmup_steps
+        if h.step < warmup and s.warmup_steps is None:  # still warming up: the warm-up of the new count
+            warmup = max(h.step, default_warmup_steps(total))
+        if self.schedule is not None:
+            self.schedule.replan(h.step, total_steps=total, warmup_steps=warmup)
+        replan = Replan(h.step, plan.total_steps, total, warmup, round(step_seconds, 4))
+        self._plan = replace(plan, total_steps=total, warmup_steps=warmup, replans=(*plan.replans, replan))
+        self._validation = v.with_steps(total, v.eval_every)
+        self.settings = replace(s, warmup_steps=warmup)
+        logger.info("at step %d, steps take %.3g s (%.3g s planned): %d steps in all instead of %d, the learning rate "
+                    "going on linearly to 0 at the new last step", h.step, step_seconds,
+                    plan.seconds_per_step or math.nan, total, plan.total_steps)
 
     def _check_pace(self) -> None:
         """Once, early: warn if the steps cannot be done before the time limit at the speed seen so far."""
@@ -831,8 +919,10 @@ class _Run:
         took = time.monotonic() - started
         record["seconds"] = round(took, 3)
         self.history.eval_seconds += took
-        tokens = sum(self.val_batches[i].input_ids.size for i in chosen)
-        self.pace.eval_seconds_per_token = took / max(1, tokens)
+        if self.pace.step_seconds:
+            tokens = sum(self.val_batches[i].input_ids.size for i in chosen)
+            self.pace.eval_seconds += took
+            self.pace.eval_as_train_seconds += tokens * self._train_seconds_per_token()
         self.history.evals.append(record)
         logger.info("step %d: val loss %.4f (baseline %.4f), top-1 %.3f (%.3f), top-10 %.3f (%.3f) on %d cells",
                     record["step"], record["val_loss"], record["baseline_val_loss"], record["val_top1"],
@@ -858,6 +948,7 @@ class _Run:
         state = {
             "settings": {**self._compat()}, "total_steps": self.total_steps, "plan": self.plan.to_dict(),
             "validation": self.validation.to_dict(),
+            "schedule": [[a, f] for a, f in self.schedule.points] if self.schedule else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,

@@ -6,7 +6,10 @@ per epoch (one epoch when nothing is given). A time limit alone *plans* them: th
 speed in its first steps (:class:`MeasuredTimes`), and :func:`plan_steps_for_time` picks the largest step
 count whose training, validations and writes fit in the time left. Such a plan depends on the machine
 and its load; it is recorded (:class:`StepPlan`), and ``--max-steps N --warmup-steps W`` with the
-recorded values reproduces the run anywhere.
+recorded values reproduces the run anywhere. When the machine turns out slower or faster than measured
+(a shared machine can change speed by a factor of several within seconds), the run re-plans: the
+learning rate goes on linearly from its current value to zero at the new last step
+(:meth:`LearningRateSchedule.replan`, :func:`replan_steps`), and the plan records it.
 
 Validation is bounded by default (:func:`plan_validation`): all evaluations together cost about
 :data:`VALIDATION_SHARE` of the training compute. Costs are counted in tokens — a validation token
@@ -29,7 +32,9 @@ __all__ = [
     "MIN_VAL_CELLS",
     "PLANNED_BY",
     "VALIDATION_SHARE",
+    "LearningRateSchedule",
     "MeasuredTimes",
+    "Replan",
     "StepPlan",
     "ValidationPlan",
     "WorkSizes",
@@ -37,6 +42,7 @@ __all__ = [
     "measuring_done",
     "plan_steps_for_time",
     "plan_validation",
+    "replan_steps",
 ]
 
 PLANNED_BY = ("max_steps", "epochs", "time_limit")
@@ -62,14 +68,15 @@ SAFETY_SHARE = 0.03
 """Share of a time limit a time plan leaves unused, for a machine slower than measured…"""
 MIN_SAFETY_SECONDS = 1.0
 """…and at least this many seconds."""
-MEASURE_MIN_STEPS = 4
+MEASURE_MIN_STEPS = 2
 """A time plan times at least this many steps after the first (whose one-off costs it leaves out)…"""
 MEASURE_MAX_STEPS = 50
 """…and stops at this many, or once :data:`MEASURE_SHARE` of the time limit has passed…"""
-MEASURE_SHARE = 0.02
+MEASURE_SHARE = 0.01
 """…(a share of the time limit)…"""
-MEASURE_MAX_SHARE = 0.1
-"""…and, whatever the count, once this share has passed (a slow model: at least two steps)."""
+MEASURE_MAX_SHARE = 0.05
+"""…and, whatever the count, once this share has passed (a slow model: at least two steps). The
+measured steps are undone, so measuring is kept short: the run re-plans if the first measure was off."""
 
 
 def measuring_done(n_steps: int, seconds: float, budget_seconds: float) -> bool:
@@ -77,7 +84,7 @@ def measuring_done(n_steps: int, seconds: float, budget_seconds: float) -> bool:
 
     Examples
     --------
-    >>> measuring_done(3, 0.5, 600), measuring_done(5, 13.0, 600), measuring_done(51, 2.0, 600)
+    >>> measuring_done(2, 0.5, 600), measuring_done(3, 6.0, 600), measuring_done(51, 2.0, 600)
     (False, True, True)
     """
     if n_steps > MEASURE_MIN_STEPS and (seconds >= MEASURE_SHARE * budget_seconds or n_steps > MEASURE_MAX_STEPS):
@@ -114,15 +121,90 @@ class StepPlan:
     """Wall time the measuring took (steps, one validation sample, one model write)."""
     estimated_seconds: float | None = None
     """The time plan's estimate of the rest of the run: training, validations and writes."""
+    replans: tuple[Replan, ...] = ()
+    """Changes of the step count while the run went (a time plan only); ``total_steps`` and
+    ``warmup_steps`` are those of the last."""
 
     def to_dict(self) -> dict[str, Any]:
         """What the model info and the checkpoint record about the plan."""
-        return asdict(self)
+        return {**asdict(self), "replans": [asdict(r) for r in self.replans]}
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> StepPlan:
         """The plan :meth:`to_dict` recorded."""
-        return cls(**{k: record[k] for k in cls.__dataclass_fields__ if k in record})
+        fields = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
+        fields["replans"] = tuple(Replan(**r) for r in record.get("replans", ()))
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Replan:
+    """A change of a time plan's step count while the run went."""
+
+    step: int
+    """Steps done when it changed."""
+    from_total: int
+    """The step count before."""
+    total_steps: int
+    """The step count after."""
+    warmup_steps: int
+    """The warm-up after (it only changes while the run is still warming up)."""
+    seconds_per_step: float
+    """The training seconds per step seen when it changed (validations and checkpoints aside)."""
+
+
+@dataclass
+class LearningRateSchedule:
+    """The learning rate per step, as a factor of the peak: linear between breakpoints, 0 after the last.
+
+    A new schedule is the linear warm-up and decay of ``transformers.get_linear_schedule_with_warmup``
+    (the same factors to the last bit, so a run gives the same losses with either);
+    :meth:`replan` moves its end and keeps it continuous.
+
+    Examples
+    --------
+    >>> schedule = LearningRateSchedule.linear(warmup_steps=2, total_steps=10)
+    >>> [round(schedule(s), 3) for s in (0, 1, 2, 6, 10)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+    >>> schedule.replan(6, total_steps=8, warmup_steps=2)
+    >>> [round(schedule(s), 3) for s in (5, 6, 7, 8)]
+    [0.625, 0.5, 0.25, 0.0]
+    """
+
+    points: list[tuple[int, float]]
+    """``(step, factor)`` breakpoints, steps increasing."""
+
+    @classmethod
+    def linear(cls, *, warmup_steps: int, total_steps: int) -> LearningRateSchedule:
+        """Linear warm-up from 0 to 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+        if warmup_steps >= total_steps:  # as transformers: the warm-up goes on, no decay within the run
+            return cls([(0, 0.0), (warmup_steps, 1.0)])
+        if warmup_steps == 0:
+            return cls([(0, 1.0), (total_steps, 0.0)])
+        return cls([(0, 0.0), (warmup_steps, 1.0), (total_steps, 0.0)])
+
+    def __call__(self, step: int) -> float:
+        """The factor of the peak learning rate at ``step`` (steps done; the next one uses it)."""
+        for (a, fa), (b, fb) in zip(self.points, self.points[1:], strict=False):
+            if a <= step < b:
+                # written as transformers writes it: s / W rising, (N - s) / (N - W) falling
+                if fb >= fa:
+                    return fa + (fb - fa) * ((step - a) / (b - a))
+                return fb + (fa - fb) * ((b - step) / (b - a))
+        return 0.0
+
+    def replan(self, step: int, *, total_steps: int, warmup_steps: int) -> None:
+        """From ``step`` on: on to 1 at ``warmup_steps`` if still ahead, then linearly to 0 at ``total_steps``.
+
+        The factor at ``step`` (the learning rate of the next step) does not change.
+        """
+        factor = self(step)
+        points = [p for p in self.points if p[0] < step]
+        points.append((step, factor))
+        if step < warmup_steps < total_steps:
+            points.append((warmup_steps, 1.0))
+        points.append((max(total_steps, points[-1][0] + 1), 0.0))
+        self.points = points
 
 
 @dataclass(frozen=True)
@@ -291,6 +373,48 @@ class MeasuredTimes:
     """Steps timed (the first one included)."""
     seconds: float
     """Wall time of the measuring."""
+
+
+REPLAN_EVERY_SHARE = 0.05
+"""A time plan checks its pace each time this share of the time limit has passed…"""
+REPLAN_LATE_SHARE = 0.01
+"""…takes fewer steps when it would end this share of the time limit late (within the safety margin)…"""
+REPLAN_AHEAD_SHARE = 0.05
+"""…and more when it would otherwise end this share of the time limit early."""
+
+
+def replan_steps(step: int, total_steps: int, *, seconds_left: float, seconds_per_step: float,
+                 limit_seconds: float) -> int | None:
+    """The step count a time plan changes to at ``step``, or None to keep ``total_steps``.
+
+    Parameters
+    ----------
+    step
+        Steps done.
+    total_steps
+        The planned steps.
+    seconds_left
+        Seconds left for the remaining steps, once the final evaluation and writes are set aside.
+    seconds_per_step
+        Seconds a step costs at the pace seen, validations and checkpoints included.
+    limit_seconds
+        The time limit (its safety margin is kept free).
+
+    Examples
+    --------
+    >>> replan_steps(100, 700, seconds_left=640, seconds_per_step=1.0, limit_seconds=1200)  # on time
+    >>> replan_steps(100, 700, seconds_left=400, seconds_per_step=1.0, limit_seconds=1200)  # slower
+    464
+    >>> replan_steps(100, 700, seconds_left=800, seconds_per_step=1.0, limit_seconds=1200)  # much faster
+    864
+    """
+    usable = seconds_left - max(MIN_SAFETY_SECONDS, SAFETY_SHARE * limit_seconds)
+    target = step + max(1, int(usable / max(1e-9, seconds_per_step)))
+    if (total_steps - target) * seconds_per_step > REPLAN_LATE_SHARE * limit_seconds or usable < 0:
+        return target
+    if (target - total_steps) * seconds_per_step > REPLAN_AHEAD_SHARE * limit_seconds:
+        return target
+    return None
 
 
 def plan_steps_for_time(budget_seconds: float, times: MeasuredTimes, *, sizes: WorkSizes,
