@@ -73,6 +73,13 @@ def real_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def warm_imports() -> None:
+    """Import what a first run imports (seconds), so that a test's time limit is the run's, not the imports'."""
+    import matplotlib.pyplot  # noqa: F401 - the loss curve
+    from transformers import BertForMaskedLM  # noqa: F401
+
+
 def gc104m_dictionary(n_genes: int = 40) -> TokenDictionary:
     """A gc104m-style dictionary: <pad> 0, <mask> 1, <cls> 2, <eos> 3, then genes."""
     mapping = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
@@ -485,6 +492,7 @@ def test_replan_only_when_the_pace_misses_the_time_limit() -> None:
     assert replan_steps(100, 500, seconds_left=-5, **on_time) == 101  # out of time: end at the next step
 
 
+@pytest.mark.usefixtures("warm_imports")
 def test_time_limit_alone_plans_the_steps_and_ends_the_schedule(real_corpus: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # a wide safety margin, and no re-planning: this machine's speed moves by tens of percent within seconds
@@ -516,6 +524,7 @@ def test_time_limit_alone_plans_the_steps_and_ends_the_schedule(real_corpus: Pat
     assert same.info["plan"]["planned_by"] == "max_steps" and same.stopped == "max_steps"
 
 
+@pytest.mark.usefixtures("warm_imports")
 def test_a_plan_that_was_too_optimistic_is_corrected_in_time(real_corpus: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from genecorpus.model import pretrain as pretrain_module
@@ -543,6 +552,7 @@ def test_a_plan_that_was_too_optimistic_is_corrected_in_time(real_corpus: Path, 
     assert rates[-1] <= 0.05 * 2e-3 and np.all(np.diff(rates[peak:]) <= 0)
 
 
+@pytest.mark.usefixtures("warm_imports")
 def test_step_count_keeps_its_schedule_under_a_time_limit(real_corpus: Path, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     settings = {**FAST, "max_steps": 12, "eval_every": 4, "seed": 3}
@@ -592,6 +602,7 @@ def test_validation_is_bounded_by_default_and_given_settings_are_kept(real_corpu
     assert cells.info["split"]["n_val_cells"] == 40
 
 
+@pytest.mark.usefixtures("warm_imports")
 def test_resume_keeps_the_steps_planned_from_the_time_limit(real_corpus: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("genecorpus.model.schedule.SAFETY_SHARE", 0.3)

@@ -498,9 +498,14 @@ def pretrain(
     typer.echo(f"model: {result.model_path} ({result.steps} steps, {training['tokens_seen']:,} tokens, "
                f"{training['wall_seconds']:.0f} s, stopped at {result.stopped.replace('_', ' ')})")
     if plan["planned_by"] == "time_limit":
-        typer.echo(f"steps planned from the time limit: {plan['total_steps']:,} at {plan['seconds_per_step']:.3g} s "
-                   f"per step (measured), {plan['warmup_steps']:,} of warm-up; {training['eval_seconds']:.0f} s "
-                   f"validating, {training['train_seconds']:.0f} s training")
+        replans = plan["replans"]
+        first = replans[0]["from_total"] if replans else plan["total_steps"]
+        changed = f", re-planned {len(replans)}× to {plan['total_steps']:,}" if replans else ""
+        last = "none" if training["last_lr"] is None else f"{training['last_lr']:.2g}"
+        typer.echo(f"steps planned from the time limit: {first:,} at {plan['seconds_per_step']:.3g} s per step "
+                   f"(measured){changed}; {plan['warmup_steps']:,} of warm-up, last learning rate {last} (peak "
+                   f"{training['peak_lr']:g}); {training['eval_seconds']:.0f} s validating, "
+                   f"{training['train_seconds']:.0f} s training")
     typer.echo(f"validation on {result.info['split']['n_val_cells']:,} held-out cells "
                f"({int(result.info['evals'][-1]['n_masked']):,} masked genes):")
     typer.echo(f"  {'':<10}{'loss':>9}{'top-1':>9}{'top-10':>9}")

@@ -9,7 +9,8 @@ the tokens), which gives the same loss as ``BertForMaskedLM.forward(labels=...)`
 
 How many steps, with which learning-rate schedule, and what is validated when is decided by
 :mod:`genecorpus.model.schedule`: by the step count when one is given, else — with a time limit — from the
-speed the run measures in its first steps (then undone: the run restarts from step 0 with its plan).
+speed the run measures in its first steps (then undone: the run restarts from step 0 with its plan), and
+re-planned while it goes if the machine turns slower or faster. A time limit is a hard cap in every case.
 
 The model folder (see :mod:`genecorpus.model.bert`)::
 
@@ -551,7 +552,8 @@ class _Run:
         return WorkSizes(size, float(train), val / max(1, len(rows)), len(rows))
 
     def _measure_speed(self, budget: float) -> MeasuredTimes:
-        """Time training steps, a few validation batches and a model write; then undo the steps."""
+        """Time training steps, a validation batch and a model write; then undo the steps (weights, torch RNG,
+        sampler; the optimizer was a throwaway one), so the run is the one ``--max-steps`` would give."""
         import torch
 
         started = time.monotonic()
@@ -782,7 +784,8 @@ class _Run:
         elif v.n_subset_batches >= v.n_batches:
             when = f"all of them every {v.eval_every} steps too"
         else:
-            when = f"the same {v.subset_cells} of them every {v.eval_every} steps before"
+            subset_cells = sum(len(self.val_batches[i].input_ids) for i in self.subset)
+            when = f"the same {subset_cells} of them every {v.eval_every} steps before"
         logger.info("validation: %d held-out cells at the end, %s (estimated %.0f %% of the training compute)",
                     v.n_val_cells, when, 100 * v.estimated_share)
 
@@ -832,7 +835,9 @@ class _Run:
         p, h, s = self.pace, self.history, self.settings
         now = time.monotonic()
         limit = (s.time_limit or 0.0) * 60
-        if len(p.step_seconds) < 6 or now - p.last_check < REPLAN_EVERY_SHARE * limit:
+        if len(p.step_seconds) < 3 or now - p.last_check < REPLAN_EVERY_SHARE * limit:
+            return
+        if h.step >= self.total_steps - 1 or self._schedule(h.step) == 0.0:  # the schedule has (all but) ended
             return
         p.last_check = now
         step_seconds = self._step_seconds()

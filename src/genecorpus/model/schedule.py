@@ -410,7 +410,11 @@ def replan_steps(step: int, total_steps: int, *, seconds_left: float, seconds_pe
     """
     usable = seconds_left - max(MIN_SAFETY_SECONDS, SAFETY_SHARE * limit_seconds)
     target = step + max(1, int(usable / max(1e-9, seconds_per_step)))
-    if (total_steps - target) * seconds_per_step > REPLAN_LATE_SHARE * limit_seconds or usable < 0:
+    if usable < 0 and target < total_steps:
+        return target
+    if abs(target - total_steps) < 2:  # a step's difference: the margin takes it
+        return None
+    if (total_steps - target) * seconds_per_step > REPLAN_LATE_SHARE * limit_seconds:
         return target
     if (target - total_steps) * seconds_per_step > REPLAN_AHEAD_SHARE * limit_seconds:
         return target
