@@ -654,6 +654,9 @@ class _Run:
             logger.warning("resuming at step %d with %d steps in all (the checkpoint's run had %d): the "
                            "learning-rate schedule changes from here on", self.history.step, self.total_steps,
                            saved["total_steps"])
+            # the optimizer holds the old schedule's rate for the next step (0 after its last): the new one's
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                group["lr"] = base * self._schedule(self.history.step)
         torch.set_rng_state(saved["torch_rng"])
         if self.device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
