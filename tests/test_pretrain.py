@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -702,3 +703,28 @@ def test_gc104m_corpus_keeps_cls_and_eos_and_never_masks_them(real_corpus: Path,
     result = pretrain(corpus, tmp_path / "m", max_steps=3, **{**FAST, "max_length": 32})
     config = transformers.BertConfig.from_pretrained(tmp_path / "m")
     assert config.max_position_embeddings == 4096 and result.info["layout"] == "gc104m"
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_continues(real_corpus: Path,
+                                                                            tmp_path: Path) -> None:
+    """A real SIGINT during step 6 (what Ctrl-C sends): the run saves a checkpoint at step 6 and stops with a
+    note saying so; --resume then follows the uninterrupted trajectory."""
+    settings = {**FAST, "max_steps": 10, "save_every": 100, "eval_every": 5, "seed": 5}
+    straight = pretrain(real_corpus, tmp_path / "a", **settings)
+
+    def ctrl_c_in_step_6(stage: str, done: int, total: int) -> None:
+        if done == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        pretrain(real_corpus, tmp_path / "b", progress=ctrl_c_in_step_6, **settings)
+    assert stopped.value.__notes__ == [
+        f"pretraining stopped at step 6 of 10; its checkpoint is in {tmp_path / 'b' / 'checkpoint'}: rerun the "
+        "same command with --resume to continue"]
+    assert json.loads((tmp_path / "b" / "checkpoint" / "training_state.json").read_text())["step"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
+    resumed = pretrain(real_corpus, tmp_path / "b", resume=True, **settings)
+    assert resumed.steps == straight.steps == 10
+    ta = torch.load(tmp_path / "a" / "checkpoint" / "training_state.pt", weights_only=True)["history"]
+    tb = torch.load(tmp_path / "b" / "checkpoint" / "training_state.pt", weights_only=True)["history"]
+    np.testing.assert_allclose(tb["train_loss"], ta["train_loss"], rtol=1e-5)

@@ -25,7 +25,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -386,6 +388,32 @@ class _deterministic_torch:  # noqa: N801 - used as a context manager, like torc
         torch.use_deterministic_algorithms(self._before)
 
 
+class _StopOnCtrlC:
+    """Ctrl-C during the training steps: the first stops after the current step (with a checkpoint), a
+    second one at once. Only where Ctrl-C reaches Python (the main thread, SIGINT not ignored)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is signal.default_int_handler:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 class _Run:
     """One pretraining run: the state of the loop and what it writes."""
 
@@ -397,6 +425,8 @@ class _Run:
         self.reader, self.out, self.progress = reader, out, progress
         self.started = self._accounted = started
         self.deadline = started + settings.time_limit * 60 if settings.time_limit else math.inf
+        self.deadline_hit = False
+        """The time limit stopped the steps before the planned count."""
         self.tdict = reader.token_dictionary
         self.layout = self.tdict.layout()
         self.device = device
@@ -737,12 +767,33 @@ class _Run:
     def train(self) -> PretrainResult:
         if self._plan is None:
             self._plan_from_time_limit()
-        s, h = self.settings, self.history
+        h = self.history
         self._log_plan()
         stopped = "planned_steps" if self.plan.planned_by == "time_limit" else "max_steps"
+        with _StopOnCtrlC() as ctrl_c:
+            self._steps_until_done(ctrl_c)
+        if self.deadline_hit:
+            stopped = "time_limit"
+        n_val = len(self.split.val_rows)  # records of older checkpoints have no n_cells: they scored every cell
+        if not h.evals or h.evals[-1]["step"] != h.step or h.evals[-1].get("n_cells", n_val) < n_val:
+            self._evaluate(final=True)
+        self._save_checkpoint()
+        return self._write_model(stopped)
+
+    def _steps_until_done(self, ctrl_c: _StopOnCtrlC) -> None:
+        """Train until the planned steps are done or the time limit nears; Ctrl-C saves a checkpoint first."""
+        s, h = self.settings, self.history
         while h.step < self.total_steps:
+            if ctrl_c.requested:
+                interrupt = KeyboardInterrupt()
+                if h.step:
+                    self._save_checkpoint()
+                    interrupt.add_note(f"pretraining stopped at step {h.step} of {self.total_steps}; its "
+                                       f"checkpoint is in {self.out / CHECKPOINT}: rerun the same command with "
+                                       "--resume to continue")
+                raise interrupt
             if self.deadline < math.inf and time.monotonic() + self._end_seconds() >= self.deadline:
-                stopped = "time_limit"
+                self.deadline_hit = True
                 lr = self.optimizer.param_groups[0]["lr"] / s.lr
                 logger.warning("time limit of %s min: stopping at step %d of %d, before the learning-rate "
                                "schedule ended (at %.0f %% of its peak); --resume continues it", s.time_limit,
@@ -766,11 +817,6 @@ class _Run:
                 self._save_checkpoint()
             if self.progress is not None:
                 self.progress("pretrain", h.step, self.total_steps)
-        n_val = len(self.split.val_rows)  # records of older checkpoints have no n_cells: they scored every cell
-        if not h.evals or h.evals[-1]["step"] != h.step or h.evals[-1].get("n_cells", n_val) < n_val:
-            self._evaluate(final=True)
-        self._save_checkpoint()
-        return self._write_model(stopped)
 
     def _log_plan(self) -> None:
         plan, v, h = self.plan, self.validation, self.history
