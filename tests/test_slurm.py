@@ -6,7 +6,8 @@ and stops what it started, or skips with the script's reason. The builds are the
 the driver starts a ``dask_jobqueue.SLURMCluster`` whose two workers are ``sbatch`` jobs run by slurmd,
 scheduler and workers on the loopback interface (``interface = "lo"``). The reference is a local build of
 the same manifest in this process; a worker job cancelled with ``scancel`` mid-build has its tasks rerun
-by Dask on the other job, and the bytes are the same.
+by Dask on the other job (or on the jobs submitted in place of every job), and the bytes are the same; a
+build interrupted with Ctrl-C is finished by ``--resume`` (slow: ``make test-all``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -268,3 +270,54 @@ def test_scancel_mid_build_is_recovered_with_the_same_bytes(slurm: dict[str, str
         for job in replacements:
             assert f"Launching batch job {job} for UID" in slurmd_log
             assert "Registered to:" in (logs / f"dask-worker-{job}.err").read_text()
+
+
+def test_jobs_slurm_would_refuse_stop_the_build_with_its_reason(slurm: dict[str, str], data: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+    """More memory per job than the node has: one line with SLURM's reason at once, not a build waiting for
+    workers that never come (dask-jobqueue only logs a refused ``sbatch``)."""
+    manifest, logs = _slurm_manifest(data, tmp_path)
+    manifest.write_text(manifest.read_text().replace('memory_per_worker = "2GiB"', 'memory_per_worker = "64TiB"'))
+    done = subprocess.run([sys.executable, "-m", "genecorpus", "build", str(manifest), "--out", str(tmp_path / "c")],
+                          env=slurm, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: SLURM would refuse the worker jobs of [cluster]: "), done.stderr
+    assert "Requested node configuration is not available" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not _jobs(logs)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c.incomplete*"))
+
+
+def test_importing_the_slurm_cluster_keeps_ctrl_c() -> None:
+    """dask-jobqueue 0.9.0 sets SIGINT to ``sys.exit()`` on import: Ctrl-C must stay a KeyboardInterrupt."""
+    pytest.importorskip("dask_jobqueue", reason="no SLURM engine: pip install 'genecorpus[dask]'")
+    code = ("import signal\nfrom genecorpus.executors import _slurm_cluster_class\n_slurm_cluster_class()\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow  # the scancel tests check the recovery by Dask; this one the recovery by --resume
+def test_ctrl_c_on_slurm_then_resume_gives_the_same_bytes(slurm: dict[str, str], data: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    manifest, logs = _slurm_manifest(data, tmp_path)
+    out = tmp_path / "corpus"
+    work = out.with_name(f".{out.name}.incomplete")
+    proc = _build(manifest, out, slurm)
+    try:
+        _until(lambda: _records(work, "qc") >= 2, proc, "2 QC results")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    except BaseException:
+        proc.kill()
+        raise
+    assert proc.returncode == 130, stderr
+    assert re.fullmatch(r"interrupted: \d+ finished tasks are kept in .*: rerun with --resume to continue\n",
+                        stderr), stderr
+    jobs = _jobs(logs)
+    assert jobs and not subprocess.run(["squeue", "-h", "-j", ",".join(map(str, jobs))], env=slurm,
+                                       capture_output=True, text=True, check=False).stdout  # cancelled on the way out
+    resumed = subprocess.run([sys.executable, "-m", "genecorpus", "build", str(manifest), "--out", str(out),
+                              "--engine", "dask", "--no-report", "--resume"], env=slurm, capture_output=True,
+                             text=True, timeout=240, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _outputs(out) == data["reference"]

@@ -281,11 +281,7 @@ class DaskExecutor:
             n = max(1, len(client.scheduler_info().get("workers", {})))
             return cls(client, progress=progress, n_workers=n)
         if spec.kind == "slurm":
-            try:
-                from dask_jobqueue import SLURMCluster
-            except ImportError:
-                msg = "kind = \"slurm\" needs dask-jobqueue: pip install 'genecorpus[dask]'"
-                raise ConfigError(msg) from None
+            SLURMCluster = _slurm_cluster_class()  # noqa: N806 (a class)
             # the scheduler runs in this process; its HTTP server listens on its own address, not 0.0.0.0
             cluster = SLURMCluster(
                 cores=spec.threads_per_worker, processes=1, memory=spec.memory_per_worker, queue=spec.queue,
@@ -294,6 +290,11 @@ class DaskExecutor:
                 job_script_prologue=list(spec.job_script_prologue), python=spec.python,
                 interface=spec.interface, worker_extra_args=list(spec.worker_extra_args),
                 log_directory=spec.log_directory, scheduler_options={"dashboard_address": None})
+            try:
+                _check_job_script(cluster.job_script())
+            except ConfigError:
+                cluster.close()
+                raise
             # submitted now, then kept at that count: a job that ends (scancel, walltime, a node lost) is
             # replaced once the scheduler gives its worker up (distributed.deploy.lost-worker-timeout)
             cluster.scale(jobs=spec.workers)
@@ -394,6 +395,56 @@ class DaskExecutor:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def _slurm_cluster_class() -> Any:
+    """``dask_jobqueue.SLURMCluster``, imported without taking Ctrl-C away from the build.
+
+    dask-jobqueue 0.9.0 sets SIGINT to ``sys.exit()`` when it is imported (dask/dask-jobqueue#696, fixed
+    after 0.9.0): Ctrl-C then ended a build with exit status 0, no word and its jobs left to the cluster's
+    shutdown. The handler that was there before is put back, so Ctrl-C stops the build as with local workers
+    (exit 130, the finished tasks kept for ``--resume``).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        msg = "kind = \"slurm\" needs dask-jobqueue: pip install 'genecorpus[dask]'"
+        raise ConfigError(msg) from None
+    if main and getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "dask_jobqueue.runner":
+        ours = before if getattr(before, "__module__", None) != "dask_jobqueue.runner" else None
+        signal.signal(signal.SIGINT, ours if ours is not None else signal.default_int_handler)
+    return SLURMCluster
+
+
+def _check_job_script(script: str) -> None:
+    """``sbatch --test-only`` of a worker's job script: SLURM's own reason if it would refuse the jobs.
+
+    dask-jobqueue submits from its event loop and only logs a refusal (no controller, a wrong partition,
+    more memory than a node has), and the build would then wait for workers for ever.
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="genecorpus-job-") as file:
+        file.write(script)
+        file.flush()
+        try:
+            done = subprocess.run(["sbatch", "--test-only", file.name], capture_output=True, text=True,
+                                  timeout=120, check=False)
+        except FileNotFoundError:
+            msg = ('kind = "slurm" submits jobs with sbatch, which is not on the PATH; run the build on a '
+                   "SLURM login node")
+            raise ConfigError(msg) from None
+        except subprocess.TimeoutExpired:
+            msg = "sbatch --test-only did not answer in 120 s; check the SLURM controller (sinfo)"
+            raise ConfigError(msg) from None
+    if done.returncode != 0:
+        why = " ".join(done.stderr.split()) or f"exit {done.returncode}"
+        msg = (f"SLURM would refuse the worker jobs of [cluster]: {why}; check queue, account, "
+               "memory_per_worker, walltime and job_extra_directives, or that the controller answers (sinfo)")
+        raise ConfigError(msg)
 
 
 def _identity(x: A) -> A:
