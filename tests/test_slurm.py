@@ -70,8 +70,8 @@ def _daemon_pids() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def slurm() -> Iterator[dict[str, str]]:
-    """The environment of a command that uses the local SLURM (``SLURM_CONF``): started by the script
-    unless it runs already, and then stopped at the end."""
+    """The environment of a command that uses the local SLURM (``SLURM_CONF``), started by the script
+    unless it runs already; what the fixture started it stops at the end."""
     pytest.importorskip("dask_jobqueue", reason="no SLURM engine: pip install 'genecorpus[dask]'")
     if sys.platform != "linux" or shutil.which("bash") is None:
         pytest.skip("no SLURM: scripts/slurm/start-local-slurm.sh needs Linux and bash")
@@ -79,7 +79,7 @@ def slurm() -> Iterator[dict[str, str]]:
     done = subprocess.run(["bash", str(SCRIPTS / "start-local-slurm.sh")], capture_output=True, text=True,
                           timeout=600, check=False)
     if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].removeprefix("start-local-slurm: ")
         pytest.skip(f"no SLURM: scripts/slurm/start-local-slurm.sh failed: {why}")
     conf = done.stdout.strip().removeprefix("export SLURM_CONF=")
     yield {**os.environ, "SLURM_CONF": conf, "GENECORPUS_NO_PROGRESS": "1"}

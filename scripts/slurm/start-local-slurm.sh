@@ -123,7 +123,8 @@ choose_namespace() {  # UTS: how slurmctld and slurmd are started so that their 
   if unshare --uts true 2>/dev/null; then
     UTS=(unshare --uts sh -c 'hostname localhost && exec "$@"' sh)
   elif getent ahostsv4 "$(hostname)" | awk '{print $1}' | grep -qv '^127\.'; then
-    die "unshare --uts is not permitted here, and $(hostname) resolves to an address other than 127.0.0.x: slurmctld and slurmd would listen on it"
+    die "unshare --uts is not permitted here, and $(hostname) resolves to an address other than" \
+      "127.0.0.x: slurmctld and slurmd would listen on it"
   else
     say "unshare --uts is not permitted here; $(hostname) resolves to 127.0.0.x: started as they are"
   fi
@@ -169,6 +170,9 @@ start_daemons() {
 mkdir -p "$DIR"
 install_packages
 if ! { alive munged && alive slurmctld && alive slurmd; }; then
+  if [[ $(id -u) -ne 0 ]]; then
+    die "no local SLURM of $DIR runs (that this user can see), and starting one needs root"
+  fi
   write_config  # only while something is down: running daemons keep the file they read
 fi
 start_daemons

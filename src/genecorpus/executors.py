@@ -281,9 +281,9 @@ class DaskExecutor:
             n = max(1, len(client.scheduler_info().get("workers", {})))
             return cls(client, progress=progress, n_workers=n)
         if spec.kind == "slurm":
-            SLURMCluster = _slurm_cluster_class()  # noqa: N806 (a class)
+            slurm_cluster = _slurm_cluster_class()
             # the scheduler runs in this process; its HTTP server listens on its own address, not 0.0.0.0
-            cluster = SLURMCluster(
+            cluster = slurm_cluster(
                 cores=spec.threads_per_worker, processes=1, memory=spec.memory_per_worker, queue=spec.queue,
                 account=spec.account, walltime=spec.walltime, local_directory=spec.local_directory,
                 job_extra_directives=list(spec.job_extra_directives),
