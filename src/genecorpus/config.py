@@ -189,6 +189,17 @@ class ClusterSpec(_Frozen):
     """Extra ``#SBATCH`` lines, e.g. ``["--constraint=cpu"]``."""
     job_script_prologue: tuple[str, ...] = ()
     """Shell lines run before the worker starts, e.g. ``["source ~/venvs/genecorpus/bin/activate"]``."""
+    python: str | None = None
+    """The Python a SLURM job starts its worker with (default: the driver's own, ``sys.executable``);
+    ``"python"`` takes the one the prologue put on the PATH."""
+    interface: str | None = None
+    """Network interface of the scheduler and the SLURM workers (``ib0``; ``lo`` on a one-node SLURM keeps
+    every connection on 127.0.0.1); default: the scheduler listens on every interface."""
+    worker_extra_args: tuple[str, ...] = ()
+    """Extra ``dask worker`` options of each SLURM job, e.g. ``["--dashboard-address", "127.0.0.1:0"]``."""
+    log_directory: str | None = None
+    """Folder of the SLURM jobs' output (``dask-worker-<job>.err``/``.out``; default: SLURM's
+    ``slurm-<job>.out`` in the folder the build runs from)."""
     local_directory: str | None = None
     """Node-local scratch for Dask spill files."""
 
@@ -208,7 +219,7 @@ def load_cluster_spec(path: str | os.PathLike[str]) -> ClusterSpec | None:
     if section is None:
         return None
     if not isinstance(section, dict):
-        msg = f"{path}: [cluster] must be a table; see docs/slurm.md"
+        msg = f"{path}: [cluster] must be a table; see docs/scale-out.md"
         raise ConfigError(msg)
     try:
         return ClusterSpec.model_validate(section)

@@ -249,8 +249,9 @@ class DaskExecutor:
 
     Tasks are module-level functions whose arguments name files, not arrays; an argument object shared
     by several tasks (the build context) is sent to the cluster once. Results come back in task order.
-    A lost worker's tasks are rerun by the scheduler (``distributed.scheduler.allowed-failures``); an
-    error raised by a task is not retried, since reading the same bytes again gives the same error.
+    A lost worker's tasks are rerun by the scheduler (``distributed.scheduler.allowed-failures``), and a
+    SLURM job that ends is replaced by a new one; an error raised by a task is not retried, since reading
+    the same bytes again gives the same error.
     """
 
     def __init__(self, client: Any, *, cluster: Any = None, progress: ProgressCallback | None = None,
@@ -280,17 +281,24 @@ class DaskExecutor:
             n = max(1, len(client.scheduler_info().get("workers", {})))
             return cls(client, progress=progress, n_workers=n)
         if spec.kind == "slurm":
-            try:
-                from dask_jobqueue import SLURMCluster
-            except ImportError:
-                msg = "kind = \"slurm\" needs dask-jobqueue: pip install 'genecorpus[dask]'"
-                raise ConfigError(msg) from None
-            cluster = SLURMCluster(
+            slurm_cluster = _slurm_cluster_class()
+            # the scheduler runs in this process; its HTTP server listens on its own address, not 0.0.0.0
+            cluster = slurm_cluster(
                 cores=spec.threads_per_worker, processes=1, memory=spec.memory_per_worker, queue=spec.queue,
                 account=spec.account, walltime=spec.walltime, local_directory=spec.local_directory,
                 job_extra_directives=list(spec.job_extra_directives),
-                job_script_prologue=list(spec.job_script_prologue))
+                job_script_prologue=list(spec.job_script_prologue), python=spec.python,
+                interface=spec.interface, worker_extra_args=list(spec.worker_extra_args),
+                log_directory=spec.log_directory, scheduler_options={"dashboard_address": None})
+            try:
+                _check_job_script(cluster.job_script())
+            except ConfigError:
+                cluster.close()
+                raise
+            # submitted now, then kept at that count: a job that ends (scancel, walltime, a node lost) is
+            # replaced once the scheduler gives its worker up (distributed.deploy.lost-worker-timeout)
             cluster.scale(jobs=spec.workers)
+            cluster.adapt(minimum_jobs=spec.workers, maximum_jobs=spec.workers)
         else:
             with _children_ignore_sigint():
                 cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=spec.threads_per_worker,
@@ -309,8 +317,8 @@ class DaskExecutor:
 
     def _submit(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
         self._await_warm_up()
-        shared = self._scatter_shared(tasks)
         token = uuid.uuid4().hex[:8]
+        shared = self._share(stage, tasks, token)
         return [self.client.submit(fn, *(shared.get(id(a), a) for a in tasks[i]), key=f"{stage}-{i}-{token}",
                                    pure=False) for i in range(len(tasks))]
 
@@ -327,20 +335,27 @@ class DaskExecutor:
             with contextlib.suppress(Exception):  # a failed warm-up only means the first task imports
                 wait(warm_up)
 
-    def _scatter_shared(self, tasks: Sequence[tuple[Any, ...]]) -> dict[int, Any]:
-        """Objects passed to more than one task, sent to the cluster once (id → future)."""
+    def _share(self, stage: str, tasks: Sequence[tuple[Any, ...]], token: str) -> dict[int, Any]:
+        """Objects passed to more than one task, sent to the cluster once (id → future).
+
+        Each is the result of a task that returns it, not scattered data: the scheduler keeps the object
+        in that task, so a copy lost with its workers (a SLURM job cancelled, a node lost, every worker
+        gone) is made again. Scattered data would be lost for good, and every task needing it cancelled
+        ("already forgotten"), once the workers holding it are gone; Dask keeps a single copy of data that
+        no task is waiting for.
+        """
         seen: dict[int, tuple[int, Any]] = {}
         for args in tasks:
             for a in args:
-                # functions travel by reference; small and per-task values are not worth a scatter
+                # functions travel by reference; small and per-task values are not worth a task of their own
                 if not isinstance(a, (str, int, float, bool, bytes, type(None), os.PathLike)) and not callable(a):
                     n, _ = seen.get(id(a), (0, a))
                     seen[id(a)] = (n + 1, a)
         shared = {k: a for k, (n, a) in seen.items() if n > 1}
         if not shared:
             return {}
-        futures = self.client.scatter(list(shared.values()), broadcast=True, hash=False)
-        return dict(zip(shared.keys(), futures, strict=True))
+        return {k: self.client.submit(_identity, a, key=f"{stage}-shared-{n}-{token}", pure=False)
+                for n, (k, a) in enumerate(shared.items())}
 
     def map(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Run every task on the cluster; results come back in task order."""
@@ -380,6 +395,60 @@ class DaskExecutor:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def _slurm_cluster_class() -> Any:
+    """``dask_jobqueue.SLURMCluster``, imported without taking Ctrl-C away from the build.
+
+    dask-jobqueue 0.9.0 sets SIGINT to ``sys.exit()`` when it is imported (dask/dask-jobqueue#696, fixed
+    after 0.9.0): Ctrl-C then ended a build with exit status 0, no word and its jobs left to the cluster's
+    shutdown. The handler that was there before is put back, so Ctrl-C stops the build as with local workers
+    (exit 130, the finished tasks kept for ``--resume``).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        msg = "kind = \"slurm\" needs dask-jobqueue: pip install 'genecorpus[dask]'"
+        raise ConfigError(msg) from None
+    if main and getattr(signal.getsignal(signal.SIGINT), "__module__", None) == "dask_jobqueue.runner":
+        ours = before if getattr(before, "__module__", None) != "dask_jobqueue.runner" else None
+        signal.signal(signal.SIGINT, ours if ours is not None else signal.default_int_handler)
+    return SLURMCluster
+
+
+def _check_job_script(script: str) -> None:
+    """``sbatch --test-only`` of a worker's job script: SLURM's own reason if it would refuse the jobs.
+
+    dask-jobqueue submits from its event loop and only logs a refusal (no controller, a wrong partition,
+    more memory than a node has), and the build would then wait for workers for ever.
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="genecorpus-job-") as file:
+        file.write(script)
+        file.flush()
+        try:
+            done = subprocess.run(["sbatch", "--test-only", file.name], capture_output=True, text=True,
+                                  timeout=120, check=False)
+        except FileNotFoundError:
+            msg = ('kind = "slurm" submits jobs with sbatch, which is not on the PATH; run the build on a '
+                   "SLURM login node")
+            raise ConfigError(msg) from None
+        except subprocess.TimeoutExpired:
+            msg = "sbatch --test-only did not answer in 120 s; check the SLURM controller (sinfo)"
+            raise ConfigError(msg) from None
+    if done.returncode != 0:
+        why = " ".join(done.stderr.split()) or f"exit {done.returncode}"
+        msg = (f"SLURM would refuse the worker jobs of [cluster]: {why}; check queue, account, "
+               "memory_per_worker, walltime and job_extra_directives, or that the controller answers (sinfo)")
+        raise ConfigError(msg)
+
+
+def _identity(x: A) -> A:
+    return x
 
 
 def _append(acc: list[Any], item: Any) -> list[Any]:
