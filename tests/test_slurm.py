@@ -211,9 +211,10 @@ def test_build_on_slurm_gives_the_bytes_of_a_local_build(slurm: dict[str, str], 
     manifest, logs = _slurm_manifest(data, tmp_path)
     _wait(_build(manifest, tmp_path / "corpus", slurm))
     assert _outputs(tmp_path / "corpus") == data["reference"]
-    # the workers were two sbatch jobs that slurmd launched on the node, connected over loopback
+    # the workers were sbatch jobs that slurmd launched on the node, connected over loopback (two were asked
+    # for; on a loaded machine the first may finish the build before the second has started)
     jobs = _jobs(logs)
-    assert len(jobs) == 2, sorted(logs.iterdir())
+    assert 1 <= len(jobs) <= 2, sorted(logs.iterdir())
     slurmd_log = (STATE / "log" / "slurmd.log").read_text()
     for job in jobs:
         assert f"Launching batch job {job} for UID" in slurmd_log
@@ -239,7 +240,9 @@ def test_scancel_mid_build_is_recovered_with_the_same_bytes(slurm: dict[str, str
     env = {**slurm, "DASK_DISTRIBUTED__DEPLOY__LOST_WORKER_TIMEOUT": "1s"}  # replace a lost job after 1 s, not 15
     proc = _build(manifest, out, env)
     try:
-        _until(lambda: len(_jobs(logs)) == 2 and _records(work, "qc") >= 2, proc, "two jobs and 2 QC results")
+        # both jobs when the machine lets the second start in time; "one job" with a single job running is
+        # then every job, recovered by the job submitted in its place
+        _until(lambda: len(_jobs(logs)) >= 1 and _records(work, "qc") >= 2, proc, "a job and 2 QC results")
         jobs = _jobs(logs)
         # every TCP port of the build listens on loopback: the scheduler (in the driver) and each job's
         # nanny, worker and worker HTTP server
