@@ -87,6 +87,10 @@ GENE_ID_COLUMN = "var_id"
 JOINID = "soma_joinid"
 """SOMA's integer id of every obs and var row."""
 SOMA_EXTRA = "pip install 'genecorpus[soma]'"
+SPAN_READ_FACTOR = 2
+"""A block's cells are read as one range of joinids when the range holds at most this many times as many
+cells as the block (the others are dropped), else as a list of joinids: a range read costs TileDB far less
+than as many points, and reads at most twice the block's cells."""
 
 _SECRET_WORDS = ("secret", "token", "password", "access_key", "session")
 """Parts of TileDB configuration keys that hold credentials, which a manifest must not record."""
@@ -216,6 +220,7 @@ class SomaReader(BaseReader):
                  use_raw: bool = False, snapshot_ms: int | None = None,
                  tiledb_config: Mapping[str, str] | None = None) -> None:
         super().__init__(uri, "soma")
+        self._var_names_cache: np.ndarray | None = None
         soma = require_tiledbsoma(uri)
         self._soma = soma
         if use_raw and measurement not in (None, RAW_MEASUREMENT):
@@ -279,20 +284,30 @@ class SomaReader(BaseReader):
             msg = f"{self.path}: {self.matrix} is a {type(self._x).__name__}, not a matrix of counts"
             raise InputError(msg)
         self.stored_dense = isinstance(self._x, soma.DenseNDArray)
-        var = ms.var.read().concat()
-        var = var.take(np.argsort(var.column(JOINID).to_numpy(), kind="stable"))
-        self._var_joinids = var.column(JOINID).to_numpy().astype(np.int64)
+        # tasks only need the genes' joinids: the other var columns are read when asked for (planning)
+        self._var_joinids = np.sort(ms.var.read(column_names=[JOINID]).concat().column(JOINID).to_numpy()
+                                    ).astype(np.int64)
         self._dense_var = bool(np.array_equal(self._var_joinids, np.arange(len(self._var_joinids))))
-        self._var = {name: _ArrowColumn(var.column(name)) for name in var.column_names if name != JOINID}
-        names = next((name for name in (GENE_ID_COLUMN, "feature_id") if name in self._var), None)
-        self._var_names = (self.var_column(names) if names else
-                           as_str_array(self._var_joinids.astype(str)))
+        self._var = {name: _VarColumn(ms.var, name) for name in ms.var.schema.names if name != JOINID}
         self._obs_schema = list(exp.obs.schema.names)
         self._cell_id_column = CELL_ID_COLUMN if CELL_ID_COLUMN in self._obs_schema else None
         self._n_cells = int(exp.obs.count)
         self._value_dtype = np.dtype(self._x.schema.field("soma_data").type.to_pandas_dtype())
 
     # -- the CellSource interface ---------------------------------------------------------------
+    @property
+    def var_names(self) -> np.ndarray:
+        """Object array of str, one per gene in var joinid order: ``var_id``, else ``feature_id``, else the joinid."""
+        if self._var_names_cache is None:
+            name = next((name for name in (GENE_ID_COLUMN, "feature_id") if name in self._var), None)
+            self._var_names_cache = (self.var_column(name) if name else as_str_array(self._var_joinids.astype(str)))
+        return self._var_names_cache
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes (var rows) of the measurement."""
+        return len(self._var_joinids)
+
     @property
     def obs_columns(self) -> list[str]:
         """The obs dataframe's columns, ``soma_joinid`` first."""
@@ -348,7 +363,7 @@ class SomaReader(BaseReader):
                     else as_str_array(rows.astype(str)))
         values = {name: _column_values(obs.column(name)) for name in obs_columns}
         try:
-            checked = validate_counts(counts, path=self.path, cell_ids=cell_ids, gene_ids=self.var_names, start=0)
+            checked = validate_counts(counts, path=self.path, cell_ids=cell_ids, gene_ids=_GeneIds(self), start=0)
         except CountsError as exc:
             exc.add_note(f"while reading {len(rows)} cells of {self.path} ({self.matrix}, soma_joinids "
                          f"{rows[0]}..{rows[-1]})")
@@ -442,12 +457,25 @@ class SomaReader(BaseReader):
             return sp.csr_matrix(dense[:, self._var_joinids] if not self._dense_var else dense)
         if not n_rows:
             return sp.csr_matrix((0, n_genes), dtype=self._value_dtype)
-        # TileDB's own result order is the fastest by far (row-major costs ten times more); sort here
-        table = self._x.read((rows, slice(None))).tables().concat()
+        first, span = int(rows[0]), int(rows[-1] - rows[0]) + 1
+        if span <= SPAN_READ_FACTOR * n_rows:  # one range over the span (cheaper than points), others dropped
+            coords: Any = slice(first, int(rows[-1]))  # SOMA slices include their stop
+            position = np.full(span, -1, dtype=np.int64)
+            position[rows - first] = np.arange(n_rows)
+        else:
+            coords, position = rows, None
+        # TileDB's own result order is the fastest by far (row-major costs ten times more); CSR is made here
+        table = self._x.read((coords, slice(None))).tables().concat()
         dim0 = table.column("soma_dim_0").to_numpy()
         dim1 = table.column("soma_dim_1").to_numpy()
         data = table.column("soma_data").to_numpy()
-        at_row = np.searchsorted(rows, dim0)
+        if position is None:
+            at_row = np.searchsorted(rows, dim0)
+        else:
+            at_row = position[dim0 - first]
+            selected = at_row >= 0
+            if not selected.all():
+                at_row, dim1, data = at_row[selected], dim1[selected], data[selected]
         at_col = dim1 if self._dense_var else np.searchsorted(self._var_joinids, dim1)
         matrix = sp.csr_matrix((data, (at_row, at_col)), shape=(n_rows, n_genes))
         matrix.sort_indices()
@@ -458,14 +486,30 @@ class SomaReader(BaseReader):
                 f"{self.n_genes} genes>")
 
 
-class _ArrowColumn:
-    """A var column held in memory, read by row range."""
+class _VarColumn:
+    """A var column of a measurement, read whole (in var joinid order) the first time it is asked for."""
 
-    def __init__(self, column: pa.ChunkedArray) -> None:
-        self._values = _column_values(column)
+    def __init__(self, var: Any, name: str) -> None:
+        self._var = var
+        self._name = name
 
     def read(self, start: int, stop: int | None) -> np.ndarray:
-        return self._values[start:stop]
+        table = self._var.read(column_names=[JOINID, self._name]).concat()
+        table = table.take(np.argsort(table.column(JOINID).to_numpy(), kind="stable"))
+        return _column_values(table.column(self._name))[start:stop]
+
+
+class _GeneIds:
+    """The gene ids of a reader, looked up only when an error message names one."""
+
+    def __init__(self, reader: SomaReader) -> None:
+        self._reader = reader
+
+    def __getitem__(self, index: int) -> str:
+        return str(self._reader.var_names[index])
+
+    def __len__(self) -> int:
+        return self._reader.n_genes
 
 
 def is_soma_experiment(source: Any) -> bool:
