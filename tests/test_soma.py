@@ -145,6 +145,35 @@ def test_experiment_gives_the_corpus_of_its_files(kang: dict[str, Any], tmp_path
     assert record["token"].startswith("soma-files:") and soma["datasets"][0]["sha256"] == record["token"]
 
 
+def test_cellxgene_layout_reads_raw_counts_as_the_file_does(kang: dict[str, Any], tmp_path: Path) -> None:
+    """A CELLxGENE-style file (normalized X, raw counts in raw.X, feature_is_filtered in var): from_h5ad writes
+    raw.X into the measurement ``raw``, and ``counts = "auto"`` reads it as it reads the file's raw.X."""
+    import anndata
+
+    adata = anndata.read_h5ad(kang["folder"] / "stim.h5ad")[:250].copy()
+    counts = adata.X.copy()
+    adata.raw = adata.copy()  # raw.var: the var columns, without feature_is_filtered (as CELLxGENE's)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    normalized = counts.multiply(1e4 / np.maximum(totals, 1)[:, None]).tocsr()
+    normalized.data = np.log1p(normalized.data).astype(np.float32)
+    adata.X = normalized
+    adata.var["feature_is_filtered"] = np.arange(adata.n_vars) % 50 == 0
+    path = tmp_path / "cellxgene.h5ad"
+    adata.write_h5ad(path)
+    experiment = tmp_path / "experiment"
+    _ingest(experiment, [path])
+    outs = {}
+    for name, spec in (("soma", DatasetSpec(path=str(experiment), id="x", split_by=False)),
+                       ("file", DatasetSpec(path=str(path), id="x"))):
+        outs[name] = tmp_path / name
+        build_corpus(BuildConfig(datasets=(spec,)), outs[name], report=False)
+    skip = ("manifest.json", "state.json")
+    assert _digests(outs["soma"], skip=skip) == _digests(outs["file"], skip=skip)
+    soma, plain = (json.loads((outs[n] / "manifest.json").read_text())["datasets"][0] for n in ("soma", "file"))
+    assert (soma["matrix"], plain["matrix"]) == ("ms['raw'].X['data']", "raw.X")
+    assert soma["genes"] == plain["genes"] and soma["genes"]["n_filtered_out"] > 0
+
+
 def test_workers_block_size_and_snapshot_change_no_byte(kang: dict[str, Any], two_worker_pool: LocalExecutor,
                                                          tmp_path: Path) -> None:
     """Two workers, another block size, and a new snapshot timestamp (a fresh build) give the same bytes."""
