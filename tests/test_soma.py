@@ -186,11 +186,22 @@ def test_workers_block_size_and_snapshot_change_no_byte(kang: dict[str, Any], tw
     assert snapshots[0] > snapshots[1]
 
 
-def test_validate_reads_the_experiment_again(kang: dict[str, Any]) -> None:
+def test_validate_reads_the_experiment_again(kang: dict[str, Any], tmp_path: Path) -> None:
     report = validate_corpus(kang["reference"], all_cells=True)
     assert report.ok, report.to_text()
     assert report.check("inputs").status == "pass"
     assert report.check("encoding").n_checked == report.n_cells > 0
+    # the same corpus as if read from a remote experiment: nothing to list, nothing recomputed, no failure
+    remote = tmp_path / "remote"
+    shutil.copytree(kang["reference"], remote)
+    manifest = json.loads((remote / "manifest.json").read_text())
+    for dataset in manifest["datasets"]:
+        dataset["soma"].update(uri="s3://bucket/experiment", local=False)
+    (remote / "manifest.json").write_text(json.dumps(manifest))
+    report = validate_corpus(remote)
+    assert report.ok, report.to_text()
+    assert "remote TileDB-SOMA experiments: not checked" in report.to_text()
+    assert report.check("encoding").n_checked == 0
 
 
 # -------------------------------------------------------------------------------------------------- resume

@@ -451,6 +451,7 @@ def _check_inputs(manifest: Manifest | None, *, check_inputs: bool,
         tally.skipped = "not requested"
         return tally, set()
     available = set()
+    remote = 0
     for i, entry in enumerate(manifest.datasets):
         tally.n_checked += 1
         path, digest = entry.path, entry.sha256
@@ -461,6 +462,7 @@ def _check_inputs(manifest: Manifest | None, *, check_inputs: bool,
                 continue
             if not entry.soma.local:  # nothing to check: a note, never a failure
                 tally.notes.append(Problem(reason, dataset_id=entry.dataset_id).describe())
+                remote += 1
                 continue
         elif entry.in_memory:
             reason = "an in-memory AnnData; it cannot be read again"
@@ -476,10 +478,13 @@ def _check_inputs(manifest: Manifest | None, *, check_inputs: bool,
             tally.fail(problem)
         else:
             tally.notes.append(problem.describe())
-    n_missing = tally.n_checked - len(available)
+    n_missing = tally.n_checked - len(available) - remote
     if n_missing and not require_inputs:
         tally.skipped = (f"{n_missing} of {tally.n_checked} inputs missing or changed: their cells are not "
                          f"recomputed (--require-inputs makes this a failure)")
+    elif remote:
+        tally.skipped = (f"{remote} of {tally.n_checked} inputs are remote TileDB-SOMA experiments: not checked "
+                         "(taken to be immutable at their snapshot), their cells not recomputed")
     return tally, available
 
 
@@ -1145,7 +1150,9 @@ def validate_corpus(
 
     results = scan.results(manifest, len(files.shards))
     results["dictionaries"] = _dictionaries_result(dictionaries, vocab, manifest)
-    results["inputs"] = inputs.result(f"{inputs.n_checked} input(s) present, sha256 as recorded")
+    soma = manifest is not None and any(d.soma is not None for d in manifest.datasets)
+    results["inputs"] = inputs.result(f"{inputs.n_checked} input(s) present, sha256 as recorded"
+                                      + (" (a SOMA experiment's: the listing of its files)" if soma else ""))
     results["encoding"] = _encoding_result(encoding_tally, encoding, stride)
     return ValidationReport(
         path=files.root if files.kind == "arrow" else Path(path), kind=files.kind, layout=layout.name,

@@ -342,7 +342,9 @@ def open_dataset(
         raise InputError(msg)
     options = {"layer": layer, "use_raw": use_raw, "cells_as_rows": cells_as_rows, "measurement": measurement,
                "snapshot_ms": snapshot_ms, "tiledb_config": tiledb_config}
-    given = {name: value is not None and value is not False and value != {} for name, value in options.items()}
+    given = {"layer": layer is not None, "use_raw": use_raw, "cells_as_rows": cells_as_rows is not None,
+             "measurement": measurement is not None, "snapshot_ms": snapshot_ms is not None,
+             "tiledb_config": bool(tiledb_config)}
     refused = [name for name, is_given in given.items() if is_given and name not in spec.options]
     if refused:
         accepted = ", ".join(sorted(spec.options)) or "none"
