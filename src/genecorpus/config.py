@@ -123,6 +123,15 @@ class DatasetSpec(_Frozen):
             name = name.removesuffix(suffix)
         return name
 
+    @field_validator("tiledb_config", mode="before")
+    @classmethod
+    def _config_values_as_text(cls, value: Any) -> Any:
+        """TileDB takes every setting as a string: TOML's ``true`` and ``1`` become ``"true"`` and ``"1"``."""
+        if not isinstance(value, dict):
+            return value
+        return {k: (str(v).lower() if isinstance(v, bool) else str(v)) if isinstance(v, bool | int | float) else v
+                for k, v in value.items()}
+
     @model_validator(mode="after")
     def _soma_options_for_soma(self) -> DatasetSpec:
         given = [name for name in ("measurement", "value_filter", "tiledb_config") if getattr(self, name)]

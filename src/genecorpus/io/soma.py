@@ -172,10 +172,13 @@ def _column_values(column: pa.ChunkedArray) -> np.ndarray:
     import pyarrow as pa
 
     kind = column.type
-    if pa.types.is_dictionary(kind):
-        decoded = [chunk.dictionary_decode() for chunk in column.chunks]
-        return np.asarray(pa.chunked_array(decoded, type=kind.value_type).to_numpy(zero_copy_only=False),
-                          dtype=object)
+    if pa.types.is_dictionary(kind):  # each value is its category's one Python object: 8 bytes a cell
+        parts = []
+        for chunk in column.chunks:
+            categories = np.array([*chunk.dictionary.to_pylist(), None], dtype=object)
+            codes = chunk.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            parts.append(categories[codes])  # -1 (missing) picks the trailing None
+        return np.concatenate(parts) if parts else np.empty(0, dtype=object)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return np.asarray(column.to_numpy(zero_copy_only=False), dtype=object)
     if column.null_count:
