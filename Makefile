@@ -8,7 +8,7 @@ FULL   := $(VENV)/.installed-$(HASH)
 
 .PHONY: demo example test test-all bench venv clean gene-tables
 
-# the core install (build a corpus) for the demo; the extras (tests, Dask, training) for everything else
+# the core install (build a corpus) for the demo; the extras (tests, Dask, training, TileDB-SOMA) for everything else
 venv: $(FULL)
 
 $(CORE): pyproject.toml
@@ -19,7 +19,7 @@ $(CORE): pyproject.toml
 
 $(FULL): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dask,train]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dask,train,soma]'
 	rm -f $(VENV)/.installed-* $(VENV)/.core-*
 	touch $(FULL) $(CORE)
 

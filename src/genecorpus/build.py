@@ -62,6 +62,7 @@ from genecorpus.corpus.manifest import (
     Manifest,
     SharedCells,
     SkippedDataset,
+    SomaInput,
     Stage,
     VocabularySummary,
     package_versions,
@@ -96,6 +97,7 @@ from genecorpus.errors import (
 )
 from genecorpus.executors import Executor, LocalExecutor, fold
 from genecorpus.io import DEFAULT_BLOCK_SIZE
+from genecorpus.io.soma import ExperimentIdentity, experiment_identity
 from genecorpus.qc import (
     QC_SAMPLE_CELLS,
     DatasetQC,
@@ -373,6 +375,8 @@ class _Build:
     started: float
     """When the build started (``time.perf_counter``)."""
     timings: _Timings = field(default_factory=_Timings)
+    experiments: dict[str, ExperimentIdentity] = field(default_factory=dict)
+    """The TileDB-SOMA experiments read, by the ``path`` of their specs: what names their content."""
 
     @classmethod
     def start(cls, config: BuildConfig, mode: Mode, work: WorkFolder, executor: Executor, sources: Sequence[Any],
@@ -381,11 +385,17 @@ class _Build:
         started = time.perf_counter()
         settings = _Settings.load(config, mode)
         build = cls(settings, work, executor, skip, plans=[], skipped=[], started=started)
+        snapshots: dict[str, int] = {}
+        """TileDB-SOMA experiment → the timestamp every dataset of this build reads it at."""
         for i, spec in enumerate(config.datasets):
             source = sources[i] if i < len(sources) else None  # None: read spec.path
             try:
+                snapshot = snapshots.get(spec.path) or (work.soma_snapshot(spec.path) if source is None else None)
                 plan = plan_dataset(spec, universe=settings.universe, mito=settings.mito, mapping=settings.mapping,
-                                    use_obs_n_counts=config.use_obs_n_counts, source=source)
+                                    use_obs_n_counts=config.use_obs_n_counts, source=source, snapshot_ms=snapshot)
+                if plan.snapshot_ms is not None and spec.path not in snapshots:
+                    snapshots[spec.path] = plan.snapshot_ms
+                    build.experiments[spec.path] = work.record_soma_snapshot(spec.path, plan.snapshot_ms)
                 parts = split_dataset(plan)
             except GenecorpusError as e:
                 if not skip:
@@ -402,9 +412,15 @@ class _Build:
 
     def run(self) -> Manifest:
         """Run QC, medians and encoding (again without any dataset that failed), then assemble the corpus."""
-        paths = [Path(p.spec.path) for p in self.plans if p.source is None]
+        files = [p.spec.path for p in self.plans if p.source is None and p.snapshot_ms is None]
+        paths = [Path(f) for f in files]
         with InputDigests(paths, on_done=self.work.record_digest if self.work.records else None) as digests:
-            keys = TaskKeys(self.work, self.work.input_tokens(paths, digests.get) if self.work.records else {},
+            tokens: dict[str, str] = {}
+            if self.work.records:
+                by_path = self.work.input_tokens(paths, digests.get)
+                tokens = {f: by_path[Path(f)] for f in files}
+                tokens.update({uri: identity.token for uri, identity in self.experiments.items()})
+            keys = TaskKeys(self.work, tokens,
                             fingerprint("qc", self.settings.mode, len(self.settings.universe), self.settings.qc,
                                         self.settings.universe, QC_SAMPLE_CELLS, self.settings.find_duplicates))
             while True:
@@ -672,7 +688,19 @@ class _Build:
         if n_in != kept + sum(dropped.values()) or n_in != plan.n_cells:
             msg = f"internal accounting error for {plan.spec.path}: {n_in} in, {kept} kept, {dropped}"
             raise RuntimeError(msg)
-        digest, size = digests.get(Path(plan.spec.path)) if plan.source is None else ("in-memory", 0)
+        experiment = self.experiments.get(plan.spec.path) if plan.snapshot_ms is not None else None
+        soma = None
+        if plan.source is not None:
+            digest, size = "in-memory", 0
+        elif experiment is not None and plan.snapshot_ms is not None:
+            digest, size = experiment.token, experiment.n_bytes
+            soma = SomaInput(uri=plan.spec.path, snapshot_ms=plan.snapshot_ms, token=experiment.token,
+                             local=experiment.local, measurement=plan.measurement or "", layer=plan.layer or "",
+                             value_filter=plan.spec.value_filter,
+                             n_selected=sum(p.n_cells for p in self.plans if p.spec == plan.spec),
+                             n_vars=plan.gene_summary.n_input_genes)
+        else:
+            digest, size = digests.get(Path(plan.spec.path))
         return DatasetRecord(
             dataset_id=plan.dataset_id,
             path=plan.spec.path if plan.source is None else "<AnnData>",
@@ -688,6 +716,7 @@ class _Build:
             select_columns=plan.select_columns,
             primary_column=plan.primary_column,
             split_value=plan.part,
+            soma=soma,
         )
 
     # ---- failures
@@ -905,8 +934,14 @@ def _refuse_repeated_files(plans: Sequence[DatasetPlan]) -> None:
     in the background while the build runs, as always.
     """
     files: dict[Path, DatasetPlan] = {}
+    queries: dict[tuple[str, str | None, str | None, str | None], DatasetPlan] = {}
     for plan in plans:
-        if plan.source is None:
+        if plan.snapshot_ms is not None:  # a SOMA experiment: several queries of one experiment are fine
+            query = (plan.spec.path.rstrip("/"), plan.measurement, plan.layer, plan.spec.value_filter)
+            if query in queries and queries[query].spec != plan.spec:
+                _repeated(plan, queries[query], "the same query of the same experiment as")
+            queries[query] = plan
+        elif plan.source is None:
             path = Path(plan.spec.path).resolve()
             if path in files and files[path].spec == plan.spec and plan.part is not None:
                 continue  # parts of one split file
@@ -964,8 +999,7 @@ def _finished_build(config: BuildConfig, mode: Mode, out: Path, *, overwrite: bo
     if manifest is not None:
         why = "was built with other settings"
         if manifest.mode == mode and manifest.parameters == config:
-            changed = [d.path for d in manifest.datasets
-                       if not Path(d.path).exists() or sha256_of_path(Path(d.path))[0] != d.sha256]
+            changed = [d.path for d in manifest.datasets if _input_changed(d)]
             if not changed:
                 logging.getLogger("genecorpus.resume").info("%s is complete and up to date: nothing to resume", out)
                 return BuildResult(out, manifest)
@@ -975,6 +1009,20 @@ def _finished_build(config: BuildConfig, mode: Mode, out: Path, *, overwrite: bo
     msg = (f"{out}: already exists and {why}; there is no unfinished build to resume; pass --overwrite to "
            "build it again")
     raise ConfigError(msg)
+
+
+def _input_changed(record: DatasetRecord) -> bool:
+    """Whether a dataset's input is gone or differs from what the manifest records.
+
+    A TileDB-SOMA experiment is compared by its token: a local one by the listing of its files, a remote one
+    not at all (remote experiments such as Census releases are taken to be immutable).
+    """
+    if record.soma is not None:
+        if not record.soma.local:
+            return False
+        identity = experiment_identity(record.soma.uri, snapshot_ms=record.soma.snapshot_ms)
+        return identity.token != record.soma.token
+    return not Path(record.path).exists() or sha256_of_path(Path(record.path))[0] != record.sha256
 
 
 def _require_cells(manifest: Manifest, *, max_datasets: int = 5) -> None:

@@ -15,6 +15,14 @@ A build manifest is a TOML file::
     release = "grch37"          # annotation release of the symbols; detected when omitted
     obs_columns = ["cell_type"]
     use_for_medians = true
+
+    [[datasets]]                # a TileDB-SOMA experiment: a local folder, or a URI (kept as it is)
+    path = "s3://cellxgene-census-public-us-west-2/cell-census/2024-07-01/soma/census_data/homo_sapiens"
+    id = "census-blood"
+    layer = "raw"               # the X layer with raw counts (measurement = "RNA" by default)
+    value_filter = 'tissue_general == "blood" and is_primary_data == True'
+    split_by = "dataset_id"     # the default for SOMA: each source dataset gets its own QC
+    tiledb_config = { "vfs.s3.region" = "us-west-2", "vfs.s3.no_sign_request" = "true" }
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from genecorpus.errors import ConfigError
 from genecorpus.io.block import DEFAULT_BLOCK_SIZE
+from genecorpus.io.registry import is_uri
 
 if TYPE_CHECKING:
     import os
@@ -54,21 +63,33 @@ class DatasetSpec(_Frozen):
     """One input dataset of a corpus."""
 
     path: str
-    """File or folder (10x matrix folder, AnnData ``.zarr`` folder) to read."""
+    """File or folder (10x matrix folder, AnnData ``.zarr`` folder, TileDB-SOMA experiment) to read, or the
+    URI of a TileDB-SOMA experiment (``s3://…``; a URI with a scheme is kept as it is)."""
     id: str | None = None
     """Value of the ``dataset_id`` column; defaults to the file name without its suffixes."""
     format: str | None = None
-    """Reader name (``h5ad``, ``zarr``, ``loom``, ``10x-mtx``, ``10x-h5``, ``csv``, ``tsv``); sniffed when omitted."""
+    """Reader name (``h5ad``, ``zarr``, ``loom``, ``10x-mtx``, ``10x-h5``, ``csv``, ``tsv``, ``soma``); sniffed when
+    omitted (a URI is read as ``soma``)."""
     gene_id: GeneIdKind = "auto"
     """Kind of gene identifiers in the input."""
     gene_column: str | None = None
-    """var column holding the identifiers; default ``ensembl_id`` when present, else the var index."""
+    """var column holding the identifiers; default ``ensembl_id`` or ``feature_id`` (CELLxGENE, the Census) when
+    present, else the var index (a SOMA experiment's ``var_id`` column, as ``tiledbsoma.io.from_h5ad`` writes it)."""
     release: str | None = None
     """Annotation release of gene symbols (e.g. ``grch37``, ``ensembl93``); detected when omitted."""
     layer: str | None = None
-    """Read ``layers[layer]`` instead of X (h5ad, zarr, loom)."""
+    """Read ``layers[layer]`` instead of X (h5ad, zarr, loom); for SOMA, the X layer (default ``raw`` when
+    present, e.g. the Census's raw counts, else ``data``, from_h5ad's X, else the only layer)."""
     use_raw: bool = False
-    """Read ``raw.X`` instead of X (h5ad, zarr)."""
+    """Read ``raw.X`` instead of X (h5ad, zarr; for SOMA the measurement ``raw``, where from_h5ad writes it)."""
+    measurement: str | None = None
+    """SOMA: the measurement to read; ``RNA`` when omitted."""
+    value_filter: str | None = None
+    """SOMA: the cells to read, as an obs filter in TileDB-SOMA's syntax, e.g.
+    ``is_primary_data == True and tissue_general == "blood"``; every cell when omitted."""
+    tiledb_config: dict[str, str] = Field(default_factory=dict)
+    """SOMA: TileDB configuration, e.g. ``{"vfs.s3.region" = "us-west-2", "vfs.s3.no_sign_request" = "true"}``
+    for the public Census bucket. Recorded in the manifest: keep credentials in the environment."""
     counts: Literal["auto", "X"] = "auto"
     """Where the raw counts are when neither ``layer`` nor ``use_raw`` says: ``auto`` reads X if it holds
     integer counts, else ``raw.X``, else ``layers["counts"]`` (CELLxGENE files keep normalized values in X),
@@ -84,9 +105,10 @@ class DatasetSpec(_Frozen):
     select_columns: tuple[str, ...] = ()
     """More boolean obs columns that pre-select cells like ``filter_column``: a cell is kept only with 1/True
     in every one of them (they must exist); dropped cells count under ``filter_pass``."""
-    split_by: str | None = None
+    split_by: str | Literal[False] | None = None
     """An obs column (e.g. ``donor_id``, ``sample``) whose values split the file into datasets ``<id>/<value>``,
-    each with its own QC (the card filters within a dataset), in the order of the values."""
+    each with its own QC (the card filters within a dataset), in the order of the values. For a SOMA experiment
+    the default is ``dataset_id`` when obs has it (the Census's source datasets); ``false`` never splits."""
     primary_only: bool = True
     """Drop the cells whose ``is_primary_data`` (CELLxGENE: the same cells are published elsewhere) is
     False, under ``not_primary_data``, when the dataset has that column."""
@@ -100,6 +122,24 @@ class DatasetSpec(_Frozen):
         for suffix in (".gz", ".h5ad", ".zarr", ".loom", ".h5", ".csv", ".tsv", ".txt"):
             name = name.removesuffix(suffix)
         return name
+
+    @field_validator("tiledb_config", mode="before")
+    @classmethod
+    def _config_values_as_text(cls, value: Any) -> Any:
+        """TileDB takes every setting as a string: TOML's ``true`` and ``1`` become ``"true"`` and ``"1"``."""
+        if not isinstance(value, dict):
+            return value
+        return {k: (str(v).lower() if isinstance(v, bool) else str(v)) if isinstance(v, bool | int | float) else v
+                for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _soma_options_for_soma(self) -> DatasetSpec:
+        given = [name for name in ("measurement", "value_filter", "tiledb_config") if getattr(self, name)]
+        if given and self.format is not None and self.format != "soma":
+            msg = (f"{given[0]} applies to TileDB-SOMA experiments (format = \"soma\"), not to format "
+                   f"{self.format!r}; remove it")
+            raise ValueError(msg)
+        return self
 
 
 class QCParams(_Frozen):
@@ -237,7 +277,7 @@ def describe_validation_error(e: ValidationError) -> str:
 
 
 def load_manifest(path: str | os.PathLike[str], **overrides: object) -> BuildConfig:
-    """Read a TOML build manifest; dataset paths are resolved against the manifest's folder."""
+    """Read a TOML build manifest; dataset paths are resolved against the manifest's folder (URIs are kept)."""
     path = Path(path)
     raw = _read_toml(path)
     raw.pop("cluster", None)  # where tasks run is not part of the corpus (see load_cluster_spec)
@@ -247,7 +287,7 @@ def load_manifest(path: str | os.PathLike[str], **overrides: object) -> BuildCon
         raise ConfigError(msg)
     base = path.resolve().parent
     for entry in datasets:
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and not is_uri(entry["path"]):
             entry["path"] = str((base / entry["path"]).resolve())
     for key in ("gene_medians", "token_dictionary", "gene_mapping"):
         if isinstance(raw.get(key), str):

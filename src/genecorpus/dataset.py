@@ -24,7 +24,9 @@ Examples
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -34,6 +36,9 @@ from genecorpus import _kernels, genes
 from genecorpus.corpus.manifest import DepthSource, GeneMappingSummary
 from genecorpus.errors import ConfigError, CountsError, GenecorpusError, GeneMappingError, InputError
 from genecorpus.io import CellBlock, open_dataset
+from genecorpus.io.block import QueryableSource
+from genecorpus.io.registry import is_uri
+from genecorpus.io.soma import is_soma_experiment
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -152,7 +157,13 @@ class DatasetPlan:
     part: str | None = None
     """The value of ``spec.split_by`` this plan reads (None: the whole file)."""
     rows: np.ndarray | None = None
-    """The file's rows of this part, ascending (int64); None: every row. Cell ``i`` of the plan is row ``rows[i]``."""
+    """The file's rows of this part, ascending (int64); None: every row. Cell ``i`` of the plan is row ``rows[i]``.
+    For a SOMA experiment, the soma_joinids its query (and part) selected."""
+    measurement: str | None = None
+    """SOMA: the measurement read (resolved: ``RNA``, or ``raw`` for ``use_raw``); None for files."""
+    snapshot_ms: int | None = None
+    """SOMA: the TileDB timestamp (ms since 1970) at which every task opens the experiment; None for files.
+    Not part of the plan's identity in resume keys (the experiment's content token is)."""
 
     @property
     def dataset_id(self) -> str:
@@ -160,12 +171,15 @@ class DatasetPlan:
         return self.spec.dataset_id if self.part is None else f"{self.spec.dataset_id}/{self.part}"
 
     def open(self) -> CellSource:
-        """Open the dataset for reading."""
-        return _open(self.spec, self.source, layer=self.layer, use_raw=self.use_raw)
+        """Open the dataset for reading (a SOMA experiment at the plan's snapshot)."""
+        return _open(self.spec, self.source, layer=self.layer, use_raw=self.use_raw, measurement=self.measurement,
+                     snapshot_ms=self.snapshot_ms)
 
     @property
     def matrix(self) -> str:
-        """Where the counts are read from: ``X``, ``raw.X`` or ``layers['<name>']``."""
+        """Where the counts are read from: ``X``, ``raw.X``, ``layers['<name>']`` or ``ms['RNA'].X['raw']``."""
+        if self.measurement is not None:
+            return f"ms[{self.measurement!r}].X[{self.layer!r}]"
         return "raw.X" if self.use_raw else f"layers[{self.layer!r}]" if self.layer else "X"
 
     def read_blocks(self, start: int, stop: int, *, block_size: int,
@@ -201,7 +215,13 @@ class DatasetPlan:
     def _read_cells(self, source: CellSource, start: int, stop: int, *, block_size: int,
                     obs_columns: list[str]) -> Iterator[tuple[int, CellBlock]]:
         """Cells ``start:stop`` of the plan as (index of the first, block); a part's rows are picked out of
-        the file's blocks of ``block_size`` rows, from its first row to its last (blocks without any are skipped)."""
+        the file's blocks of ``block_size`` rows, from its first row to its last (blocks without any are skipped),
+        or read ``block_size`` at a time from a source that reads any rows (a SOMA experiment)."""
+        if self.rows is not None and isinstance(source, QueryableSource):
+            for first in range(start, stop, block_size):
+                last = min(first + block_size, stop)
+                yield first, replace(self._read_selected(source, self.rows[first:last], obs_columns), start=first)
+            return
         if self.rows is None:
             for first in range(start, stop, block_size):
                 yield first, self._read_rows(source, first, min(first + block_size, stop), obs_columns)
@@ -220,6 +240,15 @@ class DatasetPlan:
                 counts=block.counts[pick], cell_ids=block.cell_ids[pick], start=start + int(a),
                 obs={name: np.asarray(values)[pick] for name, values in block.obs.items()},
                 value_dtype=block.value_dtype, dense_input=block.dense_input)
+
+    def _read_selected(self, source: QueryableSource, rows: np.ndarray, obs_columns: list[str]) -> CellBlock:
+        try:
+            return source.read_rows(rows, obs_columns=obs_columns)
+        except GenecorpusError:
+            raise
+        except (OSError, ValueError, KeyError) as e:
+            msg = f"{self.spec.path}: cannot read {len(rows)} cells from soma_joinid {rows[0]} on ({e})"
+            raise InputError(msg) from None
 
     def _read_rows(self, source: CellSource, first: int, last: int, obs_columns: list[str]) -> CellBlock:
         try:
@@ -337,9 +366,26 @@ def gene_keys(spec: DatasetSpec, *, mapping: Mapping[str, str] | None = None, so
         return _keys(opened, spec, mapping)[0]
 
 
-def _open(spec: DatasetSpec, source: Any, *, layer: str | None = None, use_raw: bool = False) -> CellSource:
+def _open(spec: DatasetSpec, source: Any, *, layer: str | None = None, use_raw: bool = False,
+          measurement: str | None = None, snapshot_ms: int | None = None) -> CellSource:
     target = source if source is not None else spec.path
-    return open_dataset(target, format=spec.format, layer=layer, use_raw=use_raw, cells_as_rows=spec.cells_as_rows)
+    return open_dataset(target, format=spec.format, layer=layer, use_raw=use_raw, cells_as_rows=spec.cells_as_rows,
+                        measurement=measurement or spec.measurement, snapshot_ms=snapshot_ms,
+                        tiledb_config=spec.tiledb_config or None)
+
+
+def _is_soma(spec: DatasetSpec, source: Any) -> bool:
+    """The dataset is a TileDB-SOMA experiment (declared, a URI, or a folder laid out as one)."""
+    if source is not None:
+        return False
+    if spec.format is not None:
+        return spec.format == "soma"
+    return is_uri(spec.path) or is_soma_experiment(Path(spec.path))
+
+
+def now_ms() -> int:
+    """The current time as a TileDB timestamp (milliseconds since 1970)."""
+    return time.time_ns() // 1_000_000
 
 
 COUNTS_PROBE_CELLS = 500
@@ -348,30 +394,31 @@ COUNTS_LAYER = "counts"
 """The layer that holds raw counts by convention (scanpy's and CELLxGENE submitters' ``layers["counts"]``)."""
 
 
-def _counts_matrix(spec: DatasetSpec, source: Any) -> tuple[str | None, bool]:
+def _counts_matrix(spec: DatasetSpec, source: Any, snapshot_ms: int | None = None) -> tuple[str | None, bool]:
     """``(layer, use_raw)`` of the matrix that holds the raw counts (see ``DatasetSpec.counts``).
 
     X is taken unless its first :data:`COUNTS_PROBE_CELLS` cells are not integer counts and ``raw.X`` or
     ``layers["counts"]`` exists; then the first of those whose cells are counts. When none is, the error is
-    X's own (which says what to do).
+    X's own (which says what to do). A SOMA experiment is read alike: its default X layer, else the
+    measurement ``raw`` (from_h5ad's ``raw.X``), else the X layer ``counts``.
     """
     if spec.layer is not None or spec.use_raw or spec.counts == "X":
         return spec.layer, spec.use_raw
     others = []
     for layer, use_raw in ((None, True), (COUNTS_LAYER, False)):
         try:
-            _open(spec, source, layer=layer, use_raw=use_raw).close()
+            _open(spec, source, layer=layer, use_raw=use_raw, snapshot_ms=snapshot_ms).close()
         except InputError:
             continue  # the format has no such matrix, or this file has none
         others.append((layer, use_raw))
     if not others:
         return None, False
     try:
-        _probe(spec, source, None, use_raw=False)
+        _probe(spec, source, None, use_raw=False, snapshot_ms=snapshot_ms)
     except CountsError as x_error:
         for layer, use_raw in others:
             try:
-                _probe(spec, source, layer, use_raw=use_raw)
+                _probe(spec, source, layer, use_raw=use_raw, snapshot_ms=snapshot_ms)
             except CountsError:
                 continue
             return layer, use_raw
@@ -379,8 +426,8 @@ def _counts_matrix(spec: DatasetSpec, source: Any) -> tuple[str | None, bool]:
     return None, False
 
 
-def _probe(spec: DatasetSpec, source: Any, layer: str | None, *, use_raw: bool) -> None:
-    with _open(spec, source, layer=layer, use_raw=use_raw) as opened:
+def _probe(spec: DatasetSpec, source: Any, layer: str | None, *, use_raw: bool, snapshot_ms: int | None) -> None:
+    with _open(spec, source, layer=layer, use_raw=use_raw, snapshot_ms=snapshot_ms) as opened:
         opened.read_block(0, min(opened.n_cells, COUNTS_PROBE_CELLS))
 
 
@@ -395,7 +442,7 @@ def _filtered_out(opened: CellSource, spec: DatasetSpec, source: Any, *, use_raw
 
     ``raw.X`` has its own var, without the column: it is then looked up in X's var by gene name.
     """
-    flags_of = _open(spec, source) if use_raw else opened
+    flags_of = _open(spec, source, snapshot_ms=getattr(opened, "snapshot_ms", None)) if use_raw else opened
     if FILTERED_COLUMN not in flags_of.var_columns:
         if flags_of is not opened:
             flags_of.close()
@@ -419,6 +466,7 @@ def plan_dataset(
     unmapped: Literal["drop", "keep"] = "drop",
     index: int = 0,
     source: Any = None,
+    snapshot_ms: int | None = None,
 ) -> DatasetPlan:
     """Open a dataset and map its gene columns onto ``universe``: the one entry point for reading cells.
 
@@ -442,18 +490,25 @@ def plan_dataset(
         Position of the dataset in the corpus.
     source
         An in-memory ``anndata.AnnData`` to read instead of ``spec.path``.
+    snapshot_ms
+        For a TileDB-SOMA experiment: the TileDB timestamp (ms) to read it at; now when None. Its
+        ``value_filter`` is run here, once: the plan's ``rows`` are the soma_joinids it selects.
 
     Raises
     ------
     InputError
-        The dataset cannot be opened, none of its genes is in the universe, or an obs column is missing.
+        The dataset cannot be opened, none of its genes is in the universe, an obs column is missing, or a
+        SOMA ``value_filter`` cannot be applied or selects no cell.
     GeneMappingError
         Its identifiers cannot be mapped (``unmapped="drop"``).
     ConfigError
         ``gene_column`` or an obs column is not in the dataset.
     """
-    layer, use_raw = _counts_matrix(spec, source)
-    with _open(spec, source, layer=layer, use_raw=use_raw) as opened:
+    if _is_soma(spec, source) and snapshot_ms is None:
+        snapshot_ms = now_ms()  # every read of the plan, here and in the tasks, sees this one snapshot
+    layer, use_raw = _counts_matrix(spec, source, snapshot_ms)
+    with _open(spec, source, layer=layer, use_raw=use_raw, snapshot_ms=snapshot_ms) as opened:
+        selected = _selected_rows(opened, spec)
         if unmapped == "drop":
             mapped: genes.GeneMapping | None = _map(opened, spec, mapping)
             keys = mapped.ensembl_ids
@@ -486,15 +541,40 @@ def plan_dataset(
             msg = (f"{opened.path}: obs column {missing[0]!r} not found; available: "
                    f"{', '.join(sorted(obs)) or 'none'}")
             raise ConfigError(msg)
+        soma = isinstance(opened, QueryableSource)
         return DatasetPlan(
-            index=index, spec=spec, n_cells=opened.n_cells, n_genes=len(universe), col_to_gene=col_to_gene,
+            index=index, spec=spec, n_cells=opened.n_cells if selected is None else len(selected),
+            n_genes=len(universe), col_to_gene=col_to_gene,
             is_mito_col=is_mito, gene_summary=summary,
             depth=DepthSource.OBS_N_COUNTS if use_obs_n_counts and "n_counts" in obs else DepthSource.TOTAL_COUNTS,
             filter_column=spec.filter_column if spec.filter_column in obs else None,
             select_columns=tuple(spec.select_columns),
             primary_column=PRIMARY_COLUMN if spec.primary_only and PRIMARY_COLUMN in obs else None,
-            layer=layer, use_raw=use_raw, injective=n_distinct == n_used, source=source,
+            layer=getattr(opened, "layer", None) if soma else layer, use_raw=use_raw and not soma,
+            injective=n_distinct == n_used, source=source, rows=selected,
+            measurement=getattr(opened, "measurement", None) if soma else None,
+            snapshot_ms=getattr(opened, "snapshot_ms", None) if soma else None,
         )
+
+
+def _selected_rows(opened: CellSource, spec: DatasetSpec) -> np.ndarray | None:
+    """The rows a queryable source's ``value_filter`` selects (every row without one); None for a file."""
+    if not isinstance(opened, QueryableSource):
+        if spec.value_filter is not None:
+            msg = (f"{opened.path}: value_filter applies to TileDB-SOMA experiments, not to the {opened.format} "
+                   "format; remove it (select cells with select_columns)")
+            raise ConfigError(msg)
+        return None
+    rows, _ = opened.query_obs(spec.value_filter)
+    if spec.value_filter is not None and not len(rows):
+        msg = (f"{opened.path}: value_filter {spec.value_filter!r} selects no cell of the {opened.n_cells} in obs; "
+               "check the column names and values it compares")
+        raise InputError(msg)
+    return rows
+
+
+SOMA_SPLIT_COLUMN = "dataset_id"
+"""The obs column a SOMA experiment is split by when ``split_by`` is not given: the Census's source datasets."""
 
 
 def split_dataset(plan: DatasetPlan) -> list[DatasetPlan]:
@@ -502,7 +582,9 @@ def split_dataset(plan: DatasetPlan) -> list[DatasetPlan]:
 
     Parts come in the order of their values (as strings, sorted), each with the rows that hold its value;
     each is its own dataset for QC, medians and the manifest, ``<id>/<value>``. A plan without
-    ``split_by`` is returned alone.
+    ``split_by`` is returned alone. A SOMA experiment is split by :data:`SOMA_SPLIT_COLUMN` unless
+    ``split_by`` says otherwise (``false``: not at all); the column is read for the query's cells only,
+    in the same scan of obs that runs its ``value_filter``.
 
     Raises
     ------
@@ -510,17 +592,30 @@ def split_dataset(plan: DatasetPlan) -> list[DatasetPlan]:
         The dataset has no such obs column.
     """
     column = plan.spec.split_by
-    if column is None:
+    if column is False or (column is None and plan.measurement is None):
         return [plan]
     with plan.open() as source:
+        if column is None:  # a SOMA experiment
+            if SOMA_SPLIT_COLUMN not in source.obs_columns:
+                return [plan]
+            column = SOMA_SPLIT_COLUMN
         if column not in source.obs_columns:
             msg = (f"{plan.spec.path}: no obs column {column!r} to split by; available: "
                    f"{', '.join(sorted(source.obs_columns)) or 'none'}")
             raise ConfigError(msg)
-        values = np.array([str(v) for v in np.asarray(source.obs_column(column)).tolist()], dtype=object)
+        if isinstance(source, QueryableSource) and plan.rows is not None:
+            selected, found = source.query_obs(plan.spec.value_filter, column=column)
+            if not np.array_equal(selected, plan.rows):
+                msg = f"{plan.spec.path}: the query selected other cells than when planned; build again"
+                raise InputError(msg)
+            assert found is not None
+            positions: np.ndarray = plan.rows
+        else:
+            found, positions = np.asarray(source.obs_column(column)), np.arange(plan.n_cells, dtype=np.int64)
+        values = np.array([str(v) for v in found.tolist()], dtype=object)
     parts = []
     for value in sorted(set(values.tolist())):
-        rows = np.flatnonzero(values == value).astype(np.int64)
+        rows = positions[values == value].astype(np.int64)
         parts.append(replace(plan, part=value, rows=rows, n_cells=len(rows)))
     return parts
 

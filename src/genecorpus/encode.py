@@ -21,6 +21,7 @@ import pyarrow as pa
 from genecorpus import _kernels
 from genecorpus.corpus.manifest import DROP_REASONS
 from genecorpus.corpus.shards import ColumnSpec, ShardWriter
+from genecorpus.io.block import QueryableSource
 from genecorpus.qc import NO_VOCAB_REASON, count_reasons
 from genecorpus.vocab import LAYOUTS
 
@@ -359,8 +360,12 @@ def metadata_columns(plans: Sequence[DatasetPlan]) -> tuple[ColumnSpec, ...]:
                 types.setdefault(name, set())
             continue
         source = plan.open()
+        first = int(plan.rows[0]) if plan.rows is not None else 0  # the plan's first cell
         try:
-            sample = source.read_block(0, 1, obs_columns=list(plan.spec.obs_columns)).obs
+            if isinstance(source, QueryableSource) and plan.rows is not None:
+                sample = source.read_rows(plan.rows[:1], obs_columns=list(plan.spec.obs_columns)).obs
+            else:
+                sample = source.read_block(first, first + 1, obs_columns=list(plan.spec.obs_columns)).obs
         finally:
             source.close()
         for name in plan.spec.obs_columns:

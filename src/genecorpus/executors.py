@@ -209,7 +209,8 @@ class LocalExecutor:
             done_count += len(done)
             if self.progress and done:
                 self.progress(stage, done_count, total)
-            while combined in futures and futures[combined].done():
+            # a future that failed after the wait above (a worker died meanwhile) is left to the next wait
+            while combined in futures and futures[combined].done() and futures[combined].exception() is None:
                 acc = combine(acc, futures.pop(combined).result())
                 combined += 1
         return acc

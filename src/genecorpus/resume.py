@@ -4,7 +4,8 @@ A build assembles its corpus in ``.<out>.incomplete/`` (a sibling of ``OUT``, so
 one file system)::
 
     lock                        held (flock) by the build that owns the folder
-    inputs.json                 per input path: the token that names its content, size/mtime, sha256
+    inputs.json                 per input path: the token that names its content, size/mtime, sha256; per
+                                TileDB-SOMA experiment: its token and the snapshot timestamp it is read at
     tasks/<stage>/<key>.pkl     a finished task's result (zlib-compressed pickle, written atomically)
     tasks/<stage>/<key>.json    what the key was made of (to say why a task is redone)
     parts/<key>.arrow           the Arrow part an encoding task wrote
@@ -51,6 +52,7 @@ from pydantic import BaseModel
 
 from genecorpus.corpus.folder import sha256_of_path
 from genecorpus.errors import ConfigError, TaskFailure
+from genecorpus.io.soma import ExperimentIdentity, experiment_identity
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -157,12 +159,13 @@ class TaskKeys:
     work
         The build's work folder (where the records are).
     tokens
-        Content token of each input path (:meth:`WorkFolder.input_tokens`); in-memory datasets have none.
+        Content token of each input, by the ``path`` of its datasets' specs (:meth:`WorkFolder.input_tokens`,
+        :meth:`WorkFolder.soma_snapshot`); in-memory datasets have none.
     qc_settings
         Fingerprint of what the QC pass depends on besides its cells.
     """
 
-    def __init__(self, work: WorkFolder, tokens: dict[Path, str], qc_settings: str) -> None:
+    def __init__(self, work: WorkFolder, tokens: dict[str, str], qc_settings: str) -> None:
         self.work = work
         self.tokens = tokens
         self.qc_settings = qc_settings
@@ -171,15 +174,16 @@ class TaskKeys:
 
     def _plan(self, plan: DatasetPlan) -> str:
         if id(plan) not in self._plans:
-            self._plans[id(plan)] = (plan, fingerprint(
-                {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name not in ("index", "source")}))
+            # the snapshot a SOMA experiment is read at is not the plan's identity: its content token is
+            self._plans[id(plan)] = (plan, fingerprint({f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)
+                                                        if f.name not in ("index", "source", "snapshot_ms")}))
         return self._plans[id(plan)][1]
 
     def components(self, plans: Sequence[DatasetPlan], cells: CellRange, settings: str,
                    upstream: str | None = None) -> tuple[str, dict[str, str]]:
         """The task's slot (dataset and cells, for messages) and its key components."""
         plan = plans[cells.dataset]
-        comps = {"code": code_fingerprint(), "input": self.tokens.get(Path(plan.spec.path), "in-memory"),
+        comps = {"code": code_fingerprint(), "input": self.tokens.get(plan.spec.path, "in-memory"),
                  "dataset": self._plan(plan), "cells": f"{cells.start}:{cells.stop}", "settings": settings}
         if upstream is not None:
             comps["upstream"] = upstream
@@ -474,6 +478,36 @@ class WorkFolder:
                 self._inputs[str(path)] = entry
         self._save_inputs()
         return tokens
+
+    def soma_snapshot(self, uri: str) -> int | None:
+        """The snapshot timestamp (ms) to read a TileDB-SOMA experiment at: the interrupted build's, if any.
+
+        A resumed build reads an experiment at the timestamp the interrupted one recorded when the
+        experiment is unchanged: always for a remote one (taken to be immutable), and for a local one when
+        the listing of its files is the same. Otherwise (a fresh build, or a changed local experiment,
+        whose tasks are then redone) it returns None: the build takes a new snapshot.
+        """
+        if not self.resumed:
+            return None
+        with self._inputs_lock:
+            rec = self._inputs.get(uri)
+        if rec is None or rec.get("snapshot_ms") is None:
+            return None
+        snapshot = int(rec["snapshot_ms"])
+        if experiment_identity(uri, snapshot_ms=snapshot).token == rec.get("token"):
+            return snapshot
+        logger.warning("%s: changed since the interrupted build (its files differ); its tasks are redone", uri)
+        return None
+
+    def record_soma_snapshot(self, uri: str, snapshot_ms: int) -> ExperimentIdentity:
+        """Remember the snapshot a TileDB-SOMA experiment is read at; returns its identity (its token names
+        its content in task keys and the manifest)."""
+        identity = experiment_identity(uri, snapshot_ms=snapshot_ms)
+        with self._inputs_lock:
+            self._inputs[uri] = {"token": identity.token, "snapshot_ms": snapshot_ms, "bytes": identity.n_bytes,
+                                 "local": identity.local}
+        self._save_inputs()
+        return identity
 
     def record_digest(self, path: Path, sha256: str, identity: Sequence[int]) -> None:
         """Remember an input's sha256 (called from the hashing thread) if the file did not change."""

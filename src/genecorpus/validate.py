@@ -60,10 +60,11 @@ from genecorpus.corpus.folder import (
     sha256_of_path,
 )
 from genecorpus.corpus.manifest import DatasetRecord, DepthSource, GivenMedians, Manifest
-from genecorpus.dataset import DatasetPlan, GeneBlock, plan_dataset
+from genecorpus.dataset import DatasetPlan, GeneBlock, plan_dataset, split_dataset
 from genecorpus.encode import SPEC_ARITHMETIC, Arithmetic
 from genecorpus.errors import DictionaryError, GenecorpusError, InputError
 from genecorpus.io import DEFAULT_BLOCK_SIZE
+from genecorpus.io.soma import experiment_identity, local_experiment_path
 from genecorpus.vocab import (
     LAYOUTS,
     Layout,
@@ -450,10 +451,20 @@ def _check_inputs(manifest: Manifest | None, *, check_inputs: bool,
         tally.skipped = "not requested"
         return tally, set()
     available = set()
+    remote = 0
     for i, entry in enumerate(manifest.datasets):
         tally.n_checked += 1
         path, digest = entry.path, entry.sha256
-        if entry.in_memory:
+        if entry.soma is not None:
+            reason = _soma_input_problem(entry)
+            if reason is None:
+                available.add(i)
+                continue
+            if not entry.soma.local:  # nothing to check: a note, never a failure
+                tally.notes.append(Problem(reason, dataset_id=entry.dataset_id).describe())
+                remote += 1
+                continue
+        elif entry.in_memory:
             reason = "an in-memory AnnData; it cannot be read again"
         elif not Path(path).exists():
             reason = f"{path} not found"
@@ -467,11 +478,33 @@ def _check_inputs(manifest: Manifest | None, *, check_inputs: bool,
             tally.fail(problem)
         else:
             tally.notes.append(problem.describe())
-    n_missing = tally.n_checked - len(available)
+    n_missing = tally.n_checked - len(available) - remote
     if n_missing and not require_inputs:
         tally.skipped = (f"{n_missing} of {tally.n_checked} inputs missing or changed: their cells are not "
                          f"recomputed (--require-inputs makes this a failure)")
+    elif remote:
+        tally.skipped = (f"{remote} of {tally.n_checked} inputs are remote TileDB-SOMA experiments: not checked "
+                         "(taken to be immutable at their snapshot), their cells not recomputed")
     return tally, available
+
+
+def _soma_input_problem(entry: DatasetRecord) -> str | None:
+    """Why a TileDB-SOMA experiment cannot be read again as the build read it (None: it can).
+
+    A local experiment is listed again (its files and their sizes: the token); a remote one is not checked,
+    nor read (recomputing a sample would read whole queries over the network).
+    """
+    assert entry.soma is not None
+    uri = entry.soma.uri
+    if not entry.soma.local:
+        return (f"{uri} is a remote TileDB-SOMA experiment: not checked (taken to be immutable at its snapshot "
+                f"{entry.soma.snapshot_ms}); its cells are not recomputed")
+    folder = local_experiment_path(uri)
+    if folder is None or not folder.is_dir():
+        return f"{uri} not found"
+    if experiment_identity(uri, snapshot_ms=entry.soma.snapshot_ms).token != entry.soma.token:
+        return f"{uri} changed since the corpus was made (its files differ from the manifest's listing)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------- encoding
@@ -527,8 +560,12 @@ class _InputCells:
                  geneformer_arithmetic: bool) -> None:
         spec = record.spec.model_copy(update={"release": record.spec.release or record.genes.release})
         self.dataset_id = spec.dataset_id
-        self.plan: DatasetPlan = plan_dataset(spec, universe=vocab.gene_ids, mapping=mapping,
-                                              use_obs_n_counts=record.depth is DepthSource.OBS_N_COUNTS)
+        plan = plan_dataset(spec, universe=vocab.gene_ids, mapping=mapping,
+                            use_obs_n_counts=record.depth is DepthSource.OBS_N_COUNTS,
+                            snapshot_ms=record.soma.snapshot_ms if record.soma is not None else None)
+        if record.split_value is not None:  # read only the part's cells
+            plan = next((p for p in split_dataset(plan) if p.part == record.split_value), plan)
+        self.plan: DatasetPlan = plan
         self.blocks: Iterator[GeneBlock] = self.plan.read_blocks(0, self.plan.n_cells, block_size=DEFAULT_BLOCK_SIZE)
         self.geneformer_arithmetic = geneformer_arithmetic
         self.block: _InputBlock | None = None
@@ -1113,7 +1150,9 @@ def validate_corpus(
 
     results = scan.results(manifest, len(files.shards))
     results["dictionaries"] = _dictionaries_result(dictionaries, vocab, manifest)
-    results["inputs"] = inputs.result(f"{inputs.n_checked} input(s) present, sha256 as recorded")
+    soma = manifest is not None and any(d.soma is not None for d in manifest.datasets)
+    results["inputs"] = inputs.result(f"{inputs.n_checked} input(s) present, sha256 as recorded"
+                                      + (" (a SOMA experiment's: the listing of its files)" if soma else ""))
     results["encoding"] = _encoding_result(encoding_tally, encoding, stride)
     return ValidationReport(
         path=files.root if files.kind == "arrow" else Path(path), kind=files.kind, layout=layout.name,

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from conftest import Dataset
 
-FORMATS = ["h5ad", "anndata", "loom", "10x-h5", "10x-mtx", "csv", "tsv", "txt", "zarr"]
+FORMATS = ["h5ad", "anndata", "loom", "10x-h5", "10x-mtx", "csv", "tsv", "txt", "zarr", "soma"]
 
 
 def test_known_formats() -> None:

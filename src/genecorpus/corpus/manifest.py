@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DROP_REASONS", "FORMAT", "RULE_ORDER", "CellCounts", "ComputedMedians", "CorpusSummary", "DatasetRecord",
-    "DepthSource", "GeneMappingSummary", "GivenMedians", "Manifest", "QCThresholds", "SkippedDataset", "Stage",
+    "DepthSource", "GeneMappingSummary", "GivenMedians", "Manifest", "QCThresholds", "SkippedDataset", "SomaInput",
+    "Stage",
     "VocabularySummary", "package_versions",
 ]
 
@@ -124,15 +125,41 @@ class CellCounts(_Record):
         return {reason: value.get(reason, 0) for reason in DROP_REASONS}
 
 
+class SomaInput(_Record):
+    """A TileDB-SOMA experiment read by a dataset: which cells of which snapshot, and what names its content."""
+
+    uri: str
+    """Local folder or URI of the experiment (as the manifest gave it)."""
+    snapshot_ms: int
+    """TileDB timestamp (ms since 1970) at which every object of the experiment was opened: reading it again at
+    this timestamp gives the same cells."""
+    token: str
+    """``soma-files:<sha256>`` of the listing of a local experiment's files (relative path and size), or
+    ``soma-uri:<sha256>`` of a remote one's URI and snapshot (taken to be immutable)."""
+    local: bool
+    """A local experiment (its listing can be checked again)."""
+    measurement: str
+    layer: str
+    """The X layer the counts were read from."""
+    value_filter: str | None
+    """The obs filter that selected the cells (None: every cell)."""
+    n_selected: int
+    """Cells the filter selected (in every part of a split)."""
+    n_vars: int
+    """Genes of the measurement."""
+
+
 class DatasetRecord(_Record):
     """One dataset of the corpus: where it came from, how it was read, and where its cells went."""
 
     dataset_id: str
     path: str
-    """The input; ``"<AnnData>"`` for an in-memory object."""
+    """The input; ``"<AnnData>"`` for an in-memory object; a TileDB-SOMA experiment's URI."""
     sha256: str
-    """The input's sha256 (a folder's: over its files); ``"in-memory"`` for an AnnData."""
+    """The input's sha256 (a folder's: over its files); ``"in-memory"`` for an AnnData; a TileDB-SOMA
+    experiment's token (see :attr:`SomaInput.token`: its files are listed, not hashed)."""
     bytes: int
+    """The input's size (a local SOMA experiment's files; 0 for a remote one)."""
     spec: DatasetSpec
     genes: GeneMappingSummary
     depth: DepthSource
@@ -149,6 +176,8 @@ class DatasetRecord(_Record):
     """``is_primary_data`` when the input has it and ``spec.primary_only`` (its False cells were dropped)."""
     split_value: str | None = None
     """For a part of a file split by ``spec.split_by``: the value its cells hold (its id is ``<id>/<value>``)."""
+    soma: SomaInput | None = None
+    """For a TileDB-SOMA experiment: the snapshot and query read (None for files)."""
 
     @property
     def in_memory(self) -> bool:

@@ -15,6 +15,9 @@ name given, else by the path's suffix (confirmed by the sniffer when the suffix 
 ``tsv``     tab-separated text, optionally ``.gz`` (``cells_as_rows=``)
 ``txt``     ``.txt`` text whose delimiter is sniffed (``cells_as_rows=``)
 ``zarr``    AnnData ``.zarr`` folder, zarr format 2 or 3 (X as in h5ad; ``layer=``; ``use_raw=``)
+``soma``    TileDB-SOMA experiment, a local folder or a URI such as the CELLxGENE Census's
+            (``measurement=``; ``layer=``; ``use_raw=``; ``snapshot_ms=``; ``tiledb_config=``); needs
+            the ``soma`` extra
 ========== ===============================================================================
 
 Inside: :mod:`~genecorpus.io.registry` holds the registry and :func:`open_dataset`;
@@ -22,7 +25,7 @@ Inside: :mod:`~genecorpus.io.registry` holds the registry and :func:`open_datase
 validation every block goes through; :mod:`~genecorpus.io.store` the arrays and groups of HDF5 files
 and zarr folders read by row range; :mod:`~genecorpus.io.hdf5` what the HDF5 formats share;
 :mod:`~genecorpus.io.anndata_layout` anndata's on-disk layout, which h5ad and zarr share; one module
-per format (``h5ad``, ``memory``, ``loom``, ``tenx``, ``text``, ``zarr``) registers its readers.
+per format (``h5ad``, ``memory``, ``loom``, ``tenx``, ``text``, ``zarr``, ``soma``) registers its readers.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from genecorpus.io.registry import iter_block_ranges, known_formats, open_datase
 
 # Importing a format module registers its readers, in the order of this import: the order in which
 # known_formats() lists the formats and open_dataset tries their content tests, so it is not sorted.
-from genecorpus.io import h5ad, memory, loom, tenx, text, zarr  # isort: skip
+from genecorpus.io import h5ad, memory, loom, tenx, text, zarr, soma  # isort: skip
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -44,5 +47,5 @@ __all__ = [
     "register_reader",
 ]
 
-_READER_MODULES = (h5ad, memory, loom, tenx, text, zarr)
+_READER_MODULES = (h5ad, memory, loom, tenx, text, zarr, soma)
 """The modules of the built-in readers, in registration order."""

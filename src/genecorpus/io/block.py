@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import numpy as np
     import scipy.sparse as sp
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "CellBlock", "CellSource"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "CellBlock", "CellSource", "QueryableSource"]
 
 DEFAULT_BLOCK_SIZE = 2_000
 """Cells per block when the caller does not say."""
@@ -96,4 +96,21 @@ class CellSource(Protocol):
 
     def close(self) -> None:
         """Release open file handles."""
+        ...
+
+
+@runtime_checkable
+class QueryableSource(CellSource, Protocol):
+    """A :class:`CellSource` whose cells are selected by a query and read by row number, in any set.
+
+    A TileDB-SOMA experiment (:class:`~genecorpus.io.soma.SomaReader`): its rows are soma_joinids, a build
+    runs the query once when it plans and its tasks read the selected rows in blocks.
+    """
+
+    def read_rows(self, rows: np.ndarray, *, obs_columns: Sequence[str] = ()) -> CellBlock:
+        """Read the cells ``rows`` (ascending, distinct; int64) as validated raw counts, in that order."""
+        ...
+
+    def query_obs(self, value_filter: str | None, *, column: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows ``value_filter`` selects (ascending; every row when None), and ``column``'s values for them."""
         ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,11 +18,12 @@ from genecorpus.errors import InputError
 from genecorpus.io.block import DEFAULT_BLOCK_SIZE, CellSource
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "OPTIONS",
     "ReaderSpec",
+    "is_uri",
     "iter_block_ranges",
     "known_formats",
     "open_dataset",
@@ -30,8 +32,24 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = ("layer", "use_raw", "cells_as_rows")
+OPTIONS = ("layer", "use_raw", "cells_as_rows", "measurement", "snapshot_ms", "tiledb_config")
 """Reader options of :func:`open_dataset`; each reader declares the ones it understands."""
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(source: object) -> bool:
+    """Whether ``source`` is a URI with a scheme (``s3://…``, ``gs://…``, ``tiledb://…``, ``file://…``).
+
+    Such a source is a string everywhere: it is never resolved against a folder nor checked for on the
+    local file system, and only readers registered with ``uris=True`` open it.
+
+    Examples
+    --------
+    >>> is_uri("s3://cellxgene-census-public-us-west-2/cell-census"), is_uri("data/pbmc.h5ad")
+    (True, False)
+    """
+    return isinstance(source, str) and _URI_SCHEME.match(source) is not None
 
 
 Opener = TypeVar("Opener", bound="Callable[..., CellSource]")
@@ -54,6 +72,8 @@ class ReaderSpec:
     """The opener takes in-memory objects (e.g. ``AnnData``) rather than paths."""
     folders: bool = False
     """The format's sources are folders named with one of its suffixes (``.zarr``)."""
+    uris: bool = False
+    """The opener also takes URIs with a scheme (``s3://…``), as strings (see :func:`is_uri`)."""
 
 
 _READERS: dict[str, ReaderSpec] = {}
@@ -67,6 +87,7 @@ def register_reader(
     options: tuple[str, ...] = (),
     in_memory: bool = False,
     folders: bool = False,
+    uris: bool = False,
 ) -> Callable[[Opener], Opener]:
     """Register the decorated function as the opener of input format ``name``.
 
@@ -83,8 +104,8 @@ def register_reader(
         folders, or the object itself for in-memory sources, and must return False rather than
         raise.
     options
-        The :func:`open_dataset` options (``layer``, ``use_raw``, ``cells_as_rows``) the opener
-        accepts; giving any other one for this format is an :class:`~genecorpus.errors.InputError`.
+        The :func:`open_dataset` options (names from :data:`OPTIONS`) the opener accepts; giving
+        any other one for this format is an :class:`~genecorpus.errors.InputError`.
     in_memory
         The opener takes an in-memory object (such as an ``anndata.AnnData``) instead of a
         :class:`~pathlib.Path`.
@@ -92,6 +113,9 @@ def register_reader(
         The format's sources are folders named with one of ``suffixes`` (a ``.zarr`` store): a
         folder with such a name that no content test recognizes goes to this opener, which says
         what is wrong with it (other folders are detected by content only).
+    uris
+        The opener also takes URIs with a scheme (``s3://bucket/…``), given to it as strings; a URI
+        with no ``format`` goes to the first such reader.
 
     Returns
     -------
@@ -123,6 +147,7 @@ def register_reader(
             options=frozenset(options),
             in_memory=in_memory,
             folders=folders,
+            uris=uris,
         )
         return opener
 
@@ -170,6 +195,12 @@ def _sniff(spec: ReaderSpec, source: Any) -> bool:
 
 
 def _detect_format(source: Any) -> ReaderSpec:
+    if is_uri(source):
+        for spec in _READERS.values():
+            if spec.uris:
+                return spec
+        msg = f"{source}: no reader opens URIs (known formats: {_known_list()}); give a local path"
+        raise InputError(msg)
     if not isinstance(source, Path):
         for spec in _READERS.values():
             if _sniff(spec, source):
@@ -190,7 +221,8 @@ def _detect_format(source: Any) -> ReaderSpec:
         msg = (
             f"{source}: a folder that no reader recognizes (folders are read as 10x matrix "
             "folders with matrix.mtx[.gz], features.tsv[.gz] or genes.tsv[.gz] and "
-            "barcodes.tsv[.gz]); give a data file or a 10x matrix folder"
+            "barcodes.tsv[.gz], AnnData .zarr folders, TileDB-SOMA experiments); give a data file or one of "
+            "those folders"
         )
         raise InputError(msg)
     name = source.name.lower()
@@ -239,13 +271,17 @@ def open_dataset(
     layer: str | None = None,
     use_raw: bool = False,
     cells_as_rows: bool | None = None,
+    measurement: str | None = None,
+    snapshot_ms: int | None = None,
+    tiledb_config: Mapping[str, str] | None = None,
 ) -> CellSource:
     """Open one input dataset as a :class:`CellSource` of raw-count row blocks.
 
     Parameters
     ----------
     source
-        Path of a file, 10x folder or zarr folder, or an in-memory ``anndata.AnnData``.
+        Path of a file, 10x folder, zarr folder or TileDB-SOMA experiment folder, the URI of a
+        TileDB-SOMA experiment (``s3://…``, kept as a string), or an in-memory ``anndata.AnnData``.
     format
         Registered format name (see :func:`known_formats`); detected from the suffix or the content
         when None.
@@ -255,6 +291,13 @@ def open_dataset(
         Read counts from ``raw.X`` (genes from ``raw.var``) instead of X (h5ad, zarr, AnnData).
     cells_as_rows
         Orientation of a CSV/TSV table; detected (and logged) when None.
+    measurement
+        The measurement of a TileDB-SOMA experiment to read (default ``RNA``).
+    snapshot_ms
+        Open every object of a TileDB-SOMA experiment at this TileDB timestamp (milliseconds since
+        1970); now when None.
+    tiledb_config
+        TileDB configuration for a TileDB-SOMA experiment (e.g. ``{"vfs.s3.region": "us-west-2"}``).
 
     Returns
     -------
@@ -273,7 +316,7 @@ def open_dataset(
     ...     source.read_block(0, 2).counts.toarray().tolist()
     [[1, 0], [0, 3]]
     """
-    if isinstance(source, str | os.PathLike):
+    if isinstance(source, str | os.PathLike) and not is_uri(source):
         source = Path(source)
         if not source.exists():
             msg = f"{source}: no such file or folder; check the path"
@@ -289,16 +332,19 @@ def open_dataset(
             "fix format or omit it to detect the format"
         )
         raise InputError(msg)
-    if spec.in_memory == isinstance(source, Path):
+    if is_uri(source) and not spec.uris:
+        msg = f"{source}: format {spec.name!r} reads local files, not URIs; download the file and give its path"
+        raise InputError(msg)
+    if not is_uri(source) and spec.in_memory == isinstance(source, Path):
         wanted = "an in-memory object" if spec.in_memory else "a file or folder path"
         given_what = str(source) if isinstance(source, Path) else f"a {type(source).__name__}"
         msg = f"format {spec.name!r} reads {wanted}, not {given_what}; omit format= to detect it"
         raise InputError(msg)
-    given = {
-        "layer": layer is not None,
-        "use_raw": use_raw,
-        "cells_as_rows": cells_as_rows is not None,
-    }
+    options = {"layer": layer, "use_raw": use_raw, "cells_as_rows": cells_as_rows, "measurement": measurement,
+               "snapshot_ms": snapshot_ms, "tiledb_config": tiledb_config}
+    given = {"layer": layer is not None, "use_raw": use_raw, "cells_as_rows": cells_as_rows is not None,
+             "measurement": measurement is not None, "snapshot_ms": snapshot_ms is not None,
+             "tiledb_config": bool(tiledb_config)}
     refused = [name for name, is_given in given.items() if is_given and name not in spec.options]
     if refused:
         accepted = ", ".join(sorted(spec.options)) or "none"
@@ -307,7 +353,6 @@ def open_dataset(
             f"(its options: {accepted}); remove it"
         )
         raise InputError(msg)
-    options = {"layer": layer, "use_raw": use_raw, "cells_as_rows": cells_as_rows}
     try:
         return spec.opener(source, **{name: options[name] for name in spec.options})
     except InputError as exc:

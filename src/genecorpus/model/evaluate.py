@@ -45,6 +45,7 @@ from genecorpus.corpus.shards import publish_folder
 from genecorpus.dataset import gene_keys, plan_dataset
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.io import DEFAULT_BLOCK_SIZE
+from genecorpus.io.registry import is_uri
 
 if TYPE_CHECKING:
     import anndata
@@ -381,6 +382,8 @@ class _CountSource:
     """Cells of this dataset are looked up here; None: any cell whose id is found."""
     spec: DatasetSpec
     """The path, reader options and gene identifiers (as the corpus read them)."""
+    snapshot_ms: int | None = None
+    """A TileDB-SOMA experiment is read at the snapshot the corpus was built from."""
 
 
 def _sources_from_manifest(corpus: str | os.PathLike[str]) -> list[_CountSource]:
@@ -390,7 +393,8 @@ def _sources_from_manifest(corpus: str | os.PathLike[str]) -> list[_CountSource]
                "pass the count files with --counts")
         raise InputError(msg)
     manifest = Manifest.read(root / MANIFEST)
-    sources = [_CountSource(d.dataset_id, d.spec.model_copy(update={"release": d.spec.release or d.genes.release}))
+    sources = [_CountSource(d.dataset_id, d.spec.model_copy(update={"release": d.spec.release or d.genes.release}),
+                            d.soma.snapshot_ms if d.soma is not None else None)
                for d in manifest.datasets]
     if not sources:
         msg = f"{root / MANIFEST}: lists no datasets; pass the count files with --counts"
@@ -411,12 +415,12 @@ def _read_source_cells(source: _CountSource, wanted: dict[str, int]) -> tuple[np
     A gene's key is its Ensembl ID where the dataset's identifier maps to one (as the corpus maps it), the
     identifier otherwise; the columns are the dataset's distinct keys, sorted, columns of one key summed.
     """
-    if not Path(source.spec.path).exists():
+    if not is_uri(source.spec.path) and not Path(source.spec.path).exists():
         what = f"dataset {source.dataset_id!r}" if source.dataset_id else "count file"
         msg = f"{source.spec.path}: no such file ({what}); pass the count files with --counts"
         raise InputError(msg)
     keys = np.unique(gene_keys(source.spec))
-    plan = plan_dataset(source.spec, universe=keys, unmapped="keep")
+    plan = plan_dataset(source.spec, universe=keys, unmapped="keep", snapshot_ms=source.snapshot_ms)
     positions, blocks, seen = [], [], set()
     for block in plan.read_blocks(0, plan.n_cells, block_size=DEFAULT_BLOCK_SIZE):
         rows = []
