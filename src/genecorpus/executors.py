@@ -195,7 +195,9 @@ class LocalExecutor:
                 for i, fut in futures.items():
                     if not fut.done() or fut.exception() is not None:
                         futures[i] = _submit(pool, fn, tasks[i])
-                running = {f for f in futures.values() if not f.done()}
+                # what the next wait watches: every task not combined yet and not finished well, so that a
+                # task whose new pool broke at once is seen failed again, not skipped forever
+                running = {f for f in futures.values() if not f.done() or f.exception() is not None}
                 continue
             if errors:
                 for other in running:
