@@ -15,7 +15,6 @@ disk at the moment of the kill.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from corpus_files import corpus_file_digests
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
@@ -75,19 +75,6 @@ def _manifest(folder: Path, paths: list[Path], extra: str = "") -> Path:
     return path
 
 
-def _outputs(folder: Path) -> dict[str, str]:
-    """sha256 of every file of a corpus, the manifest without its timings."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file():
-            continue
-        data = p.read_bytes()
-        if p.name == "manifest.json":
-            manifest = json.loads(data)
-            manifest.pop("timings")
-            data = json.dumps(manifest, sort_keys=True).encode()
-        out[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
-    return out
 
 
 def _cli(*args: str | os.PathLike[str]) -> list[str]:
@@ -107,7 +94,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     built = build_corpus(load_manifest(manifest), reference, report=False)
     copies = built.manifest.datasets[2].cells.dropped["duplicate"]
     assert copies >= 0.9 * N_CELLS // COPY_EVERY, "the reference build should find the copies in dataset c"
-    return {"folder": folder, "paths": paths, "manifest": manifest, "reference": _outputs(reference)}
+    return {"folder": folder, "paths": paths, "manifest": manifest, "reference": corpus_file_digests(reference)}
 
 
 def _records(work: Path) -> dict[str, int]:
@@ -179,7 +166,7 @@ def _resume_in_process(data: dict[str, Any], out: Path, caplog: pytest.LogCaptur
 
 def _check_resumed(data: dict[str, Any], out: Path, at_kill: dict[str, int] | None, log: str) -> None:
     """The resumed build's bytes are the reference's, and it reused exactly the tasks finished at the kill."""
-    assert _outputs(out) == data["reference"]
+    assert corpus_file_digests(out) == data["reference"]
     assert not out.with_name(f".{out.name}.incomplete").exists()
     log = " ".join(log.split())
     if at_kill is not None:
@@ -313,7 +300,7 @@ def test_changed_input_redoes_exactly_its_tasks(small: list[Path], tmp_path: Pat
     assert re.search(r"qc: 8 of 12 tasks reused; 4 redone because the input file changed \(\S*b\.h5ad\)", log), log
     fresh = tmp_path / "fresh"
     build_corpus(_config(small), fresh, report=False)
-    assert _outputs(out) == _outputs(fresh)
+    assert corpus_file_digests(out) == corpus_file_digests(fresh)
 
 
 def test_changed_parameter_redoes_what_depends_on_it(small: list[Path], tmp_path: Path,
@@ -328,7 +315,7 @@ def test_changed_parameter_redoes_what_depends_on_it(small: list[Path], tmp_path
     assert re.search(r"histogram: 0 of 8 tasks reused; 8 redone because settings or corpus-wide", log), log
     fresh = tmp_path / "fresh"
     build_corpus(changed, fresh, report=False)
-    assert _outputs(out) == _outputs(fresh)
+    assert corpus_file_digests(out) == corpus_file_digests(fresh)
 
 
 def test_changed_qc_setting_redoes_every_task(small: list[Path], tmp_path: Path,
@@ -341,7 +328,7 @@ def test_changed_qc_setting_redoes_every_task(small: list[Path], tmp_path: Path,
     assert "qc: 0 of 12 tasks reused; 12 redone because settings" in " ".join(caplog.text.split())
     fresh = tmp_path / "fresh"
     build_corpus(changed, fresh, report=False)
-    assert _outputs(out) == _outputs(fresh)
+    assert corpus_file_digests(out) == corpus_file_digests(fresh)
 
 
 def test_damaged_record_is_redone(small: list[Path], tmp_path: Path) -> None:
@@ -353,7 +340,7 @@ def test_damaged_record_is_redone(small: list[Path], tmp_path: Path) -> None:
     build_corpus(_config(small), out, report=False, resume=True)
     fresh = tmp_path / "fresh"
     build_corpus(_config(small), fresh, report=False)
-    assert _outputs(out) == _outputs(fresh)
+    assert corpus_file_digests(out) == corpus_file_digests(fresh)
 
 
 def test_unfinished_build_needs_resume_or_overwrite(small: list[Path], tmp_path: Path) -> None:
@@ -381,7 +368,7 @@ def test_resume_of_a_complete_corpus(small: list[Path], tmp_path: Path) -> None:
     build_corpus(_config(small), out, report=False, resume=True, overwrite=True)
     fresh = tmp_path / "fresh"
     build_corpus(_config(small), fresh, report=False)
-    assert _outputs(out) == _outputs(fresh)
+    assert corpus_file_digests(out) == corpus_file_digests(fresh)
 
 
 def test_a_second_build_of_the_same_corpus_is_refused(small: list[Path], tmp_path: Path) -> None:
@@ -411,7 +398,7 @@ def test_failure_keeps_finished_tasks_only_with_resume(small: list[Path], tmp_pa
     build_corpus(_config(small), out, report=False, resume=True)  # the bad dataset removed from the manifest
     fresh = tmp_path / "fresh"
     build_corpus(_config(small), fresh, report=False)
-    assert _outputs(out) == _outputs(fresh)
+    assert corpus_file_digests(out) == corpus_file_digests(fresh)
 
 
 # ------------------------------------------------------------------- faults after the QC pass
@@ -436,7 +423,7 @@ def test_skip_after_qc_leaves_the_dataset_out(small: list[Path], tmp_path: Path)
     assert manifest["skipped"][0]["stage"] == "encode"
     fresh = tmp_path / "fresh"
     build_corpus(_config([small[0], small[2]]), fresh, report=False)
-    mine, theirs = _outputs(out), _outputs(fresh)
+    mine, theirs = corpus_file_digests(out), corpus_file_digests(fresh)
     for name in ("manifest.json", "state.json"):  # they name the datasets given
         mine.pop(name)
         theirs.pop(name)

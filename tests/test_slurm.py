@@ -12,8 +12,6 @@ build interrupted with Ctrl-C is finished by ``--resume`` (slow: ``make test-all
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from corpus_files import corpus_file_digests
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
@@ -87,19 +86,6 @@ def slurm() -> Iterator[dict[str, str]]:
         subprocess.run(["bash", str(SCRIPTS / "stop-local-slurm.sh")], capture_output=True, timeout=120, check=False)
 
 
-def _outputs(folder: Path) -> dict[str, str]:
-    """sha256 of every file of a corpus, the manifest without its timings."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file():
-            continue
-        data = p.read_bytes()
-        if p.name == "manifest.json":
-            manifest = json.loads(data)
-            manifest.pop("timings")
-            data = json.dumps(manifest, sort_keys=True).encode()
-        out[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +103,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     local.write_text(head)
     reference = folder / "reference"
     build_corpus(load_manifest(local), reference, report=False)
-    return {"head": head, "reference": _outputs(reference)}
+    return {"head": head, "reference": corpus_file_digests(reference)}
 
 
 def _slurm_manifest(data: dict[str, Any], folder: Path) -> tuple[Path, Path]:
@@ -210,7 +196,7 @@ def test_build_on_slurm_gives_the_bytes_of_a_local_build(slurm: dict[str, str], 
                                                          tmp_path: Path) -> None:
     manifest, logs = _slurm_manifest(data, tmp_path)
     _wait(_build(manifest, tmp_path / "corpus", slurm))
-    assert _outputs(tmp_path / "corpus") == data["reference"]
+    assert corpus_file_digests(tmp_path / "corpus") == data["reference"]
     # the workers were sbatch jobs that slurmd launched on the node, connected over loopback (two were asked
     # for; on a loaded machine the first may finish the build before the second has started)
     jobs = _jobs(logs)
@@ -262,7 +248,7 @@ def test_scancel_mid_build_is_recovered_with_the_same_bytes(slurm: dict[str, str
         proc.kill()
         raise
     _wait(proc)
-    assert _outputs(out) == data["reference"]
+    assert corpus_file_digests(out) == data["reference"]
     for job in killed:
         assert _scontrol_job(job, slurm)["JobState"] == "CANCELLED"
         assert f"JOB {job} ON localhost CANCELLED" in (logs / f"dask-worker-{job}.err").read_text()
@@ -323,4 +309,4 @@ def test_ctrl_c_on_slurm_then_resume_gives_the_same_bytes(slurm: dict[str, str],
                               "--engine", "dask", "--no-report", "--resume"], env=slurm, capture_output=True,
                              text=True, timeout=240, check=False)
     assert resumed.returncode == 0, resumed.stderr
-    assert _outputs(out) == data["reference"]
+    assert corpus_file_digests(out) == data["reference"]
