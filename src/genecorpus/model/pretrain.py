@@ -746,7 +746,7 @@ class _Run:
             return module
         return torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=False)  # the buffers (position ids) never change
+            forward_sync_buffers=False)  # the buffers (position ids) never change
 
     def _build_optimizer(self) -> torch.optim.AdamW:
         import torch
@@ -1018,6 +1018,12 @@ class _Run:
                     "length %d, on %s%s", self.settings.preset, len(self.split.train_rows), self.split.n_held_out,
                     self.split.by, plan.total_steps, how, plan.warmup_steps, self.max_length, self.device,
                     f", from step {h.step}" if h.step else "")
+        if self.process.world_size > 1 or self.settings.grad_accum > 1 or self.settings.max_batch_tokens:
+            logger.info("global batch of %d cells: %d process(es) (%s) × %d micro-batch(es) × %d cells%s",
+                        self.global_batch, self.process.world_size, self.process.backend or "no process group",
+                        self.settings.grad_accum, self.settings.batch_size,
+                        f", each cut to at most {self.settings.max_batch_tokens} padded tokens"
+                        if self.settings.max_batch_tokens else "")
         if v.n_intermediate == 0:
             when = "no evaluation before"
         elif v.n_subset_batches >= v.n_batches:
