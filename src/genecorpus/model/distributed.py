@@ -152,8 +152,10 @@ def start_process_group(device: str | None = None) -> tuple[Process, torch.devic
     try:
         import torch.distributed as dist
 
-        dist.init_process_group(backend, rank=place.rank, world_size=place.world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        with _native_stderr_kept_back() as kept:
+            dist.init_process_group(backend, rank=place.rank, world_size=place.world_size,
+                                    timeout=datetime.timedelta(seconds=timeout))
+            kept.release = True
     except (RuntimeError, ValueError, OSError) as e:  # DistNetworkError/DistStoreError are RuntimeErrors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         msg = (f"rank {place.rank} of {place.world_size} could not join the process group at {where} "
@@ -198,6 +200,39 @@ def _existing_process() -> tuple[Process, torch.device] | None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     return Process(dist.get_rank(), dist.get_world_size(), local_rank, backend), device
+
+
+class _KeptBack:
+    release = False
+
+
+@contextlib.contextmanager
+def _native_stderr_kept_back() -> Iterator[_KeptBack]:
+    """Hold back what torch's C++ side writes to stderr (file descriptor 2) inside the block: a failing
+    rendezvous prints a retry message and a C++ stack trace per attempt, which the one-line error replaces.
+    Written out after the block if ``release`` was set (the rendezvous worked: its warnings may matter)."""
+    import sys
+    import tempfile
+
+    kept = _KeptBack()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable file descriptor 2: nothing to hold back
+        yield kept
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield kept
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if kept.release:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
 
 
 def stop_process_group(process: Process) -> None:
