@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import torch
 
 from genecorpus.corpus import CorpusReader
+from genecorpus.errors import ConfigError
 from genecorpus.model.distributed import Process, shard_rows
 from genecorpus.model.pretrain import pretrain
 from genecorpus.model.sampling import split_batch, split_cells
@@ -224,20 +225,30 @@ def test_only_rank_0_writes_the_checkpoints_and_the_model(two_process_run: tuple
     assert len(state["rng_by_rank"]) == 2
 
 
-def test_resume_with_another_number_of_processes_continues_the_run(corpus: Path, tmp_path: Path,
-                                                                   two_process_run: tuple[Path, list[dict]]
-                                                                   ) -> None:
-    """2 → 1: two processes stop at step 6 (checkpoint at 4), one process resumes with the batch the
-    command gave (4, derived to 8). 1 → 2: the reverse. Both end on the uninterrupted trajectory."""
+RESUME = {"max_steps": 10, "eval_every": 5, "save_every": 4, **FAST}
+
+
+def test_resume_with_one_process_continues_a_two_process_run(corpus: Path, tmp_path: Path,
+                                                             two_process_run: tuple[Path, list[dict]]) -> None:
+    """2 → 1: two processes stop at step 6 (checkpoint at 4); one process resumes with the batch the command
+    gave (4, derived to 8 from the checkpoint's global batch) and ends on the uninterrupted trajectory."""
     reference_out, _ = two_process_run
-    reference = history(reference_out)
-    settings = {"max_steps": 10, "eval_every": 5, "save_every": 4, **FAST}
     pretrain_processes(2, corpus, tmp_path / "a", crash={"step": 6, "rank": "all", "how": "raise"},
-                       batch_size=4, **settings)
+                       batch_size=4, **RESUME)
     assert json.loads((tmp_path / "a" / "checkpoint" / "training_state.json").read_text())["step"] == 4
-    resumed = pretrain(corpus, tmp_path / "a", resume=True, batch_size=4, **settings)
+    resumed = pretrain(corpus, tmp_path / "a", resume=True, batch_size=4, **RESUME)
     assert resumed.info["processes"]["batch_size"] == 8 and resumed.info["processes"]["world_size"] == 1
-    assert_same_run(history(tmp_path / "a"), reference)
+    assert_same_run(history(tmp_path / "a"), history(reference_out))
+    with pytest.raises(ConfigError, match=r"global batch of 8 cells; with 1 process\(es\) give --batch-size × "
+                                          r"--grad-accum = 8, e\.g\. --batch-size 8 --grad-accum 1"):
+        pretrain(corpus, tmp_path / "a", resume=True, batch_size=4, grad_accum=3, **RESUME)
+
+
+def test_resume_with_two_processes_continues_a_one_process_run(corpus: Path, tmp_path: Path,
+                                                               two_process_run: tuple[Path, list[dict]]) -> None:
+    """1 → 2: one process stops at step 6 (checkpoint at 4); two processes resume with the command's batch
+    (8, derived to 4 each) and end on the uninterrupted trajectory."""
+    reference_out, _ = two_process_run
 
     class CrashError(RuntimeError):
         pass
@@ -247,10 +258,10 @@ def test_resume_with_another_number_of_processes_continues_the_run(corpus: Path,
             raise CrashError
 
     with pytest.raises(CrashError):
-        pretrain(corpus, tmp_path / "b", batch_size=8, progress=crash_at_6, **settings)
-    records = pretrain_processes(2, corpus, tmp_path / "b", batch_size=8, resume=True, **settings)
+        pretrain(corpus, tmp_path / "b", batch_size=8, progress=crash_at_6, **RESUME)
+    records = pretrain_processes(2, corpus, tmp_path / "b", batch_size=8, resume=True, **RESUME)
     assert records[0]["info"]["processes"]["batch_size"] == 4
-    assert_same_run(history(tmp_path / "b"), reference)
+    assert_same_run(history(tmp_path / "b"), history(reference_out))
 
 
 def test_time_limit_plan_and_stop_are_the_same_in_every_process(corpus: Path, tmp_path: Path) -> None:

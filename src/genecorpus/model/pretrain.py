@@ -12,6 +12,13 @@ How many steps, with which learning-rate schedule, and what is validated when is
 speed the run measures in its first steps (then undone: the run restarts from step 0 with its plan), and
 re-planned while it goes if the machine turns slower or faster. A time limit is a hard cap in every case.
 
+Under ``torchrun`` the same loop runs in every process (:mod:`genecorpus.model.distributed`): the sampler
+deals *global* batches (``batch_size × grad_accum × processes`` cells), every process masks the whole
+global batch and trains on its share of it (:func:`~genecorpus.model.sampling.split_batch`) inside
+``DistributedDataParallel``, with the loss normalised over the global batch's masked positions, so the run
+follows a single process with that batch. Rank 0 plans, decides (time limit, re-plans; any process's
+Ctrl-C) and writes; the decisions reach the others in one small all-reduce per step.
+
 The model folder (see :mod:`genecorpus.model.bert`)::
 
     MODEL/config.json, model.safetensors, token_dictionary.pkl, genecorpus_model.json, loss_curve.png
