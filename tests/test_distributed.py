@@ -277,10 +277,12 @@ def test_time_limit_plan_and_stop_are_the_same_in_every_process(corpus: Path, tm
     assert [s for s, _ in records[0]["rows"]] == [s for s, _ in records[1]["rows"]]
 
 
-def test_ctrl_c_to_torchrun_stops_every_process_after_the_step_with_a_checkpoint(corpus: Path,
-                                                                                  tmp_path: Path) -> None:
-    """SIGINT to the launcher (what Ctrl-C sends it): torchrun passes it on, the processes agree to stop after
-    the same step, rank 0 saves the checkpoint of that step, and the job ends in seconds."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_to_torchrun_stops_every_process_after_the_step_with_a_checkpoint(
+        corpus: Path, tmp_path: Path, signum: signal.Signals) -> None:
+    """SIGINT to the launcher (what Ctrl-C sends it) or SIGTERM (what SLURM sends at the end of a job):
+    torchrun passes it on, the processes agree to stop after the same step, rank 0 saves the checkpoint of
+    that step, and the job ends in seconds (torchrun kills its processes 30 s after passing the signal)."""
     out = tmp_path / "m"
     spec = {"corpus": str(corpus), "out": str(out), "mark": 3,
             "settings": {"max_steps": 5000, "save_every": 10_000, "batch_size": 4, **FAST}}
@@ -293,8 +295,10 @@ def test_ctrl_c_to_torchrun_stops_every_process_after_the_step_with_a_checkpoint
         while not Path(f"{out}.step3").exists() and launcher.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert launcher.poll() is None, "the run ended before it could be interrupted"
-        launcher.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        launcher.send_signal(signum)
         _, stderr = launcher.communicate(timeout=60)
+        assert time.monotonic() - sent < 25  # stopped by the run, not by torchrun's SIGKILL after 30 s
     finally:
         if launcher.poll() is None:
             launcher.kill()
