@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -665,7 +666,7 @@ class _Build:
             mode=s.mode,
             parameters=s.config,
             versions=package_versions(),
-            datasets=tuple(self._record(plan, cells, qc, encoded.results, digests) for plan in self.plans),
+            datasets=self._records(cells, qc, encoded.results, digests),
             medians=medians_.provenance,
             vocabulary=VocabularySummary(n_genes=len(vocabulary.genes),
                                          n_tokens=len(vocabulary.token_dictionary.to_mapping()),
@@ -679,9 +680,21 @@ class _Build:
         self.timings["total"] = round(time.perf_counter() - self.started, 3)
         return manifest.model_copy(update={"timings": dict(self.timings)})
 
-    def _record(self, plan: DatasetPlan, cells: Sequence[CellRange], qc: _QCPass, encoded: Sequence[EncodeResult],
+    def _records(self, cells: Sequence[CellRange], qc: _QCPass, encoded: Sequence[EncodeResult],
+                 digests: InputDigests) -> tuple[DatasetRecord, ...]:
+        """The manifest's record of every dataset, counting each task's results once (linear in tasks and datasets,
+        which matters for thousands of Census parts)."""
+        results: dict[int, list[EncodeResult]] = {plan.index: [] for plan in self.plans}
+        for cell_range, result in zip(cells, encoded, strict=True):
+            results[cell_range.dataset].append(result)
+        selected: Counter[str] = Counter()  # cells of each declared dataset (split parts together)
+        for plan in self.plans:
+            selected[plan.spec.model_dump_json()] += plan.n_cells
+        return tuple(self._record(plan, results[plan.index], selected[plan.spec.model_dump_json()], qc, digests)
+                     for plan in self.plans)
+
+    def _record(self, plan: DatasetPlan, rs: Sequence[EncodeResult], n_selected: int, qc: _QCPass,
                 digests: InputDigests) -> DatasetRecord:
-        rs = [r for c, r in zip(cells, encoded, strict=True) if c.dataset == plan.index]
         dropped = {name: sum(r.dropped[name] for r in rs) for name in DROP_REASONS}
         n_in = sum(r.n_in for r in rs)
         kept = sum(r.n_rows for r in rs)
@@ -697,7 +710,7 @@ class _Build:
             soma = SomaInput(uri=plan.spec.path, snapshot_ms=plan.snapshot_ms, token=experiment.token,
                              local=experiment.local, measurement=plan.measurement or "", layer=plan.layer or "",
                              value_filter=plan.spec.value_filter,
-                             n_selected=sum(p.n_cells for p in self.plans if p.spec == plan.spec),
+                             n_selected=n_selected,
                              n_vars=plan.gene_summary.n_input_genes)
         else:
             digest, size = digests.get(Path(plan.spec.path))
