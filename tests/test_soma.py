@@ -11,7 +11,6 @@ timestamp and an interruption must not change a byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from corpus_files import corpus_file_digests
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
@@ -108,8 +108,7 @@ def _files_config(folder: Path) -> BuildConfig:
 
 
 def _digests(corpus: Path, *, skip: tuple[str, ...] = ("manifest.json",)) -> dict[str, str]:
-    return {str(p.relative_to(corpus)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(corpus.rglob("*")) if p.is_file() and p.name not in skip}
+    return corpus_file_digests(corpus, skip=skip)
 
 
 def _manifest(corpus: Path) -> dict[str, Any]:
