@@ -319,6 +319,19 @@ def test_bad_sources_are_one_line(kang: dict[str, Any], tmp_path: Path) -> None:
         open_dataset("s3://bucket/pbmc.h5ad", format="h5ad")
 
 
+def test_one_query_in_two_datasets_is_refused_two_queries_are_not(kang: dict[str, Any], tmp_path: Path) -> None:
+    """Cells read twice would be counted twice: the same query of one experiment under two dataset ids is refused
+    before any task runs; another filter of the same experiment is another dataset."""
+    spec = DatasetSpec(path=str(kang["experiment"]), id="a", value_filter=BLOOD, split_by=False)
+    again = spec.model_copy(update={"id": "b"})
+    with pytest.raises(ConfigError, match=r"dataset 'b' .*the same query of the same experiment as .*dataset 'a'"):
+        build_corpus(BuildConfig(datasets=(spec, again)), tmp_path / "twice", report=False)
+    assert not (tmp_path / "twice").exists()
+    other = again.model_copy(update={"value_filter": 'tissue_general == "blood" and donor == "d1"'})
+    build_corpus(BuildConfig(datasets=(spec, other), duplicates="keep"), tmp_path / "two", report=False)
+    assert (tmp_path / "two" / "manifest.json").is_file()
+
+
 def test_remote_uri_is_a_string_and_takes_the_same_path(tmp_path: Path) -> None:
     """A URI is never resolved against the manifest's folder; it is opened by the SOMA reader, which fails
     here (no network) in one line naming it."""

@@ -946,21 +946,25 @@ def _refuse_repeated_files(plans: Sequence[DatasetPlan]) -> None:
     Only distinct files of equal size are hashed here (rarely any); the other inputs' sha256 is computed
     in the background while the build runs, as always.
     """
+    # A declared dataset may give several plans (the parts of a split file or experiment); two declared datasets
+    # may not read the same thing: one file, or one query (measurement, layer, filter) of one experiment.
+    first: dict[tuple[str | None, ...], DatasetPlan] = {}
     files: dict[Path, DatasetPlan] = {}
-    queries: dict[tuple[str, str | None, str | None, str | None], DatasetPlan] = {}
     for plan in plans:
-        if plan.snapshot_ms is not None:  # a SOMA experiment: several queries of one experiment are fine
-            query = (plan.spec.path.rstrip("/"), plan.measurement, plan.layer, plan.spec.value_filter)
-            if query in queries and queries[query].spec != plan.spec:
-                _repeated(plan, queries[query], "the same query of the same experiment as")
-            queries[query] = plan
-        elif plan.source is None:
+        if plan.source is not None:
+            continue
+        if plan.snapshot_ms is not None:
+            what = "the same query of the same experiment as"
+            key: tuple[str | None, ...] = (plan.spec.path.rstrip("/"), plan.measurement, plan.layer,
+                                           plan.spec.value_filter)
+        else:
+            what = "the same file as"
             path = Path(plan.spec.path).resolve()
-            if path in files and files[path].spec == plan.spec and plan.part is not None:
-                continue  # parts of one split file
-            if path in files:
-                _repeated(plan, files[path], "the same file as")
-            files[path] = plan
+            key = (str(path),)
+            files.setdefault(path, plan)
+        seen = first.setdefault(key, plan)
+        if seen.spec != plan.spec:
+            _repeated(plan, seen, what)
     by_size: dict[int, list[Path]] = {}
     for path in files:
         by_size.setdefault(file_identity(path)[0], []).append(path)
