@@ -25,7 +25,9 @@ The model folder::
 
     OUT/config.json, model.safetensors, token_dictionary.pkl    BertForSequenceClassification.from_pretrained
     OUT/genecorpus_model.json    kind "classifier": classes, split, settings, metrics beside the baselines, timings
-    OUT/metrics.json, metrics.csv, per_class.csv, predictions.csv, split.csv, confusion_model.png, confusion_baseline.png
+    OUT/metrics.json, metrics.csv, per_class.csv     test metrics of the model, the baseline, the constant
+    OUT/predictions.csv, split.csv                   the test cells' predictions; every cell's role
+    OUT/confusion_model.png, confusion_baseline.png
 
 Needs the ``train`` extra (torch, transformers, scikit-learn), imported inside the functions.
 """
@@ -473,7 +475,6 @@ class _Trainer:
     def __init__(self, reader: CorpusReader, tdict: TokenDictionary, net: BertForSequenceClassification,
                  settings: FinetuneSettings, *, max_length: int, deadline: float,
                  progress: Callable[[str, int, int], None] | None) -> None:
-        import torch
 
         from genecorpus.model.bert import adamw
 
@@ -553,7 +554,8 @@ class _Trainer:
             logger.info("step %d: validation macro F1 %.4f, accuracy %.4f", step, record["macro_f1"],
                         record["accuracy"])
             if best is None or record["macro_f1"] > best[0]:
-                best = (record["macro_f1"], step, {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()})
+                weights = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+                best = (record["macro_f1"], step, weights)
                 since_best = 0
             else:
                 since_best += 1
@@ -579,7 +581,8 @@ class _Trainer:
                 evaluate()
                 if s.patience is not None and since_best >= s.patience:
                     stopped = "early_stopping"
-                    logger.info("no better validation macro F1 in %d evaluations: stopping at step %d", s.patience, step)
+                    logger.info("no better validation macro F1 in %d evaluations: stopping at step %d", s.patience,
+                                step)
                     break
         if not evals or evals[-1]["step"] != step:
             evaluate()
@@ -641,7 +644,7 @@ def _check_output(out: Path, corpus_root: Path, *, overwrite: bool) -> None:
             raise ConfigError(msg)
 
 
-def finetune(  # noqa: C901, PLR0915 - one run, read top to bottom
+def finetune(
     corpus: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
@@ -806,9 +809,15 @@ def finetune(  # noqa: C901, PLR0915 - one run, read top to bottom
                                 testable=testable_rows[rows], seed=settings.seed)
     tested = (split.roles == TEST).any(axis=0)
     if not tested.any():
-        msg = (f"{source}: no labeled cell can test: {'the cells pretraining held out have no label of the kept classes' if pre.status == 'same_corpus' else 'the split left none'}; "
-               "fine-tune on another corpus or give --pretraining-cells warn")
+        why = ("the cells pretraining held out have no label of the kept classes" if pre.status == "same_corpus"
+               else "the split left none")
+        msg = f"{source}: no labeled cell can test: {why}; fine-tune on another corpus or give --pretraining-cells warn"
         raise InputError(msg)
+    test_classes = np.unique(y[tested])
+    if len(test_classes) < len(classes):
+        absent = [classes[c] for c in range(len(classes)) if c not in test_classes]
+        logger.warning("no test cell of %s: %s; macro F1 is over the %d class(es) the test cells hold",
+                       "class" if len(absent) == 1 else "classes", ", ".join(absent), len(test_classes))
     n_seen = int(pre.seen[rows[tested]].sum()) if pre.seen is not None else None
     if n_seen:
         logger.warning("%d of the %d test cells were pretraining cells of the starting model", n_seen,
@@ -890,18 +899,23 @@ def finetune(  # noqa: C901, PLR0915 - one run, read top to bottom
     metrics = _summary(runs)
     test_cells = np.flatnonzero(tested)
     wall = time.monotonic() - started
-    info = _info(settings, reader, model, pre, classes, dropped, label, labels, source, split, rows, y, runs,
-                 metrics, saved_run, n_seen=n_seen, n_test=len(test_cells), n_unlabeled=int((~labeled).sum()),
-                 baseline_source=baseline_source, n_genes=n_genes,
-                 timings={"setup_seconds": round(setup_seconds, 2), "baseline_features_seconds": round(baseline_seconds, 2),
-                          "wall_seconds": round(wall, 1)}, device=torch_device, bf16=uses_bf16(torch_device))
-    predictions = _predictions_frame(obs, rows, y, classes, test_cells, probs_all, base_all if features is not None else None,
-                                     split.fold)
+    base = base_all if features is not None else None
+    timings = {"setup_seconds": round(setup_seconds, 2), "baseline_features_seconds": round(baseline_seconds, 2),
+               "train_seconds": round(sum(r["train_seconds"] for r in runs), 2),
+               "eval_seconds": round(sum(r["eval_seconds"] for r in runs), 2),
+               "test_seconds": round(sum(r["test_seconds"] for r in runs), 2), "wall_seconds": round(wall, 1)}
+    info = _info(settings, reader, model, pre, classes=classes, dropped=dropped, label=label, labels=labels,
+                 source=source, split=split, y=y, runs=runs, metrics=metrics, saved_run=saved_run, n_seen=n_seen,
+                 n_test=len(test_cells), n_unlabeled=int((~labeled).sum()), baseline_source=baseline_source,
+                 n_genes=n_genes, timings=timings, device=torch_device, bf16=uses_bf16(torch_device))
+    predictions = _predictions_frame(obs, rows, y, classes, test=test_cells, probs=probs_all, base=base,
+                                     fold=split.fold)
     tmp = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.incomplete"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_folder(tmp, best_net, tdict, info, metrics, runs, predictions, classes, y, test_cells, probs_all,
-                      base_all if features is not None else None, const_all, obs, rows, split, pre, label)
+        _write_folder(tmp, best_net, tdict, info, predictions=predictions, runs=runs, classes=classes, y=y,
+                      test=test_cells, probs=probs_all, base=base, const=const_all, obs=obs, rows=rows, split=split,
+                      pre=pre, label=label)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -948,10 +962,10 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return metrics
 
 
-def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _PretrainingCells,
+def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _PretrainingCells, *,
           classes: tuple[str, ...], dropped: dict[str, int], label: str, labels: Any, source: str,
-          split: LabeledSplit, rows: np.ndarray, y: np.ndarray, runs: list[dict[str, Any]],
-          metrics: dict[str, Any], saved_run: int, *, n_seen: int | None, n_test: int, n_unlabeled: int,
+          split: LabeledSplit, y: np.ndarray, runs: list[dict[str, Any]],
+          metrics: dict[str, Any], saved_run: int, n_seen: int | None, n_test: int, n_unlabeled: int,
           baseline_source: str | None, n_genes: int, timings: dict[str, float], device: torch.device,
           bf16: bool) -> dict[str, Any]:
     import torch
@@ -1010,7 +1024,7 @@ def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _P
     }
 
 
-def _predictions_frame(obs: pd.DataFrame, rows: np.ndarray, y: np.ndarray, classes: tuple[str, ...],
+def _predictions_frame(obs: pd.DataFrame, rows: np.ndarray, y: np.ndarray, classes: tuple[str, ...], *,
                        test: np.ndarray, probs: np.ndarray, base: np.ndarray | None,
                        fold: np.ndarray | None) -> pd.DataFrame:
     """The test cells in corpus order: ids, true and predicted class, each class's probability."""
@@ -1032,8 +1046,8 @@ def _predictions_frame(obs: pd.DataFrame, rows: np.ndarray, y: np.ndarray, class
     return frame
 
 
-def _write_folder(tmp: Path, net: BertForSequenceClassification, tdict: TokenDictionary, info: dict[str, Any],
-                  metrics: dict[str, Any], runs: list[dict[str, Any]], predictions: pd.DataFrame,
+def _write_folder(tmp: Path, net: BertForSequenceClassification, tdict: TokenDictionary, info: dict[str, Any], *,
+                  runs: list[dict[str, Any]], predictions: pd.DataFrame,
                   classes: tuple[str, ...], y: np.ndarray, test: np.ndarray, probs: np.ndarray,
                   base: np.ndarray | None, const: np.ndarray, obs: pd.DataFrame, rows: np.ndarray,
                   split: LabeledSplit, pre: _PretrainingCells, label: str) -> None:
@@ -1044,6 +1058,7 @@ def _write_folder(tmp: Path, net: BertForSequenceClassification, tdict: TokenDic
     from genecorpus.model.evaluate import confusion_figure
 
     tmp.mkdir()
+    metrics = info["metrics"]
     save_model(net, tmp, tdict, info)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     n_folds = len(runs) if len(runs) > 1 else 0
@@ -1071,8 +1086,8 @@ def _write_folder(tmp: Path, net: BertForSequenceClassification, tdict: TokenDic
             continue
         counts = np.bincount(y[test] * n + predicted[method], minlength=n * n).reshape(n, n)
         m = metrics[method]
-        fig = confusion_figure(counts, classes, title=f"{label}: {'fine-tuned model' if method == 'model' else 'baseline'}, "
-                                                      f"test macro F1 {m['macro_f1']:.3f}",
+        who = "fine-tuned model" if method == "model" else "baseline (log1p, PCA(50), logistic regression)"
+        fig = confusion_figure(counts, classes, title=f"{label}: {who}, test macro F1 {m['macro_f1']:.3f}",
                                xlabel="predicted class" + (" (out of fold)" if n_folds else ""),
                                ylabel="true class (n = test cells)")
         fig.savefig(tmp / f"confusion_{method}.png", format="png", dpi=100, metadata={"Software": None})
@@ -1152,7 +1167,8 @@ def predict_cells(
     tdict, tdict_path = _model_dictionary(model, None)
     config = AutoConfig.from_pretrained(model)
     if not any("SequenceClassification" in a for a in (config.architectures or [])):
-        msg = f"{model}: not a cell classifier (a {', '.join(config.architectures or ['?'])}); give a folder genecorpus finetune wrote"
+        kind = ", ".join(config.architectures or ["model of unknown architecture"])
+        msg = f"{model}: not a cell classifier (a {kind}); give a folder genecorpus finetune wrote"
         raise InputError(msg)
     if batch_size < 1:
         msg = f"--batch-size {batch_size}: must be at least 1"
