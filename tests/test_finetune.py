@@ -356,6 +356,16 @@ def test_test_cells_are_cells_pretraining_held_out(kang: dict, pretrained: Path,
     assert not warned.info["leakage_guard"]["restricted_test_to_pretraining_held_out"]
 
 
+def test_fine_tuning_a_classifier_again_tests_only_cells_it_never_trained_on(stim_run: object, kang: dict,
+                                                                            tmp_path: Path) -> None:
+    before = pd.read_csv(stim_run.model_path / "split.csv")
+    again = finetune(kang["corpus"], tmp_path / "again", model=stim_run.model_path, label="dataset_id", max_steps=2,
+                     baseline=False, seed=1, **FAST)
+    tested = pd.read_csv(tmp_path / "again" / "predictions.csv").corpus_row
+    assert set(tested) <= set(before.corpus_row[before.split == "test"])
+    assert again.info["leakage_guard"]["restricted_test_to_pretraining_held_out"]
+
+
 # ---------------------------------------------------------------- bad input
 
 

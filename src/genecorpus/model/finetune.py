@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from genecorpus.corpus.folder import MANIFEST
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.bert import (
     MODEL_INFO,
@@ -268,20 +269,21 @@ def _min_class_cells(s: FinetuneSettings) -> int:
 
 @dataclass(frozen=True)
 class _PretrainingCells:
-    """Which cells of this corpus the starting model's pretraining trained on, as far as it is known."""
+    """Which cells of this corpus the starting model trained on (in pretraining, or in an earlier fine-tuning),
+    as far as it is known."""
 
     status: str
     """``"same_corpus"`` (``seen`` known), ``"other_corpus"``, ``"unknown_split"`` (same corpus, split not
     recomputable), ``"no_record"`` (no genecorpus_model.json, e.g. a Geneformer checkpoint)."""
     seen: np.ndarray | None
-    """bool per corpus row: pretraining trained on it (with ``status == "same_corpus"``)."""
+    """bool per corpus row: the starting model trained on it (with ``status == "same_corpus"``)."""
     record: dict[str, Any]
 
 
 def corpus_identity(reader: CorpusReader) -> dict[str, Any]:
     """Path, cells, tokens and the sha256 of ``manifest.json`` (when the corpus has one) of a corpus."""
     root = reader.files.root.resolve()
-    manifest = root / "manifest.json" if root.is_dir() else None
+    manifest = root / MANIFEST if root.is_dir() else None
     digest = (hashlib.sha256(manifest.read_bytes()).hexdigest()
               if manifest is not None and manifest.is_file() else None)
     return {"path": str(root), "n_cells": int(reader.n_cells), "n_tokens": int(reader.lengths.sum()),
@@ -299,17 +301,29 @@ def _pretraining_record(info: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _same_corpus(mine: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Whether a recorded corpus identity is this corpus: same path, same manifest digest, or same cells and tokens."""
+    digests = (mine.get("manifest_sha256"), theirs.get("manifest_sha256"))
+    return (theirs.get("path") == mine["path"] or (None not in digests and digests[0] == digests[1])
+            or (theirs.get("n_cells") == mine["n_cells"] and theirs.get("n_tokens") == mine["n_tokens"]))
+
+
 def _pretraining_cells(model: Path, reader: CorpusReader) -> _PretrainingCells:
+    """The cells the starting model trained on: its pretraining's training cells (recomputed from its recorded
+    split), and — for a classifier fine-tuned on this corpus — the cells it was fine-tuned and validated on."""
     from genecorpus.model.sampling import split_cells
 
-    record = _pretraining_record(model_info(model))
+    info = model_info(model)
+    record = _pretraining_record(info)
+    mine = corpus_identity(reader)
+    earlier = _finetuning_cells(model, info, reader, mine)
     if record is None:
+        if earlier is not None:
+            return _PretrainingCells("same_corpus", earlier, {})
         return _PretrainingCells("no_record", None, {})
-    mine, theirs = corpus_identity(reader), record["corpus"]
-    digests = (mine.get("manifest_sha256"), theirs.get("manifest_sha256"))
-    same = (theirs.get("path") == mine["path"] or (None not in digests and digests[0] == digests[1])
-            or (theirs.get("n_cells") == mine["n_cells"] and theirs.get("n_tokens") == mine["n_tokens"]))
-    if not same:
+    if not _same_corpus(mine, record["corpus"]):
+        if earlier is not None:
+            return _PretrainingCells("same_corpus", earlier, record)
         return _PretrainingCells("other_corpus", None, record)
     split = record["split"]
     if split.get("by") == "dataset" and reader.dataset_ids() is not None:
@@ -323,7 +337,20 @@ def _pretraining_cells(model: Path, reader: CorpusReader) -> _PretrainingCells:
         return _PretrainingCells("unknown_split", None, record)
     if int(seen.sum()) != split.get("n_train_cells"):
         return _PretrainingCells("unknown_split", None, record)
-    return _PretrainingCells("same_corpus", seen, record)
+    return _PretrainingCells("same_corpus", seen if earlier is None else seen | earlier, record)
+
+
+def _finetuning_cells(model: Path, info: dict[str, Any], reader: CorpusReader,
+                      mine: dict[str, Any]) -> np.ndarray | None:
+    """bool per row: a classifier fine-tuned on this corpus trained or validated on it (None: not such a model)."""
+    import pandas as pd
+
+    if info.get("kind") != KIND or not _same_corpus(mine, info.get("corpus", {})):
+        return None
+    split = pd.read_csv(model / "split.csv", usecols=["corpus_row", "split"])
+    seen = np.zeros(reader.n_cells, dtype=bool)
+    seen[split.corpus_row[split.split.isin(["train", "val"])].to_numpy()] = True
+    return seen
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -644,6 +671,37 @@ def _check_output(out: Path, corpus_root: Path, *, overwrite: bool) -> None:
             raise ConfigError(msg)
 
 
+def _check_hold_out(obs: pd.DataFrame, hold_out: tuple[str, ...], source: str) -> None:
+    if not hold_out:
+        return
+    if "dataset_id" not in obs.columns:
+        msg = f"{source}: has no dataset_id column; --hold-out-datasets needs one"
+        raise InputError(msg)
+    missing = sorted(set(hold_out) - set(obs["dataset_id"].astype(str)))
+    if missing:
+        msg = (f"--hold-out-datasets {', '.join(missing)}: no such dataset in {source}; it has "
+               f"{', '.join(sorted(set(obs['dataset_id'].astype(str))))}")
+        raise InputError(msg)
+
+
+def _testable_rows(pre: _PretrainingCells, policy: str, model: Path) -> np.ndarray | None:
+    """The leakage guard: bool per corpus row, may test (None: every row may)."""
+    if pre.status == "same_corpus" and policy == "restrict":
+        logger.warning("the model was trained on cells of this corpus (pretraining or an earlier fine-tuning): test "
+                       "cells are drawn from the %d cells it did not train on", int((~pre.seen).sum()))
+        return ~pre.seen
+    if pre.status == "unknown_split":
+        msg = (f"{model}: was pretrained on this corpus, but its held-out cells cannot be recomputed from its "
+               "genecorpus_model.json; fine-tune on another corpus, or give --pretraining-cells warn to test on "
+               "cells pretraining may have seen")
+        if policy == "restrict":
+            raise InputError(msg)
+        logger.warning(msg)
+    elif pre.status == "no_record":
+        logger.info("%s has no %s: whether its pretraining saw this corpus's cells is unknown", model, MODEL_INFO)
+    return None
+
+
 def finetune(
     corpus: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -756,32 +814,9 @@ def finetune(
         obs = join_labels(obs, labels, join=join)
         source = f"{source} + {labels}"
     values = label_values(obs, label, source)
-    if settings.hold_out_datasets:
-        if "dataset_id" not in obs.columns:
-            msg = f"{source}: has no dataset_id column; --hold-out-datasets needs one"
-            raise InputError(msg)
-        missing = sorted(set(settings.hold_out_datasets) - set(obs["dataset_id"].astype(str)))
-        if missing:
-            msg = (f"--hold-out-datasets {', '.join(missing)}: no such dataset in {source}; it has "
-                   f"{', '.join(sorted(set(obs['dataset_id'].astype(str))))}")
-            raise InputError(msg)
-
-    # the leakage guard: which labeled cells may test
+    _check_hold_out(obs, settings.hold_out_datasets, source)
     pre = _pretraining_cells(model, reader)
-    testable_rows = np.ones(reader.n_cells, dtype=bool)
-    if pre.status == "same_corpus" and settings.pretraining_cells == "restrict":
-        testable_rows = ~pre.seen
-        logger.warning("the model was pretrained on this corpus: test cells are drawn from the %d cells its "
-                       "pretraining held out", int(testable_rows.sum()))
-    elif pre.status == "unknown_split":
-        msg = (f"{model}: was pretrained on this corpus, but its held-out cells cannot be recomputed from its "
-               "genecorpus_model.json; fine-tune on another corpus, or give --pretraining-cells warn to test on "
-               "cells pretraining may have seen")
-        if settings.pretraining_cells == "restrict":
-            raise InputError(msg)
-        logger.warning(msg)
-    elif pre.status == "no_record":
-        logger.info("%s has no %s: whether its pretraining saw this corpus's cells is unknown", model, MODEL_INFO)
+    testable_rows = _testable_rows(pre, settings.pretraining_cells, model)
 
     # classes and the split
     labeled = values != ""
@@ -806,7 +841,7 @@ def finetune(
     split = split_labeled_cells(y, n_classes=len(classes), dataset_ids=dataset_ids,
                                 val_fraction=settings.val_fraction, test_fraction=settings.test_fraction,
                                 folds=settings.folds, hold_out_datasets=settings.hold_out_datasets,
-                                testable=testable_rows[rows], seed=settings.seed)
+                                testable=None if testable_rows is None else testable_rows[rows], seed=settings.seed)
     tested = (split.roles == TEST).any(axis=0)
     if not tested.any():
         why = ("the cells pretraining held out have no label of the kept classes" if pre.status == "same_corpus"
@@ -856,6 +891,11 @@ def finetune(
         train, val, test = (np.flatnonzero(roles == r) for r in (TRAIN, VAL, TEST))
         net = _open_classifier_start(model, classes, tdict, settings.seed, torch_device)
         _freeze(net, settings.freeze_layers)
+        baseline_predicted, baseline_run_seconds = None, 0.0
+        if features is not None:  # before training: the time limit then caps the training, not the baseline
+            began = time.monotonic()
+            baseline_predicted = _baseline_predictions(features, train, test, y, settings.seed)
+            baseline_run_seconds = time.monotonic() - began
         fold_deadline = time.monotonic() + (deadline - time.monotonic()) / (split.n_runs - k)
         trainer = _Trainer(reader, tdict, net, settings, max_length=resolved_length, deadline=fold_deadline,
                            progress=progress)
@@ -880,11 +920,10 @@ def finetune(
             "test": {"model": _scores(y[test], probs.argmax(axis=1)),
                      "constant": _scores(y[test], np.full(len(test), majority))},
         }
-        if features is not None:
-            began = time.monotonic()
-            base_all[test] = _baseline_predictions(features, train, test, y, settings.seed)
-            run["baseline_seconds"] = round(time.monotonic() - began, 2)
-            run["test"]["baseline"] = _scores(y[test], base_all[test])
+        if baseline_predicted is not None:
+            base_all[test] = baseline_predicted
+            run["baseline_seconds"] = round(baseline_run_seconds, 2)
+            run["test"]["baseline"] = _scores(y[test], baseline_predicted)
         runs.append(run)
         logger.info("%stest macro F1 %.4f (baseline %s, constant %.4f) on %d cells",
                     f"fold {k + 1}: " if split.fold is not None else "", run["test"]["model"]["macro_f1"],
