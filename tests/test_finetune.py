@@ -318,6 +318,16 @@ def test_class_weights_give_the_weighted_cross_entropy_by_hand(kang: dict, tmp_p
     assert abs(expected_loss - unweighted) > 1e-3  # the weights change the loss
 
 
+def test_time_limit_stops_evaluates_and_saves(kang: dict, fresh: Path, tmp_path: Path) -> None:
+    result = finetune(kang["corpus"], tmp_path / "timed", model=fresh, label="dataset_id", epochs=200, time_limit=0.2,
+                      baseline=False, **FAST)
+    run = result.info["training"]["runs"][0]
+    assert run["stopped"] == "time_limit" and run["steps"] < 200 * 15
+    assert run["evals"][-1]["step"] == run["steps"]  # evaluated where it stopped
+    assert result.info["timings"]["wall_seconds"] <= 0.2 * 60 + 3  # the cap, and the writes within a few seconds
+    assert (tmp_path / "timed" / "model.safetensors").is_file()
+
+
 # ---------------------------------------------------------------- the leakage guard
 
 

@@ -555,6 +555,8 @@ def finetune(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default CUDA if available).")] = None,
     token_dictionary: Annotated[Path | None, typer.Option(
         help="The model's token dictionary, if its folder has none (Geneformer checkpoints).")] = None,
+    corpus_token_dictionary: Annotated[Path | None, typer.Option(
+        help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Fine-tune a cell classifier on a labeled corpus, beside the log1p-PCA(50) baseline on the same cells.
@@ -587,7 +589,8 @@ def finetune(
                 test_fraction=test_fraction, folds=folds, hold_out_datasets=held, eval_every=eval_every,
                 patience=patience or None, freeze_layers=freeze_layers, class_weights=class_weights,
                 time_limit=time_limit, pretraining_cells=pretraining_cells, baseline=baseline, counts=counts or None,
-                device=device, token_dictionary=token_dictionary, overwrite=overwrite, progress=progress)
+                device=device, token_dictionary=token_dictionary, corpus_token_dictionary=corpus_token_dictionary,
+                overwrite=overwrite, progress=progress)
     except GenecorpusError as e:
         _fail(e)
     info = result.info
