@@ -83,6 +83,8 @@ TRAIN, VAL, TEST, EXCLUDED = 0, 1, 2, -1
 ROLE_NAMES = {TRAIN: "train", VAL: "val", TEST: "test", EXCLUDED: "excluded"}
 METHODS = ("model", "baseline", "constant")
 """The scored predictors, in report order."""
+DEFAULT_EPOCHS = 5.0
+"""Epochs when neither ``epochs`` nor ``max_steps`` is given."""
 PROBABILITY_PREFIX = "prob_"
 """Column prefix of the per-class probabilities in ``predictions.csv``."""
 
@@ -494,6 +496,8 @@ class _Trained:
     train_seconds: float
     eval_seconds: float
     n_train_cells_seen: int
+    total_steps: int
+    warmup_steps: int
 
 
 class _Trainer:
@@ -557,7 +561,7 @@ class _Trainer:
         sampler = LengthGroupedSampler(train_rows, self.reader.lengths[train_rows], batch_size=s.batch_size,
                                        seed=s.seed)
         per_epoch = sampler.batches_per_epoch
-        total = s.max_steps or max(1, math.ceil((s.epochs or 5.0) * per_epoch))
+        total = s.max_steps or max(1, math.ceil((s.epochs or DEFAULT_EPOCHS) * per_epoch))
         warmup = s.warmup_steps if s.warmup_steps is not None else default_warmup_steps(total)
         schedule = LearningRateSchedule.linear(warmup_steps=warmup, total_steps=total)
         self.scheduler = LambdaLR(self.optimizer, lambda step: schedule(step))  # noqa: PLW0108
@@ -615,7 +619,8 @@ class _Trainer:
             evaluate()
         assert best is not None
         self.net.load_state_dict(best[2])
-        return _Trained(self.net, step, best[1], stopped, evals, losses, train_seconds, eval_seconds, seen)
+        return _Trained(self.net, step, best[1], stopped, evals, losses, train_seconds, eval_seconds, seen, total,
+                        warmup)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -791,6 +796,8 @@ def finetune(
     require_torch()
     require_sklearn()
     quiet_transformers()
+    if epochs is None and max_steps is None:
+        epochs = DEFAULT_EPOCHS
     settings = FinetuneSettings(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length, seed=seed,
@@ -910,7 +917,8 @@ def finetune(
         run: dict[str, Any] = {
             "fold": k if split.fold is not None else None,
             "n_cells": {"train": len(train), "val": len(val), "test": len(test)},
-            "steps": trained.steps, "best_step": trained.best_step, "stopped": trained.stopped,
+            "steps": trained.steps, "planned_steps": trained.total_steps, "warmup_steps": trained.warmup_steps,
+            "best_step": trained.best_step, "stopped": trained.stopped,
             "epochs": trained.n_train_cells_seen / max(1, len(train)),
             "best_val_macro_f1": max(e["macro_f1"] for e in trained.evals), "evals": trained.evals,
             "train_loss_first": trained.train_loss[0] if trained.train_loss else None,
@@ -946,7 +954,8 @@ def finetune(
     info = _info(settings, reader, model, pre, classes=classes, dropped=dropped, label=label, labels=labels,
                  source=source, split=split, y=y, runs=runs, metrics=metrics, saved_run=saved_run, n_seen=n_seen,
                  n_test=len(test_cells), n_unlabeled=int((~labeled).sum()), baseline_source=baseline_source,
-                 n_genes=n_genes, timings=timings, device=torch_device, bf16=uses_bf16(torch_device))
+                 n_genes=n_genes, timings=timings, device=torch_device, bf16=uses_bf16(torch_device),
+                 config=best_net.config)
     predictions = _predictions_frame(obs, rows, y, classes, test=test_cells, probs=probs_all, base=base,
                                      fold=split.fold)
     tmp = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.incomplete"
@@ -1006,7 +1015,7 @@ def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _P
           split: LabeledSplit, y: np.ndarray, runs: list[dict[str, Any]],
           metrics: dict[str, Any], saved_run: int, n_seen: int | None, n_test: int, n_unlabeled: int,
           baseline_source: str | None, n_genes: int, timings: dict[str, float], device: torch.device,
-          bf16: bool) -> dict[str, Any]:
+          bf16: bool, config: Any) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -1032,7 +1041,13 @@ def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _P
         "classes": list(classes), "id2label": dict(enumerate(classes)),
         "class_counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
         "dropped_classes": dropped, "n_unlabeled": n_unlabeled,
-        "corpus": corpus_identity(reader),
+        "corpus": {**corpus_identity(reader), "layout": reader.token_dictionary.layout().name,
+                   "datasets": ({str(d): int(n) for d, n in zip(*np.unique(reader.dataset_ids().astype(str),
+                                                                            return_counts=True), strict=True)}
+                                if reader.dataset_ids() is not None else None)},
+        "architecture": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                         "heads": config.num_attention_heads, "intermediate": config.intermediate_size,
+                         "vocab_size": config.vocab_size, "max_positions": config.max_position_embeddings},
         "start_model": {"path": str(model.resolve()), "kind": start_info.get("kind", "pretrained" if start_info else
                                                                              "unknown (no genecorpus_model.json)"),
                         "preset": start_info.get("preset")},
