@@ -411,6 +411,22 @@ def test_bad_input_is_one_line(kang: dict, fresh: Path, tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "another dictionary" in lines[0], result.output
 
 
+def test_a_checkpoint_without_a_dictionary_takes_one(kang: dict, fresh: Path, tmp_path: Path) -> None:
+    """A Geneformer-style folder (config and weights only) needs its token dictionary given."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(fresh / name, bare / name)
+    with pytest.raises(InputError, match=r"has no token_dictionary.pkl; pass the model's token dictionary"):
+        finetune(kang["corpus"], tmp_path / "x", model=bare, label="dataset_id", max_steps=1)
+    result = finetune(kang["corpus"], tmp_path / "x", model=bare, token_dictionary=fresh / "token_dictionary.pkl",
+                      label="dataset_id", max_steps=1, baseline=False, **FAST)
+    assert result.info["leakage_guard"]["status"] == "no_record"
+    assert (tmp_path / "x" / "token_dictionary.pkl").read_bytes() == (fresh / "token_dictionary.pkl").read_bytes()
+
+
 # ---------------------------------------------------------------- cell types (the shared Kang labels)
 
 
