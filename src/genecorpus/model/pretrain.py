@@ -40,12 +40,14 @@ from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.bert import (
     MODEL_INFO,
     PRESETS,
+    adamw,
     bert_config,
     default_permissions,
     pick_device,
     quiet_transformers,
     require_torch,
     save_model,
+    uses_bf16,
 )
 from genecorpus.model.masking import PaddedBatch, mask_genes, pad_cells
 from genecorpus.model.rank_baseline import RankFrequencyBaseline
@@ -430,7 +432,7 @@ class _Run:
         self.tdict = reader.token_dictionary
         self.layout = self.tdict.layout()
         self.device = device
-        self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.bf16 = uses_bf16(self.device)
         longest = int(reader.lengths.max())
         cap = MAX_POSITIONS[self.layout.name]
         self.max_length = settings.max_length or min(longest, cap)
@@ -659,13 +661,7 @@ class _Run:
         return model.to(self.device)
 
     def _build_optimizer(self) -> torch.optim.AdamW:
-        import torch
-
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.settings.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.settings.lr)
+        return adamw(self.model, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
 
     def _restore(self, saved: dict[str, Any]) -> None:
         import torch
