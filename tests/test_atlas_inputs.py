@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import TYPE_CHECKING
 
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from corpus_files import SHARD_FILES, corpus_file_digests
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
@@ -59,8 +59,7 @@ def _plain(path: Path, counts: sp.csr_matrix, *, cells: np.ndarray, gene_cols: n
 
 
 def _shard_digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
-            if p.suffix in (".arrow", ".pkl", ".tsv")}
+    return corpus_file_digests(out, suffixes=SHARD_FILES, recursive=False)
 
 
 def test_cellxgene_file_equals_its_curated_raw_counts(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ subset (test_two_workers_give_identical_bytes_on_real_subsets); io/test_readers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from corpus_files import SHARD_FILES, corpus_file_digests
 from reference import RefDataset, collapse, encode_cells, gene_values, medians_of, qc_keep
 
 from genecorpus import genes
@@ -154,8 +154,7 @@ def test_qc_accounting(real_corpus: Path, reference: dict) -> None:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.suffix in (".arrow", ".pkl", ".tsv") or (p.name.endswith(".json") and p.name != "manifest.json")}
+    return corpus_file_digests(folder, suffixes=(*SHARD_FILES, ".json"), skip=("manifest.json",), recursive=False)
 
 
 @pytest.mark.slow  # a second build of the whole real corpus: the next test checks the same on real subsets

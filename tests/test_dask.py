@@ -6,12 +6,12 @@ its manifest's ``[cluster]`` section.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus_files import corpus_file_digests
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
@@ -23,8 +23,7 @@ from genecorpus.testing import random_counts, write_h5ad
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    return corpus_file_digests(folder, skip=("manifest.json",))
 
 
 LOCAL_CLUSTER = ClusterSpec(engine="dask", kind="local", workers=2, memory_per_worker="2GiB")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 import pytest
+from corpus_files import corpus_file_digests
 
 from genecorpus.build import build_corpus
 from genecorpus.config import BuildConfig, DatasetSpec
@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != "manifest.json"}
+    return corpus_file_digests(folder, skip=("manifest.json",), recursive=False)
 
 
 @pytest.fixture(scope="module")

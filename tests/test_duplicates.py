@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from corpus_files import SHARD_FILES, corpus_file_digests
 
 from genecorpus import duplicates, genes
 from genecorpus.build import build_corpus
@@ -126,8 +126,7 @@ def _config(paths: dict[str, Path], second: str, **settings: object) -> BuildCon
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
-            if p.suffix in (".arrow", ".pkl", ".tsv")}
+    return corpus_file_digests(out, suffixes=SHARD_FILES, recursive=False)
 
 
 @pytest.fixture(scope="module")

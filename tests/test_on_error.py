@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus_files import corpus_file_digests
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
@@ -18,7 +18,7 @@ from genecorpus.testing import random_counts, write_h5ad
 
 
 def _shards(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.arrow"))}
+    return corpus_file_digests(folder, suffixes=(".arrow",), recursive=False)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import pickle
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from corpus_files import corpus_file_digests
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
@@ -114,7 +114,7 @@ def _row(page: str, table: str, first_cell: str) -> list[str]:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return corpus_file_digests(folder, recursive=False, strip_timings=False)
 
 
 def test_build_report_files(built: Path, index: Path) -> None:

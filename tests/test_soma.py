@@ -11,7 +11,6 @@ timestamp and an interruption must not change a byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from corpus_files import corpus_file_digests
 
 from genecorpus import genes
 from genecorpus.build import build_corpus
@@ -108,8 +108,7 @@ def _files_config(folder: Path) -> BuildConfig:
 
 
 def _digests(corpus: Path, *, skip: tuple[str, ...] = ("manifest.json",)) -> dict[str, str]:
-    return {str(p.relative_to(corpus)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(corpus.rglob("*")) if p.is_file() and p.name not in skip}
+    return corpus_file_digests(corpus, skip=skip)
 
 
 def _manifest(corpus: Path) -> dict[str, Any]:
@@ -318,6 +317,19 @@ def test_bad_sources_are_one_line(kang: dict[str, Any], tmp_path: Path) -> None:
         open_dataset(str(kang["experiment"]), tiledb_config={"vfs.s3.aws_secret_access_key": "x"})
     with pytest.raises(InputError, match="format 'h5ad' reads local files, not URIs"):
         open_dataset("s3://bucket/pbmc.h5ad", format="h5ad")
+
+
+def test_one_query_in_two_datasets_is_refused_two_queries_are_not(kang: dict[str, Any], tmp_path: Path) -> None:
+    """Cells read twice would be counted twice: the same query of one experiment under two dataset ids is refused
+    before any task runs; another filter of the same experiment is another dataset."""
+    spec = DatasetSpec(path=str(kang["experiment"]), id="a", value_filter=BLOOD, split_by=False)
+    again = spec.model_copy(update={"id": "b"})
+    with pytest.raises(ConfigError, match=r"dataset 'b' .*the same query of the same experiment as .*dataset 'a'"):
+        build_corpus(BuildConfig(datasets=(spec, again)), tmp_path / "twice", report=False)
+    assert not (tmp_path / "twice").exists()
+    other = again.model_copy(update={"value_filter": 'tissue_general == "blood" and donor == "d1"'})
+    build_corpus(BuildConfig(datasets=(spec, other), duplicates="keep"), tmp_path / "two", report=False)
+    assert (tmp_path / "two" / "manifest.json").is_file()
 
 
 def test_remote_uri_is_a_string_and_takes_the_same_path(tmp_path: Path) -> None:

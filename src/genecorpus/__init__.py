@@ -19,6 +19,8 @@ command                         function
 ``genecorpus embed``            :func:`embed_corpus` (``train`` extra)
 ``genecorpus evaluate``         :func:`evaluate_embeddings` (``train`` extra)
 ``genecorpus perturb``          :func:`perturb` (``train`` extra)
+``genecorpus finetune``         :func:`finetune` (``train`` extra)
+``genecorpus predict``          :func:`predict_cells` (``train`` extra)
 =============================== ==================================================================
 
 Everything else is internal; the packages :mod:`genecorpus.io`, :mod:`genecorpus.corpus` and
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from genecorpus.io import open_dataset
     from genecorpus.model.embed import embed_corpus
     from genecorpus.model.evaluate import EvaluationReport, evaluate_embeddings
+    from genecorpus.model.finetune import FinetuneResult, finetune, predict_cells
     from genecorpus.model.perturb import PerturbResult, perturb
     from genecorpus.model.pretrain import PretrainResult, pretrain
     from genecorpus.report import write_report
@@ -59,6 +62,7 @@ _LAZY = {
     "open_dataset": "io",
     "embed_corpus": "model.embed",
     "EvaluationReport": "model.evaluate", "evaluate_embeddings": "model.evaluate",
+    "FinetuneResult": "model.finetune", "finetune": "model.finetune", "predict_cells": "model.finetune",
     "PerturbResult": "model.perturb", "perturb": "model.perturb",
     "PretrainResult": "model.pretrain", "pretrain": "model.pretrain",
     "write_report": "report",
@@ -74,6 +78,7 @@ __all__ = [
     "CorpusReader",
     "DatasetSpec",
     "EvaluationReport",
+    "FinetuneResult",
     "GenecorpusError",
     "Manifest",
     "PerturbResult",
@@ -86,10 +91,12 @@ __all__ = [
     "describe_corpus",
     "embed_corpus",
     "evaluate_embeddings",
+    "finetune",
     "load_gene_medians",
     "load_manifest",
     "open_dataset",
     "perturb",
+    "predict_cells",
     "pretrain",
     "rank_value_encode",
     "tokenize",

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -665,7 +666,7 @@ class _Build:
             mode=s.mode,
             parameters=s.config,
             versions=package_versions(),
-            datasets=tuple(self._record(plan, cells, qc, encoded.results, digests) for plan in self.plans),
+            datasets=self._records(cells, qc, encoded.results, digests),
             medians=medians_.provenance,
             vocabulary=VocabularySummary(n_genes=len(vocabulary.genes),
                                          n_tokens=len(vocabulary.token_dictionary.to_mapping()),
@@ -679,9 +680,21 @@ class _Build:
         self.timings["total"] = round(time.perf_counter() - self.started, 3)
         return manifest.model_copy(update={"timings": dict(self.timings)})
 
-    def _record(self, plan: DatasetPlan, cells: Sequence[CellRange], qc: _QCPass, encoded: Sequence[EncodeResult],
+    def _records(self, cells: Sequence[CellRange], qc: _QCPass, encoded: Sequence[EncodeResult],
+                 digests: InputDigests) -> tuple[DatasetRecord, ...]:
+        """The manifest's record of every dataset, counting each task's results once (linear in tasks and datasets,
+        which matters for thousands of Census parts)."""
+        results: dict[int, list[EncodeResult]] = {plan.index: [] for plan in self.plans}
+        for cell_range, result in zip(cells, encoded, strict=True):
+            results[cell_range.dataset].append(result)
+        selected: Counter[str] = Counter()  # cells of each declared dataset (split parts together)
+        for plan in self.plans:
+            selected[plan.spec.model_dump_json()] += plan.n_cells
+        return tuple(self._record(plan, results[plan.index], selected[plan.spec.model_dump_json()], qc, digests)
+                     for plan in self.plans)
+
+    def _record(self, plan: DatasetPlan, rs: Sequence[EncodeResult], n_selected: int, qc: _QCPass,
                 digests: InputDigests) -> DatasetRecord:
-        rs = [r for c, r in zip(cells, encoded, strict=True) if c.dataset == plan.index]
         dropped = {name: sum(r.dropped[name] for r in rs) for name in DROP_REASONS}
         n_in = sum(r.n_in for r in rs)
         kept = sum(r.n_rows for r in rs)
@@ -697,7 +710,7 @@ class _Build:
             soma = SomaInput(uri=plan.spec.path, snapshot_ms=plan.snapshot_ms, token=experiment.token,
                              local=experiment.local, measurement=plan.measurement or "", layer=plan.layer or "",
                              value_filter=plan.spec.value_filter,
-                             n_selected=sum(p.n_cells for p in self.plans if p.spec == plan.spec),
+                             n_selected=n_selected,
                              n_vars=plan.gene_summary.n_input_genes)
         else:
             digest, size = digests.get(Path(plan.spec.path))
@@ -933,21 +946,25 @@ def _refuse_repeated_files(plans: Sequence[DatasetPlan]) -> None:
     Only distinct files of equal size are hashed here (rarely any); the other inputs' sha256 is computed
     in the background while the build runs, as always.
     """
+    # A declared dataset may give several plans (the parts of a split file or experiment); two declared datasets
+    # may not read the same thing: one file, or one query (measurement, layer, filter) of one experiment.
+    first: dict[tuple[str | None, ...], DatasetPlan] = {}
     files: dict[Path, DatasetPlan] = {}
-    queries: dict[tuple[str, str | None, str | None, str | None], DatasetPlan] = {}
     for plan in plans:
-        if plan.snapshot_ms is not None:  # a SOMA experiment: several queries of one experiment are fine
-            query = (plan.spec.path.rstrip("/"), plan.measurement, plan.layer, plan.spec.value_filter)
-            if query in queries and queries[query].spec != plan.spec:
-                _repeated(plan, queries[query], "the same query of the same experiment as")
-            queries[query] = plan
-        elif plan.source is None:
+        if plan.source is not None:
+            continue
+        if plan.snapshot_ms is not None:
+            what = "the same query of the same experiment as"
+            key: tuple[str | None, ...] = (plan.spec.path.rstrip("/"), plan.measurement, plan.layer,
+                                           plan.spec.value_filter)
+        else:
+            what = "the same file as"
             path = Path(plan.spec.path).resolve()
-            if path in files and files[path].spec == plan.spec and plan.part is not None:
-                continue  # parts of one split file
-            if path in files:
-                _repeated(plan, files[path], "the same file as")
-            files[path] = plan
+            key = (str(path),)
+            files.setdefault(path, plan)
+        seen = first.setdefault(key, plan)
+        if seen.spec != plan.spec:
+            _repeated(plan, seen, what)
     by_size: dict[int, list[Path]] = {}
     for path in files:
         by_size.setdefault(file_identity(path)[0], []).append(path)

@@ -541,6 +541,126 @@ def pretrain(
                    f"{m[prefix + 'val_top10']:>9.4f}")
 
 
+@app.command()
+def finetune(
+    corpus: Annotated[Path, typer.Argument(help="A corpus folder tokenized with the model's dictionary.")],
+    model: Annotated[Path, typer.Option(help="Model folder (genecorpus pretrain) or a Geneformer checkpoint.")],
+    label: Annotated[str, typer.Option("--label", "-l", help="Corpus (or --labels CSV) column to predict.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Classifier folder to create.")],
+    labels: Annotated[Path | None, typer.Option(help="CSV of labels joined onto the cells.")] = None,
+    join: Annotated[str | None, typer.Option(
+        help="Join keys of --labels: csv_col[=corpus_col],... (default: the columns both have).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training cells (default 5).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (instead of --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Cells per optimizer step.")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step (memory only; same loss and gradient).")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear warm-up and decay).")] = 5e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.001,
+    warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (default 10 % of the steps).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per cell (default the longest cell, at most the model's positions).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the new head and the batches.")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Share of each class's cells that validates (early stopping).")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(help="Share of each class's cells that tests.")] = 0.2,
+    folds: Annotated[int | None, typer.Option(help="k-fold instead of one split: each fold tested by a model trained on the rest.")] = None,
+    hold_out_datasets: Annotated[str | None, typer.Option(help="Comma-separated datasets whose cells are the test cells.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (default one epoch).")] = None,
+    patience: Annotated[int, typer.Option(help="Stop after this many validations without a better macro F1 (0: never).")] = 3,
+    freeze_layers: Annotated[int, typer.Option(help="Freeze the embeddings and the lowest N encoder layers.")] = 0,
+    class_weights: Annotated[str, typer.Option(help="balanced (weighted cross-entropy) or none.")] = "none",
+    time_limit: Annotated[float | None, typer.Option(help="Minutes of wall time, a hard cap (stops, evaluates, saves).")] = None,
+    pretraining_cells: Annotated[str, typer.Option(help="If the model was pretrained on this corpus: restrict the test cells to those pretraining held out, or warn.")] = "restrict",
+    baseline: Annotated[bool, typer.Option(help="Compute the log1p-PCA(50) baseline from raw counts.")] = True,
+    counts: Annotated[list[Path] | None, typer.Option(
+        "--counts", help="Raw count files for the baseline (repeat; default: the corpus manifest's inputs).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default CUDA if available).")] = None,
+    token_dictionary: Annotated[Path | None, typer.Option(
+        help="The model's token dictionary, if its folder has none (Geneformer checkpoints).")] = None,
+    corpus_token_dictionary: Annotated[Path | None, typer.Option(
+        help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Fine-tune a cell classifier on a labeled corpus, beside the log1p-PCA(50) baseline on the same cells.
+
+    A BertForSequenceClassification (first-token pooling, new head) starts from the model's weights; a
+    stratified seeded train/validation/test split (or --folds, or --hold-out-datasets); early stopping on
+    validation macro F1 keeps the best weights. If the model was pretrained on this corpus, only cells its
+    pretraining held out test. OUT opens with BertForSequenceClassification.from_pretrained and holds
+    genecorpus_model.json, metrics, per-class figures, test predictions, the split and confusion matrices.
+    Examples:
+
+        genecorpus finetune pbmc-corpus --model pbmc-model --label cell_type --out pbmc-cell-types
+
+        genecorpus finetune pbmc-corpus --model pbmc-model --label cell_type_kang --labels kang_labels.csv \\
+            --join cell=cell_id --out kang-types --epochs 10 --lr 1e-4 --freeze-layers 2 --class-weights balanced
+    """
+    from genecorpus.model.bert import require_torch
+
+    try:
+        require_torch()
+        from genecorpus.model.finetune import finetune as finetune_model
+
+        logging.getLogger("genecorpus.model.finetune").setLevel(logging.INFO)
+        held = tuple(d.strip() for d in hold_out_datasets.split(",") if d.strip()) if hold_out_datasets else ()
+        with _Progress() as progress:
+            result = finetune_model(
+                corpus, out, model=model, label=label, labels=labels, join=join, epochs=epochs, max_steps=max_steps,
+                batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
+                warmup_steps=warmup_steps, max_length=max_length, seed=seed, val_fraction=val_fraction,
+                test_fraction=test_fraction, folds=folds, hold_out_datasets=held, eval_every=eval_every,
+                patience=patience or None, freeze_layers=freeze_layers, class_weights=class_weights,
+                time_limit=time_limit, pretraining_cells=pretraining_cells, baseline=baseline, counts=counts or None,
+                device=device, token_dictionary=token_dictionary, corpus_token_dictionary=corpus_token_dictionary,
+                overwrite=overwrite, progress=progress)
+    except GenecorpusError as e:
+        _fail(e)
+    info = result.info
+    split = info["split"]
+    typer.echo(f"classifier: {result.model_path} ({len(result.classes)} classes of {label!r}; split {split['by']}: "
+               f"{split['n_cells']['train']} train, {split['n_cells']['val']} val, "
+               f"{split['n_test_cells_all_folds']} test cells)")
+    if info["dropped_classes"]:
+        typer.echo("left out (too few cells): " + ", ".join(f"{c} ({n})" for c, n in info["dropped_classes"].items()))
+    guard = info["leakage_guard"]
+    if guard["restricted_test_to_pretraining_held_out"]:
+        typer.echo("test cells: only cells the model's pretraining held out (it was pretrained on this corpus)")
+    elif guard["n_test_cells_seen_in_pretraining"]:
+        typer.echo(f"warning: {guard['n_test_cells_seen_in_pretraining']} test cells were pretraining cells")
+    typer.echo(result.table())
+
+
+@app.command()
+def predict(
+    corpus: Annotated[Path, typer.Argument(help="A corpus tokenized with the classifier's token dictionary.")],
+    model: Annotated[Path, typer.Option(help="Classifier folder written by genecorpus finetune.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write: one row per cell, in corpus order.")],
+    batch_size: Annotated[int, typer.Option(help="Cells per forward pass (memory and speed only).")] = 32,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per cell (default: the classifier's training length).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default CUDA if available).")] = None,
+    corpus_token_dictionary: Annotated[Path | None, typer.Option(
+        help="The corpus's token dictionary, if its folder has none (default: the classifier's).")] = None,
+) -> None:
+    """Label every cell of a corpus with a fine-tuned classifier: predicted class and each class's probability.
+
+    Example:
+
+        genecorpus predict new-pbmc-corpus --model pbmc-cell-types --out new-pbmc-cell-types.csv
+    """
+    from genecorpus.model.bert import require_torch
+
+    try:
+        require_torch()
+        from genecorpus.model.finetune import predict_cells
+
+        with _Progress() as progress:
+            frame = predict_cells(corpus, model, out=out, batch_size=batch_size, max_length=max_length,
+                                  device=device, corpus_token_dictionary=corpus_token_dictionary, progress=progress)
+    except GenecorpusError as e:
+        _fail(e)
+    counts = frame["predicted"].value_counts()
+    typer.echo(f"labelled {len(frame)} cells: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    typer.echo(f"wrote {out}")
+
+
 def _quiet_other_processes() -> None:
     """Under torchrun, only rank 0 logs what a run does; the other processes warnings and errors only."""
     from genecorpus.model.distributed import launched_process

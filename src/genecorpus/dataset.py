@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -37,8 +36,7 @@ from genecorpus.corpus.manifest import DepthSource, GeneMappingSummary
 from genecorpus.errors import ConfigError, CountsError, GenecorpusError, GeneMappingError, InputError
 from genecorpus.io import CellBlock, open_dataset
 from genecorpus.io.block import QueryableSource
-from genecorpus.io.registry import is_uri
-from genecorpus.io.soma import is_soma_experiment
+from genecorpus.io.registry import reads_at_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -374,13 +372,9 @@ def _open(spec: DatasetSpec, source: Any, *, layer: str | None = None, use_raw: 
                         tiledb_config=spec.tiledb_config or None)
 
 
-def _is_soma(spec: DatasetSpec, source: Any) -> bool:
-    """The dataset is a TileDB-SOMA experiment (declared, a URI, or a folder laid out as one)."""
-    if source is not None:
-        return False
-    if spec.format is not None:
-        return spec.format == "soma"
-    return is_uri(spec.path) or is_soma_experiment(Path(spec.path))
+def _reads_at_snapshot(spec: DatasetSpec, source: Any) -> bool:
+    """The dataset is a versioned store (a TileDB-SOMA experiment): its reads must share one timestamp."""
+    return source is None and reads_at_snapshot(spec.path, format=spec.format)
 
 
 def now_ms() -> int:
@@ -504,7 +498,7 @@ def plan_dataset(
     ConfigError
         ``gene_column`` or an obs column is not in the dataset.
     """
-    if _is_soma(spec, source) and snapshot_ms is None:
+    if _reads_at_snapshot(spec, source) and snapshot_ms is None:
         snapshot_ms = now_ms()  # every read of the plan, here and in the tasks, sees this one snapshot
     layer, use_raw = _counts_matrix(spec, source, snapshot_ms)
     with _open(spec, source, layer=layer, use_raw=use_raw, snapshot_ms=snapshot_ms) as opened:

@@ -4,7 +4,6 @@ is refused in one line."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import zarr
+from corpus_files import SHARD_FILES, corpus_file_digests
 
 from genecorpus import testing
 from genecorpus.build import build_corpus
@@ -116,9 +116,8 @@ def test_zarr_reads_as_h5ad(
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    names = ("token_dictionary.pkl", "gene_medians.tsv", "gene_medians.pkl", "lengths.pkl", "dataset_info.json")
-    files = [*sorted(folder.glob("*.arrow")), *(folder / name for name in names)]
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return corpus_file_digests(folder, suffixes=(*SHARD_FILES, ".json"), skip=("manifest.json", "state.json"),
+                               recursive=False)
 
 
 @pytest.mark.filterwarnings("ignore:Element .* was written without encoding metadata",

@@ -27,6 +27,7 @@ __all__ = [
     "iter_block_ranges",
     "known_formats",
     "open_dataset",
+    "reads_at_snapshot",
     "register_reader",
 ]
 
@@ -244,6 +245,44 @@ def _detect_format(source: Any) -> ReaderSpec:
         f"{_known_list()}; rename the file or pass format=..."
     )
     raise InputError(msg)
+
+
+def reads_at_snapshot(source: str | os.PathLike[str] | Any, *, format: str | None = None) -> bool:  # noqa: A002
+    """Whether ``source``'s format opens at a point in time (its reader takes ``snapshot_ms``).
+
+    A versioned store (a TileDB-SOMA experiment) can change while a build reads it; the build fixes one
+    timestamp for every read of such a dataset. Files are never versioned.
+
+    Parameters
+    ----------
+    source
+        A path, a URI, or an in-memory object, as :func:`open_dataset` takes it.
+    format
+        The declared format, if any (it decides; detection otherwise).
+
+    Returns
+    -------
+    True for a source whose reader accepts ``snapshot_ms``; False otherwise, also for a source that no
+    reader recognizes (:func:`open_dataset` says what is wrong with it).
+
+    Examples
+    --------
+    >>> reads_at_snapshot("s3://bucket/census/experiment")
+    True
+    >>> reads_at_snapshot("counts.h5ad", format="h5ad")
+    False
+    """
+    if format is not None:
+        return format in _READERS and "snapshot_ms" in _READERS[format].options
+    if isinstance(source, str | os.PathLike) and not is_uri(source):
+        source = Path(source)
+        if not source.exists():
+            return False
+    try:
+        spec = _detect_format(source)
+    except InputError:
+        return False
+    return "snapshot_ms" in spec.options
 
 
 def _require_readable(path: Path) -> None:

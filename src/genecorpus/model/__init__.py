@@ -18,6 +18,7 @@ module               what it owns
 ``embed``            cell embeddings of a corpus to ``.h5ad``
 ``perturb``          in-silico deletion and overexpression
 ``evaluate``         k-fold classifiers on embeddings beside the log1p → PCA(50) baseline
+``finetune``         cell classifiers (``BertForSequenceClassification``) beside that baseline; ``predict``
 ==================== ==========================================================================
 """
 
@@ -29,23 +30,28 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from genecorpus.model.embed import embed_corpus
     from genecorpus.model.evaluate import EvaluationReport, evaluate_embeddings, write_evaluation
+    from genecorpus.model.finetune import FinetuneResult, finetune, predict_cells
     from genecorpus.model.perturb import PerturbResult, perturb
     from genecorpus.model.pretrain import PretrainResult, pretrain
 
 _LAZY = {
     "embed_corpus": "embed",
     "EvaluationReport": "evaluate", "evaluate_embeddings": "evaluate", "write_evaluation": "evaluate",
+    "FinetuneResult": "finetune", "finetune": "finetune", "predict_cells": "finetune",
     "PerturbResult": "perturb", "perturb": "perturb",
     "PretrainResult": "pretrain", "pretrain": "pretrain",
 }
 
 __all__ = [
     "EvaluationReport",
+    "FinetuneResult",
     "PerturbResult",
     "PretrainResult",
     "embed_corpus",
     "evaluate_embeddings",
+    "finetune",
     "perturb",
+    "predict_cells",
     "pretrain",
     "write_evaluation",
 ]

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from transformers import BertConfig, BertForMaskedLM
 
 __all__ = [
-    "PRESETS", "ModelPreset", "bert_config", "default_permissions", "load_model", "pick_device", "quiet_transformers",
-    "require_torch", "save_model",
+    "PRESETS", "ModelPreset", "adamw", "bert_config", "default_permissions", "load_model", "pick_device",
+    "quiet_transformers", "require_torch", "save_model", "uses_bf16",
 ]
 
 MODEL_INFO = "genecorpus_model.json"
@@ -126,6 +126,25 @@ def pick_device(device: str | None = None) -> torch.device:
             raise ConfigError(msg)
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def uses_bf16(device: torch.device) -> bool:
+    """Whether training on ``device`` runs under bf16 autocast: on CUDA devices that support it, never on CPU."""
+    import torch
+
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable weights of ``model``; biases and LayerNorm weights without weight decay."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
 def save_model(model: BertForMaskedLM, folder: str | os.PathLike[str], token_dictionary: TokenDictionary,

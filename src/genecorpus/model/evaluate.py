@@ -57,11 +57,17 @@ __all__ = [
     "EMBEDDING_KEY",
     "ClassifierScores",
     "EvaluationReport",
+    "baseline_pca",
+    "confusion_figure",
     "evaluate_embeddings",
     "evaluation_markdown",
     "join_labels",
+    "label_values",
+    "log1p_normalize",
+    "make_classifier",
     "read_cell_counts",
     "require_sklearn",
+    "stratified_folds",
     "write_evaluation",
 ]
 
@@ -359,7 +365,7 @@ def join_labels(obs: pd.DataFrame, labels: str | os.PathLike[str], *,
     return out
 
 
-def _label_values(obs: pd.DataFrame, label: str, source: str) -> np.ndarray:
+def label_values(obs: pd.DataFrame, label: str, source: str) -> np.ndarray:
     """The label of each cell as text; ``""`` where it is missing or blank."""
     import pandas as pd
 
@@ -553,7 +559,8 @@ def log1p_normalize(counts: sp.spmatrix) -> sp.csr_matrix:
 # ------------------------------------------------------------------------------ cross-validation
 
 
-def _classifier(name: str, *, n_neighbors: int, n_train: int) -> Any:
+def make_classifier(name: str, *, n_neighbors: int, n_train: int) -> Any:
+    """An unfitted ``logreg`` or ``knn`` pipeline of :data:`CLASSIFIERS` (see the module docstring)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import Pipeline
@@ -632,7 +639,8 @@ class CenteredRandomizedPCA:
         return self.fit(x, y).transform(x)
 
 
-def _baseline_pca(n_train: int, n_genes: int, seed: int) -> CenteredRandomizedPCA:
+def baseline_pca(n_train: int, n_genes: int, seed: int) -> CenteredRandomizedPCA:
+    """The baseline's PCA: 50 components (fewer if the training cells or genes allow fewer), seeded."""
     return CenteredRandomizedPCA(min(BASELINE_COMPONENTS, n_train - 1, n_genes - 1), random_state=seed)
 
 
@@ -662,11 +670,11 @@ def _cross_validate(features: dict[str, Any], y: np.ndarray, fold: np.ndarray, *
         for method, x in features.items():
             x_train, x_test = x[train], x[test]
             if method == "baseline":  # PCA fitted on the training cells only: no leakage into the test fold
-                pca = _baseline_pca(len(train), x.shape[1], seed)
+                pca = baseline_pca(len(train), x.shape[1], seed)
                 x_train = pca.fit_transform(x_train)
                 x_test = pca.transform(x_test)
             for name in CLASSIFIERS:
-                model = _classifier(name, n_neighbors=n_neighbors, n_train=len(train))
+                model = make_classifier(name, n_neighbors=n_neighbors, n_train=len(train))
                 model.fit(x_train, y[train])
                 predicted = model.predict(x_test)
                 predictions[method, name][test] = predicted
@@ -751,7 +759,7 @@ def evaluate_embeddings(
     if labels is not None:
         obs = join_labels(obs, labels, join=join)
         source = f"{source} + {labels}"
-    values = _label_values(obs, label, source)
+    values = label_values(obs, label, source)
     labeled = values != ""
     names, sizes = np.unique(values[labeled], return_counts=True)
     dropped = {str(n): int(s) for n, s in zip(names, sizes, strict=True) if s < folds}
@@ -810,16 +818,33 @@ def _short_class(name: str, width: int = 28) -> str:
 
 
 def _draw_confusion(report: EvaluationReport, scores: ClassifierScores) -> Figure:
-    """The confusion matrix of one method × classifier: true classes with their cell counts down, predictions across.
+    """The confusion matrix of one method × classifier (see :func:`confusion_figure`), out of fold."""
+    f1, f1_sd = scores.mean_sd("macro_f1")
+    return confusion_figure(report.confusion(scores.method, scores.classifier), report.classes,
+                            title=f"{report.label}: {scores.method} + {scores.classifier}, "
+                                  f"macro F1 {f1:.3f} ± {f1_sd:.3f}",
+                            xlabel="predicted class (out of fold)", ylabel="true class (n = cells evaluated)")
+
+
+def confusion_figure(counts: np.ndarray, classes: Sequence[str], *, title: str, xlabel: str, ylabel: str) -> Figure:
+    """A confusion matrix: true classes with their cell counts down, predictions across.
 
     Each square is coloured by its share of the row (the true class's cells) and, up to 25 classes, shows
     that share over its number of cells; squares without cells stay empty.
+
+    Parameters
+    ----------
+    counts
+        Cells of each true class (rows) predicted as each class (columns), int (classes × classes).
+    classes
+        Class names, in the order of ``counts``' rows and columns.
+    title, xlabel, ylabel
+        The figure's first title line and the axis labels.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    counts = report.confusion(scores.method, scores.classifier)
-    n = len(report.classes)
+    n = len(classes)
     totals = counts.sum(axis=1)
     shares = counts / np.maximum(totals, 1)[:, None]
     annotate = n <= 25
@@ -828,11 +853,11 @@ def _draw_confusion(report: EvaluationReport, scores: ClassifierScores) -> Figur
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(shares, vmin=0, vmax=1, cmap="Blues")
-    names = [_short_class(c) for c in report.classes]
+    names = [_short_class(c) for c in classes]
     ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), [f"{name} (n={int(t):,})" for name, t in zip(names, totals, strict=True)], fontsize=8)
-    ax.set_xlabel("predicted class (out of fold)")
-    ax.set_ylabel("true class (n = cells evaluated)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if annotate:
         fontsize = 7 if n <= 15 else 6
         for i in range(n):
@@ -841,8 +866,7 @@ def _draw_confusion(report: EvaluationReport, scores: ClassifierScores) -> Figur
                     ax.text(j, i, f"{shares[i, j]:.2f}\n{int(counts[i, j]):,}", ha="center", va="center",
                             fontsize=fontsize, linespacing=1.1,
                             color="white" if shares[i, j] > 0.5 else "black")
-    f1, f1_sd = scores.mean_sd("macro_f1")
-    ax.set_title(f"{report.label}: {scores.method} + {scores.classifier}, macro F1 {f1:.3f} ± {f1_sd:.3f}\n"
+    ax.set_title(f"{title}\n"
                  + ("each square: share of the true class's cells (top), cells (bottom); empty: none"
                     if annotate else "colour: share of the true class's cells"), fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class's cells (rows sum to 1)")

@@ -48,11 +48,13 @@ from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.bert import (
     MODEL_INFO,
     PRESETS,
+    adamw,
     bert_config,
     default_permissions,
     quiet_transformers,
     require_torch,
     save_model,
+    uses_bf16,
 )
 from genecorpus.model.distributed import (
     Process,
@@ -484,7 +486,7 @@ class _Run:
         self.tdict = reader.token_dictionary
         self.layout = self.tdict.layout()
         self.device = device
-        self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.bf16 = uses_bf16(self.device)
         longest = int(reader.lengths.max())
         cap = MAX_POSITIONS[self.layout.name]
         self.max_length = settings.max_length or min(longest, cap)
@@ -756,13 +758,7 @@ class _Run:
             forward_sync_buffers=False)  # the buffers (position ids) never change
 
     def _build_optimizer(self) -> torch.optim.AdamW:
-        import torch
-
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.settings.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.settings.lr)
+        return adamw(self.model, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
 
     def _fit_global_batch(self, settings: PretrainSettings, saved: dict[str, Any]) -> PretrainSettings:
         """The per-process batch that gives the checkpoint's global batch with this many processes."""
