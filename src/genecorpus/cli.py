@@ -65,10 +65,13 @@ def _main(
 
 
 class _Progress:
-    """Driver-side progress bars, one per stage."""
+    """Driver-side progress bars, one per stage (under torchrun: rank 0's only)."""
 
     def __init__(self) -> None:
-        self.enabled = _err.is_terminal and not os.environ.get("GENECORPUS_NO_PROGRESS")
+        from genecorpus.model.distributed import launched_process
+
+        self.enabled = (_err.is_terminal and not os.environ.get("GENECORPUS_NO_PROGRESS")
+                        and launched_process().is_main)
         self._progress = None
         self._tasks: dict[str, int] = {}
 
@@ -329,12 +332,15 @@ def embed(
 
         genecorpus embed pbmc-corpus --model pbmc-model --out pbmc-emb.h5ad
 
+        torchrun --nproc-per-node 2 -m genecorpus embed pbmc-corpus --model pbmc-model --out pbmc-emb.h5ad
+
         genecorpus embed genecorpus_500_samples.parquet --model Geneformer/gf-6L-30M-i2048 \\
             --token-dictionary token_dictionary_gc30M.pkl --out sample-emb.h5ad --layer -1
     """
     from genecorpus.model.bert import require_torch
     from genecorpus.model.embed import EMBEDDING_KEY, embed_corpus
 
+    _quiet_other_processes()
     try:
         require_torch()
         with _Progress() as progress:
@@ -343,6 +349,8 @@ def embed(
                                  corpus_token_dictionary=corpus_token_dictionary, progress=progress)
     except GenecorpusError as e:
         _fail(e)
+    if adata is None:  # another process than rank 0 under torchrun: rank 0 reports
+        return
     info = adata.uns["genecorpus"]
     seconds = float(info["seconds"])
     typer.echo(f"embedded {adata.n_obs} cells in {seconds:.1f} s ({adata.n_obs / max(seconds, 1e-9):.1f} cells/s): "
@@ -453,7 +461,10 @@ def pretrain(
     preset: Annotated[str, typer.Option(help="Model size: tiny, small or gf-6l (Geneformer V1).")] = "small",
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (or give --epochs; neither: planned from --time-limit, else one epoch).")] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the training cells.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Cells per step.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Cells per process in one forward pass; a step's global batch is this × --grad-accum × processes.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches whose gradients one step adds up (gradient accumulation).")] = 1,
+    max_batch_tokens: Annotated[int | None, typer.Option(help="Most padded tokens (cells × longest cell) in one forward pass; longer batches are cut into several (same gradient), so that long cells do not exhaust memory.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout of hidden states and attention (default: the preset's, 0.02).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear warm-up and decay).")] = 1e-3,
     warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (default 10 % of the (planned) steps, at most 1,000).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per cell (default the longest cell, at most 2,048 / 4,096).")] = None,
@@ -476,9 +487,12 @@ def pretrain(
     BertForMaskedLM.from_pretrained and holds the token dictionary, genecorpus_model.json,
     loss_curve.png and a checkpoint for --resume. With --time-limit alone, the run measures its
     speed, plans the steps to fill the time and ends with its learning rate decayed (the plan is in
-    genecorpus_model.json; --max-steps with it reproduces the run on any machine). Examples:
+    genecorpus_model.json; --max-steps with it reproduces the run on any machine). Under torchrun, one
+    process per GPU (or CPU) trains with DistributedDataParallel; rank 0 logs and writes. Examples:
 
         genecorpus pretrain pbmc-corpus --out pbmc-model --preset small --time-limit 20
+
+        torchrun --nproc-per-node 2 -m genecorpus pretrain pbmc-corpus --out pbmc-model --batch-size 4
 
         genecorpus pretrain pbmc-corpus --out pbmc-model --preset small --max-steps 4000 --resume
 
@@ -492,15 +506,21 @@ def pretrain(
         from genecorpus.model.pretrain import pretrain as pretrain_model
 
         logging.getLogger("genecorpus.model.pretrain").setLevel(logging.INFO)
+        _quiet_other_processes()
         with _Progress() as progress:
             result = pretrain_model(
-                corpus, out, preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr,
+                corpus, out, preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
+                grad_accum=grad_accum, max_batch_tokens=max_batch_tokens, dropout=dropout, lr=lr,
                 warmup_steps=warmup_steps, max_length=max_length, seed=seed, val_fraction=val_fraction,
                 val_cells=val_cells, eval_every=eval_every, save_every=save_every, time_limit=time_limit,
                 device=device, token_dictionary=token_dictionary, resume=resume, overwrite=overwrite,
                 progress=progress)
     except GenecorpusError as e:
         _fail(e)
+    from genecorpus.model.distributed import launched_process
+
+    if not launched_process().is_main:  # rank 0 reports
+        return
     m, training, plan = result.metrics, result.info["training"], result.info["plan"]
     typer.echo(f"model: {result.model_path} ({result.steps} steps, {training['tokens_seen']:,} tokens, "
                f"{training['wall_seconds']:.0f} s, stopped at {result.stopped.replace('_', ' ')})")
@@ -639,6 +659,16 @@ def predict(
     counts = frame["predicted"].value_counts()
     typer.echo(f"labelled {len(frame)} cells: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     typer.echo(f"wrote {out}")
+
+
+def _quiet_other_processes() -> None:
+    """Under torchrun, only rank 0 logs what a run does; the other processes warnings and errors only."""
+    from genecorpus.model.distributed import launched_process
+
+    if not launched_process().is_main:
+        logging.getLogger("genecorpus").setLevel(logging.WARNING)
+        for name in ("genecorpus.model.pretrain", "genecorpus.model.embed", "genecorpus.model.distributed"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:

@@ -10,9 +10,11 @@ module               what it owns
 ==================== ==========================================================================
 ``bert``             presets (``tiny``, ``small``, ``gf-6l``), ``BertConfig``, the model folder, the device
 ``masking``          the masked-gene objective: which positions are masked and how
-``sampling``         held-out split of whole datasets, the length-grouped sampler
+``sampling``         held-out split of whole datasets, the length-grouped sampler, a global batch's
+                     micro-batches per process
+``distributed``      which process am I (torchrun's variables), the process group, typed collectives
 ``rank_baseline``    the rank-position frequency baseline of masked-gene prediction
-``pretrain``         the training loop, checkpoints and ``--resume``
+``pretrain``         the training loop (one process or several with DDP), checkpoints and ``--resume``
 ``embed``            cell embeddings of a corpus to ``.h5ad``
 ``perturb``          in-silico deletion and overexpression
 ``evaluate``         k-fold classifiers on embeddings beside the log1p → PCA(50) baseline

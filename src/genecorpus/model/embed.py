@@ -12,6 +12,11 @@ the corpus's metadata columns (``dataset_id``, ``cell_id``, labels, ``length``) 
 empty ``X`` (cells x 0), and ``uns["genecorpus"]`` recording the corpus, the model, the layer and the
 pooling. :mod:`genecorpus.model.perturb` reads it back.
 
+Under ``torchrun`` (see :mod:`genecorpus.model.distributed`) each process embeds every ``world_size``-th
+of the rows (a strided share: every process gets cells of every length), rank 0 gathers the shares and
+writes one ``.h5ad`` in the requested row order; the numbers equal a single process's within float
+tolerance (they differ only by the padding width of the batches a cell ran in).
+
 Needs the ``train`` extra (torch and transformers); importing this module does not import torch.
 """
 
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
     from transformers import BertForMaskedLM
 
     from genecorpus.corpus import CorpusReader
+    from genecorpus.model.distributed import Process
     from genecorpus.vocab import TokenDictionary
 
 logger = logging.getLogger(__name__)
@@ -256,7 +262,7 @@ def embed_corpus(
     corpus_token_dictionary: str | os.PathLike[str] | None = None,
     cells: Sequence[int] | np.ndarray | None = None,
     progress: ProgressCallback | None = None,
-) -> ad.AnnData:
+) -> ad.AnnData | None:
     """Embed the cells of a corpus with a pretrained model and write them to an ``.h5ad`` file.
 
     Parameters
@@ -277,7 +283,8 @@ def embed_corpus(
     max_length
         Tokens kept per cell (default: the model's ``max_position_embeddings``, also the upper bound).
     device
-        ``"cpu"``, ``"cuda"``…; default CUDA when available, else CPU.
+        ``"cpu"``, ``"cuda"``…; default CUDA when available, else CPU. Under ``torchrun``, each process
+        embeds its share of the cells (``cuda`` becomes ``cuda:LOCAL_RANK``) and rank 0 writes ``out``.
     token_dictionary
         The model's token dictionary, if its folder has none (Geneformer checkpoints).
     corpus_token_dictionary
@@ -285,13 +292,14 @@ def embed_corpus(
     cells
         Corpus rows to embed, in the order wanted (default: all, in row order).
     progress
-        Called as ``progress("embed", cells_done, cells_total)`` after each batch.
+        Called as ``progress("embed", cells_done, cells_total)`` after each batch (the process's own cells).
 
     Returns
     -------
     The AnnData that was written: ``obsm["X_genecorpus"]`` float32 (cells x hidden size), ``obs`` the
     corpus's metadata plus ``corpus_row``, ``uns["genecorpus"]`` the provenance (plus, in memory only,
-    ``seconds``: the time spent embedding).
+    ``seconds``: the time spent embedding). Under torchrun: on rank 0; the other processes return None
+    (once rank 0 has written the file).
 
     Raises
     ------
@@ -306,11 +314,28 @@ def embed_corpus(
     >>> emb.obsm["X_genecorpus"].shape  # doctest: +SKIP
     (3000, 128)
     """
-    from genecorpus.model.bert import load_model, quiet_transformers, require_torch
+    from genecorpus.model.bert import require_torch
+    from genecorpus.model.distributed import process_group
 
     require_torch()
+    with process_group(device) as (process, torch_device):
+        return _embed_in_process(corpus, model, out=Path(out), layer=layer, pool=pool, batch_size=batch_size,
+                                 max_length=max_length, device=str(torch_device), token_dictionary=token_dictionary,
+                                 corpus_token_dictionary=corpus_token_dictionary, cells=cells, progress=progress,
+                                 process=process)
+
+
+def _embed_in_process(corpus: str | os.PathLike[str], model: str | os.PathLike[str], *, out: Path, layer: int,
+                      pool: Pool, batch_size: int, max_length: int | None, device: str,
+                      token_dictionary: str | os.PathLike[str] | None,
+                      corpus_token_dictionary: str | os.PathLike[str] | None,
+                      cells: Sequence[int] | np.ndarray | None, progress: ProgressCallback | None,
+                      process: Process) -> ad.AnnData | None:
+    """:func:`embed_corpus` in one process of the run: its share of the rows, gathered and written by rank 0."""
+    from genecorpus.model.bert import load_model, quiet_transformers
+    from genecorpus.model.distributed import barrier, gather_objects, shard_rows
+
     quiet_transformers()
-    out = Path(out)
     bert, model_dictionary = load_model(model, token_dictionary=token_dictionary, device=device)
     tdict_path = model_dictionary_path(model, token_dictionary)
     reader = open_corpus_for_model(corpus, model_dictionary, model_dictionary_path=tdict_path,
@@ -318,12 +343,20 @@ def embed_corpus(
     encoder = CellEncoder(bert, model_dictionary, layer=layer, max_length=max_length)
     rows = select_rows(reader, cells)
     n_long = int((reader.lengths[rows] > encoder.max_length).sum())
-    if n_long:
+    if n_long and process.is_main:
         logger.warning("%d of %d cells are longer than %d tokens; their first %d tokens are embedded",
                        n_long, len(rows), encoder.max_length, encoder.max_length)
     started = time.perf_counter()
-    embeddings = encoder.embed(reader.batch(rows), pool=pool, batch_size=batch_size, progress=progress)
+    positions = shard_rows(np.arange(len(rows)), process)  # rows[rank::world]: every length in every share
+    mine = encoder.embed(reader.batch(rows[positions]), pool=pool, batch_size=batch_size, progress=progress)
+    shares = gather_objects(mine, process)
     seconds = time.perf_counter() - started
+    if shares is None:  # not rank 0: wait until it has written them
+        barrier(process)
+        return None
+    embeddings = np.zeros((len(rows), encoder.hidden_size), dtype=np.float32)
+    for rank, share in enumerate(shares):
+        embeddings[rank::process.world_size] = share
     adata = embeddings_anndata(reader, rows, embeddings, uns={
         "corpus": str(Path(corpus).resolve()),
         "model": str(Path(model).resolve()),
@@ -335,9 +368,12 @@ def embed_corpus(
         "max_length": int(encoder.max_length),
         "n_truncated": n_long,
     })
+    if process.world_size > 1:
+        adata.uns[UNS_KEY]["world_size"] = process.world_size
     write_h5ad_atomic(adata, out)
     logger.info("embedded %d cells in %.1f s (%.1f cells/s)", len(rows), seconds, len(rows) / max(seconds, 1e-9))
     adata.uns[UNS_KEY]["seconds"] = seconds
+    barrier(process)
     return adata
 
 

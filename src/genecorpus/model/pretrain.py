@@ -12,6 +12,13 @@ How many steps, with which learning-rate schedule, and what is validated when is
 speed the run measures in its first steps (then undone: the run restarts from step 0 with its plan), and
 re-planned while it goes if the machine turns slower or faster. A time limit is a hard cap in every case.
 
+Under ``torchrun`` the same loop runs in every process (:mod:`genecorpus.model.distributed`): the sampler
+deals *global* batches (``batch_size × grad_accum × processes`` cells), every process masks the whole
+global batch and trains on its share of it (:func:`~genecorpus.model.sampling.split_batch`) inside
+``DistributedDataParallel``, with the loss normalised over the global batch's masked positions, so the run
+follows a single process with that batch. Rank 0 plans, decides (time limit, re-plans; any process's
+Ctrl-C) and writes; the decisions reach the others in one small all-reduce per step.
+
 The model folder (see :mod:`genecorpus.model.bert`)::
 
     MODEL/config.json, model.safetensors, token_dictionary.pkl, genecorpus_model.json, loss_curve.png
@@ -29,6 +36,7 @@ import signal
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,15 +51,24 @@ from genecorpus.model.bert import (
     adamw,
     bert_config,
     default_permissions,
-    pick_device,
     quiet_transformers,
     require_torch,
     save_model,
     uses_bf16,
 )
-from genecorpus.model.masking import PaddedBatch, mask_genes, pad_cells
+from genecorpus.model.distributed import (
+    Process,
+    all_reduce_max,
+    all_reduce_sums,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    launched_process,
+    process_group,
+)
+from genecorpus.model.masking import MaskedBatch, PaddedBatch, mask_genes, pad_cells
 from genecorpus.model.rank_baseline import RankFrequencyBaseline
-from genecorpus.model.sampling import CellSplit, LengthGroupedSampler, split_cells
+from genecorpus.model.sampling import CellSplit, LengthGroupedSampler, split_batch, split_cells
 from genecorpus.model.schedule import (
     DEFAULT_EVALS,
     DEFAULT_VAL_CELLS,
@@ -76,8 +93,6 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.axes import Axes
     from transformers import BertForMaskedLM
-
-    from genecorpus.model.masking import MaskedBatch
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +125,15 @@ class PretrainSettings:
     epochs: float | None = None
     """Passes over the training cells (steps = epochs × batches per epoch)."""
     batch_size: int = 8
+    """Cells per process in one forward/backward pass (a micro-batch). The global batch — the cells of
+    one optimizer step — is ``batch_size × grad_accum × processes``; it decides the trajectory."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients one optimizer step sums (gradient accumulation)."""
+    max_batch_tokens: int | None = None
+    """Most padded tokens (cells × longest cell) in one micro-batch: a batch of long cells is cut into
+    several, so that it does not exhaust memory. None: no limit."""
+    dropout: float | None = None
+    """Dropout of the hidden states and attention; None: the preset's (0.02)."""
     lr: float = 1e-3
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.001
@@ -138,8 +162,9 @@ class PretrainSettings:
     grad_clip: float = 1.0
 
 
-# Settings a resumed run must share with its checkpoint: they decide the trajectory.
-_TRAJECTORY_SETTINGS = ("preset", "batch_size", "lr", "weight_decay", "max_length", "seed", "val_fraction",
+# Settings a resumed run must share with its checkpoint: they decide the trajectory (with the global batch,
+# the resolved dropout and the corpus's size; the per-process batch and the processes do not).
+_TRAJECTORY_SETTINGS = ("preset", "lr", "weight_decay", "max_length", "seed", "val_fraction",
                         "val_cells", "baseline_cells", "grad_clip")
 
 
@@ -221,6 +246,9 @@ def pretrain(
     max_steps: int | None = None,
     epochs: float | None = None,
     batch_size: int = 8,
+    grad_accum: int = 1,
+    max_batch_tokens: int | None = None,
+    dropout: float | None = None,
     lr: float = 1e-3,
     weight_decay: float = 0.001,
     warmup_steps: int | None = None,
@@ -246,21 +274,26 @@ def pretrain(
         A genecorpus folder, a ``save_to_disk`` folder or parquet file(s) (the published format).
     out
         The model folder to create (or to continue with ``resume``).
-    preset, max_steps, epochs, batch_size, lr, weight_decay, warmup_steps, max_length, seed,
-    val_fraction, val_cells, eval_every, save_every, time_limit, baseline_cells
+    preset, max_steps, epochs, batch_size, grad_accum, max_batch_tokens, dropout, lr, weight_decay,
+    warmup_steps, max_length, seed, val_fraction, val_cells, eval_every, save_every, time_limit,
+    baseline_cells
         See :class:`PretrainSettings`.
     device
-        ``"cpu"``, ``"cuda"``…; default CUDA when available, else CPU.
+        ``"cpu"``, ``"cuda"``…; default CUDA when available, else CPU. Under ``torchrun`` each process
+        joins the process group (:mod:`genecorpus.model.distributed`; ``cuda`` becomes
+        ``cuda:LOCAL_RANK``) and the model is trained with ``DistributedDataParallel``; rank 0 plans,
+        logs and writes, and every process returns the same result.
     token_dictionary
         The corpus's token dictionary, if its folder has none (the published Genecorpus-30M).
     resume
         Continue from ``out/checkpoint``; with the same settings, the losses are those of an
         uninterrupted run. The checkpoint's planned steps are kept (a time limit caps the session
-        but does not re-plan); ``max_steps``/``epochs`` may be raised to train longer.
+        but does not re-plan); ``max_steps``/``epochs`` may be raised to train longer. Any number of
+        processes may resume: the per-process batch is derived from the checkpoint's global batch.
     overwrite
         Replace an existing ``out``.
     progress
-        Called as ``progress(stage, done, total)``.
+        Called as ``progress(stage, done, total)`` (in every process; the command line shows rank 0's).
 
     Returns
     -------
@@ -285,23 +318,26 @@ def pretrain(
     started = time.monotonic()
     require_torch()
     settings = PretrainSettings(
-        preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr,
+        preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+        max_batch_tokens=max_batch_tokens, dropout=dropout, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length, seed=seed,
         val_fraction=val_fraction, val_cells=val_cells, eval_every=eval_every, save_every=save_every,
         time_limit=time_limit, baseline_cells=baseline_cells)
     _check_settings(settings)
-    torch_device = pick_device(device)
     out = Path(out)
-    _check_output(out, resume=resume, overwrite=overwrite)
-    reader = CorpusReader.open(corpus, token_dictionary)
-    if reader.n_cells == 0:
-        msg = f"{reader.files.root}: the corpus has no cells; build it from non-empty datasets"
-        raise InputError(msg)
-    if overwrite and out.exists():
-        _remove_model_folder(out, reader.files.root)
-    with _deterministic_torch(enabled=torch_device.type == "cuda"):
-        run = _Run(reader, out, settings, device=torch_device, resume=resume, progress=progress, started=started)
-        return run.train()
+    with process_group(device) as (process, torch_device):
+        _check_output(out, resume=resume, overwrite=overwrite)
+        reader = CorpusReader.open(corpus, token_dictionary)
+        if reader.n_cells == 0:
+            msg = f"{reader.files.root}: the corpus has no cells; build it from non-empty datasets"
+            raise InputError(msg)
+        if overwrite and out.exists() and process.is_main:
+            _remove_model_folder(out, reader.files.root)
+        barrier(process)  # nobody looks at `out` before rank 0 emptied it
+        with _deterministic_torch(enabled=torch_device.type == "cuda"):
+            run = _Run(reader, out, settings, device=torch_device, process=process, resume=resume,
+                       progress=progress, started=started)
+            return run.train()
 
 
 def _check_settings(s: PretrainSettings) -> None:
@@ -312,7 +348,8 @@ def _check_settings(s: PretrainSettings) -> None:
         msg = "--max-steps and --epochs: give one of them, not both"
         raise ConfigError(msg)
     checks = [("--max-steps", s.max_steps, 1), ("--epochs", s.epochs, 1e-9),
-              ("--batch-size", s.batch_size, 1),
+              ("--batch-size", s.batch_size, 1), ("--grad-accum", s.grad_accum, 1),
+              ("--max-batch-tokens", s.max_batch_tokens, 1),
               ("--lr", s.lr, 1e-12), ("--max-length", s.max_length, 1), ("--val-cells", s.val_cells, 1),
               ("--eval-every", s.eval_every, 1), ("--save-every", s.save_every, 1),
               ("--time-limit", s.time_limit, 1e-9), ("--baseline-cells", s.baseline_cells, 1)]
@@ -325,6 +362,9 @@ def _check_settings(s: PretrainSettings) -> None:
         raise ConfigError(msg)
     if s.weight_decay < 0:
         msg = f"--weight-decay {s.weight_decay}: must be 0 or more"
+        raise ConfigError(msg)
+    if s.dropout is not None and not 0 <= s.dropout < 1:
+        msg = f"--dropout {s.dropout}: must be in [0, 1) (the presets use 0.02)"
         raise ConfigError(msg)
 
 
@@ -392,39 +432,53 @@ class _deterministic_torch:  # noqa: N801 - used as a context manager, like torc
 
 class _StopOnCtrlC:
     """Ctrl-C during the training steps: the first stops after the current step (with a checkpoint), a
-    second one at once. Only where Ctrl-C reaches Python (the main thread, SIGINT not ignored)."""
+    second one at once. Only where Ctrl-C reaches Python (the main thread, SIGINT not ignored).
 
-    def __init__(self) -> None:
+    Under torchrun (``launched``) SIGTERM counts as Ctrl-C too — torchrun passes a Ctrl-C on to its
+    processes and SLURM ends a job with SIGTERM, both giving ~30 s before SIGKILL — and a signal within
+    :data:`SAME_SIGNAL_SECONDS` of the first is the same one arriving twice (from the terminal and from
+    torchrun), not a second Ctrl-C."""
+
+    SAME_SIGNAL_SECONDS = 2.0
+
+    def __init__(self, *, launched: bool = False) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.launched = launched
+        self._first = 0.0
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopOnCtrlC:
         if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is signal.default_int_handler:
-                self._previous = signal.signal(signal.SIGINT, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+            if self.launched and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, _signum: int, _frame: object) -> None:
         if self.requested:
+            if self.launched and time.monotonic() - self._first < self.SAME_SIGNAL_SECONDS:
+                return
             raise KeyboardInterrupt
         self.requested = True
+        self._first = time.monotonic()
         logger.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)")
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class _Run:
     """One pretraining run: the state of the loop and what it writes."""
 
     def __init__(self, reader: CorpusReader, out: Path, settings: PretrainSettings, *, device: torch.device,
-                 resume: bool, progress: Callable[[str, int, int], None] | None, started: float) -> None:
+                 process: Process, resume: bool, progress: Callable[[str, int, int], None] | None,
+                 started: float) -> None:
         import torch
 
         quiet_transformers()
-        self.reader, self.out, self.progress = reader, out, progress
+        self.reader, self.out, self.progress, self.process = reader, out, progress, process
         self.started = self._accounted = started
         self.deadline = started + settings.time_limit * 60 if settings.time_limit else math.inf
         self.deadline_hit = False
@@ -437,20 +491,31 @@ class _Run:
         cap = MAX_POSITIONS[self.layout.name]
         self.max_length = settings.max_length or min(longest, cap)
         self.max_positions = max(cap, self.max_length)
+        if settings.max_batch_tokens is not None and settings.max_batch_tokens < self.max_length:
+            msg = (f"--max-batch-tokens {settings.max_batch_tokens}: below the max length of {self.max_length} "
+                   "tokens, so one long cell would not fit; give at least that (or a smaller --max-length)")
+            raise ConfigError(msg)
         checkpoint = _find_checkpoint(out) if resume else None
         saved = torch.load(checkpoint / TRAINING_STATE, weights_only=True) if checkpoint else None
         if saved is not None and settings.val_cells is None:  # the checkpoint's validation sample
             settings = replace(settings, val_cells=saved["settings"]["val_cells"])
+        if saved is not None:
+            settings = self._fit_global_batch(settings, saved)
         self.settings = replace(settings, max_length=self.max_length)
+        self.global_batch = settings.batch_size * settings.grad_accum * process.world_size
+        """Cells of one optimizer step, over all processes and micro-batches."""
+        self.dropout = PRESETS[settings.preset].dropout if settings.dropout is None else settings.dropout
         self.split: CellSplit = split_cells(
             reader.lengths, reader.dataset_ids(), val_fraction=settings.val_fraction,
             val_cells=settings.val_cells or DEFAULT_VAL_CELLS, seed=settings.seed)
+        # the sampler deals global batches, the same for any number of processes; each process takes its share
         self.sampler = LengthGroupedSampler(self.split.train_rows, reader.lengths[self.split.train_rows],
-                                            batch_size=settings.batch_size, seed=settings.seed)
+                                            batch_size=self.global_batch, seed=settings.seed)
         self.sizes = self._work_sizes()
         self.history = _History()
         self.pace = _Pace()
         self.model = self._build_model(checkpoint)
+        self.loss_module = self._wrap_model()
         self.optimizer = self._build_optimizer()
         self._plan: StepPlan | None = None
         self._validation: ValidationPlan | None = None
@@ -499,7 +564,7 @@ class _Run:
                 validation = validation.with_steps(total, s.eval_every)
         else:  # a checkpoint of before validation plans: every evaluation scored the whole sample
             n_val = len(self.split.val_rows)
-            n_batches = math.ceil(n_val / s.batch_size)
+            n_batches = math.ceil(n_val / self.global_batch)
             every = s.eval_every or max(1, math.ceil(total / DEFAULT_EVALS))
             validation = ValidationPlan(total, every, n_val, n_batches, n_batches, (total - 1) // every, 0.0)
             cost = validation.scored_cells * self.sizes.val_tokens_per_cell * EVAL_TOKEN_COST
@@ -512,17 +577,24 @@ class _Run:
         logger.info("timing a few training steps to plan the steps from the time limit (then undone: the run "
                     "starts from step 0)")
         times = self._measure_speed(self.deadline - time.monotonic())
-        total, validation, estimated = plan_steps_for_time(
-            self.deadline - time.monotonic(), times, sizes=self.sizes, eval_every=s.eval_every,
-            fixed_val_cells=s.val_cells is not None, save_every=s.save_every)
-        warmup = s.warmup_steps if s.warmup_steps is not None else default_warmup_steps(total)
-        if warmup >= total:
-            logger.warning("the warm-up (%d steps) is as long as the %d steps planned from the time limit: the "
-                           "learning rate will not decay; give a shorter --warmup-steps", warmup, total)
-        step_seconds = times.train_seconds_per_token * self.sizes.train_tokens_per_step
-        plan = StepPlan(total, warmup, "time_limit", seconds_per_step=round(step_seconds, 4),
-                        measured_steps=times.n_steps, measure_seconds=round(times.seconds, 2),
-                        estimated_seconds=round(estimated, 1))
+        planned: tuple[StepPlan, ValidationPlan] | None = None
+        if self.process.is_main:  # rank 0 plans from its clock, the others take its plan
+            total, validation, estimated = plan_steps_for_time(
+                self.deadline - time.monotonic(), times, sizes=self.sizes, eval_every=s.eval_every,
+                fixed_val_cells=s.val_cells is not None, save_every=s.save_every)
+            warmup = s.warmup_steps if s.warmup_steps is not None else default_warmup_steps(total)
+            if warmup >= total:
+                logger.warning("the warm-up (%d steps) is as long as the %d steps planned from the time limit: "
+                               "the learning rate will not decay; give a shorter --warmup-steps", warmup, total)
+            step_seconds = times.train_seconds_per_token * self.sizes.train_tokens_per_step
+            planned = (StepPlan(total, warmup, "time_limit", seconds_per_step=round(step_seconds, 4),
+                                measured_steps=times.n_steps, measure_seconds=round(times.seconds, 2),
+                                estimated_seconds=round(estimated, 1)), validation)
+        planned = broadcast_object(planned, self.process)
+        if planned is None:
+            msg = "rank 0 sent no plan"
+            raise RuntimeError(msg)
+        plan, validation = planned
         self.pace.measured_eval_cost = times.eval_seconds_per_token / max(1e-12, times.train_seconds_per_token)
         self.pace.checkpoint_seconds, self.pace.model_seconds = times.checkpoint_seconds, times.model_seconds
         self.pace.replanning, self.pace.last_check = True, time.monotonic()
@@ -574,8 +646,8 @@ class _Run:
         return self.schedule(step)
 
     def _work_sizes(self) -> WorkSizes:
-        """Tokens of a training step (mean over a sample of batches) and of a validation cell."""
-        lengths, size = self.reader.lengths, self.settings.batch_size
+        """Tokens of a training step (mean over a sample of batches) and of a validation cell (global batches)."""
+        lengths, size = self.reader.lengths, self.global_batch
         batches = self.sampler.epoch_batches(self.sampler.epoch)[:SIZE_SAMPLE_BATCHES]
         train = np.mean([len(b) * min(int(lengths[b].max()), self.max_length) for b in batches])
         rows = self._val_rows_longest_first()
@@ -596,7 +668,7 @@ class _Run:
         optimizer = self._build_optimizer()
         seconds: list[float] = []
         tokens: list[int] = []
-        while not seconds or not measuring_done(len(seconds), time.monotonic() - started, budget):
+        while not seconds or self._agree(not measuring_done(len(seconds), time.monotonic() - started, budget)):
             _, _, padded, took = self._train_step(optimizer, None, len(seconds))
             seconds.append(took)
             tokens.append(padded.input_ids.size)
@@ -617,9 +689,13 @@ class _Run:
         return MeasuredTimes(train_per_token, eval_per_token, 3 * model_seconds, model_seconds + plot_seconds,
                              len(seconds), took)
 
+    def _agree(self, decision: bool) -> bool:  # noqa: FBT001 - one yes or no
+        """Rank 0's yes or no, on every process."""
+        return bool(all_reduce_max([int(decision) if self.process.is_main else 0], self.process)[0])
+
     def _measure_validation(self) -> float:
-        """Seconds per token of scoring a validation batch of middle length."""
-        rows, size = self._val_rows_longest_first(), self.settings.batch_size
+        """Seconds per token of scoring a validation batch of middle length (each process its share)."""
+        rows, size = self._val_rows_longest_first(), self.global_batch
         middle = (len(rows) // size // 2) * size
         batch = mask_genes(self._pad(rows[middle:middle + size]), self.tdict,
                            np.random.default_rng([self.settings.seed, 0x71E5]))
@@ -630,6 +706,8 @@ class _Run:
     def _measure_writes(self) -> tuple[float, float]:
         """Seconds of writing the model's weights, and of drawing the loss curve (each timed the second
         time: the first pays imports that the run's own writes will not)."""
+        if not self.process.is_main:  # only rank 0 writes, and plans
+            return 0.0, 0.0
         parent = self.out.parent if self.out.parent.is_dir() else None
         history = _History(train_loss=[1.0] * 100, learning_rate=[0.0] * 100)
         seconds = []
@@ -648,26 +726,74 @@ class _Run:
         import torch
         from transformers import BertForMaskedLM
 
-        config = bert_config(self.settings.preset, self.tdict, max_positions=self.max_positions)
+        config = bert_config(replace(PRESETS[self.settings.preset], dropout=self.dropout), self.tdict,
+                             max_positions=self.max_positions)
         if checkpoint is not None:
             model = BertForMaskedLM.from_pretrained(checkpoint)
             if model.config.vocab_size != config.vocab_size or model.config.hidden_size != config.hidden_size:
                 msg = (f"{checkpoint}: the checkpoint's model does not fit this corpus and preset; "
                        "resume with the same ones")
                 raise ConfigError(msg)
+            model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = self.dropout
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = self.dropout
         else:
             torch.manual_seed(self.settings.seed)
             model = BertForMaskedLM(config)
+            if not self.process.is_main:  # the same weights everywhere, but each process its own dropout masks
+                _seed_process_rng(self.settings.seed, self.process.rank, 0)
         return model.to(self.device)
+
+    def _wrap_model(self) -> torch.nn.Module:
+        """The module a training step calls: the masked-gene loss, in ``DistributedDataParallel`` when
+        several processes train (it averages the gradients over them in the backward pass)."""
+        import torch
+
+        module = _masked_lm_loss(self.model, bf16=self.bf16, every_parameter=self.process.world_size > 1)
+        if self.process.world_size == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False)  # the buffers (position ids) never change
 
     def _build_optimizer(self) -> torch.optim.AdamW:
         return adamw(self.model, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+
+    def _fit_global_batch(self, settings: PretrainSettings, saved: dict[str, Any]) -> PretrainSettings:
+        """The per-process batch that gives the checkpoint's global batch with this many processes."""
+        world = self.process.world_size
+        theirs = _saved_processes(saved)
+        if theirs["world_size"] != world and self.process.is_main:
+            logger.info("resuming a run of %d process(es) with %d", theirs["world_size"], world)
+        wanted = theirs["global_batch"]
+        if settings.batch_size * settings.grad_accum * world == wanted:
+            return settings
+        if wanted % (settings.grad_accum * world) == 0:
+            batch = wanted // (settings.grad_accum * world)
+            if self.process.is_main:
+                logger.info("the checkpoint's global batch is %d cells: %d per process (× %d accumulated × %d "
+                            "processes) instead of --batch-size %d", wanted, batch, settings.grad_accum, world,
+                            settings.batch_size)
+            return replace(settings, batch_size=batch)
+        where = self.out / CHECKPOINT
+        if wanted % world:
+            msg = (f"{where}: was trained with a global batch of {wanted} cells, which {world} processes cannot "
+                   f"share evenly; resume with a number of processes that divides {wanted}")
+        else:
+            msg = (f"{where}: was trained with a global batch of {wanted} cells; with {world} process(es) give "
+                   f"--batch-size × --grad-accum = {wanted // world}, e.g. --batch-size {wanted // world} "
+                   "--grad-accum 1")
+        raise ConfigError(msg)
 
     def _restore(self, saved: dict[str, Any]) -> None:
         import torch
 
         mine = self._compat()
-        for key, value in saved["settings"].items():
+        theirs = dict(saved["settings"])
+        if "global_batch" not in theirs:  # checkpoints of before several processes: one, no accumulation
+            theirs["global_batch"] = theirs.pop("batch_size")
+        for key, value in theirs.items():
             if key in mine and mine[key] != value:
                 msg = (f"{self.out / CHECKPOINT}: was made with {key}={value!r}, this run has {mine[key]!r}; "
                        "resume with the same corpus and settings (or start afresh with --overwrite)")
@@ -676,22 +802,40 @@ class _Run:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.sampler.load_state_dict(saved["sampler"])
         self.history = _History.from_dict(saved["history"])
-        if saved["total_steps"] != self.total_steps:
+        if saved["total_steps"] != self.total_steps and self.process.is_main:
             logger.warning("resuming at step %d with %d steps in all (the checkpoint's run had %d): the "
                            "learning-rate schedule changes from here on", self.history.step, self.total_steps,
                            saved["total_steps"])
+        if saved["total_steps"] != self.total_steps:
             # the optimizer holds the old schedule's rate for the next step (0 after its last): the new one's
             for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
                 group["lr"] = base * self._schedule(self.history.step)
-        torch.set_rng_state(saved["torch_rng"])
-        if self.device.type == "cuda" and saved.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
-        logger.info("resumed from step %d of %s", self.history.step, self.out / CHECKPOINT)
+        rank, by_rank = self.process.rank, saved.get("rng_by_rank")
+        if by_rank is not None and len(by_rank) == self.process.world_size:  # as many processes: each its own
+            cpu_rng, cuda_rng = by_rank[rank]
+        elif rank == 0:
+            cpu_rng, cuda_rng = saved["torch_rng"], saved.get("cuda_rng")
+        else:  # more processes than the checkpoint's: a seeded stream of dropout masks of their own
+            cpu_rng = cuda_rng = None
+            _seed_process_rng(self.settings.seed, rank, self.history.step)
+        if cpu_rng is not None:
+            torch.set_rng_state(cpu_rng)
+        if self.device.type == "cuda" and cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+        if self.process.is_main:
+            logger.info("resumed from step %d of %s", self.history.step, self.out / CHECKPOINT)
 
     def _compat(self) -> dict[str, Any]:
         s = asdict(self.settings)
-        return {**{k: s[k] for k in _TRAJECTORY_SETTINGS}, "warmup_steps": s["warmup_steps"],
-                "n_cells": self.reader.n_cells, "n_tokens": int(self.reader.lengths.sum())}
+        return {**{k: s[k] for k in _TRAJECTORY_SETTINGS}, "global_batch": self.global_batch, "dropout": self.dropout,
+                "warmup_steps": s["warmup_steps"], "n_cells": self.reader.n_cells,
+                "n_tokens": int(self.reader.lengths.sum())}
+
+    def _processes(self) -> dict[str, Any]:
+        """How the work was spread: recorded in the checkpoint and the model info."""
+        s = self.settings
+        return {**self.process.to_dict(), "global_batch": self.global_batch, "batch_size": s.batch_size,
+                "grad_accum": s.grad_accum, "max_batch_tokens": s.max_batch_tokens}
 
     def _fit_baseline(self) -> RankFrequencyBaseline:
         rows = self.split.train_rows
@@ -708,7 +852,7 @@ class _Run:
         """The validation cells, longest first, masked once with a fixed seed: every eval scores the same."""
         rows = self._val_rows_longest_first()
         rng = np.random.default_rng([self.settings.seed, 0xE7A1])
-        size = self.settings.batch_size
+        size = self.global_batch
         return [mask_genes(self._pad(rows[i:i + size]), self.tdict, rng) for i in range(0, len(rows), size)]
 
     def _pad(self, rows: np.ndarray) -> PaddedBatch:
@@ -723,41 +867,75 @@ class _Run:
 
     # ---- the loop
 
-    def _masked_loss(self, batch: MaskedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cross-entropy over the masked positions, and their logits and labels."""
+    def _masked_loss(self, batch: MaskedBatch, *, train: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over the masked positions, and their logits and labels (through
+        ``DistributedDataParallel`` when ``train``ing with several processes)."""
         import torch
 
+        module = self.loss_module if train else self.loss_module_plain
         ids = torch.from_numpy(batch.input_ids).to(self.device)
         attention = torch.from_numpy(batch.attention_mask).to(self.device)
         labels = torch.from_numpy(batch.labels).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self.model.bert(input_ids=ids, attention_mask=attention).last_hidden_state
-            selected = labels >= 0
-            logits = self.model.cls(hidden[selected]).float()
-        targets = labels[selected]
-        if len(targets) == 0:  # no gene in any cell of the batch: nothing to learn, a zero loss with a graph
-            return hidden.sum() * 0.0, logits, targets
-        return torch.nn.functional.cross_entropy(logits, targets), logits, targets
+        return module(ids, attention, labels)
+
+    @property
+    def loss_module_plain(self) -> torch.nn.Module:
+        """The loss without ``DistributedDataParallel`` (validation: no gradients to share)."""
+        return getattr(self.loss_module, "module", self.loss_module)
+
+    def _my_micro_batches(self, batch: MaskedBatch) -> list[tuple[np.ndarray, MaskedBatch]]:
+        """This process's micro-batches of a global batch (:func:`~genecorpus.model.sampling.split_batch`):
+        their positions in it, and their cells cut to the width of their longest cell."""
+        s, p = self.settings, self.process
+        lengths = batch.attention_mask.sum(axis=1)
+        parts = split_batch(lengths, rank=p.rank, world_size=p.world_size, grad_accum=s.grad_accum,
+                            max_batch_tokens=s.max_batch_tokens)
+        return [(part, _take_cells(batch, part)) for part in parts]
 
     def _train_step(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
                     step: int) -> tuple[float, float, PaddedBatch, float]:
-        """One optimizer step on the sampler's next batch: its loss, learning rate, batch and seconds."""
+        """One optimizer step on the sampler's next (global) batch: its loss, learning rate, batch and seconds.
+
+        The whole global batch is padded and masked with the step's generator in every process, so every
+        process knows its masked positions ``n``; this process's micro-batches then each contribute their
+        mean loss × (their masked positions) × (processes) / ``n``, which ``DistributedDataParallel``'s mean
+        over the processes turns into the gradient of the global batch's mean loss.
+        """
         import torch
 
         started = time.monotonic()
-        self.model.train()
+        self.loss_module.train()
         rows = self.sampler.next_batch()
         padded = self._pad(rows)
         batch = mask_genes(padded, self.tdict, np.random.default_rng([self.settings.seed, 1, step]))
-        loss, _, _ = self._masked_loss(batch)
-        loss.backward()
+        n_masked = int((batch.labels >= 0).sum())
+        world = self.process.world_size
+        parts = self._my_micro_batches(batch)
+        if logger.isEnabledFor(logging.DEBUG):  # what each process trained on (the tests check the shards)
+            logger.debug("step %d rank %d micro-batch rows %s", step, self.process.rank,
+                         json.dumps([rows[positions].tolist() for positions, _ in parts]))
+        micro, weights = [m for _, m in parts], [1.0] * len(parts)
+        if not micro:  # a short last batch left this process no cell: join the gradient exchange with nothing
+            micro, weights = [_take_cells(batch, np.zeros(1, np.int64))], [0.0]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, (part, weight) in enumerate(zip(micro, weights, strict=True)):
+            last = i == len(micro) - 1
+            sync = nullcontext() if last or world == 1 else self.loss_module.no_sync()  # type: ignore[operator]
+            with sync:
+                loss, _, targets = self._masked_loss(part, train=True)
+                n = len(targets) * weight
+                scale = n * world / max(n_masked, 1)
+                (loss if scale == 1.0 else loss * scale).backward()
+            total = total + loss.detach().double() * n
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         lr = float(optimizer.param_groups[0]["lr"])
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())  # waits for the device, so the time is the step's
+        local = float(total)  # waits for the device, so the time is the step's
+        value = float(all_reduce_sums([local], self.process)[0]) / max(n_masked, 1) if n_masked else 0.0
         return value, lr, padded, time.monotonic() - started
 
     def train(self) -> PretrainResult:
@@ -766,7 +944,7 @@ class _Run:
         h = self.history
         self._log_plan()
         stopped = "planned_steps" if self.plan.planned_by == "time_limit" else "max_steps"
-        with _StopOnCtrlC() as ctrl_c:
+        with _StopOnCtrlC(launched=launched_process() != Process() or self.process.is_distributed) as ctrl_c:
             self._steps_until_done(ctrl_c)
         if self.deadline_hit:
             stopped = "time_limit"
@@ -776,11 +954,28 @@ class _Run:
         self._save_checkpoint()
         return self._write_model(stopped)
 
+    def _decide(self, ctrl_c: _StopOnCtrlC) -> tuple[bool, bool]:
+        """Before a step, the same decisions in every process: (Ctrl-C in any process, time limit reached —
+        rank 0's clock); rank 0's re-planned step count and warm-up reach the others with them."""
+        main = self.process.is_main
+        deadline = (main and self.deadline < math.inf
+                    and time.monotonic() + self._end_seconds() >= self.deadline)
+        plan = self.plan
+        agreed = all_reduce_max([int(ctrl_c.requested), int(deadline), plan.total_steps if main else 0,
+                                 plan.warmup_steps if main else 0], self.process)
+        total, warmup = int(agreed[2]), int(agreed[3])
+        if not main and (total, warmup) != (plan.total_steps, plan.warmup_steps):
+            self._apply_replan(total, warmup, math.nan)
+        return bool(agreed[0]), bool(agreed[1])
+
     def _steps_until_done(self, ctrl_c: _StopOnCtrlC) -> None:
         """Train until the planned steps are done or the time limit nears; Ctrl-C saves a checkpoint first."""
         s, h = self.settings, self.history
-        while h.step < self.total_steps:
-            if ctrl_c.requested:
+        while True:
+            interrupted, deadline = self._decide(ctrl_c)
+            if h.step >= self.total_steps:
+                break
+            if interrupted:
                 interrupt = KeyboardInterrupt()
                 if h.step:
                     self._save_checkpoint()
@@ -788,12 +983,13 @@ class _Run:
                                        f"checkpoint is in {self.out / CHECKPOINT}: rerun the same command with "
                                        "--resume to continue")
                 raise interrupt
-            if self.deadline < math.inf and time.monotonic() + self._end_seconds() >= self.deadline:
+            if deadline:
                 self.deadline_hit = True
                 lr = self.optimizer.param_groups[0]["lr"] / s.lr
-                logger.warning("time limit of %s min: stopping at step %d of %d, before the learning-rate "
-                               "schedule ended (at %.0f %% of its peak); --resume continues it", s.time_limit,
-                               h.step, self.total_steps, 100 * lr)
+                say = logger.warning if self.process.is_main else logger.debug
+                say("time limit of %s min: stopping at step %d of %d, before the learning-rate schedule ended "
+                    "(at %.0f %% of its peak); --resume continues it", s.time_limit, h.step, self.total_steps,
+                    100 * lr)
                 break
             loss, lr, padded, took = self._train_step(self.optimizer, self.scheduler, h.step)
             h.step += 1
@@ -803,9 +999,10 @@ class _Run:
             h.train_seconds += took
             self.pace.step_seconds.append(took)
             self.pace.step_tokens.append(padded.input_ids.size)
-            if self.pace.replanning:
+            # rank 0 keeps the time; its re-plans reach the others in _decide
+            if self.process.is_main and self.pace.replanning:
                 self._check_replan()
-            else:
+            elif self.process.is_main:
                 self._check_pace()
             if h.step % s.eval_every == 0 and h.step < self.total_steps:
                 self._evaluate(final=False)
@@ -824,6 +1021,12 @@ class _Run:
                     "length %d, on %s%s", self.settings.preset, len(self.split.train_rows), self.split.n_held_out,
                     self.split.by, plan.total_steps, how, plan.warmup_steps, self.max_length, self.device,
                     f", from step {h.step}" if h.step else "")
+        if self.process.world_size > 1 or self.settings.grad_accum > 1 or self.settings.max_batch_tokens:
+            logger.info("global batch of %d cells: %d process(es) (%s) × %d micro-batch(es) × %d cells%s",
+                        self.global_batch, self.process.world_size, self.process.backend or "no process group",
+                        self.settings.grad_accum, self.settings.batch_size,
+                        f", each cut to at most {self.settings.max_batch_tokens} padded tokens"
+                        if self.settings.max_batch_tokens else "")
         if v.n_intermediate == 0:
             when = "no evaluation before"
         elif v.n_subset_batches >= v.n_batches:
@@ -897,15 +1100,20 @@ class _Run:
         warmup = plan.warmup_steps
         if h.step < warmup and s.warmup_steps is None:  # still warming up: the warm-up of the new count
             warmup = max(h.step, default_warmup_steps(total))
+        self._apply_replan(total, warmup, step_seconds)
+        logger.info("at step %d, steps take %.3g s (%.3g s planned): %d steps in all instead of %d, the learning rate "
+                    "going on linearly to 0 at the new last step", h.step, step_seconds,
+                    plan.seconds_per_step or math.nan, total, plan.total_steps)
+
+    def _apply_replan(self, total: int, warmup: int, step_seconds: float) -> None:
+        """From this step on: ``total`` steps, the learning rate going on linearly to 0 at the last."""
+        plan, v, h = self.plan, self.validation, self.history
         if self.schedule is not None:
             self.schedule.replan(h.step, total_steps=total, warmup_steps=warmup)
         replan = Replan(h.step, plan.total_steps, total, warmup, round(step_seconds, 4))
         self._plan = replace(plan, total_steps=total, warmup_steps=warmup, replans=(*plan.replans, replan))
         self._validation = v.with_steps(total, v.eval_every)
-        self.settings = replace(s, warmup_steps=warmup)
-        logger.info("at step %d, steps take %.3g s (%.3g s planned): %d steps in all instead of %d, the learning rate "
-                    "going on linearly to 0 at the new last step", h.step, step_seconds,
-                    plan.seconds_per_step or math.nan, total, plan.total_steps)
+        self.settings = replace(self.settings, warmup_steps=warmup)
 
     def _check_pace(self) -> None:
         """Once, early: warn if the steps cannot be done before the time limit at the speed seen so far."""
@@ -935,25 +1143,31 @@ class _Run:
                        self.total_steps, 100 * lr, hint)
 
     def _score(self, batches: list[MaskedBatch]) -> list[tuple[dict[str, float], dict[str, float]]]:
-        """The model's and the baseline's sums (loss, top-1, top-10, n) on each batch."""
+        """The model's and the baseline's sums (loss, top-1, top-10, n) on each (global) batch: this process
+        scores its share of the batch's cells (:meth:`_my_micro_batches`), and the sums are added up over
+        the processes."""
         import torch
 
         self.model.eval()
-        scores = []
+        local = np.zeros((len(batches), 7), dtype=np.float64)
         with torch.no_grad():
-            for batch in batches:
-                sums = {"loss_sum": 0.0, "top1": 0.0, "top10": 0.0, "n": 0.0}
-                base = dict(sums)
-                if (batch.labels >= 0).any():
+            for i, whole in enumerate(batches):
+                for _, batch in self._my_micro_batches(whole):
+                    if not (batch.labels >= 0).any():
+                        continue
                     loss, logits, targets = self._masked_loss(batch)
                     k = min(10, logits.shape[-1])
                     top = logits.topk(k, dim=-1).indices
                     n = float(len(targets))
-                    sums = {"loss_sum": float(loss) * n, "top1": float((top[:, 0] == targets).sum()),
-                            "top10": float((top == targets[:, None]).any(dim=-1).sum()), "n": n}
-                    base.update(self.baseline.score(batch.labels))
-                scores.append((sums, base))
-        return scores
+                    base = self.baseline.score(batch.labels)
+                    local[i] += [float(loss) * n, float((top[:, 0] == targets).sum()),
+                                 float((top == targets[:, None]).any(dim=-1).sum()), n,
+                                 base["loss_sum"], base["top1"], base["top10"]]
+        sums = all_reduce_sums(local, self.process)
+        keys = ("loss_sum", "top1", "top10", "n")
+        return [({k: float(v) for k, v in zip(keys, row[:4], strict=True)},
+                 {"n": float(row[3]), **{k: float(v) for k, v in zip(keys[:3], row[4:], strict=True)}})
+                for row in sums]
 
     def _evaluate(self, *, final: bool) -> dict[str, float]:
         """Score the whole validation sample (``final``) or the fixed subset of its batches."""
@@ -983,11 +1197,29 @@ class _Run:
     # ---- outputs
 
     def _save_checkpoint(self) -> Path:
-        """Write ``out/checkpoint`` atomically: a complete new one, or the previous one left in place."""
+        """Write ``out/checkpoint`` atomically: a complete new one, or the previous one left in place.
+
+        Collective: every process sends its torch generator states to rank 0, which alone writes; the
+        others wait until the checkpoint is in place."""
         import torch
 
         started = time.monotonic()
         self._account_time()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        by_rank = gather_objects((torch.get_rng_state(), cuda_rng), self.process)
+        final = self.out / CHECKPOINT
+        if by_rank is not None:
+            self._write_checkpoint(by_rank)
+        barrier(self.process)
+        self.pace.checkpoint_seconds = time.monotonic() - started
+        if not self.pace.model_seconds:  # unmeasured: the final model folder writes less than a checkpoint
+            self.pace.model_seconds = self.pace.checkpoint_seconds
+        return final
+
+    def _write_checkpoint(self, by_rank: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Rank 0's part of :meth:`_save_checkpoint`: the files."""
+        import torch
+
         self.out.mkdir(parents=True, exist_ok=True)
         final = self.out / CHECKPOINT
         tmp = self.out / f".{CHECKPOINT}.incomplete"
@@ -1000,23 +1232,20 @@ class _Run:
             "validation": self.validation.to_dict(),
             "schedule": [[a, f] for a, f in self.schedule.points] if self.schedule else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "sampler": self.sampler.state_dict(), "torch_rng": by_rank[0][0], "cuda_rng": by_rank[0][1],
+            "rng_by_rank": by_rank if len(by_rank) > 1 else None, "processes": self._processes(),
             "history": self.history.to_dict(),
         }
         torch.save(state, tmp / TRAINING_STATE)
         (tmp / "training_state.json").write_text(json.dumps(
             {"step": self.history.step, "total_steps": self.total_steps, "plan": state["plan"],
-             "sampler": self.sampler.state_dict(), "settings": state["settings"]}, indent=2) + "\n")
+             "sampler": self.sampler.state_dict(), "settings": state["settings"], "processes": state["processes"]},
+            indent=2) + "\n")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-        self.pace.checkpoint_seconds = time.monotonic() - started
-        if not self.pace.model_seconds:  # unmeasured: the final model folder writes less than a checkpoint
-            self.pace.model_seconds = self.pace.checkpoint_seconds
-        return final
 
     def _account_time(self) -> None:
         now = time.monotonic()
@@ -1049,17 +1278,19 @@ class _Run:
                          "stopped": stopped, "device": str(self.device),
                          "bf16": self.bf16},
             "metrics": metrics, "evals": h.evals, "seed": self.settings.seed,
-            "settings": asdict(self.settings),
+            "settings": {**asdict(self.settings), "dropout": self.dropout}, "processes": self._processes(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
-        tmp = self.out / ".model.incomplete"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(self.model, tmp, self.tdict, info)
-        _plot_loss_curve(h, tmp / LOSS_CURVE)
-        for path in sorted(tmp.iterdir()):
-            path.replace(self.out / path.name)
-        tmp.rmdir()
-        logger.info("model written to %s (%s)", self.out, MODEL_INFO)
+        if self.process.is_main:  # the others wait, then return what rank 0 wrote
+            tmp = self.out / ".model.incomplete"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(self.model, tmp, self.tdict, info)
+            _plot_loss_curve(h, tmp / LOSS_CURVE)
+            for path in sorted(tmp.iterdir()):
+                path.replace(self.out / path.name)
+            tmp.rmdir()
+            logger.info("model written to %s (%s)", self.out, MODEL_INFO)
+        info = broadcast_object(info, self.process)
         return PretrainResult(self.out, h.step, metrics, stopped, info)
 
 
@@ -1130,3 +1361,60 @@ def _plot_loss_curve(history: _History, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _take_cells(batch: MaskedBatch, positions: np.ndarray) -> MaskedBatch:
+    """Cells ``positions`` of a batch, cut to the width of the longest of them (the rest is padding)."""
+    attention = batch.attention_mask[positions]
+    width = max(1, int(attention.sum(axis=1).max(initial=1)))
+    return MaskedBatch(batch.input_ids[positions, :width], batch.labels[positions, :width], attention[:, :width])
+
+
+def _seed_process_rng(seed: int, rank: int, step: int) -> None:
+    """Seed this process's torch generator (dropout) from the run's seed, its rank and the step it starts at."""
+    import torch
+
+    torch.manual_seed(int(np.random.SeedSequence([seed, 0xD5, rank, step]).generate_state(1, np.uint64)[0] >> 1))
+
+
+def _saved_processes(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's processes and global batch (older checkpoints: one process, no accumulation)."""
+    if "processes" in saved:
+        return dict(saved["processes"])
+    batch = int(saved["settings"]["batch_size"])
+    return {"world_size": 1, "backend": None, "global_batch": batch, "batch_size": batch, "grad_accum": 1,
+            "max_batch_tokens": None}
+
+
+def _masked_lm_loss(model: BertForMaskedLM, *, bf16: bool, every_parameter: bool) -> torch.nn.Module:
+    """A module whose forward is the masked-gene loss of ``model`` (SPEC §2.9), the MLM head on the masked
+    positions only: ``(mean cross-entropy, their logits, their labels)`` from ``(input ids, attention mask,
+    labels)``. A module, not a method, so that ``DistributedDataParallel`` can wrap the whole computation.
+
+    ``every_parameter``: a batch without a masked gene still runs the head (times 0), so that every weight
+    gets a gradient — ``DistributedDataParallel`` waits for all of them in every backward pass.
+    """
+    import torch
+
+    class MaskedLMLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            device_type = ids.device.type
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                hidden = self.model.bert(input_ids=ids, attention_mask=attention).last_hidden_state
+                selected = labels >= 0
+                logits = self.model.cls(hidden[selected]).float()
+            targets = labels[selected]
+            if len(targets) == 0:  # no gene in any cell of the batch: nothing to learn, a zero loss with a graph
+                zero = hidden.sum() * 0.0
+                if every_parameter:
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                        zero = zero + self.model.cls(hidden[:, :1]).float().sum() * 0.0
+                return zero, logits, targets
+            return torch.nn.functional.cross_entropy(logits, targets), logits, targets
+
+    return MaskedLMLoss()

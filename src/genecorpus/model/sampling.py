@@ -17,7 +17,7 @@ from genecorpus.errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["MEGABATCH_FACTOR", "CellSplit", "LengthGroupedSampler", "split_cells"]
+__all__ = ["MEGABATCH_FACTOR", "CellSplit", "LengthGroupedSampler", "split_batch", "split_cells"]
 
 MEGABATCH_FACTOR = 50
 """Cells sorted together by length = this many batches (as HF ``LengthGroupedSampler``)."""
@@ -207,3 +207,63 @@ class LengthGroupedSampler:
                        "resume with the same corpus and settings")
                 raise ConfigError(msg)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def split_batch(lengths: np.ndarray, *, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
+                max_batch_tokens: int | None = None) -> list[np.ndarray]:
+    """One process's micro-batches of a global batch: positions into the batch.
+
+    The batch's cells are ordered by length (longest first, ties in batch order) and dealt out to the
+    processes in turn — process ``rank`` takes the ``rank``-th, ``rank + world_size``-th… — so every cell
+    goes to exactly one process and every process gets cells of every length. A process's share is cut
+    into ``grad_accum`` micro-batches of consecutive lengths and, with ``max_batch_tokens``, each of those
+    further (greedily, longest first) so that cells × longest cell stays within it (a single cell longer
+    than the budget is a micro-batch of its own). Each micro-batch lists its positions in batch order, so
+    one process without accumulation or budget gets ``[arange(n)]``: the batch as it is.
+
+    Parameters
+    ----------
+    lengths
+        Tokens each cell of the batch has after truncation (int, one entry per cell).
+    rank, world_size
+        This process and the number of processes.
+    grad_accum
+        Micro-batches per process (fewer when its share has fewer cells).
+    max_batch_tokens
+        Most padded tokens (cells × longest cell) in one micro-batch; None: no limit.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        int64 positions into the batch, one array per micro-batch; empty when the process has no cell
+        (a short last batch of an epoch with fewer cells than processes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lengths = np.array([9, 8, 7, 6, 5, 4, 3])
+    >>> [p.tolist() for p in split_batch(lengths, rank=1, world_size=2)]
+    [[1, 3, 5]]
+    >>> [p.tolist() for p in split_batch(lengths, rank=0, world_size=2, grad_accum=2)]
+    [[0, 2], [4, 6]]
+    >>> [p.tolist() for p in split_batch(lengths, max_batch_tokens=16)]
+    [[0], [1, 2], [3, 4], [5, 6]]
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    share = order[rank::world_size]
+    parts = [part for part in np.array_split(share, max(1, grad_accum)) if len(part)]
+    if max_batch_tokens is not None:
+        parts = [piece for part in parts for piece in _within_budget(part, lengths, max_batch_tokens)]
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
+def _within_budget(part: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut ``part`` (positions, longest first) into runs whose cells × first cell's length ≤ ``max_tokens``."""
+    pieces, start = [], 0
+    while start < len(part):
+        longest = max(1, int(lengths[part[start]]))
+        n = max(1, max_tokens // longest)
+        pieces.append(part[start:start + n])
+        start += n
+    return pieces
