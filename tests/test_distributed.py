@@ -330,6 +330,42 @@ def test_embed_with_two_processes_equals_one_in_corpus_order(corpus: Path, tmp_p
     assert not (tmp_path / ".two.h5ad.incomplete.h5ad").exists()
 
 
+def test_finetune_with_two_processes_follows_one_with_the_same_global_batch(
+        corpus: Path, tmp_path: Path, two_process_run: tuple[Path, list[dict]]) -> None:
+    """Fine-tuning under torchrun: 2 processes × 4 cells (and a token budget) against 1 process × 8, dropout 0 —
+    the same validations, final loss, weights and test probabilities; rank 0 alone writes and reports."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from genecorpus.model.finetune import finetune
+
+    model, _ = two_process_run
+    settings = {"max_steps": 6, "eval_every": 3, "dropout": 0.0, "max_length": 64, "seed": 5,
+                "pretraining_cells": "warn", "baseline": False, "lr": 1e-3}
+    finetune(corpus, tmp_path / "one", model=model, label="dataset_id", batch_size=8, **settings)
+    done = torchrun(2, "-m", "genecorpus", "finetune", str(corpus), "--model", str(model), "--label", "dataset_id",
+                    "--out", str(tmp_path / "two"), "--batch-size", "4", "--max-batch-tokens", "128",
+                    "--max-steps", "6", "--eval-every", "3", "--dropout", "0", "--max-length", "64", "--seed", "5",
+                    "--pretraining-cells", "warn", "--no-baseline", "--lr", "1e-3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("classifier: ") == 1  # rank 0 reports, once
+    one, two = (json.loads((tmp_path / x / "genecorpus_model.json").read_text()) for x in ("one", "two"))
+    assert two["training"]["processes"]["world_size"] == 2 and two["training"]["processes"]["global_batch"] == 8
+    run_one, run_two = one["training"]["runs"][0], two["training"]["runs"][0]
+    assert [e["step"] for e in run_one["evals"]] == [e["step"] for e in run_two["evals"]] == [3, 6]
+    assert [e["macro_f1"] for e in run_one["evals"]] == [e["macro_f1"] for e in run_two["evals"]]
+    assert run_two["train_loss_last"] == pytest.approx(run_one["train_loss_last"], rel=RTOL)
+    assert run_one["train_loss_first"] != pytest.approx(run_one["train_loss_last"], rel=1e-3)  # it did learn
+    weights_one, weights_two = (load_file(tmp_path / x / "model.safetensors") for x in ("one", "two"))
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-6)
+    pred_one, pred_two = (pd.read_csv(tmp_path / x / "predictions.csv") for x in ("one", "two"))
+    assert pred_one["cell_id"].tolist() == pred_two["cell_id"].tolist()
+    probs = [c for c in pred_one.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(pred_two[probs].to_numpy(), pred_one[probs].to_numpy(), rtol=1e-4, atol=1e-6)
+    assert not list(tmp_path.glob(".two*"))  # nothing half-written left by either process
+
+
 # ---------------------------------------------------------------- failures end the job
 
 def test_a_bad_rendezvous_is_one_line_and_no_hang(corpus: Path, tmp_path: Path) -> None:

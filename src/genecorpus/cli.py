@@ -552,8 +552,10 @@ def finetune(
         help="Join keys of --labels: csv_col[=corpus_col],... (default: the columns both have).")] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the training cells (default 5).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (instead of --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Cells per optimizer step.")] = 16,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step (memory only; same loss and gradient).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Cells per process in one forward pass; a step's global batch is this × --grad-accum × processes.")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches whose gradients one step adds up (gradient accumulation).")] = 1,
+    max_batch_tokens: Annotated[int | None, typer.Option(help="Most padded tokens in one forward pass: long cells go in smaller micro-batches (memory only).")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout of the encoder and head (default: the model's).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear warm-up and decay).")] = 5e-5,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.001,
     warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (default 10 % of the steps).")] = None,
@@ -600,12 +602,14 @@ def finetune(
         from genecorpus.model.finetune import finetune as finetune_model
 
         logging.getLogger("genecorpus.model.finetune").setLevel(logging.INFO)
+        _quiet_other_processes()
         held = tuple(d.strip() for d in hold_out_datasets.split(",") if d.strip()) if hold_out_datasets else ()
         with _Progress() as progress:
             result = finetune_model(
                 corpus, out, model=model, label=label, labels=labels, join=join, epochs=epochs, max_steps=max_steps,
-                batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
-                warmup_steps=warmup_steps, max_length=max_length, seed=seed, val_fraction=val_fraction,
+                batch_size=batch_size, grad_accum=grad_accum, max_batch_tokens=max_batch_tokens, dropout=dropout, lr=lr,
+                weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length, seed=seed,
+                val_fraction=val_fraction,
                 test_fraction=test_fraction, folds=folds, hold_out_datasets=held, eval_every=eval_every,
                 patience=patience or None, freeze_layers=freeze_layers, class_weights=class_weights,
                 time_limit=time_limit, pretraining_cells=pretraining_cells, baseline=baseline, counts=counts or None,
@@ -613,6 +617,10 @@ def finetune(
                 overwrite=overwrite, progress=progress)
     except GenecorpusError as e:
         _fail(e)
+    from genecorpus.model.distributed import launched_process
+
+    if not launched_process().is_main:  # rank 0 reports
+        return
     info = result.info
     split = info["split"]
     typer.echo(f"classifier: {result.model_path} ({len(result.classes)} classes of {label!r}; split {split['by']}: "
@@ -667,7 +675,8 @@ def _quiet_other_processes() -> None:
 
     if not launched_process().is_main:
         logging.getLogger("genecorpus").setLevel(logging.WARNING)
-        for name in ("genecorpus.model.pretrain", "genecorpus.model.embed", "genecorpus.model.distributed"):
+        for name in ("genecorpus.model.pretrain", "genecorpus.model.embed", "genecorpus.model.finetune",
+                     "genecorpus.model.distributed"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

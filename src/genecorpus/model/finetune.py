@@ -18,6 +18,10 @@ The protocol (see ``docs/model.md``, "Fine-tuning"):
    (:class:`~genecorpus.model.sampling.LengthGroupedSampler`); the loss of a step is the sum of the cells'
    (class-weighted) cross-entropies over the cells of the global batch, summed over micro-batches; early
    stopping on validation macro F1 keeps the best evaluation's weights.
+   Under ``torchrun`` every process trains on its share of each global batch (as ``pretrain`` does:
+   :func:`~genecorpus.model.sampling.split_batch`, ``DistributedDataParallel``), validation and test cells are
+   scored in shares and gathered, so every process takes the same early-stopping decisions; rank 0 computes the
+   baseline and writes the folder.
 5. Test macro F1 and accuracy beside the log1p → PCA(50) → logistic-regression baseline of ``evaluate`` fitted on
    the same training cells and scored on the same test cells, and a constant (majority-class) predictor.
 
@@ -59,6 +63,17 @@ from genecorpus.model.bert import (
     require_torch,
     uses_bf16,
 )
+from genecorpus.model.distributed import (
+    SINGLE,
+    Process,
+    all_reduce_max,
+    all_reduce_sums,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    process_group,
+    shard_rows,
+)
 from genecorpus.model.evaluate import require_sklearn
 
 if TYPE_CHECKING:
@@ -97,9 +112,16 @@ class FinetuneSettings:
     """Passes over the training cells; exclusive with ``max_steps``. Neither: 5 epochs."""
     max_steps: int | None = None
     batch_size: int = 16
-    """Cells per optimizer step (the global batch)."""
+    """Cells per process in one forward/backward pass. The global batch — the cells of one optimizer step — is
+    ``batch_size × grad_accum × processes``; it decides the trajectory."""
     grad_accum: int = 1
-    """Micro-batches a global batch is split into (memory only: the loss and gradient are those of the batch)."""
+    """Micro-batches whose gradients one step adds up (gradient accumulation)."""
+    max_batch_tokens: int | None = None
+    """Most padded tokens (cells × longest cell) in one forward pass: longer cells are cut into smaller
+    micro-batches (memory only; the loss and gradient are those of the global batch)."""
+    dropout: float | None = None
+    """Dropout of the encoder and the head; None: the starting model's. Processes draw their own dropout
+    masks, so only with 0 does a run of several processes give a single process's numbers."""
     lr: float = 5e-5
     """Peak learning rate of AdamW (Geneformer's cell-classification example uses 5e-5)."""
     weight_decay: float = 0.001
@@ -398,8 +420,9 @@ def _model_dictionary(model: Path, token_dictionary: str | os.PathLike[str] | No
 
 
 def _open_classifier_start(model: Path, classes: tuple[str, ...], tdict: TokenDictionary, seed: int,
-                           device: torch.device) -> BertForSequenceClassification:
-    """The classifier initialised from ``model``: its encoder weights, a new pooler and head (seeded)."""
+                           device: torch.device, *, dropout: float | None = None) -> BertForSequenceClassification:
+    """The classifier initialised from ``model``: its encoder weights, a new pooler and head (seeded); with
+    ``dropout``, that dropout in the encoder and the head instead of the model's."""
     import torch
     from transformers import AutoConfig, BertForSequenceClassification
 
@@ -409,12 +432,14 @@ def _open_classifier_start(model: Path, classes: tuple[str, ...], tdict: TokenDi
                f"{tdict.max_token}; give the dictionary the model was trained with")
         raise InputError(msg)
     was_classifier = any("SequenceClassification" in a for a in (config.architectures or []))
+    rates = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,
+                                        "classifier_dropout": dropout}
     torch.manual_seed(seed)
     try:
         net = BertForSequenceClassification.from_pretrained(
             model, num_labels=len(classes), id2label=dict(enumerate(classes)),
             label2id={c: i for i, c in enumerate(classes)}, problem_type="single_label_classification",
-            ignore_mismatched_sizes=was_classifier)  # only a previous head may differ in size
+            ignore_mismatched_sizes=was_classifier, **rates)  # only a previous head may differ in size
     except (OSError, ValueError) as e:
         msg = f"{model}: cannot load the model ({str(e).splitlines()[0]}); check the folder's weights"
         raise InputError(msg) from None
@@ -453,14 +478,18 @@ def _logits(net: BertForSequenceClassification, ids: torch.Tensor, attention: to
 
 
 def _probabilities(net: BertForSequenceClassification, reader: CorpusReader, tdict: TokenDictionary,
-                   rows: np.ndarray, *, max_length: int, batch_size: int, bf16: bool,
+                   rows: np.ndarray, *, max_length: int, batch_size: int, bf16: bool, process: Process = SINGLE,
                    progress: Callable[[str, int, int], None] | None = None) -> np.ndarray:
-    """Class probabilities of ``rows`` (float32, rows × classes, in the order of ``rows``), longest cells first."""
+    """Class probabilities of ``rows`` (float32, rows × classes, in the order of ``rows``), longest cells first.
+
+    Several processes score every ``world_size``-th cell of that order each, and every process gets all of
+    them back (so every process takes the same decisions from them).
+    """
     import torch
 
     device = next(net.parameters()).device
     out = np.zeros((len(rows), net.config.num_labels), dtype=np.float32)
-    order = np.argsort(-reader.lengths[rows], kind="stable")
+    order = shard_rows(np.argsort(-reader.lengths[rows], kind="stable"), process)
     net.eval()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
@@ -469,6 +498,12 @@ def _probabilities(net: BertForSequenceClassification, reader: CorpusReader, tdi
             out[part] = torch.softmax(_logits(net, ids, attention, bf16=bf16), dim=-1).cpu().numpy()
             if progress is not None:
                 progress("predict", min(start + batch_size, len(order)), len(order))
+    if process.world_size > 1:
+        shares = gather_objects((order, out[order]), process)
+        if shares is not None:
+            for positions, values in shares:
+                out[positions] = values
+        out = broadcast_object(out, process)
     return out
 
 
@@ -505,44 +540,68 @@ class _Trainer:
 
     def __init__(self, reader: CorpusReader, tdict: TokenDictionary, net: BertForSequenceClassification,
                  settings: FinetuneSettings, *, max_length: int, deadline: float,
-                 progress: Callable[[str, int, int], None] | None) -> None:
+                 progress: Callable[[str, int, int], None] | None, process: Process = SINGLE) -> None:
+        import torch
 
         from genecorpus.model.bert import adamw
 
         self.reader, self.tdict, self.net, self.s = reader, tdict, net, settings
-        self.max_length, self.deadline, self.progress = max_length, deadline, progress
+        self.max_length, self.deadline, self.progress, self.process = max_length, deadline, progress, process
         self.device = next(net.parameters()).device
         self.bf16 = uses_bf16(self.device)
         self.optimizer = adamw(net, lr=settings.lr, weight_decay=settings.weight_decay)
         self.weights: torch.Tensor | None = None
+        self.global_batch = settings.batch_size * settings.grad_accum * process.world_size
+        """Cells of one optimizer step, over all processes and micro-batches."""
+        # several processes: DistributedDataParallel averages the gradients over them in each step's last backward
+        self.module: Any = net if process.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def step(self, rows: np.ndarray, y: np.ndarray, step: int) -> float:
-        """One optimizer step on a global batch: loss = Σ cell losses / cells of the batch, over micro-batches.
+        """One optimizer step on a global batch: loss = Σ cell losses / cells of the batch, over micro-batches and
+        processes.
 
-        Dropout is seeded from ``(seed, step)``, so a step's randomness does not depend on what ran before.
+        This process trains on its share of the batch (:func:`~genecorpus.model.sampling.split_batch`); each
+        micro-batch adds its cells' loss sum × processes / cells of the batch, which ``DistributedDataParallel``'s
+        mean over the processes turns into the gradient of the global batch's mean loss. Dropout is seeded from
+        ``(seed, step)`` (and the rank), so a step's randomness does not depend on what ran before.
         """
+        from contextlib import nullcontext
+
         import torch
 
+        from genecorpus.model.sampling import split_batch
+
+        p = self.process
         self.net.train()
-        torch.manual_seed(int(np.random.default_rng([self.s.seed, 2, step]).integers(2**62)))
+        key = [self.s.seed, 2, step] if p.rank == 0 else [self.s.seed, 2, step, p.rank]
+        torch.manual_seed(int(np.random.default_rng(key).integers(2**62)))
         n = len(rows)
+        lengths = np.minimum(self.reader.lengths[rows], self.max_length)
+        parts = split_batch(lengths, rank=p.rank, world_size=p.world_size, grad_accum=self.s.grad_accum,
+                            max_batch_tokens=self.s.max_batch_tokens)
         total = 0.0
-        for part in np.array_split(np.arange(n), min(self.s.grad_accum, n)):
-            ids, attention = _pad(self.reader, self.tdict, rows[part], self.max_length, self.device)
-            targets = torch.from_numpy(y[part]).to(self.device)
-            loss = cell_losses(_logits(self.net, ids, attention, bf16=self.bf16), targets, self.weights).sum()
-            (loss / n).backward()
+        if not parts:  # a short last batch left this process no cell: join the gradient exchange with nothing
+            ids, attention = _pad(self.reader, self.tdict, rows[:1], self.max_length, self.device)
+            (_logits(self.module, ids, attention, bf16=self.bf16).sum() * 0.0).backward()
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            with nullcontext() if last or p.world_size == 1 else self.module.no_sync():
+                ids, attention = _pad(self.reader, self.tdict, rows[part], self.max_length, self.device)
+                targets = torch.from_numpy(y[part]).to(self.device)
+                loss = cell_losses(_logits(self.module, ids, attention, bf16=self.bf16), targets, self.weights).sum()
+                (loss * (p.world_size / n)).backward()
             total += float(loss.detach())
-        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        trainable = [param for param in self.net.parameters() if param.requires_grad]
         torch.nn.utils.clip_grad_norm_(trainable, self.s.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / n
+        return float(all_reduce_sums([total], p)[0]) / n
 
     def validate(self, rows: np.ndarray, y: np.ndarray) -> dict[str, float]:
         probs = _probabilities(self.net, self.reader, self.tdict, rows, max_length=self.max_length,
-                               batch_size=self.s.batch_size, bf16=self.bf16)
+                               batch_size=self.s.batch_size, bf16=self.bf16, process=self.process)
         return _scores(y, probs.argmax(axis=1))
 
     def train(self, train_rows: np.ndarray, y_train: np.ndarray, val_rows: np.ndarray, y_val: np.ndarray,
@@ -558,7 +617,7 @@ class _Trainer:
             self.weights = torch.tensor(balanced_class_weights(y_train, n_classes), dtype=torch.float32,
                                         device=self.device)
         label_of = dict(zip(train_rows.tolist(), y_train.tolist(), strict=True))
-        sampler = LengthGroupedSampler(train_rows, self.reader.lengths[train_rows], batch_size=s.batch_size,
+        sampler = LengthGroupedSampler(train_rows, self.reader.lengths[train_rows], batch_size=self.global_batch,
                                        seed=s.seed)
         per_epoch = sampler.batches_per_epoch
         total = s.max_steps or max(1, math.ceil((s.epochs or DEFAULT_EPOCHS) * per_epoch))
@@ -592,11 +651,15 @@ class _Trainer:
                 since_best += 1
 
         logger.info("fine-tuning on %d cells (%d validate) for %d steps of %d cells (%d warm-up), max length %d, "
-                    "on %s", len(train_rows), len(val_rows), total, s.batch_size, warmup, self.max_length, self.device)
+                    "on %s%s", len(train_rows), len(val_rows), total, self.global_batch, warmup, self.max_length,
+                    self.device, f" × {self.process.world_size} processes" if self.process.world_size > 1 else "")
         while step < total:
             # keep room for the final validation, the test predictions and the writes (estimated from the last ones)
             reserve = 5.0 + 3 * (eval_per_cell or 0.0) * len(val_rows)
-            if time.monotonic() + reserve >= self.deadline:
+            late = time.monotonic() + reserve >= self.deadline
+            if self.process.world_size > 1:  # rank 0's clock decides for every process
+                late = bool(all_reduce_max([int(late) if self.process.is_main else 0], self.process)[0])
+            if late:
                 stopped = "time_limit"
                 logger.warning("time limit: stopping fine-tuning at step %d of %d", step, total)
                 break
@@ -634,10 +697,13 @@ def _check_settings(s: FinetuneSettings) -> None:
                                ("--batch-size", s.batch_size, 1), ("--grad-accum", s.grad_accum, 1),
                                ("--lr", s.lr, 1e-12), ("--max-length", s.max_length, 1),
                                ("--eval-every", s.eval_every, 1), ("--patience", s.patience, 1),
-                               ("--time-limit", s.time_limit, 1e-9)):
+                               ("--time-limit", s.time_limit, 1e-9), ("--max-batch-tokens", s.max_batch_tokens, 1)):
         if value is not None and value < least:
             msg = f"{name} {value}: must be positive"
             raise ConfigError(msg)
+    if s.dropout is not None and not 0 <= s.dropout < 1:
+        msg = f"--dropout {s.dropout}: give a probability in [0, 1)"
+        raise ConfigError(msg)
     if s.folds is not None and s.folds < 2:
         msg = f"--folds {s.folds}: k-fold needs at least 2 folds"
         raise ConfigError(msg)
@@ -719,6 +785,8 @@ def finetune(
     max_steps: int | None = None,
     batch_size: int = 16,
     grad_accum: int = 1,
+    max_batch_tokens: int | None = None,
+    dropout: float | None = None,
     lr: float = 5e-5,
     weight_decay: float = 0.001,
     warmup_steps: int | None = None,
@@ -757,9 +825,9 @@ def finetune(
     labels, join
         A CSV joined onto the corpus's metadata and its key columns (see
         :func:`genecorpus.model.evaluate.join_labels`).
-    epochs, max_steps, batch_size, grad_accum, lr, weight_decay, warmup_steps, max_length, seed, val_fraction,
-    test_fraction, folds, hold_out_datasets, eval_every, patience, freeze_layers, class_weights, time_limit,
-    pretraining_cells, baseline
+    epochs, max_steps, batch_size, grad_accum, max_batch_tokens, dropout, lr, weight_decay, warmup_steps, max_length,
+    seed, val_fraction, test_fraction, folds, hold_out_datasets, eval_every, patience, freeze_layers, class_weights,
+    time_limit, pretraining_cells, baseline
         See :class:`FinetuneSettings`.
     counts
         Raw count files for the baseline (default: the inputs the corpus manifest lists).
@@ -799,22 +867,38 @@ def finetune(
     if epochs is None and max_steps is None:
         epochs = DEFAULT_EPOCHS
     settings = FinetuneSettings(
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        max_batch_tokens=max_batch_tokens, dropout=dropout, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length, seed=seed,
         val_fraction=val_fraction, test_fraction=test_fraction, folds=folds,
         hold_out_datasets=tuple(hold_out_datasets), eval_every=eval_every, patience=patience,
         freeze_layers=freeze_layers, class_weights=class_weights, time_limit=time_limit,
         pretraining_cells=pretraining_cells, baseline=baseline)
     _check_settings(settings)
+    with process_group(device) as (process, torch_device):
+        result = _finetune(settings, corpus, Path(out), model=Path(model), label=label, labels=labels, join=join,
+                           counts=counts, token_dictionary=token_dictionary,
+                           corpus_token_dictionary=corpus_token_dictionary, overwrite=overwrite, progress=progress,
+                           started=started, process=process, torch_device=torch_device)
+        return broadcast_object(result, process)  # rank 0's (it alone computed the baseline and wrote the folder)
+
+
+def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: Path, *, model: Path, label: str,
+              labels: str | os.PathLike[str] | None, join: str | Mapping[str, str] | Sequence[str] | None,
+              counts: Sequence[str | os.PathLike[str]] | None, token_dictionary: str | os.PathLike[str] | None,
+              corpus_token_dictionary: str | os.PathLike[str] | None, overwrite: bool,
+              progress: Callable[[str, int, int], None] | None, started: float, process: Process,
+              torch_device: torch.device) -> FinetuneResult | None:
+    """:func:`finetune` in one process (of one or several): its result on rank 0, None on the others."""
     from genecorpus.model.embed import corpus_obs, open_corpus_for_model
     from genecorpus.model.evaluate import join_labels, label_values
 
-    torch_device = pick_device(device)
-    out, model = Path(out), Path(model)
     tdict, tdict_path = _model_dictionary(model, token_dictionary)
     reader = open_corpus_for_model(corpus, tdict, model_dictionary_path=tdict_path, model_name=str(model),
                                    corpus_token_dictionary=corpus_token_dictionary)
-    _check_output(out, reader.files.root, overwrite=overwrite)
+    if process.is_main:
+        _check_output(out, reader.files.root, overwrite=overwrite)
+    barrier(process)
     obs = corpus_obs(reader, np.arange(reader.n_cells, dtype=np.int64)).reset_index(drop=True)
     source = str(corpus)
     if labels is not None:
@@ -869,7 +953,7 @@ def finetune(
     setup_seconds = time.monotonic() - started
     baseline_began = time.monotonic()
     features, baseline_source, n_genes = None, None, 0
-    if settings.baseline:
+    if settings.baseline and process.is_main:  # rank 0 scores the baseline; the others only train
         from genecorpus.model.evaluate import log1p_normalize, read_cell_counts
 
         used = ((split.roles == TRAIN) | (split.roles == TEST)).any(axis=0)
@@ -896,7 +980,7 @@ def finetune(
     for k in range(split.n_runs):
         roles = split.roles[k]
         train, val, test = (np.flatnonzero(roles == r) for r in (TRAIN, VAL, TEST))
-        net = _open_classifier_start(model, classes, tdict, settings.seed, torch_device)
+        net = _open_classifier_start(model, classes, tdict, settings.seed, torch_device, dropout=settings.dropout)
         _freeze(net, settings.freeze_layers)
         baseline_predicted, baseline_run_seconds = None, 0.0
         if features is not None:  # before training: the time limit then caps the training, not the baseline
@@ -905,11 +989,11 @@ def finetune(
             baseline_run_seconds = time.monotonic() - began
         fold_deadline = time.monotonic() + (deadline - time.monotonic()) / (split.n_runs - k)
         trainer = _Trainer(reader, tdict, net, settings, max_length=resolved_length, deadline=fold_deadline,
-                           progress=progress)
+                           progress=progress, process=process)
         trained = trainer.train(rows[train], y[train], rows[val], y[val], n_classes)
         test_began = time.monotonic()
         probs = _probabilities(trained.net, reader, tdict, rows[test], max_length=resolved_length,
-                               batch_size=settings.batch_size, bf16=trainer.bf16)
+                               batch_size=settings.batch_size, bf16=trainer.bf16, process=process)
         test_seconds = time.monotonic() - test_began
         probs_all[test] = probs
         majority = int(np.argmax(np.bincount(y[train], minlength=n_classes)))
@@ -943,6 +1027,9 @@ def finetune(
             del trained
     assert best_net is not None
 
+    if not process.is_main:  # rank 0 writes
+        barrier(process)
+        return None
     metrics = _summary(runs)
     test_cells = np.flatnonzero(tested)
     wall = time.monotonic() - started
@@ -955,7 +1042,10 @@ def finetune(
                  source=source, split=split, y=y, runs=runs, metrics=metrics, saved_run=saved_run, n_seen=n_seen,
                  n_test=len(test_cells), n_unlabeled=int((~labeled).sum()), baseline_source=baseline_source,
                  n_genes=n_genes, timings=timings, device=torch_device, bf16=uses_bf16(torch_device),
-                 config=best_net.config)
+                 config=best_net.config, processes={**process.to_dict(), "global_batch": trainer.global_batch,
+                                                    "batch_size": settings.batch_size,
+                                                    "grad_accum": settings.grad_accum,
+                                                    "max_batch_tokens": settings.max_batch_tokens})
     predictions = _predictions_frame(obs, rows, y, classes, test=test_cells, probs=probs_all, base=base,
                                      fold=split.fold)
     tmp = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.incomplete"
@@ -970,6 +1060,8 @@ def finetune(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        barrier(process)
     logger.info("classifier written to %s", out)
     return FinetuneResult(out, classes, metrics, predictions, info)
 
@@ -1015,7 +1107,7 @@ def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _P
           split: LabeledSplit, y: np.ndarray, runs: list[dict[str, Any]],
           metrics: dict[str, Any], saved_run: int, n_seen: int | None, n_test: int, n_unlabeled: int,
           baseline_source: str | None, n_genes: int, timings: dict[str, float], device: torch.device,
-          bf16: bool, config: Any) -> dict[str, Any]:
+          bf16: bool, config: Any, processes: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -1061,7 +1153,7 @@ def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _P
                   "n_test_cells_all_folds": n_test, "per_class": per_class},
         "settings": {**asdict(settings), "hold_out_datasets": list(settings.hold_out_datasets)},
         "pooling": "first token (BertForSequenceClassification's pooler: dense + tanh over the first position)",
-        "training": {"runs": runs, "steps": steps, "device": str(device), "bf16": bf16,
+        "training": {"runs": runs, "steps": steps, "device": str(device), "bf16": bf16, "processes": processes,
                      "train_seconds": round(train_seconds, 2),
                      "steps_per_second": round(steps / train_seconds, 3) if train_seconds > 0 else None},
         "metrics": metrics,
