@@ -251,6 +251,19 @@ def test_split_holds_out_whole_datasets(real_corpus: Path) -> None:
     assert len(split.train_rows) + split.n_held_out == reader.n_cells
 
 
+def test_split_holds_out_the_datasets_asked_for() -> None:
+    datasets = np.array(["a"] * 50 + ["b"] * 30 + ["c"] * 20, dtype=object)
+    split = split_cells(np.ones(100, np.int64), datasets, val_fraction=0.05, val_cells=1000, hold_out=("c", "a"))
+    assert split.by == "dataset" and split.val_datasets == ("a", "c")
+    np.testing.assert_array_equal(split.train_rows, np.arange(50, 80))
+    np.testing.assert_array_equal(split.val_rows, np.r_[0:50, 80:100])
+    assert split.n_held_out == 70
+    with pytest.raises(ConfigError, match=r"--hold-out-datasets d: the corpus has no dataset 'd'; its datasets: a, b, c"):
+        split_cells(np.ones(100, np.int64), datasets, hold_out=("d",))
+    with pytest.raises(ConfigError, match="that is every dataset of the corpus"):
+        split_cells(np.ones(100, np.int64), datasets, hold_out=("a", "b", "c"))
+
+
 def test_split_by_dataset_reaches_the_fraction_and_never_takes_all() -> None:
     rng = np.random.default_rng(0)
     sizes = rng.integers(50, 500, size=30)

@@ -470,6 +470,7 @@ def pretrain(
     max_length: Annotated[int | None, typer.Option(help="Tokens per cell (default the longest cell, at most 2,048 / 4,096).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of everything: same seed, same model.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Share of cells held out (whole datasets when there are several).")] = 0.05,
+    hold_out_datasets: Annotated[str | None, typer.Option(help="Comma-separated datasets to hold out from training (instead of --val-fraction's choice).")] = None,
     val_cells: Annotated[int | None, typer.Option(help="Held-out cells every validation scores (default: up to 2,000 at the end and a fixed subset of them before, so that validation costs ~10 % of training).")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Steps between validations (default ~10 per run; fewer with --val-cells if they would cost more than ~10 %).")] = None,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
@@ -512,6 +513,7 @@ def pretrain(
                 corpus, out, preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
                 grad_accum=grad_accum, max_batch_tokens=max_batch_tokens, dropout=dropout, lr=lr,
                 warmup_steps=warmup_steps, max_length=max_length, seed=seed, val_fraction=val_fraction,
+                hold_out_datasets=tuple(d.strip() for d in (hold_out_datasets or "").split(",") if d.strip()),
                 val_cells=val_cells, eval_every=eval_every, save_every=save_every, time_limit=time_limit,
                 device=device, token_dictionary=token_dictionary, resume=resume, overwrite=overwrite,
                 progress=progress)

@@ -88,7 +88,7 @@ from genecorpus.model.schedule import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import torch
     from matplotlib.axes import Axes
@@ -145,6 +145,9 @@ class PretrainSettings:
     seed: int = 0
     val_fraction: float = 0.05
     """Share of the cells held out from training (whole datasets when there are several)."""
+    hold_out_datasets: tuple[str, ...] = ()
+    """The datasets to hold out from training, instead of a seeded choice of ``val_fraction`` of the cells
+    (e.g. to keep the cells a fine-tuned classifier will be tested on out of pretraining)."""
     val_cells: int | None = None
     """Held-out cells every evaluation scores. Default: a sample of at most 2,000 for the final
     evaluation and a fixed subset of it for the intermediate ones, sized so that validation costs
@@ -165,7 +168,7 @@ class PretrainSettings:
 # Settings a resumed run must share with its checkpoint: they decide the trajectory (with the global batch,
 # the resolved dropout and the corpus's size; the per-process batch and the processes do not).
 _TRAJECTORY_SETTINGS = ("preset", "lr", "weight_decay", "max_length", "seed", "val_fraction",
-                        "val_cells", "baseline_cells", "grad_clip")
+                        "hold_out_datasets", "val_cells", "baseline_cells", "grad_clip")
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,7 @@ def pretrain(
     max_length: int | None = None,
     seed: int = 0,
     val_fraction: float = 0.05,
+    hold_out_datasets: Sequence[str] = (),
     val_cells: int | None = None,
     eval_every: int | None = None,
     save_every: int = 500,
@@ -275,7 +279,7 @@ def pretrain(
     out
         The model folder to create (or to continue with ``resume``).
     preset, max_steps, epochs, batch_size, grad_accum, max_batch_tokens, dropout, lr, weight_decay,
-    warmup_steps, max_length, seed, val_fraction, val_cells, eval_every, save_every, time_limit,
+    warmup_steps, max_length, seed, val_fraction, hold_out_datasets, val_cells, eval_every, save_every, time_limit,
     baseline_cells
         See :class:`PretrainSettings`.
     device
@@ -321,7 +325,8 @@ def pretrain(
         preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
         max_batch_tokens=max_batch_tokens, dropout=dropout, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length, seed=seed,
-        val_fraction=val_fraction, val_cells=val_cells, eval_every=eval_every, save_every=save_every,
+        val_fraction=val_fraction, hold_out_datasets=tuple(hold_out_datasets), val_cells=val_cells,
+        eval_every=eval_every, save_every=save_every,
         time_limit=time_limit, baseline_cells=baseline_cells)
     _check_settings(settings)
     out = Path(out)
@@ -507,7 +512,7 @@ class _Run:
         self.dropout = PRESETS[settings.preset].dropout if settings.dropout is None else settings.dropout
         self.split: CellSplit = split_cells(
             reader.lengths, reader.dataset_ids(), val_fraction=settings.val_fraction,
-            val_cells=settings.val_cells or DEFAULT_VAL_CELLS, seed=settings.seed)
+            val_cells=settings.val_cells or DEFAULT_VAL_CELLS, seed=settings.seed, hold_out=settings.hold_out_datasets)
         # the sampler deals global batches, the same for any number of processes; each process takes its share
         self.sampler = LengthGroupedSampler(self.split.train_rows, reader.lengths[self.split.train_rows],
                                             batch_size=self.global_batch, seed=settings.seed)
@@ -827,7 +832,8 @@ class _Run:
 
     def _compat(self) -> dict[str, Any]:
         s = asdict(self.settings)
-        return {**{k: s[k] for k in _TRAJECTORY_SETTINGS}, "global_batch": self.global_batch, "dropout": self.dropout,
+        trajectory = {k: list(s[k]) if isinstance(s[k], tuple) else s[k] for k in _TRAJECTORY_SETTINGS}
+        return {**trajectory, "global_batch": self.global_batch, "dropout": self.dropout,
                 "warmup_steps": s["warmup_steps"], "n_cells": self.reader.n_cells,
                 "n_tokens": int(self.reader.lengths.sum())}
 

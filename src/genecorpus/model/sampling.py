@@ -15,7 +15,7 @@ import numpy as np
 from genecorpus.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
 __all__ = ["MEGABATCH_FACTOR", "CellSplit", "LengthGroupedSampler", "split_batch", "split_cells"]
 
@@ -45,7 +45,7 @@ class CellSplit:
 
 
 def split_cells(lengths: np.ndarray, dataset_ids: np.ndarray | None = None, *, val_fraction: float = 0.05,
-                val_cells: int = 2000, seed: int = 0) -> CellSplit:
+                val_cells: int = 2000, seed: int = 0, hold_out: Sequence[str] = ()) -> CellSplit:
     """Hold out cells for validation: whole datasets when there are several, else random cells.
 
     With two or more datasets, the held-out set is a seeded choice of whole datasets, at least one and
@@ -67,11 +67,15 @@ def split_cells(lengths: np.ndarray, dataset_ids: np.ndarray | None = None, *, v
         At most this many held-out cells are used for validation.
     seed
         Same seed, same split.
+    hold_out
+        The datasets to hold out, chosen by the user instead of the seeded choice (``val_fraction`` is then
+        not used).
 
     Raises
     ------
     ConfigError
-        ``val_fraction`` outside (0, 1), or a corpus of fewer than two cells.
+        ``val_fraction`` outside (0, 1), a corpus of fewer than two cells, or ``hold_out`` naming a dataset
+        the corpus does not have, or all of them.
 
     Examples
     --------
@@ -94,7 +98,18 @@ def split_cells(lengths: np.ndarray, dataset_ids: np.ndarray | None = None, *, v
     if dataset_ids is not None:
         unique, codes, sizes = np.unique(np.asarray(dataset_ids).astype(str), return_inverse=True,
                                          return_counts=True)
-    if len(unique) >= 2:
+    if hold_out:
+        known = {str(u): k for k, u in enumerate(unique)}
+        missing = [d for d in hold_out if d not in known]
+        if missing or len(set(hold_out)) >= len(unique):
+            msg = (f"--hold-out-datasets {','.join(hold_out)}: " + (
+                f"the corpus has no dataset {missing[0]!r}" if missing else "that is every dataset of the corpus")
+                + f"; its datasets: {', '.join(map(str, unique)) or 'none (no dataset_id column)'}")
+            raise ConfigError(msg)
+        is_val = np.isin(codes, [known[d] for d in hold_out])
+        by = "dataset"
+        names = tuple(sorted(set(hold_out)))
+    elif len(unique) >= 2:
         held: list[int] = []
         n_held = 0
         for k in rng.permutation(len(unique)):
