@@ -38,15 +38,19 @@ import numpy as np
 from genecorpus.corpus import CorpusReader
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.bert import (
+    ATTENTION,
     MODEL_INFO,
     PRESETS,
+    autocast,
     bert_config,
     default_permissions,
     pick_device,
     quiet_transformers,
     require_torch,
+    resolve_precision,
     save_model,
 )
+from genecorpus.model.card import cells_by_dataset, corpus_record
 from genecorpus.model.masking import PaddedBatch, mask_genes, pad_cells
 from genecorpus.model.rank_baseline import RankFrequencyBaseline
 from genecorpus.model.sampling import CellSplit, LengthGroupedSampler, split_cells
@@ -134,6 +138,9 @@ class PretrainSettings:
     baseline_cells: int = 20_000
     """Training cells (a seeded sample) the rank-frequency baseline is counted on."""
     grad_clip: float = 1.0
+    precision: str = "auto"
+    """Arithmetic of the forward passes: ``auto`` (bf16 autocast on a CUDA device with bf16, else fp32),
+    ``fp32`` or ``bf16`` (see :func:`genecorpus.model.bert.autocast`)."""
 
 
 # Settings a resumed run must share with its checkpoint: they decide the trajectory.
@@ -230,6 +237,7 @@ def pretrain(
     save_every: int = 500,
     time_limit: float | None = None,
     baseline_cells: int = 20_000,
+    precision: str = "auto",
     device: str | None = None,
     token_dictionary: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -245,7 +253,7 @@ def pretrain(
     out
         The model folder to create (or to continue with ``resume``).
     preset, max_steps, epochs, batch_size, lr, weight_decay, warmup_steps, max_length, seed,
-    val_fraction, val_cells, eval_every, save_every, time_limit, baseline_cells
+    val_fraction, val_cells, eval_every, save_every, time_limit, baseline_cells, precision
         See :class:`PretrainSettings`.
     device
         ``"cpu"``, ``"cuda"``…; default CUDA when available, else CPU.
@@ -286,9 +294,10 @@ def pretrain(
         preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length, seed=seed,
         val_fraction=val_fraction, val_cells=val_cells, eval_every=eval_every, save_every=save_every,
-        time_limit=time_limit, baseline_cells=baseline_cells)
+        time_limit=time_limit, baseline_cells=baseline_cells, precision=precision)
     _check_settings(settings)
     torch_device = pick_device(device)
+    resolve_precision(settings.precision, torch_device)  # an unknown or unsupported choice fails here, not later
     out = Path(out)
     _check_output(out, resume=resume, overwrite=overwrite)
     reader = CorpusReader.open(corpus, token_dictionary)
@@ -430,7 +439,7 @@ class _Run:
         self.tdict = reader.token_dictionary
         self.layout = self.tdict.layout()
         self.device = device
-        self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.precision = resolve_precision(settings.precision, device)
         longest = int(reader.lengths.max())
         cap = MAX_POSITIONS[self.layout.name]
         self.max_length = settings.max_length or min(longest, cap)
@@ -648,7 +657,7 @@ class _Run:
 
         config = bert_config(self.settings.preset, self.tdict, max_positions=self.max_positions)
         if checkpoint is not None:
-            model = BertForMaskedLM.from_pretrained(checkpoint)
+            model = BertForMaskedLM.from_pretrained(checkpoint, attn_implementation=ATTENTION)
             if model.config.vocab_size != config.vocab_size or model.config.hidden_size != config.hidden_size:
                 msg = (f"{checkpoint}: the checkpoint's model does not fit this corpus and preset; "
                        "resume with the same ones")
@@ -734,7 +743,7 @@ class _Run:
         ids = torch.from_numpy(batch.input_ids).to(self.device)
         attention = torch.from_numpy(batch.attention_mask).to(self.device)
         labels = torch.from_numpy(batch.labels).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with autocast(self.device, self.settings.precision):
             hidden = self.model.bert(input_ids=ids, attention_mask=attention).last_hidden_state
             selected = labels >= 0
             logits = self.model.cls(hidden[selected]).float()
@@ -1038,9 +1047,9 @@ class _Run:
         info = {
             "preset": self.settings.preset, "architecture": asdict(preset), "layout": self.layout.name,
             "max_positions": self.max_positions,
-            "corpus": {"path": str(self.reader.files.root.resolve()), "n_cells": self.reader.n_cells,
-                       "n_tokens": int(self.reader.lengths.sum())},
-            "split": self.split.to_dict(),
+            "corpus": corpus_record(self.reader),
+            "split": {**self.split.to_dict(),
+                      "val_cells_by_dataset": cells_by_dataset(self.reader, self.split.val_rows)},
             "plan": {**self.plan.to_dict(), "validation": self.validation.to_dict()},
             "training": {"steps": h.step, "total_steps": self.total_steps,
                          "schedule_completed": h.step >= self.total_steps,
@@ -1051,14 +1060,14 @@ class _Run:
                          "steps_per_second": _rate(h.step, h.train_seconds, 3),
                          "tokens_per_second": _rate(h.tokens_seen, h.train_seconds, 0),
                          "stopped": stopped, "device": str(self.device),
-                         "bf16": self.bf16},
+                         "precision": self.precision, "attention": ATTENTION},
             "metrics": metrics, "evals": h.evals, "seed": self.settings.seed,
             "settings": asdict(self.settings),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
         tmp = self.out / ".model.incomplete"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(self.model, tmp, self.tdict, info)
+        save_model(self.model, tmp, self.tdict, info, name=self.out.name)
         _plot_loss_curve(h, tmp / LOSS_CURVE)
         for path in sorted(tmp.iterdir()):
             path.replace(self.out / path.name)
