@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from genecorpus.errors import GenecorpusError
+from genecorpus.errors import GenecorpusError, InputError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -319,6 +319,8 @@ def embed(
         help="The model's token dictionary, if its folder has none (Geneformer checkpoints).")] = None,
     corpus_token_dictionary: Annotated[Path | None, typer.Option(
         help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 autocast on a CUDA GPU with bf16, else fp32), fp32 or bf16.")] = "auto",
 ) -> None:
     """Embed every cell of a corpus with a model, into obsm["X_genecorpus"] of an .h5ad.
 
@@ -340,7 +342,8 @@ def embed(
         with _Progress() as progress:
             adata = embed_corpus(corpus, model, out=out, layer=layer, pool=pool, batch_size=batch_size,  # type: ignore[arg-type]
                                  max_length=max_length, device=device, token_dictionary=token_dictionary,
-                                 corpus_token_dictionary=corpus_token_dictionary, progress=progress)
+                                 corpus_token_dictionary=corpus_token_dictionary, precision=precision,
+                                 progress=progress)
     except GenecorpusError as e:
         _fail(e)
     info = adata.uns["genecorpus"]
@@ -464,6 +467,7 @@ def pretrain(
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     time_limit: Annotated[float | None, typer.Option(help="Minutes of wall time, a hard cap (the run evaluates and saves within it). Without --max-steps/--epochs, the steps and the learning-rate schedule are planned from it, from the speed measured in the first steps.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default CUDA if available).")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on a CUDA GPU with bf16, else fp32), fp32 or bf16.")] = "auto",
     token_dictionary: Annotated[Path | None, typer.Option(help="Token dictionary, if not in the corpus folder.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
@@ -497,7 +501,8 @@ def pretrain(
                 corpus, out, preset=preset, max_steps=max_steps, epochs=epochs, batch_size=batch_size, lr=lr,
                 warmup_steps=warmup_steps, max_length=max_length, seed=seed, val_fraction=val_fraction,
                 val_cells=val_cells, eval_every=eval_every, save_every=save_every, time_limit=time_limit,
-                device=device, token_dictionary=token_dictionary, resume=resume, overwrite=overwrite,
+                precision=precision, device=device, token_dictionary=token_dictionary, resume=resume,
+                overwrite=overwrite,
                 progress=progress)
     except GenecorpusError as e:
         _fail(e)
@@ -520,6 +525,29 @@ def pretrain(
         typer.echo(f"  {name:<10}{m[prefix + 'val_loss']:>9.4f}{m[prefix + 'val_top1']:>9.4f}"
                    f"{m[prefix + 'val_top10']:>9.4f}")
 
+
+@app.command()
+def card(
+    model: Annotated[Path, typer.Argument(help="A model folder with a genecorpus_model.json.")],
+) -> None:
+    """(Re)write MODEL/README.md, the model card, from MODEL/genecorpus_model.json.
+
+    Every figure of the card is read from genecorpus_model.json. Example:
+
+        genecorpus card pbmc-model
+    """
+    from genecorpus.model.bert import MODEL_INFO, model_info
+    from genecorpus.model.card import write_model_card
+
+    try:
+        info = model_info(model)
+        if not info:
+            msg = f"{model}: has no {MODEL_INFO}; give a model folder written by genecorpus pretrain or finetune"
+            raise InputError(msg)
+        path = write_model_card(model, info, name=model.resolve().name)
+    except GenecorpusError as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
 
 def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
     """The KeyboardInterrupt that caused ``e`` (through typer's ``Exit(130)``), if any."""
