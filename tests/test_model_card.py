@@ -243,3 +243,13 @@ def test_card_command_rewrites_the_card(run: tuple[Path, Path, dict[str, Any]], 
     result = CliRunner().invoke(app, ["card", str(tmp_path)])
     assert result.exit_code != 0
     assert "genecorpus_model.json" in result.output
+
+
+def test_card_of_an_older_record(run: tuple[Path, Path, dict[str, Any]]) -> None:
+    """Model folders of before this card recorded ``training.bf16`` (a bool) and no ``attention``."""
+    info = copy.deepcopy(run[2])
+    del info["attention"], info["training"]["precision"]
+    info["training"]["bf16"] = True
+    _, body = split_card(model_card(info, name="old"))
+    assert table_row(body, "device") == ["cpu, bf16, 1 process(es)"]
+    assert table_row(body, "attention") == ["not recorded"]

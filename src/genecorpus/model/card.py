@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from genecorpus.corpus.folder import MANIFEST, sha256_of_path
 from genecorpus.errors import InputError
@@ -128,6 +128,14 @@ class TrainingInfo(_Record):
     precision: str = "fp32"
     world_size: int = 1
     """Training processes (``torchrun``); 1 for a single process."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _precision_of_older_records(cls, data: Any) -> Any:
+        """Model folders written before ``precision`` recorded ``bf16`` (a bool) instead."""
+        if isinstance(data, dict) and "precision" not in data and "bf16" in data:
+            return {**data, "precision": "bf16" if data["bf16"] else "fp32"}
+        return data
 
 
 class PretrainMetrics(_Record):
@@ -381,7 +389,7 @@ def _pretrain_card(r: PretrainInfo, name: str) -> str:
         f"| parameters | {_num(r.n_parameters)} |",
         f"| positions | {r.max_positions:,} (cells of up to {_max_length(r):,} tokens were trained on) |",
         f"| layout | {r.layout} ({_layout_words(r.layout)}) |",
-        f"| attention | {r.attention or 'sdpa'} |",
+        f"| attention | {r.attention or 'not recorded'} |",
         "",
         *_corpus_section(c),
         "## Training",
@@ -524,7 +532,7 @@ def _classifier_card(r: ClassifierInfo, name: str) -> str:
          f"{arch.heads} heads; a classification head of {len(r.classes)} classes |" if arch else
          f"| architecture | BERT encoder; a classification head of {len(r.classes)} classes |"),
         f"| parameters | {_num(r.n_parameters)} |",
-        f"| attention | {r.attention or 'sdpa'} |",
+        f"| attention | {r.attention or 'not recorded'} |",
         "",
         *(_corpus_section(r.corpus) if r.corpus else []),
         "## Training",
