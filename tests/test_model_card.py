@@ -195,17 +195,22 @@ def test_incomplete_info_fails_with_one_line_naming_the_key(run: tuple[Path, Pat
 
 # ---------------------------------------------------------------- a classifier's card
 
+# the shape genecorpus finetune writes (the keys the card reads, and some it does not)
 CLASSIFIER = {
     "kind": "classifier", "label": "cell_type", "classes": ["B", "CD4 T", "NK"],
-    "base_model": "pbmc-small",
-    "metrics": {"test_macro_f1": 0.8123, "test_accuracy": 0.9011},
-    "baseline_metrics": {"test_macro_f1": 0.9456, "test_accuracy": 0.9688},
-    "constant_metrics": {"test_macro_f1": 0.2222, "test_accuracy": 0.5},
-    "split": {"n_train": 600, "n_validation": 100, "n_test": 200, "by": "cell"},
-    "per_class": [{"label": "B", "precision": 0.9, "recall": 0.85, "f1": 0.8743, "support": 40},
-                  {"label": "CD4 T", "precision": 0.95, "recall": 0.97, "f1": 0.9599, "support": 154},
-                  {"label": "NK", "precision": 0.5, "recall": 0.8333, "f1": 0.625, "support": 6}],
-    "training": {"epochs": 4, "best_epoch": 3, "early_stopped": True, "device": "cpu", "wall_seconds": 95.0},
+    "start_model": {"path": "/models/pbmc-small", "kind": "pretrained", "preset": "small"},
+    "metrics": {"model": {"macro_f1": 0.8123, "accuracy": 0.9011, "n_cells": 200},
+                "baseline": {"macro_f1": 0.9456, "accuracy": 0.9688, "n_cells": 200},
+                "constant": {"macro_f1": 0.2222, "accuracy": 0.5, "n_cells": 200}},
+    "split": {"by": "stratified", "n_cells": {"train": 600, "val": 100, "test": 200}, "hold_out_datasets": [],
+              "per_class": {"B": {"train": 120, "val": 20, "test": 40}, "CD4 T": {"train": 460, "val": 76, "test": 154},
+                            "NK": {"train": 20, "val": 4, "test": 6}}},
+    "corpus": {"path": "/corpora/kang", "n_cells": 900, "n_tokens": 600_000, "manifest_sha256": "ab" * 32,
+               "layout": "gc30m", "datasets": {"kang_ctrl": 900}},
+    "training": {"runs": [{"steps": 300, "planned_steps": 400, "best_step": 250, "stopped": "early_stopping",
+                           "epochs": 4.0}], "steps": 300, "device": "cpu", "bf16": False, "train_seconds": 95.0},
+    "leakage_guard": {"status": "other_corpus", "n_test_cells_seen_in_pretraining": 0},
+    "timings": {"wall_seconds": 120.5},
     "future_key_the_card_does_not_read": {"ignored": True},
 }
 
@@ -215,20 +220,39 @@ def test_classifier_card_puts_test_metrics_beside_the_baselines(tmp_path: Path) 
     header, body = split_card(path.read_text())
     assert header["pipeline_tag"] == "text-classification"
     assert header["genecorpus"]["classes"] == ["B", "CD4 T", "NK"]
+    assert header["genecorpus"]["corpus_manifest_sha256"] == "ab" * 32
     values = {m["name"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
-    assert values["test macro F1"] == 0.8123
+    assert values["fine-tuned model test macro F1"] == 0.8123
     assert values["baseline log1p-PCA(50) test macro F1"] == 0.9456
     assert values["constant predictor test accuracy"] == 0.5
     assert table_row(body, "fine-tuned model") == ["0.8123", "0.9011"]
     assert table_row(body, "baseline: log1p → PCA(50) → logistic regression") == ["0.9456", "0.9688"]
-    assert table_row(body, "constant predictor (most frequent class)") == ["0.2222", "0.5000"]
-    assert table_row(body, "NK") == ["0.5000", "0.8333", "0.6250", "6"]
+    assert table_row(body, "constant predictor (most frequent training class)") == ["0.2222", "0.5000"]
+    assert table_row(body, "NK") == ["20", "4", "6"]
+    assert table_row(body, "kang_ctrl") == ["900", "not recorded"]
+    assert table_row(body, "device") == ["cpu, fp32, 1 process(es)"]
     limits = section(body, "Limitations")
     assert "behind the log1p → PCA(50) baseline" in limits  # 0.8123 < 0.9456
     assert "NK (6)" in limits and "CD4 T (154)" not in limits  # fewer than 10 test cells
     assert "not better than always predicting" not in limits
-    better = variant(CLASSIFIER, **{"metrics.test_macro_f1": 0.97})
+    assert "pretraining cells" not in limits
+    better = variant(CLASSIFIER, **{"metrics.model.macro_f1": 0.97})
     assert "behind the log1p" not in limitations(better)
+    leaked = variant(CLASSIFIER, **{"leakage_guard.n_test_cells_seen_in_pretraining": 12})
+    assert "12 test cells were among the start model's pretraining cells" in limitations(leaked)
+    no_baseline = copy.deepcopy(CLASSIFIER)
+    del no_baseline["metrics"]["baseline"]
+    _, body = split_card(model_card(no_baseline))
+    assert table_row(body, "baseline: log1p → PCA(50) → logistic regression") == ["not computed", "not computed"]
+    assert "baseline was not computed" in section(body, "Limitations")
+
+
+def test_folds_show_their_spread() -> None:
+    folds = variant(CLASSIFIER, **{"split.by": "folds", "split.folds": 5, "split.n_test_cells_all_folds": 900,
+                                   "metrics.model.macro_f1_sd": 0.0123})
+    _, body = split_card(model_card(folds))
+    assert table_row(body, "fine-tuned model") == ["0.8123 ± 0.0123", "0.9011"]
+    assert "On 900 test cells (5 stratified folds) (mean ± SD over 5 folds" in body
 
 
 # ---------------------------------------------------------------- the command

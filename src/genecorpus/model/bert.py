@@ -26,6 +26,7 @@ Needs the ``train`` extra (``pip install 'genecorpus[train]'``: torch and transf
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
     import torch
     from transformers import BertConfig, BertForMaskedLM
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ATTENTION", "PRECISIONS", "PRESETS", "ModelPreset", "autocast", "bert_config", "default_permissions", "load_model",
@@ -210,7 +213,11 @@ def save_model(model: BertForMaskedLM, folder: str | os.PathLike[str], token_dic
                 "n_parameters": sum(p.numel() for p in model.parameters())}
         info = json.loads(json.dumps(info, default=_json_default))  # what the file holds, for the card
         (folder / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        write_model_card(folder, info, name=name)
+        try:
+            write_model_card(folder, info, name=name)
+        except InputError as e:  # the model is worth keeping without its card: say how to write it later
+            logger.warning("model card not written (%s); `genecorpus card %s` writes it once the info is complete",
+                           e, name or folder.name)
     default_permissions(folder)
     return folder
 

@@ -18,12 +18,13 @@ required ones fail with one line naming the key):
 (:class:`PretrainSplit`), ``plan``, ``training`` (:class:`TrainingInfo`), ``metrics``
 (:class:`PretrainMetrics`), ``evals``, ``settings``, ``versions``, ``attention``.
 
-``kind: "classifier"`` — what fine-tuning writes (:class:`ClassifierInfo`): ``label`` (the column
-predicted), ``classes``, ``base_model``, ``metrics``/``baseline_metrics``/``constant_metrics`` (each
-``{"test_macro_f1", "test_accuracy"}``: the fine-tuned model, log1p → PCA(50) + logistic regression on the
-same train/test cells, and the majority class), ``split`` (``n_train``, ``n_validation``, ``n_test``,
-``by``, ``test_datasets``), optionally ``per_class`` (``[{label, precision, recall, f1, support}]``),
-``corpus``, ``training``, ``preset``/``architecture``, ``layout``.
+``kind: "classifier"`` — what ``genecorpus finetune`` writes (:class:`ClassifierInfo`): ``label`` (the
+column predicted), ``classes``, ``start_model`` (``{"path", "preset"}``), ``metrics`` (``{"model",
+"baseline", "constant"}``, each ``{"macro_f1", "accuracy", "n_cells"}`` and over folds ``*_sd``: the
+fine-tuned model, log1p → PCA(50) → logistic regression on the same train/test cells, the majority
+class), ``split`` (``by``: ``stratified``/``folds``/``datasets``, ``n_cells`` by role, ``hold_out_datasets``,
+``per_class`` cells by role), optionally ``corpus``, ``training`` (``steps``, ``device``, ``bf16``,
+``runs``), ``architecture``, ``leakage_guard``, ``timings``.
 
 Needs nothing beyond pydantic to build the text; writing the YAML header uses PyYAML (a dependency of
 transformers, so of the ``train`` extra).
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genecorpus.corpus.folder import MANIFEST, sha256_of_path
 from genecorpus.errors import InputError
@@ -90,6 +91,16 @@ class CorpusInfo(_Record):
     n_genes: int | None = None
     """Genes in the token dictionary (special tokens not counted)."""
     datasets: tuple[DatasetCells, ...] = ()
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _datasets_as_mapping(cls, value: Any) -> Any:
+        """``{dataset_id: n_cells}`` (fine-tuning's record) or None, as well as the list of records."""
+        if value is None:
+            return ()
+        if isinstance(value, dict):
+            return [{"dataset_id": k, "n_cells": v} for k, v in value.items()]
+        return value
 
 
 class Architecture(_Record):
@@ -168,63 +179,90 @@ class PretrainInfo(_Record):
     seed: int | None = None
 
 
+class MethodMetrics(_Record):
+    """Test figures of one method (the split's, or the mean over folds with their SD)."""
+
+    macro_f1: float
+    accuracy: float
+    n_cells: int
+    macro_f1_sd: float | None = None
+    accuracy_sd: float | None = None
+
+
 class ClassifierMetrics(_Record):
-    test_macro_f1: float
-    test_accuracy: float
-
-
-class ClassMetrics(_Record):
-    label: str
-    precision: float
-    recall: float
-    f1: float
-    support: int
-    """Test cells of the class."""
+    model: MethodMetrics
+    """The fine-tuned classifier."""
+    constant: MethodMetrics
+    """Always the training cells' most frequent class."""
+    baseline: MethodMetrics | None = None
+    """log1p → PCA(50) → logistic regression fitted and tested on the same cells (None: not computed)."""
 
 
 class ClassifierSplit(_Record):
-    n_train: int
-    n_validation: int
-    n_test: int
-    by: str = "cell"
-    """``cell`` (a stratified share of the cells) or ``dataset`` (whole datasets held out for testing)."""
-    test_datasets: tuple[str, ...] = ()
+    by: str
+    """``stratified`` (a stratified share of the cells), ``folds`` (k folds) or ``datasets`` (whole
+    datasets held out for testing)."""
+    n_cells: dict[str, int]
+    """Cells by role: ``train``, ``val`` (early stopping), ``test``."""
+    hold_out_datasets: tuple[str, ...] = ()
+    folds: int | None = None
+    n_test_cells_all_folds: int | None = None
+    per_class: dict[str, dict[str, int]] = Field(default_factory=dict)
+    """Per class, cells by role."""
+
+
+class ClassifierRun(_Record):
+    steps: int | None = None
+    planned_steps: int | None = None
+    best_step: int | None = None
+    stopped: str | None = None
+    epochs: float | None = None
 
 
 class ClassifierTraining(_Record):
-    epochs: float | None = None
     steps: int | None = None
-    best_epoch: float | None = None
-    early_stopped: bool | None = None
-    wall_seconds: float | None = None
     device: str | None = None
     precision: str | None = None
+    train_seconds: float | None = None
     world_size: int = 1
-    frozen_layers: int | None = None
-    class_weights: bool | None = None
+    runs: tuple[ClassifierRun, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _precision_from_bf16(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "precision" not in data and "bf16" in data:
+            return {**data, "precision": "bf16" if data["bf16"] else "fp32"}
+        return data
+
+
+class StartModel(_Record):
+    path: str
+    kind: str | None = None
+    preset: str | None = None
+
+
+class LeakageGuard(_Record):
+    status: str | None = None
+    n_test_cells_seen_in_pretraining: int | None = None
 
 
 class ClassifierInfo(_Record):
-    """The ``genecorpus_model.json`` of a fine-tuned cell classifier (``BertForSequenceClassification``)."""
+    """The ``genecorpus_model.json`` of a fine-tuned cell classifier (``BertForSequenceClassification``),
+    as ``genecorpus finetune`` writes it (the keys the card reads; the others are ignored)."""
 
     kind: Literal["classifier"]
     label: str
     """The predicted column (or the labels file's column)."""
     classes: tuple[str, ...]
-    base_model: str
-    """The folder (or name) of the pretrained model it was initialised from."""
+    start_model: StartModel
+    """The pretrained model it was initialised from."""
     metrics: ClassifierMetrics
-    baseline_metrics: ClassifierMetrics
-    """log1p → PCA(50) + logistic regression, trained and tested on exactly the same cells."""
-    constant_metrics: ClassifierMetrics
-    """Always the training set's most frequent class."""
     split: ClassifierSplit
-    per_class: tuple[ClassMetrics, ...] = ()
     corpus: CorpusInfo | None = None
     training: ClassifierTraining = Field(default_factory=ClassifierTraining)
-    preset: str | None = None
     architecture: Architecture | None = None
-    layout: str | None = None
+    leakage_guard: LeakageGuard | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
     attention: str | None = None
     n_parameters: int | None = None
     versions: dict[str, str] = Field(default_factory=dict)
@@ -495,41 +533,48 @@ def pretrain_limitations(r: PretrainInfo) -> list[str]:
 
 
 def _classifier_card(r: ClassifierInfo, name: str) -> str:
-    m, b, k, s = r.metrics, r.baseline_metrics, r.constant_metrics, r.split
+    m, s = r.metrics, r.split
     test_words = _test_words(s)
+    methods = [("fine-tuned model", "model", m.model), ("baseline log1p-PCA(50)", "baseline", m.baseline),
+               ("constant predictor", "constant", m.constant)]
+    index_metrics = []
+    for title, _, mm in methods:
+        if mm is not None:
+            index_metrics += [_metric(f"{title} test macro F1", "f1", mm.macro_f1),
+                              _metric(f"{title} test accuracy", "accuracy", mm.accuracy)]
+    layout = r.corpus.layout if r.corpus else None
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "text-classification",
-        "tags": _tags("classifier", r.layout or (r.corpus.layout if r.corpus else None)),
+        "tags": _tags("classifier", layout),
         "genecorpus": {**_genecorpus_block(r.corpus, "classifier"), "label": r.label, "classes": list(r.classes),
-                       "base_model": r.base_model},
+                       "start_model": r.start_model.path},
         "model-index": [{"name": name, "results": [{
             "task": {"type": "text-classification", "name": f"cell classification: {r.label}"},
             "dataset": {"type": "genecorpus", "name": f"test cells ({test_words})"},
-            "metrics": [_metric("test macro F1", "f1", m.test_macro_f1),
-                        _metric("test accuracy", "accuracy", m.test_accuracy),
-                        _metric("baseline log1p-PCA(50) test macro F1", "f1", b.test_macro_f1),
-                        _metric("baseline log1p-PCA(50) test accuracy", "accuracy", b.test_accuracy),
-                        _metric("constant predictor test macro F1", "f1", k.test_macro_f1),
-                        _metric("constant predictor test accuracy", "accuracy", k.test_accuracy)],
+            "metrics": index_metrics,
         }]}],
     }
-    tr = r.training
-    arch = r.architecture
+    tr, arch = r.training, r.architecture
+    folds = f" (mean ± SD over {s.folds} folds, every cell tested once)" if s.by == "folds" and s.folds else ""
+    n_test = s.n_test_cells_all_folds if s.by == "folds" and s.n_test_cells_all_folds else s.n_cells.get("test", 0)
+    rows = {"model": "fine-tuned model", "baseline": "baseline: log1p → PCA(50) → logistic regression",
+            "constant": "constant predictor (most frequent training class)"}
     lines = [
         _yaml_header(metadata),
         f"# {name}",
         "",
         f"A cell classifier (`BertForSequenceClassification`) fine-tuned with genecorpus ({GENECORPUS_URL}) from "
-        f"`{r.base_model}` to predict `{r.label}`: {len(r.classes)} classes ({', '.join(r.classes)}).",
+        f"`{r.start_model.path}` to predict `{r.label}`: {len(r.classes)} classes ({', '.join(r.classes)}).",
         "",
         "## Model",
         "",
         "| | |",
         "| --- | --- |",
-        f"| base model | `{r.base_model}` |",
-        (f"| architecture | BERT encoder, preset `{r.preset or '?'}`: {arch.layers} layers, hidden size {arch.hidden}, "
-         f"{arch.heads} heads; a classification head of {len(r.classes)} classes |" if arch else
+        f"| start model | `{r.start_model.path}`" + (f" (preset `{r.start_model.preset}`)" if r.start_model.preset
+                                                    else "") + " |",
+        (f"| architecture | BERT encoder: {arch.layers} layers, hidden size {arch.hidden}, {arch.heads} heads; a "
+         f"classification head of {len(r.classes)} classes |" if arch else
          f"| architecture | BERT encoder; a classification head of {len(r.classes)} classes |"),
         f"| parameters | {_num(r.n_parameters)} |",
         f"| attention | {r.attention or 'not recorded'} |",
@@ -539,31 +584,34 @@ def _classifier_card(r: ClassifierInfo, name: str) -> str:
         "",
         "| | |",
         "| --- | --- |",
-        f"| cells | {s.n_train:,} training, {s.n_validation:,} validation (early stopping), {s.n_test:,} test |",
-        f"| epochs | {_num(tr.epochs)} ({_num(tr.steps)} steps; best epoch {_num(tr.best_epoch)}; early stopped: "
-        f"{_yes_no(tr.early_stopped)}) |",
-        f"| frozen layers | {_num(tr.frozen_layers)}; class weights: {_yes_no(tr.class_weights)} |",
-        f"| time and device | {_num(tr.wall_seconds)} s wall on {tr.device or '?'}, {tr.precision or '?'}, "
-        f"{tr.world_size} process(es) |",
+        f"| cells | {s.n_cells.get('train', 0):,} training, {s.n_cells.get('val', 0):,} validation (early stopping), "
+        f"{s.n_cells.get('test', 0):,} test; split: {s.by} |",
+        f"| steps | {_num(tr.steps)}" + "".join(
+            f"; run {i + 1}: {_num(run.steps)} of {_num(run.planned_steps)} planned, best at step "
+            f"{_num(run.best_step)}, {_num(run.epochs)} epochs, stopped by {run.stopped or '?'}"
+            for i, run in enumerate(tr.runs)) + " |",
+        f"| time | {_num(r.timings.get('wall_seconds'))} s wall, {_num(tr.train_seconds)} s in training steps |",
+        f"| device | {tr.device or 'not recorded'}, {tr.precision or 'not recorded'}, {tr.world_size} process(es) |",
         "",
         "## Held-out evaluation",
         "",
-        f"On {s.n_test:,} test cells ({test_words}) that neither training nor early stopping saw; the baseline "
-        "(log1p of the counts → PCA(50) → logistic regression) was fitted on the same training cells and "
-        "scored on the same test cells:",
+        f"On {n_test:,} test cells ({test_words}){folds} that neither training nor early stopping saw; the "
+        "baseline was fitted on the same training cells and scored on the same test cells:",
         "",
         "| | macro F1 | accuracy |",
         "| --- | ---: | ---: |",
-        f"| fine-tuned model | {m.test_macro_f1:.4f} | {m.test_accuracy:.4f} |",
-        f"| baseline: log1p → PCA(50) → logistic regression | {b.test_macro_f1:.4f} | {b.test_accuracy:.4f} |",
-        f"| constant predictor (most frequent class) | {k.test_macro_f1:.4f} | {k.test_accuracy:.4f} |",
-        "",
     ]
-    if r.per_class:
-        lines += ["Per class (test cells):", "", "| class | precision | recall | F1 | cells |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {c.label} | {c.precision:.4f} | {c.recall:.4f} | {c.f1:.4f} | {c.support:,} |"
-                  for c in r.per_class]
+    for _, key, mm in methods:
+        if mm is None:
+            lines.append(f"| {rows[key]} | not computed | not computed |")
+        else:
+            lines.append(f"| {rows[key]} | {mm.macro_f1:.4f}{_sd(mm.macro_f1_sd)} | {mm.accuracy:.4f}"
+                         f"{_sd(mm.accuracy_sd)} |")
+    lines.append("")
+    if s.per_class:
+        lines += ["Cells per class:", "", "| class | training | validation | test |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {c} | {n.get('train', 0):,} | {n.get('val', 0):,} | {n.get('test', 0):,} |"
+                  for c, n in s.per_class.items()]
         lines.append("")
     lines += [
         "## Intended use",
@@ -591,26 +639,39 @@ def _classifier_card(r: ClassifierInfo, name: str) -> str:
 
 def classifier_limitations(r: ClassifierInfo) -> list[str]:
     """The limitations a fine-tuning run's record shows, one sentence each (what the card lists)."""
-    m, b, k, s = r.metrics, r.baseline_metrics, r.constant_metrics, r.split
+    m, s = r.metrics, r.split
     out = []
-    if m.test_macro_f1 < b.test_macro_f1:
+    if m.baseline is None:
+        out.append("The log1p → PCA(50) baseline was not computed: there is nothing to say whether fine-tuning beats "
+                   "a simple classifier on these cells.")
+    elif m.model.macro_f1 < m.baseline.macro_f1:
         out.append(f"The fine-tuned model is behind the log1p → PCA(50) baseline on the same test cells (macro F1 "
-                   f"{m.test_macro_f1:.4f} against {b.test_macro_f1:.4f}): for this label, the simple baseline is "
-                   "the better classifier.")
-    if m.test_macro_f1 <= k.test_macro_f1 or m.test_accuracy <= k.test_accuracy:
+                   f"{m.model.macro_f1:.4f} against {m.baseline.macro_f1:.4f}): for this label, the simple baseline "
+                   "is the better classifier.")
+    if m.model.macro_f1 <= m.constant.macro_f1 or m.model.accuracy <= m.constant.accuracy:
         out.append("The fine-tuned model is not better than always predicting the most frequent class.")
-    few = [c for c in r.per_class if c.support < FEW_TEST_CELLS]
-    if few:
+    few = [(c, n.get("test", 0)) for c, n in s.per_class.items() if n.get("test", 0) < FEW_TEST_CELLS]
+    if few and s.by != "folds":
         out.append(f"Classes with fewer than {FEW_TEST_CELLS} test cells, whose figures are noise: "
-                   + ", ".join(f"{c.label} ({c.support})" for c in few) + ".")
-    if s.by == "dataset" and len(s.test_datasets) == 1:
-        out.append(f"The test cells come from one dataset ({s.test_datasets[0]}).")
-    elif s.by != "dataset":
+                   + ", ".join(f"{c} ({n})" for c, n in few) + ".")
+    if s.by == "datasets" and len(s.hold_out_datasets) == 1:
+        out.append(f"The test cells come from one dataset ({s.hold_out_datasets[0]}).")
+    elif s.by != "datasets":
         out.append("The test cells come from the training datasets (same labs, same protocols): how the model "
                    "does on other labs' cells is not measured here.")
+    seen = r.leakage_guard.n_test_cells_seen_in_pretraining if r.leakage_guard else None
+    if seen:
+        out.append(f"{seen:,} test cells were among the start model's pretraining cells (self-supervised, "
+                   "without labels): the test figures may be optimistic.")
+    if any(run.stopped == "time_limit" for run in r.training.runs):
+        out.append("The time limit stopped training before its planned steps.")
     if r.training.device is not None and r.training.device.startswith("cpu"):
-        out.append(f"Fine-tuned on a CPU ({_duration(r.training.wall_seconds)}).")
+        out.append(f"Fine-tuned on a CPU ({_duration(r.training.train_seconds)} in training steps).")
     return out
+
+
+def _sd(value: float | None) -> str:
+    return f" ± {value:.4f}" if value is not None else ""
 
 
 # ---------------------------------------------------------------- pieces
@@ -640,8 +701,10 @@ def _held_out_words(s: PretrainSplit) -> str:
 
 
 def _test_words(s: ClassifierSplit) -> str:
-    if s.by == "dataset":
-        return "whole datasets held out: " + ", ".join(s.test_datasets)
+    if s.by == "datasets":
+        return "whole datasets held out: " + ", ".join(s.hold_out_datasets)
+    if s.by == "folds":
+        return f"{s.folds} stratified folds"
     return "a stratified random share of the cells"
 
 
