@@ -677,13 +677,17 @@ def _sd(value: float | None) -> str:
 # ---------------------------------------------------------------- pieces
 
 def _corpus_section(c: CorpusInfo) -> list[str]:
-    lines = ["## Corpus", "",
-             f"{c.n_cells:,} cells, {c.n_tokens:,} tokens ({c.n_tokens / max(c.n_cells, 1):,.0f} per cell), "
-             f"layout {c.layout or '?'}, a token dictionary of {_num(c.n_genes)} genes"
-             + (f" (sha256 `{c.token_dictionary_sha256}`)" if c.token_dictionary_sha256 else "") + ".", ""]
+    facts = [f"{c.n_cells:,} cells, {c.n_tokens:,} tokens ({c.n_tokens / max(c.n_cells, 1):,.0f} per cell)"]
+    if c.layout:
+        facts.append(f"layout {c.layout}")
+    if c.n_genes:
+        facts.append(f"a token dictionary of {c.n_genes:,} genes"
+                     + (f" (sha256 `{c.token_dictionary_sha256}`)" if c.token_dictionary_sha256 else ""))
+    lines = ["## Corpus", "", ", ".join(facts) + ".", ""]
     if c.manifest_sha256:
-        lines += [f"Manifest ({c.format}): sha256 `{c.manifest_sha256}` — the corpus's `manifest.json` records "
-                  "every input file's digest, the quality control and the build settings.", ""]
+        lines += [f"Manifest{f' ({c.format})' if c.format else ''}: sha256 `{c.manifest_sha256}` — the corpus's "
+                  "`manifest.json` records every input file's digest, the quality control and the build settings.",
+                  ""]
     else:
         lines += ["No genecorpus manifest (a corpus genecorpus did not write).", ""]
     if c.datasets:
