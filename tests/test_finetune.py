@@ -151,9 +151,11 @@ def test_folds_and_held_out_datasets() -> None:
 def test_model_beats_the_constant_predictor(stim_run: object, kang: dict) -> None:
     out = stim_run.model_path
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "confusion_baseline.png", "confusion_model.png", "genecorpus_model.json", "metrics.csv",
+        "README.md", "config.json", "confusion_baseline.png", "confusion_model.png", "genecorpus_model.json", "metrics.csv",
         "metrics.json", "model.safetensors", "per_class.csv", "predictions.csv", "split.csv", "token_dictionary.pkl"]
     assert not [p for p in out.parent.iterdir() if ".incomplete" in p.name]
+    assert (out / "README.md").read_text().splitlines()[0] == "---"  # the model card, titled by the folder's name
+    assert f"# {out.name}" in (out / "README.md").read_text()
     predictions = pd.read_csv(out / "predictions.csv")
     model_f1 = f1_score(predictions["true"], predictions["predicted"], average="macro")
     majority = pd.read_csv(out / "split.csv").query("split == 'train'")["label"].mode()[0]

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from genecorpus.errors import GenecorpusError
+from genecorpus.errors import GenecorpusError, InputError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -322,6 +322,8 @@ def embed(
         help="The model's token dictionary, if its folder has none (Geneformer checkpoints).")] = None,
     corpus_token_dictionary: Annotated[Path | None, typer.Option(
         help="The corpus's token dictionary, if its folder has none (default: the model's).")] = None,
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 autocast on a CUDA GPU with bf16, else fp32), fp32 or bf16.")] = "auto",
 ) -> None:
     """Embed every cell of a corpus with a model, into obsm["X_genecorpus"] of an .h5ad.
 
@@ -346,7 +348,8 @@ def embed(
         with _Progress() as progress:
             adata = embed_corpus(corpus, model, out=out, layer=layer, pool=pool, batch_size=batch_size,  # type: ignore[arg-type]
                                  max_length=max_length, device=device, token_dictionary=token_dictionary,
-                                 corpus_token_dictionary=corpus_token_dictionary, progress=progress)
+                                 corpus_token_dictionary=corpus_token_dictionary, precision=precision,
+                                 progress=progress)
     except GenecorpusError as e:
         _fail(e)
     if adata is None:  # another process than rank 0 under torchrun: rank 0 reports
@@ -476,6 +479,7 @@ def pretrain(
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     time_limit: Annotated[float | None, typer.Option(help="Minutes of wall time, a hard cap (the run evaluates and saves within it). Without --max-steps/--epochs, the steps and the learning-rate schedule are planned from it, from the speed measured in the first steps.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default CUDA if available).")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on a CUDA GPU with bf16, else fp32), fp32 or bf16.")] = "auto",
     token_dictionary: Annotated[Path | None, typer.Option(help="Token dictionary, if not in the corpus folder.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
@@ -515,7 +519,8 @@ def pretrain(
                 warmup_steps=warmup_steps, max_length=max_length, seed=seed, val_fraction=val_fraction,
                 hold_out_datasets=tuple(d.strip() for d in (hold_out_datasets or "").split(",") if d.strip()),
                 val_cells=val_cells, eval_every=eval_every, save_every=save_every, time_limit=time_limit,
-                device=device, token_dictionary=token_dictionary, resume=resume, overwrite=overwrite,
+                precision=precision, device=device, token_dictionary=token_dictionary, resume=resume,
+                overwrite=overwrite,
                 progress=progress)
     except GenecorpusError as e:
         _fail(e)
@@ -558,6 +563,7 @@ def finetune(
     grad_accum: Annotated[int, typer.Option(help="Micro-batches whose gradients one step adds up (gradient accumulation).")] = 1,
     max_batch_tokens: Annotated[int | None, typer.Option(help="Most padded tokens in one forward pass: long cells go in smaller micro-batches (memory only).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout of the encoder and head (default: the model's).")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on a CUDA GPU with bf16, else fp32), fp32 or bf16.")] = "auto",
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear warm-up and decay).")] = 5e-5,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.001,
     warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (default 10 % of the steps).")] = None,
@@ -609,7 +615,8 @@ def finetune(
         with _Progress() as progress:
             result = finetune_model(
                 corpus, out, model=model, label=label, labels=labels, join=join, epochs=epochs, max_steps=max_steps,
-                batch_size=batch_size, grad_accum=grad_accum, max_batch_tokens=max_batch_tokens, dropout=dropout, lr=lr,
+                batch_size=batch_size, grad_accum=grad_accum, max_batch_tokens=max_batch_tokens, dropout=dropout,
+                precision=precision, lr=lr,
                 weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length, seed=seed,
                 val_fraction=val_fraction,
                 test_fraction=test_fraction, folds=folds, hold_out_datasets=held, eval_every=eval_every,
@@ -681,6 +688,29 @@ def _quiet_other_processes() -> None:
                      "genecorpus.model.distributed"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
+
+@app.command()
+def card(
+    model: Annotated[Path, typer.Argument(help="A model folder with a genecorpus_model.json.")],
+) -> None:
+    """(Re)write MODEL/README.md, the model card, from MODEL/genecorpus_model.json.
+
+    Every figure of the card is read from genecorpus_model.json. Example:
+
+        genecorpus card pbmc-model
+    """
+    from genecorpus.model.bert import MODEL_INFO, model_info
+    from genecorpus.model.card import write_model_card
+
+    try:
+        info = model_info(model)
+        if not info:
+            msg = f"{model}: has no {MODEL_INFO}; give a model folder written by genecorpus pretrain or finetune"
+            raise InputError(msg)
+        path = write_model_card(model, info, name=model.resolve().name)
+    except GenecorpusError as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
 
 def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
     """The KeyboardInterrupt that caused ``e`` (through typer's ``Exit(130)``), if any."""

@@ -8,7 +8,9 @@ that use it, so that importing this package stays cheap.
 ==================== ==========================================================================
 module               what it owns
 ==================== ==========================================================================
-``bert``             presets (``tiny``, ``small``, ``gf-6l``), ``BertConfig``, the model folder, the device
+``bert``             presets (``tiny``, ``small``, ``gf-6l``), ``BertConfig``, the model folder, the device,
+                     SDPA attention, ``autocast(device, precision)``
+``card``             the model card (``README.md``, Hugging Face format) generated from the model info
 ``masking``          the masked-gene objective: which positions are masked and how
 ``sampling``         held-out split of whole datasets, the length-grouped sampler, a global batch's
                      micro-batches per process

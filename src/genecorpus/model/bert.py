@@ -6,10 +6,19 @@ plus what a corpus user needs beside it::
     config.json, model.safetensors     save_pretrained output
     token_dictionary.pkl               the vocabulary the model was trained on (a copy of the corpus's)
     genecorpus_model.json              preset, layout, corpus, training summary (optional)
+    README.md                          the model card, generated from genecorpus_model.json (see
+                                       :mod:`genecorpus.model.card`)
     loss_curve.png                     written by ``genecorpus pretrain`` (optional)
 
 A Geneformer checkpoint folder (``config.json`` + ``pytorch_model.bin`` or ``model.safetensors``, no
 dictionary) is opened too, with its token dictionary given separately (gc30M or gc104M layout).
+
+Every model built or loaded here computes attention with PyTorch's scaled-dot-product attention
+(``attn_implementation="sdpa"``, :data:`ATTENTION`; transformers 5 picks it for Bert by default too, we make
+it explicit and record it). SDPA cannot return attention weights: code that needs them loads the model
+with ``attention="eager"`` (nothing in genecorpus does today). :func:`autocast` is the one place that decides
+the arithmetic of the forward passes (``precision``: ``auto``, ``fp32`` or ``bf16``) for pretraining,
+embedding and fine-tuning alike, on CPUs and GPUs.
 
 Needs the ``train`` extra (``pip install 'genecorpus[train]'``: torch and transformers).
 """
@@ -17,28 +26,42 @@ Needs the ``train`` extra (``pip install 'genecorpus[train]'``: torch and transf
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from genecorpus.corpus.folder import TOKEN_DICTIONARY as CORPUS_TOKEN_DICTIONARY
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.vocab import TokenDictionary
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
-    "PRESETS", "ModelPreset", "adamw", "bert_config", "default_permissions", "load_model", "pick_device",
-    "quiet_transformers", "require_torch", "save_model", "uses_bf16",
+    "ATTENTION", "PRECISIONS", "PRESETS", "ModelPreset", "adamw", "autocast", "bert_config", "default_permissions",
+    "load_model", "pick_device", "quiet_transformers", "require_torch", "resolve_precision", "save_model",
 ]
 
 MODEL_INFO = "genecorpus_model.json"
 """The model folder's record of its preset, layout, corpus and training."""
 TOKEN_DICTIONARY = CORPUS_TOKEN_DICTIONARY
 """The model folder's copy of its corpus's token dictionary, under the corpus folder's file name."""
+ATTENTION = "sdpa"
+"""The attention implementation of every model built or loaded here:
+``torch.nn.functional.scaled_dot_product_attention`` (a fused kernel: flash or memory-efficient attention on
+GPUs). ``"eager"`` (the explicit softmax(QKᵀ)V) only where attention weights are needed."""
+Attention = Literal["sdpa", "eager"]
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+"""``auto``: bf16 autocast on a CUDA device that supports it, else fp32; ``fp32``: no autocast; ``bf16``:
+bf16 autocast on any device (a CPU too: slower there, but the same code path as on a GPU)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +136,7 @@ def bert_config(preset: str | ModelPreset, token_dictionary: TokenDictionary, *,
         max_position_embeddings=max_positions,
         pad_token_id=token_dictionary.special["<pad>"],
         type_vocab_size=1,
+        attn_implementation=ATTENTION,
     )
 
 
@@ -128,11 +152,45 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def uses_bf16(device: torch.device) -> bool:
-    """Whether training on ``device`` runs under bf16 autocast: on CUDA devices that support it, never on CPU."""
+def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
+    """The arithmetic a ``precision`` choice means on ``device`` (``auto``: bf16 on CUDA with bf16, else fp32).
+
+    Raises
+    ------
+    ConfigError
+        An unknown choice, or ``bf16`` on a CUDA device without bf16 support.
+    """
     import torch
 
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision not in PRECISIONS:
+        msg = f"--precision {precision!r}: unknown; use one of {', '.join(PRECISIONS)}"
+        raise ConfigError(msg)
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if cuda_bf16 else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not cuda_bf16:
+        msg = f"--precision bf16: {device} does not support bfloat16; use --precision fp32 (or auto)"
+        raise ConfigError(msg)
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[None]:
+    """The autocast context of a forward pass: bf16 matmuls (weights and reductions stay fp32) or none.
+
+    Pretraining, embedding and fine-tuning all run their forward passes inside it, so the CUDA path and
+    the CPU path differ only in the device. Outputs may be bf16 under it: cast what you keep (``.float()``).
+
+    Parameters
+    ----------
+    device
+        Where the model is.
+    precision
+        ``auto``, ``fp32`` or ``bf16`` (see :data:`PRECISIONS` and :func:`resolve_precision`).
+    """
+    import torch
+
+    resolved = resolve_precision(precision, device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved == "bf16")
 
 
 def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -148,15 +206,31 @@ def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.op
 
 
 def save_model(model: BertForMaskedLM, folder: str | os.PathLike[str], token_dictionary: TokenDictionary,
-               info: dict[str, Any] | None = None) -> Path:
-    """Write a model folder (see the module docstring); returns its path."""
+               info: dict[str, Any] | None = None, *, name: str | None = None) -> Path:
+    """Write a model folder (see the module docstring); returns its path.
+
+    With ``info``, also ``genecorpus_model.json`` (``info`` plus the model's ``attention`` implementation and
+    ``n_parameters``) and the model
+    card ``README.md`` generated from it (:func:`genecorpus.model.card.write_model_card`), titled ``name``
+    (default: the folder's name; give it when writing to a temporary folder that is renamed after).
+    """
+    from genecorpus.model.card import write_model_card
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
-    default_permissions(folder)
     token_dictionary.save(folder / TOKEN_DICTIONARY)
     if info is not None:
-        (folder / MODEL_INFO).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+        info = {**info, "attention": str(model.config._attn_implementation),
+                "n_parameters": sum(p.numel() for p in model.parameters())}
+        info = json.loads(json.dumps(info, default=_json_default))  # what the file holds, for the card
+        (folder / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            write_model_card(folder, info, name=name)
+        except InputError as e:  # the model is worth keeping without its card: say how to write it later
+            logger.warning("model card not written (%s); `genecorpus card %s` writes it once the info is complete",
+                           e, name or folder.name)
+    default_permissions(folder)
     return folder
 
 
@@ -181,7 +255,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def load_model(folder: str | os.PathLike[str], *, token_dictionary: str | os.PathLike[str] | None = None,
-               device: str | torch.device | None = None) -> tuple[BertForMaskedLM, TokenDictionary]:
+               device: str | torch.device | None = None,
+               attention: Attention = ATTENTION) -> tuple[BertForMaskedLM, TokenDictionary]:
     """Open a model folder (ours or Geneformer's) in eval mode on ``device``.
 
     Parameters
@@ -192,6 +267,9 @@ def load_model(folder: str | os.PathLike[str], *, token_dictionary: str | os.Pat
         The vocabulary, if the folder has no ``token_dictionary.pkl`` (Geneformer checkpoints).
     device
         Default: :func:`pick_device`.
+    attention
+        ``"sdpa"`` (default, :data:`ATTENTION`) or ``"eager"`` for code that needs attention weights
+        (``output_attentions=True``, which SDPA cannot return).
 
     Raises
     ------
@@ -212,7 +290,7 @@ def load_model(folder: str | os.PathLike[str], *, token_dictionary: str | os.Pat
         raise InputError(msg)
     tdict = TokenDictionary.load(tdict_path)
     try:
-        model = BertForMaskedLM.from_pretrained(folder)
+        model = BertForMaskedLM.from_pretrained(folder, attn_implementation=attention)
     except (OSError, ValueError) as e:
         msg = f"{folder}: cannot load the model ({str(e).splitlines()[0]}); check the folder's weights"
         raise InputError(msg) from None

@@ -4,8 +4,10 @@ A cell's embedding is the mean of the chosen layer's hidden states over its *gen
 the special tokens ``<cls>``, ``<eos>``, ``<mask>`` left out), or the ``<cls>`` state of gc104m-layout
 cells. Cells are read by row from a corpus (:class:`~genecorpus.corpus.CorpusReader`), sorted by length
 (longest first) and run in batches padded to the longest cell of the batch, under
-``torch.inference_mode()`` in float32 on CPU or GPU; the embeddings go back to the corpus's row order.
-Since padding is masked out, the batch size changes results only within float tolerance (~1e-6).
+``torch.inference_mode()`` with SDPA attention, in float32 — or under bf16 autocast
+(:func:`genecorpus.model.bert.autocast`: by default on a CUDA device with bf16, or ``precision="bf16"``
+anywhere), the embeddings still returned as float32; they go back to the corpus's row order. Since
+padding is masked out, the batch size changes results only within float tolerance (~1e-6 in float32).
 
 The output is an ``.h5ad`` file: ``obsm["X_genecorpus"]`` (float32, cells x hidden size), ``obs`` with
 the corpus's metadata columns (``dataset_id``, ``cell_id``, labels, ``length``) plus ``corpus_row``, an
@@ -78,12 +80,15 @@ class CellEncoder:
     max_length
         Longest sequence fed to the model; longer cells keep their first tokens. Default and upper bound:
         the model's ``max_position_embeddings``.
+    precision
+        ``auto`` (bf16 autocast on a CUDA device with bf16, else float32), ``fp32`` or ``bf16``.
     """
 
     model: BertForMaskedLM
     token_dictionary: TokenDictionary
     layer: int = -2
     max_length: int | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         n_layers = int(self.model.config.num_hidden_layers)
@@ -101,6 +106,10 @@ class CellEncoder:
         self.non_gene_ids = np.array(sorted(self.token_dictionary.special.values()), dtype=np.int64)
         self.vocab_size = int(self.model.config.vocab_size)
         self.device = next(self.model.parameters()).device
+        from genecorpus.model.bert import resolve_precision
+
+        self.resolved_precision = resolve_precision(self.precision, self.device)
+        """``fp32`` or ``bf16``: what ``precision`` means on the model's device."""
 
     @property
     def hidden_size(self) -> int:
@@ -128,6 +137,8 @@ class CellEncoder:
         """
         import torch
 
+        from genecorpus.model.bert import autocast
+
         longest = max(len(s) for s in sequences)
         ids = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
         attention = np.zeros((len(sequences), longest), dtype=np.int64)
@@ -147,7 +158,7 @@ class CellEncoder:
         try:
             # the layers above the chosen one do not change it: leave them out (-2 of 4 layers: 25 % faster)
             self.model.bert.encoder.layer = layers[: max(depth, 1)]
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(self.device, self.precision):
                 out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask,
                                       output_hidden_states=True)
                 states = out.hidden_states[depth].float()
@@ -257,6 +268,7 @@ def embed_corpus(
     pool: Pool = "mean",
     batch_size: int = 16,
     max_length: int | None = None,
+    precision: str = "auto",
     device: str | None = None,
     token_dictionary: str | os.PathLike[str] | None = None,
     corpus_token_dictionary: str | os.PathLike[str] | None = None,
@@ -282,6 +294,8 @@ def embed_corpus(
         Cells per forward pass (memory and speed; results agree within float tolerance).
     max_length
         Tokens kept per cell (default: the model's ``max_position_embeddings``, also the upper bound).
+    precision
+        ``auto`` (bf16 autocast on a CUDA device with bf16, else float32), ``fp32`` or ``bf16``.
     device
         ``"cpu"``, ``"cuda"``…; default CUDA when available, else CPU. Under ``torchrun``, each process
         embeds its share of the cells (``cuda`` becomes ``cuda:LOCAL_RANK``) and rank 0 writes ``out``.
@@ -320,13 +334,14 @@ def embed_corpus(
     require_torch()
     with process_group(device) as (process, torch_device):
         return _embed_in_process(corpus, model, out=Path(out), layer=layer, pool=pool, batch_size=batch_size,
-                                 max_length=max_length, device=str(torch_device), token_dictionary=token_dictionary,
+                                 max_length=max_length, precision=precision, device=str(torch_device),
+                                 token_dictionary=token_dictionary,
                                  corpus_token_dictionary=corpus_token_dictionary, cells=cells, progress=progress,
                                  process=process)
 
 
 def _embed_in_process(corpus: str | os.PathLike[str], model: str | os.PathLike[str], *, out: Path, layer: int,
-                      pool: Pool, batch_size: int, max_length: int | None, device: str,
+                      pool: Pool, batch_size: int, max_length: int | None, precision: str, device: str,
                       token_dictionary: str | os.PathLike[str] | None,
                       corpus_token_dictionary: str | os.PathLike[str] | None,
                       cells: Sequence[int] | np.ndarray | None, progress: ProgressCallback | None,
@@ -340,7 +355,7 @@ def _embed_in_process(corpus: str | os.PathLike[str], model: str | os.PathLike[s
     tdict_path = model_dictionary_path(model, token_dictionary)
     reader = open_corpus_for_model(corpus, model_dictionary, model_dictionary_path=tdict_path,
                                    model_name=str(model), corpus_token_dictionary=corpus_token_dictionary)
-    encoder = CellEncoder(bert, model_dictionary, layer=layer, max_length=max_length)
+    encoder = CellEncoder(bert, model_dictionary, layer=layer, max_length=max_length, precision=precision)
     rows = select_rows(reader, cells)
     n_long = int((reader.lengths[rows] > encoder.max_length).sum())
     if n_long and process.is_main:
@@ -366,6 +381,8 @@ def _embed_in_process(corpus: str | os.PathLike[str], model: str | os.PathLike[s
         "corpus_token_dictionary": (str(reader.files.token_dictionary.resolve())
                                     if reader.files.token_dictionary else ""),
         "max_length": int(encoder.max_length),
+        "precision": encoder.resolved_precision,
+        "attention": str(bert.config._attn_implementation),
         "n_truncated": n_long,
     })
     if process.world_size > 1:

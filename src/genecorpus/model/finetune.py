@@ -55,13 +55,15 @@ import numpy as np
 from genecorpus.corpus.folder import MANIFEST
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.bert import (
+    ATTENTION,
     MODEL_INFO,
     TOKEN_DICTIONARY,
+    autocast,
     model_info,
     pick_device,
     quiet_transformers,
     require_torch,
-    uses_bf16,
+    resolve_precision,
 )
 from genecorpus.model.distributed import (
     SINGLE,
@@ -154,6 +156,9 @@ class FinetuneSettings:
     pretraining held out (fail if that leaves none), or ``"warn"`` and record how many it saw."""
     baseline: bool = True
     """Compute the log1p → PCA(50) baseline (needs the cells' raw counts)."""
+    precision: str = "auto"
+    """Arithmetic of the forward passes: ``auto`` (bf16 autocast on a CUDA device with bf16, else fp32), ``fp32``
+    or ``bf16`` (see :func:`genecorpus.model.bert.autocast`)."""
 
 
 @dataclass(frozen=True)
@@ -439,7 +444,7 @@ def _open_classifier_start(model: Path, classes: tuple[str, ...], tdict: TokenDi
         net = BertForSequenceClassification.from_pretrained(
             model, num_labels=len(classes), id2label=dict(enumerate(classes)),
             label2id={c: i for i, c in enumerate(classes)}, problem_type="single_label_classification",
-            ignore_mismatched_sizes=was_classifier, **rates)  # only a previous head may differ in size
+            ignore_mismatched_sizes=was_classifier, attn_implementation=ATTENTION, **rates)  # a head may differ
     except (OSError, ValueError) as e:
         msg = f"{model}: cannot load the model ({str(e).splitlines()[0]}); check the folder's weights"
         raise InputError(msg) from None
@@ -469,16 +474,17 @@ def _pad(reader: CorpusReader, tdict: TokenDictionary, rows: np.ndarray, max_len
 
 
 def _logits(net: BertForSequenceClassification, ids: torch.Tensor, attention: torch.Tensor, *,
-            bf16: bool) -> torch.Tensor:
-    """The classifier's logits (float32), under bf16 autocast when ``bf16`` (CUDA), as pretraining runs."""
-    import torch
+            precision: str) -> torch.Tensor:
+    """The classifier's logits (float32), under the autocast of ``precision`` (:func:`~genecorpus.model.bert.autocast`,
+    the same as pretraining's)."""
 
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with autocast(ids.device, precision):
         return net(input_ids=ids, attention_mask=attention).logits.float()
 
 
 def _probabilities(net: BertForSequenceClassification, reader: CorpusReader, tdict: TokenDictionary,
-                   rows: np.ndarray, *, max_length: int, batch_size: int, bf16: bool, process: Process = SINGLE,
+                   rows: np.ndarray, *, max_length: int, batch_size: int, precision: str,
+                   process: Process = SINGLE,
                    progress: Callable[[str, int, int], None] | None = None) -> np.ndarray:
     """Class probabilities of ``rows`` (float32, rows × classes, in the order of ``rows``), longest cells first.
 
@@ -495,7 +501,7 @@ def _probabilities(net: BertForSequenceClassification, reader: CorpusReader, tdi
         for start in range(0, len(order), batch_size):
             part = order[start:start + batch_size]
             ids, attention = _pad(reader, tdict, rows[part], max_length, device)
-            out[part] = torch.softmax(_logits(net, ids, attention, bf16=bf16), dim=-1).cpu().numpy()
+            out[part] = torch.softmax(_logits(net, ids, attention, precision=precision), dim=-1).cpu().numpy()
             if progress is not None:
                 progress("predict", min(start + batch_size, len(order)), len(order))
     if process.world_size > 1:
@@ -548,7 +554,7 @@ class _Trainer:
         self.reader, self.tdict, self.net, self.s = reader, tdict, net, settings
         self.max_length, self.deadline, self.progress, self.process = max_length, deadline, progress, process
         self.device = next(net.parameters()).device
-        self.bf16 = uses_bf16(self.device)
+        self.precision = resolve_precision(settings.precision, self.device)
         self.optimizer = adamw(net, lr=settings.lr, weight_decay=settings.weight_decay)
         self.weights: torch.Tensor | None = None
         self.global_batch = settings.batch_size * settings.grad_accum * process.world_size
@@ -583,13 +589,14 @@ class _Trainer:
         total = 0.0
         if not parts:  # a short last batch left this process no cell: join the gradient exchange with nothing
             ids, attention = _pad(self.reader, self.tdict, rows[:1], self.max_length, self.device)
-            (_logits(self.module, ids, attention, bf16=self.bf16).sum() * 0.0).backward()
+            (_logits(self.module, ids, attention, precision=self.precision).sum() * 0.0).backward()
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             with nullcontext() if last or p.world_size == 1 else self.module.no_sync():
                 ids, attention = _pad(self.reader, self.tdict, rows[part], self.max_length, self.device)
                 targets = torch.from_numpy(y[part]).to(self.device)
-                loss = cell_losses(_logits(self.module, ids, attention, bf16=self.bf16), targets, self.weights).sum()
+                logits = _logits(self.module, ids, attention, precision=self.precision)
+                loss = cell_losses(logits, targets, self.weights).sum()
                 (loss * (p.world_size / n)).backward()
             total += float(loss.detach())
         trainable = [param for param in self.net.parameters() if param.requires_grad]
@@ -601,7 +608,7 @@ class _Trainer:
 
     def validate(self, rows: np.ndarray, y: np.ndarray) -> dict[str, float]:
         probs = _probabilities(self.net, self.reader, self.tdict, rows, max_length=self.max_length,
-                               batch_size=self.s.batch_size, bf16=self.bf16, process=self.process)
+                               batch_size=self.s.batch_size, precision=self.precision, process=self.process)
         return _scores(y, probs.argmax(axis=1))
 
     def train(self, train_rows: np.ndarray, y_train: np.ndarray, val_rows: np.ndarray, y_val: np.ndarray,
@@ -787,6 +794,7 @@ def finetune(
     grad_accum: int = 1,
     max_batch_tokens: int | None = None,
     dropout: float | None = None,
+    precision: str = "auto",
     lr: float = 5e-5,
     weight_decay: float = 0.001,
     warmup_steps: int | None = None,
@@ -825,9 +833,9 @@ def finetune(
     labels, join
         A CSV joined onto the corpus's metadata and its key columns (see
         :func:`genecorpus.model.evaluate.join_labels`).
-    epochs, max_steps, batch_size, grad_accum, max_batch_tokens, dropout, lr, weight_decay, warmup_steps, max_length,
-    seed, val_fraction, test_fraction, folds, hold_out_datasets, eval_every, patience, freeze_layers, class_weights,
-    time_limit, pretraining_cells, baseline
+    epochs, max_steps, batch_size, grad_accum, max_batch_tokens, dropout, precision, lr, weight_decay, warmup_steps,
+    max_length, seed, val_fraction, test_fraction, folds, hold_out_datasets, eval_every, patience, freeze_layers,
+    class_weights, time_limit, pretraining_cells, baseline
         See :class:`FinetuneSettings`.
     counts
         Raw count files for the baseline (default: the inputs the corpus manifest lists).
@@ -868,7 +876,7 @@ def finetune(
         epochs = DEFAULT_EPOCHS
     settings = FinetuneSettings(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        max_batch_tokens=max_batch_tokens, dropout=dropout, lr=lr,
+        max_batch_tokens=max_batch_tokens, dropout=dropout, precision=precision, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length, seed=seed,
         val_fraction=val_fraction, test_fraction=test_fraction, folds=folds,
         hold_out_datasets=tuple(hold_out_datasets), eval_every=eval_every, patience=patience,
@@ -993,7 +1001,7 @@ def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: P
         trained = trainer.train(rows[train], y[train], rows[val], y[val], n_classes)
         test_began = time.monotonic()
         probs = _probabilities(trained.net, reader, tdict, rows[test], max_length=resolved_length,
-                               batch_size=settings.batch_size, bf16=trainer.bf16, process=process)
+                               batch_size=settings.batch_size, precision=trainer.precision, process=process)
         test_seconds = time.monotonic() - test_began
         probs_all[test] = probs
         majority = int(np.argmax(np.bincount(y[train], minlength=n_classes)))
@@ -1041,7 +1049,8 @@ def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: P
     info = _info(settings, reader, model, pre, classes=classes, dropped=dropped, label=label, labels=labels,
                  source=source, split=split, y=y, runs=runs, metrics=metrics, saved_run=saved_run, n_seen=n_seen,
                  n_test=len(test_cells), n_unlabeled=int((~labeled).sum()), baseline_source=baseline_source,
-                 n_genes=n_genes, timings=timings, device=torch_device, bf16=uses_bf16(torch_device),
+                 n_genes=n_genes, timings=timings, device=torch_device,
+                 precision=resolve_precision(settings.precision, torch_device),
                  config=best_net.config, processes={**process.to_dict(), "global_batch": trainer.global_batch,
                                                     "batch_size": settings.batch_size,
                                                     "grad_accum": settings.grad_accum,
@@ -1051,8 +1060,8 @@ def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: P
     tmp = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.incomplete"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_folder(tmp, best_net, tdict, info, predictions=predictions, runs=runs, classes=classes, y=y,
-                      test=test_cells, probs=probs_all, base=base, const=const_all, obs=obs, rows=rows, split=split,
+        _write_folder(tmp, best_net, tdict, info, name=out.name, predictions=predictions, runs=runs, classes=classes,
+                      y=y, test=test_cells, probs=probs_all, base=base, const=const_all, obs=obs, rows=rows, split=split,
                       pre=pre, label=label)
         if out.exists():
             shutil.rmtree(out)
@@ -1107,7 +1116,7 @@ def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _P
           split: LabeledSplit, y: np.ndarray, runs: list[dict[str, Any]],
           metrics: dict[str, Any], saved_run: int, n_seen: int | None, n_test: int, n_unlabeled: int,
           baseline_source: str | None, n_genes: int, timings: dict[str, float], device: torch.device,
-          bf16: bool, config: Any, processes: dict[str, Any]) -> dict[str, Any]:
+          precision: str, config: Any, processes: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -1153,7 +1162,8 @@ def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _P
                   "n_test_cells_all_folds": n_test, "per_class": per_class},
         "settings": {**asdict(settings), "hold_out_datasets": list(settings.hold_out_datasets)},
         "pooling": "first token (BertForSequenceClassification's pooler: dense + tanh over the first position)",
-        "training": {"runs": runs, "steps": steps, "device": str(device), "bf16": bf16, "processes": processes,
+        "training": {"runs": runs, "steps": steps, "device": str(device), "precision": precision,
+                     "processes": processes,
                      "train_seconds": round(train_seconds, 2),
                      "steps_per_second": round(steps / train_seconds, 3) if train_seconds > 0 else None},
         "metrics": metrics,
@@ -1193,7 +1203,7 @@ def _predictions_frame(obs: pd.DataFrame, rows: np.ndarray, y: np.ndarray, class
 
 
 def _write_folder(tmp: Path, net: BertForSequenceClassification, tdict: TokenDictionary, info: dict[str, Any], *,
-                  runs: list[dict[str, Any]], predictions: pd.DataFrame,
+                  name: str, runs: list[dict[str, Any]], predictions: pd.DataFrame,
                   classes: tuple[str, ...], y: np.ndarray, test: np.ndarray, probs: np.ndarray,
                   base: np.ndarray | None, const: np.ndarray, obs: pd.DataFrame, rows: np.ndarray,
                   split: LabeledSplit, pre: _PretrainingCells, label: str) -> None:
@@ -1205,7 +1215,7 @@ def _write_folder(tmp: Path, net: BertForSequenceClassification, tdict: TokenDic
 
     tmp.mkdir()
     metrics = info["metrics"]
-    save_model(net, tmp, tdict, info)
+    save_model(net, tmp, tdict, info, name=name)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     n_folds = len(runs) if len(runs) > 1 else 0
     table = []
@@ -1271,6 +1281,7 @@ def predict_cells(
     batch_size: int = 32,
     max_length: int | None = None,
     device: str | None = None,
+    precision: str = "auto",
     corpus_token_dictionary: str | os.PathLike[str] | None = None,
     cells: Sequence[int] | np.ndarray | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -1322,12 +1333,13 @@ def predict_cells(
     reader = open_corpus_for_model(corpus, tdict, model_dictionary_path=tdict_path, model_name=str(model),
                                    corpus_token_dictionary=corpus_token_dictionary)
     torch_device = pick_device(device)
-    net = BertForSequenceClassification.from_pretrained(model).to(torch_device)
+    precision = resolve_precision(precision, torch_device)
+    net = BertForSequenceClassification.from_pretrained(model, attn_implementation=ATTENTION).to(torch_device)
     trained_length = model_info(model).get("settings", {}).get("max_length")
     length = min(max_length or trained_length or config.max_position_embeddings, config.max_position_embeddings)
     rows = select_rows(reader, cells)
     probs = _probabilities(net, reader, tdict, rows, max_length=length, batch_size=batch_size,
-                           bf16=uses_bf16(torch_device), progress=progress)
+                           precision=precision, progress=progress)
     classes = [config.id2label[i] for i in range(config.num_labels)]
     obs = corpus_obs(reader, rows)
     frame = pd.DataFrame({"corpus_row": rows})

@@ -46,16 +46,19 @@ import numpy as np
 from genecorpus.corpus import CorpusReader
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.bert import (
+    ATTENTION,
     MODEL_INFO,
     PRESETS,
     adamw,
+    autocast,
     bert_config,
     default_permissions,
     quiet_transformers,
     require_torch,
+    resolve_precision,
     save_model,
-    uses_bf16,
 )
+from genecorpus.model.card import cells_by_dataset, corpus_record
 from genecorpus.model.distributed import (
     Process,
     all_reduce_max,
@@ -163,6 +166,9 @@ class PretrainSettings:
     baseline_cells: int = 20_000
     """Training cells (a seeded sample) the rank-frequency baseline is counted on."""
     grad_clip: float = 1.0
+    precision: str = "auto"
+    """Arithmetic of the forward passes: ``auto`` (bf16 autocast on a CUDA device with bf16, else fp32),
+    ``fp32`` or ``bf16`` (see :func:`genecorpus.model.bert.autocast`)."""
 
 
 # Settings a resumed run must share with its checkpoint: they decide the trajectory (with the global batch,
@@ -264,6 +270,7 @@ def pretrain(
     save_every: int = 500,
     time_limit: float | None = None,
     baseline_cells: int = 20_000,
+    precision: str = "auto",
     device: str | None = None,
     token_dictionary: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -280,7 +287,7 @@ def pretrain(
         The model folder to create (or to continue with ``resume``).
     preset, max_steps, epochs, batch_size, grad_accum, max_batch_tokens, dropout, lr, weight_decay,
     warmup_steps, max_length, seed, val_fraction, hold_out_datasets, val_cells, eval_every, save_every, time_limit,
-    baseline_cells
+    baseline_cells, precision
         See :class:`PretrainSettings`.
     device
         ``"cpu"``, ``"cuda"``…; default CUDA when available, else CPU. Under ``torchrun`` each process
@@ -327,7 +334,7 @@ def pretrain(
         weight_decay=weight_decay, warmup_steps=warmup_steps, max_length=max_length, seed=seed,
         val_fraction=val_fraction, hold_out_datasets=tuple(hold_out_datasets), val_cells=val_cells,
         eval_every=eval_every, save_every=save_every,
-        time_limit=time_limit, baseline_cells=baseline_cells)
+        time_limit=time_limit, baseline_cells=baseline_cells, precision=precision)
     _check_settings(settings)
     out = Path(out)
     with process_group(device) as (process, torch_device):
@@ -491,7 +498,7 @@ class _Run:
         self.tdict = reader.token_dictionary
         self.layout = self.tdict.layout()
         self.device = device
-        self.bf16 = uses_bf16(self.device)
+        self.precision = resolve_precision(settings.precision, device)
         longest = int(reader.lengths.max())
         cap = MAX_POSITIONS[self.layout.name]
         self.max_length = settings.max_length or min(longest, cap)
@@ -734,7 +741,7 @@ class _Run:
         config = bert_config(replace(PRESETS[self.settings.preset], dropout=self.dropout), self.tdict,
                              max_positions=self.max_positions)
         if checkpoint is not None:
-            model = BertForMaskedLM.from_pretrained(checkpoint)
+            model = BertForMaskedLM.from_pretrained(checkpoint, attn_implementation=ATTENTION)
             if model.config.vocab_size != config.vocab_size or model.config.hidden_size != config.hidden_size:
                 msg = (f"{checkpoint}: the checkpoint's model does not fit this corpus and preset; "
                        "resume with the same ones")
@@ -755,7 +762,7 @@ class _Run:
         several processes train (it averages the gradients over them in the backward pass)."""
         import torch
 
-        module = _masked_lm_loss(self.model, bf16=self.bf16, every_parameter=self.process.world_size > 1)
+        module = _masked_lm_loss(self.model, precision=self.precision, every_parameter=self.process.world_size > 1)
         if self.process.world_size == 1:
             return module
         return torch.nn.parallel.DistributedDataParallel(
@@ -1269,9 +1276,9 @@ class _Run:
         info = {
             "preset": self.settings.preset, "architecture": asdict(preset), "layout": self.layout.name,
             "max_positions": self.max_positions,
-            "corpus": {"path": str(self.reader.files.root.resolve()), "n_cells": self.reader.n_cells,
-                       "n_tokens": int(self.reader.lengths.sum())},
-            "split": self.split.to_dict(),
+            "corpus": corpus_record(self.reader),
+            "split": {**self.split.to_dict(),
+                      "val_cells_by_dataset": cells_by_dataset(self.reader, self.split.val_rows)},
             "plan": {**self.plan.to_dict(), "validation": self.validation.to_dict()},
             "training": {"steps": h.step, "total_steps": self.total_steps,
                          "schedule_completed": h.step >= self.total_steps,
@@ -1282,7 +1289,7 @@ class _Run:
                          "steps_per_second": _rate(h.step, h.train_seconds, 3),
                          "tokens_per_second": _rate(h.tokens_seen, h.train_seconds, 0),
                          "stopped": stopped, "device": str(self.device),
-                         "bf16": self.bf16},
+                         "precision": self.precision, "attention": ATTENTION},
             "metrics": metrics, "evals": h.evals, "seed": self.settings.seed,
             "settings": {**asdict(self.settings), "dropout": self.dropout}, "processes": self._processes(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -1290,7 +1297,7 @@ class _Run:
         if self.process.is_main:  # the others wait, then return what rank 0 wrote
             tmp = self.out / ".model.incomplete"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_model(self.model, tmp, self.tdict, info)
+            save_model(self.model, tmp, self.tdict, info, name=self.out.name)
             _plot_loss_curve(h, tmp / LOSS_CURVE)
             for path in sorted(tmp.iterdir()):
                 path.replace(self.out / path.name)
@@ -1392,11 +1399,12 @@ def _saved_processes(saved: dict[str, Any]) -> dict[str, Any]:
             "max_batch_tokens": None}
 
 
-def _masked_lm_loss(model: BertForMaskedLM, *, bf16: bool, every_parameter: bool) -> torch.nn.Module:
+def _masked_lm_loss(model: BertForMaskedLM, *, precision: str, every_parameter: bool) -> torch.nn.Module:
     """A module whose forward is the masked-gene loss of ``model`` (SPEC §2.9), the MLM head on the masked
     positions only: ``(mean cross-entropy, their logits, their labels)`` from ``(input ids, attention mask,
     labels)``. A module, not a method, so that ``DistributedDataParallel`` can wrap the whole computation.
 
+    ``precision``: the forward pass's arithmetic, through :func:`genecorpus.model.bert.autocast`.
     ``every_parameter``: a batch without a masked gene still runs the head (times 0), so that every weight
     gets a gradient — ``DistributedDataParallel`` waits for all of them in every backward pass.
     """
@@ -1409,8 +1417,7 @@ def _masked_lm_loss(model: BertForMaskedLM, *, bf16: bool, every_parameter: bool
 
         def forward(self, ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            device_type = ids.device.type
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(ids.device, precision):
                 hidden = self.model.bert(input_ids=ids, attention_mask=attention).last_hidden_state
                 selected = labels >= 0
                 logits = self.model.cls(hidden[selected]).float()
@@ -1418,7 +1425,7 @@ def _masked_lm_loss(model: BertForMaskedLM, *, bf16: bool, every_parameter: bool
             if len(targets) == 0:  # no gene in any cell of the batch: nothing to learn, a zero loss with a graph
                 zero = hidden.sum() * 0.0
                 if every_parameter:
-                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                    with autocast(ids.device, precision):
                         zero = zero + self.model.cls(hidden[:, :1]).float().sum() * 0.0
                 return zero, logits, targets
             return torch.nn.functional.cross_entropy(logits, targets), logits, targets
