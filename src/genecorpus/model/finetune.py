@@ -1061,8 +1061,8 @@ def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: P
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         _write_folder(tmp, best_net, tdict, info, name=out.name, predictions=predictions, runs=runs, classes=classes,
-                      y=y, test=test_cells, probs=probs_all, base=base, const=const_all, obs=obs, rows=rows, split=split,
-                      pre=pre, label=label)
+                      y=y, test=test_cells, probs=probs_all, base=base, const=const_all, obs=obs, rows=rows,
+                      split=split, pre=pre, label=label)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
