@@ -26,7 +26,11 @@ Rates: cells (samples) per second and *real* tokens (padding not counted) per se
 over plain. The first step or batch of each side is included on both sides (one-off costs alike). On a
 shared machine the speed moves with the other jobs, so each comparison runs ``--repeats`` times, the two
 sides alternating, and each side's best round is reported (the least disturbed one).
-Fine-tuning has its place below (``measure_finetune``), filled in when ``model/finetune.py`` exists.
+- **finetune, ours**: :func:`genecorpus.model.finetune.finetune` — length-grouped batches, SDPA, autocast —
+  timed by its own record (``training.runs[0].train_seconds``) on a two-class label every corpus has (cells
+  deeper or shallower than the median; speed does not depend on what is learnt), from random weights.
+- **finetune, plain**: random batches of the same training cells padded to the longest,
+  ``BertForSequenceClassification(labels=...)``, eager attention, fp32.
 """
 
 from __future__ import annotations
@@ -203,12 +207,75 @@ def plain_embed(reader: CorpusReader, model_path: Path, rows: np.ndarray, args: 
 # ---------------------------------------------------------------- finetune
 
 def measure_finetune(corpus: Path, work: Path, args: argparse.Namespace) -> Comparison:
-    """FINETUNE GOES HERE when ``model/finetune.py`` lands: ours = ``finetune(...)`` timed by its own record of
-    training-step seconds (length-grouped batches, SDPA, autocast); plain = random batches padded to the
-    longest through ``BertForSequenceClassification(labels=...)`` with eager attention, same cells, steps
-    and batch size. Until then it reports nothing."""
-    del corpus, work, args
-    return Comparison("finetune", Rate(0, 0, 1.0), None, "not measured yet: model/finetune.py has not landed")
+    import pandas as pd
+    import torch
+    from transformers import BertForMaskedLM
+
+    from genecorpus.corpus import CorpusReader
+    from genecorpus.model.bert import bert_config, save_model
+    from genecorpus.model.finetune import finetune
+    from genecorpus.model.pretrain import MAX_POSITIONS
+
+    reader = CorpusReader.open(corpus)
+    tdict = reader.token_dictionary
+    torch.manual_seed(0)
+    start = save_model(BertForMaskedLM(bert_config(args.preset, tdict,
+                                                   max_positions=MAX_POSITIONS[tdict.layout().name])),
+                       work / "finetune-start", tdict)
+    # a two-class label every corpus has (speed does not depend on what is learnt): deeper or shallower cells
+    labels = work / "depth-labels.csv"
+    deep = reader.lengths > np.median(reader.lengths)
+    pd.DataFrame({"cell_id": reader.column("cell_id"),
+                  "depth": np.where(deep, "deep", "shallow")}).to_csv(labels, index=False)
+    result = finetune(corpus, work / "classifier", model=start, label="depth", labels=labels, join="cell_id",
+                      max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-4,
+                      eval_every=10**9, patience=None, baseline=False, precision=args.precision, device=args.device,
+                      overwrite=True)
+    run = result.info["training"]["runs"][0]
+    ours = Rate(run["steps"] * args.batch_size, int(run["tokens_seen"]), float(run["train_seconds"]))
+    max_length = int(result.info["settings"]["max_length"])
+    split = pd.read_csv(work / "classifier" / "split.csv")
+    train_rows = split.loc[split["split"] == "train", "corpus_row"].to_numpy()
+    y = (reader.lengths[train_rows] > np.median(reader.lengths)).astype(np.int64)  # classes sort: deep < shallow
+    plain = plain_finetune(reader, start, train_rows, 1 - y, args, max_length=max_length)
+    t = result.info["training"]
+    return Comparison("finetune", ours, plain, f"{args.steps} steps of {args.batch_size} cells, max length "
+                                               f"{max_length}, ours {t['precision']}/sdpa, plain fp32/eager")
+
+
+def plain_finetune(reader: CorpusReader, model_path: Path, rows: np.ndarray, y: np.ndarray, args: argparse.Namespace,
+                   *, max_length: int) -> Rate:
+    """Random batches of the training cells padded to the longest, ``BertForSequenceClassification(labels=...)``
+    with eager attention, fp32, AdamW and gradient clipping as ours."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from genecorpus.model.bert import pick_device
+    from genecorpus.model.masking import pad_cells
+
+    tdict = reader.token_dictionary
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(model_path, num_labels=2, attn_implementation="eager")
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.001)
+    order = np.random.default_rng(0).permutation(len(rows))
+    cells = tokens = 0
+    started = time.perf_counter()
+    for step in range(args.steps):
+        pick = order[(step * args.batch_size) % len(rows):][:args.batch_size]
+        batch = pad_cells(reader.batch(rows[pick]), tdict, max_length=max_length)
+        out = model(input_ids=torch.from_numpy(batch.input_ids).to(device),
+                    attention_mask=torch.from_numpy(batch.attention_mask).to(device),
+                    labels=torch.from_numpy(y[pick]).to(device))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(out.loss.detach())  # waits for the device
+        cells += len(pick)
+        tokens += int(batch.attention_mask.sum())
+    return Rate(cells, tokens, time.perf_counter() - started)
 
 
 MEASUREMENTS = {"pretrain": measure_pretrain, "embed": measure_embed, "finetune": measure_finetune}

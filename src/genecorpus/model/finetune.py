@@ -537,6 +537,8 @@ class _Trained:
     train_seconds: float
     eval_seconds: float
     n_train_cells_seen: int
+    n_train_tokens_seen: int
+    """Tokens of the training cells the steps took (after truncation to the max length; padding not counted)."""
     total_steps: int
     warmup_steps: int
 
@@ -635,7 +637,7 @@ class _Trainer:
         evals: list[dict[str, float]] = []
         losses: list[float] = []
         best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-        since_best, step, stopped, seen = 0, 0, "max_steps", 0
+        since_best, step, stopped, seen, tokens_seen = 0, 0, "max_steps", 0, 0
         train_seconds = eval_seconds = 0.0
         eval_per_cell = None
 
@@ -675,6 +677,7 @@ class _Trainer:
             losses.append(self.step(rows, np.array([label_of[r] for r in rows.tolist()], dtype=np.int64), step))
             train_seconds += time.monotonic() - began
             seen += len(rows)
+            tokens_seen += int(np.minimum(self.reader.lengths[rows], self.max_length).sum())
             step += 1
             if self.progress is not None:
                 self.progress("finetune", step, total)
@@ -689,8 +692,8 @@ class _Trainer:
             evaluate()
         assert best is not None
         self.net.load_state_dict(best[2])
-        return _Trained(self.net, step, best[1], stopped, evals, losses, train_seconds, eval_seconds, seen, total,
-                        warmup)
+        return _Trained(self.net, step, best[1], stopped, evals, losses, train_seconds, eval_seconds, seen, tokens_seen,
+                        total, warmup)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -1011,7 +1014,7 @@ def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: P
             "n_cells": {"train": len(train), "val": len(val), "test": len(test)},
             "steps": trained.steps, "planned_steps": trained.total_steps, "warmup_steps": trained.warmup_steps,
             "best_step": trained.best_step, "stopped": trained.stopped,
-            "epochs": trained.n_train_cells_seen / max(1, len(train)),
+            "epochs": trained.n_train_cells_seen / max(1, len(train)), "tokens_seen": trained.n_train_tokens_seen,
             "best_val_macro_f1": max(e["macro_f1"] for e in trained.evals), "evals": trained.evals,
             "train_loss_first": trained.train_loss[0] if trained.train_loss else None,
             "train_loss_last": trained.train_loss[-1] if trained.train_loss else None,
