@@ -244,6 +244,7 @@ def test_resume_with_one_process_continues_a_two_process_run(corpus: Path, tmp_p
         pretrain(corpus, tmp_path / "a", resume=True, batch_size=4, grad_accum=3, **RESUME)
 
 
+@pytest.mark.slow  # the other direction (2 → 1) runs in make test; this one in make test-all
 def test_resume_with_two_processes_continues_a_one_process_run(corpus: Path, tmp_path: Path,
                                                                two_process_run: tuple[Path, list[dict]]) -> None:
     """1 → 2: one process stops at step 6 (checkpoint at 4); two processes resume with the command's batch
@@ -264,6 +265,7 @@ def test_resume_with_two_processes_continues_a_one_process_run(corpus: Path, tmp
     assert_same_run(history(tmp_path / "b"), history(reference_out))
 
 
+@pytest.mark.slow  # collective stops are also checked by the Ctrl-C test; this one (25 s) in make test-all
 def test_time_limit_plan_and_stop_are_the_same_in_every_process(corpus: Path, tmp_path: Path) -> None:
     """Steps planned from a time limit: rank 0 measures and plans, both processes take the same steps (a
     process taking one step more would wait for the other forever) and return the same result."""
@@ -277,7 +279,8 @@ def test_time_limit_plan_and_stop_are_the_same_in_every_process(corpus: Path, tm
     assert [s for s, _ in records[0]["rows"]] == [s for s, _ in records[1]["rows"]]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_to_torchrun_stops_every_process_after_the_step_with_a_checkpoint(
         corpus: Path, tmp_path: Path, signum: signal.Signals) -> None:
     """SIGINT to the launcher (what Ctrl-C sends it) or SIGTERM (what SLURM sends at the end of a job):
