@@ -58,7 +58,6 @@ FEW_CELLS = 1_000_000
 """A pretraining corpus smaller than this is called small on the card (Geneformer V1: ~30 M cells)."""
 FEW_TEST_CELLS = 10
 """Classes with fewer test cells than this are named on the card: their figures are noise."""
-GENECORPUS_URL = "https://github.com/genecorpus/genecorpus"
 
 
 class _Record(BaseModel):
@@ -426,7 +425,7 @@ def _pretrain_card(r: PretrainInfo, name: str) -> str:
         _yaml_header(metadata),
         f"# {name}",
         "",
-        f"A Geneformer-style `BertForMaskedLM` pretrained with genecorpus ({GENECORPUS_URL}) on the masked-gene "
+        f"A Geneformer-style `BertForMaskedLM` pretrained with genecorpus {_version()} on the masked-gene "
         "objective: each cell is its genes ranked by normalised expression, 15 % of the gene positions are "
         "masked, and the model predicts the masked genes.",
         "",
@@ -576,7 +575,7 @@ def _classifier_card(r: ClassifierInfo, name: str) -> str:
         _yaml_header(metadata),
         f"# {name}",
         "",
-        f"A cell classifier (`BertForSequenceClassification`) fine-tuned with genecorpus ({GENECORPUS_URL}) from "
+        f"A cell classifier (`BertForSequenceClassification`) fine-tuned with genecorpus {_version()} from "
         f"`{r.start_model.path}` to predict `{r.label}`: {len(r.classes)} classes ({', '.join(r.classes)}).",
         "",
         "## Model",
@@ -749,6 +748,16 @@ def _duration(seconds: float | None) -> str:
 
 def _rate_words(tokens_per_second: float | None) -> str:
     return f" ({tokens_per_second:,.0f} tokens/s)" if tokens_per_second else ""
+
+
+def _version() -> str:
+    """This package's version (the card names the software that wrote it, not a web address)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genecorpus")
+    except PackageNotFoundError:
+        return "(version unknown)"
 
 
 def _processes_words(p: ProcessesInfo) -> str:
