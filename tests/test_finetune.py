@@ -358,6 +358,7 @@ def test_test_cells_are_cells_pretraining_held_out(kang: dict, pretrained: Path,
     assert guard["n_test_cells_seen_in_pretraining"] == 0
     split = pd.read_csv(tmp_path / "guarded" / "split.csv")
     assert (split.pretraining == np.where(np.isin(datasets, list(held_out)), "held_out", "train")).all()
+    assert "nor the starting model's pretraining" in (tmp_path / "guarded" / "README.md").read_text()
     # warn instead: the stratified test cells of the other dataset are counted
     warned = finetune(kang["corpus"], tmp_path / "warned", model=pretrained, label="dataset_id", max_steps=2,
                       baseline=False, pretraining_cells="warn", **FAST)
@@ -366,6 +367,8 @@ def test_test_cells_are_cells_pretraining_held_out(kang: dict, pretrained: Path,
     assert seen > 0
     assert warned.info["leakage_guard"]["n_test_cells_seen_in_pretraining"] == seen
     assert not warned.info["leakage_guard"]["restricted_test_to_pretraining_held_out"]
+    assert f"({seen:,} of them were cells of the starting model's pretraining)" in (
+        tmp_path / "warned" / "README.md").read_text()
 
 
 def test_fine_tuning_a_classifier_again_tests_only_cells_it_never_trained_on(stim_run: object, kang: dict,

@@ -254,6 +254,8 @@ class StartModel(_Record):
 
 class LeakageGuard(_Record):
     status: str | None = None
+    restricted_test_to_pretraining_held_out: bool = False
+    """The starting model was pretrained on this corpus and only cells its pretraining held out test."""
     n_test_cells_seen_in_pretraining: int | None = None
 
 
@@ -607,8 +609,9 @@ def _classifier_card(r: ClassifierInfo, name: str) -> str:
         "",
         "## Held-out evaluation",
         "",
-        f"On {n_test:,} test cells ({test_words}){folds} that neither training nor early stopping saw; the "
-        "baseline was fitted on the same training cells and scored on the same test cells:",
+        f"On {n_test:,} test cells ({test_words}){folds} that neither training nor early stopping saw"
+        f"{_pretraining_words(r.leakage_guard)}; the baseline was fitted on the same training cells and scored on "
+        "the same test cells:",
         "",
         "| | macro F1 | accuracy |",
         "| --- | ---: | ---: |",
@@ -758,6 +761,17 @@ def _version() -> str:
         return version("genecorpus")
     except PackageNotFoundError:
         return "(version unknown)"
+
+
+def _pretraining_words(guard: LeakageGuard | None) -> str:
+    """What the test cells were to the starting model's pretraining, when its record says."""
+    if guard is None:
+        return ""
+    if guard.restricted_test_to_pretraining_held_out:
+        return ", nor the starting model's pretraining (it was pretrained on this corpus and held them out)"
+    if guard.n_test_cells_seen_in_pretraining:
+        return f" ({guard.n_test_cells_seen_in_pretraining:,} of them were cells of the starting model's pretraining)"
+    return ""
 
 
 def _processes_words(p: ProcessesInfo) -> str:

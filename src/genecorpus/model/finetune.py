@@ -38,7 +38,6 @@ Needs the ``train`` extra (torch, transformers, scikit-learn), imported inside t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -52,7 +51,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from genecorpus.corpus.folder import MANIFEST
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.bert import (
     ATTENTION,
@@ -65,6 +63,7 @@ from genecorpus.model.bert import (
     require_torch,
     resolve_precision,
 )
+from genecorpus.model.card import corpus_record
 from genecorpus.model.distributed import (
     SINGLE,
     Process,
@@ -309,16 +308,6 @@ class _PretrainingCells:
     record: dict[str, Any]
 
 
-def corpus_identity(reader: CorpusReader) -> dict[str, Any]:
-    """Path, cells, tokens and the sha256 of ``manifest.json`` (when the corpus has one) of a corpus."""
-    root = reader.files.root.resolve()
-    manifest = root / MANIFEST if root.is_dir() else None
-    digest = (hashlib.sha256(manifest.read_bytes()).hexdigest()
-              if manifest is not None and manifest.is_file() else None)
-    return {"path": str(root), "n_cells": int(reader.n_cells), "n_tokens": int(reader.lengths.sum()),
-            "manifest_sha256": digest}
-
-
 def _pretraining_record(info: dict[str, Any]) -> dict[str, Any] | None:
     """The pretraining part of a model's info: its own (a pretrained model) or the one it carried forward."""
     if info.get("kind") == KIND:
@@ -344,7 +333,7 @@ def _pretraining_cells(model: Path, reader: CorpusReader) -> _PretrainingCells:
 
     info = model_info(model)
     record = _pretraining_record(info)
-    mine = corpus_identity(reader)
+    mine = corpus_record(reader)
     earlier = _finetuning_cells(model, info, reader, mine)
     if record is None:
         if earlier is not None:
@@ -1145,10 +1134,7 @@ def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _P
         "classes": list(classes), "id2label": dict(enumerate(classes)),
         "class_counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
         "dropped_classes": dropped, "n_unlabeled": n_unlabeled,
-        "corpus": {**corpus_identity(reader), "layout": reader.token_dictionary.layout().name,
-                   "datasets": ({str(d): int(n) for d, n in zip(*np.unique(reader.dataset_ids().astype(str),
-                                                                            return_counts=True), strict=True)}
-                                if reader.dataset_ids() is not None else None)},
+        "corpus": corpus_record(reader),
         "architecture": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
                          "heads": config.num_attention_heads, "intermediate": config.intermediate_size,
                          "vocab_size": config.vocab_size, "max_positions": config.max_position_embeddings},
