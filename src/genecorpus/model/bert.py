@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ATTENTION", "PRECISIONS", "PRESETS", "ModelPreset", "adamw", "autocast", "bert_config", "default_permissions",
-    "load_model", "pick_device", "quiet_transformers", "require_torch", "resolve_precision", "save_model",
+    "load_model", "model_token_dictionary", "pick_device", "quiet_transformers", "require_torch", "resolve_precision",
+    "save_model",
 ]
 
 MODEL_INFO = "genecorpus_model.json"
@@ -280,15 +281,7 @@ def load_model(folder: str | os.PathLike[str], *, token_dictionary: str | os.Pat
     from transformers import BertForMaskedLM
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        msg = f"{folder}: not a model folder (no config.json); give the folder genecorpus pretrain wrote"
-        raise InputError(msg)
-    tdict_path = Path(token_dictionary) if token_dictionary else folder / TOKEN_DICTIONARY
-    if not tdict_path.is_file():
-        msg = (f"{folder}: has no {TOKEN_DICTIONARY}; pass the model's token dictionary "
-               "(e.g. --token-dictionary token_dictionary_gc30M.pkl for Geneformer V1)")
-        raise InputError(msg)
-    tdict = TokenDictionary.load(tdict_path)
+    tdict, tdict_path = model_token_dictionary(folder, token_dictionary)
     try:
         model = BertForMaskedLM.from_pretrained(folder, attn_implementation=attention)
     except (OSError, ValueError) as e:
@@ -301,6 +294,29 @@ def load_model(folder: str | os.PathLike[str], *, token_dictionary: str | os.Pat
     model.to(pick_device(str(device)) if device is not None else pick_device())
     model.eval()
     return model, tdict
+
+
+def model_token_dictionary(folder: str | os.PathLike[str], token_dictionary: str | os.PathLike[str] | None = None,
+                           ) -> tuple[TokenDictionary, Path]:
+    """The vocabulary of a model folder (its ``token_dictionary.pkl``, or ``token_dictionary`` when given, as
+    for a Geneformer checkpoint) and where it was read from.
+
+    Raises
+    ------
+    InputError
+        ``folder`` has no ``config.json``, or no dictionary is there and none was given.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        msg = (f"{folder}: not a model folder (no config.json); give a folder genecorpus pretrain or finetune "
+               "wrote, or a Geneformer checkpoint")
+        raise InputError(msg)
+    path = Path(token_dictionary) if token_dictionary else folder / TOKEN_DICTIONARY
+    if not path.is_file():
+        msg = (f"{folder}: has no {TOKEN_DICTIONARY}; pass the model's token dictionary "
+               "(e.g. --token-dictionary token_dictionary_gc30M.pkl for Geneformer V1)")
+        raise InputError(msg)
+    return TokenDictionary.load(path), path
 
 
 def model_info(folder: str | os.PathLike[str]) -> dict[str, Any]:

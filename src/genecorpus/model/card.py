@@ -122,6 +122,13 @@ class PretrainSplit(_Record):
     """Validation cells per dataset (the scored sample)."""
 
 
+def _precision_of_older_records(data: Any) -> Any:
+    """A training record of before ``precision``, which recorded ``bf16`` (a bool) instead, as it is now."""
+    if isinstance(data, dict) and "precision" not in data and "bf16" in data:
+        return {**data, "precision": "bf16" if data["bf16"] else "fp32"}
+    return data
+
+
 class ProcessesInfo(_Record):
     """The processes that trained a model (``torchrun``) and its batch; one process for older records."""
 
@@ -152,11 +159,8 @@ class TrainingInfo(_Record):
 
     @model_validator(mode="before")
     @classmethod
-    def _precision_of_older_records(cls, data: Any) -> Any:
-        """Model folders written before ``precision`` recorded ``bf16`` (a bool) instead."""
-        if isinstance(data, dict) and "precision" not in data and "bf16" in data:
-            return {**data, "precision": "bf16" if data["bf16"] else "fp32"}
-        return data
+    def _older_records(cls, data: Any) -> Any:
+        return _precision_of_older_records(data)
 
 
 class PretrainMetrics(_Record):
@@ -240,10 +244,8 @@ class ClassifierTraining(_Record):
 
     @model_validator(mode="before")
     @classmethod
-    def _precision_from_bf16(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "precision" not in data and "bf16" in data:
-            return {**data, "precision": "bf16" if data["bf16"] else "fp32"}
-        return data
+    def _older_records(cls, data: Any) -> Any:
+        return _precision_of_older_records(data)
 
 
 class StartModel(_Record):

@@ -55,9 +55,9 @@ from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.bert import (
     ATTENTION,
     MODEL_INFO,
-    TOKEN_DICTIONARY,
     autocast,
     model_info,
+    model_token_dictionary,
     pick_device,
     quiet_transformers,
     require_torch,
@@ -397,20 +397,6 @@ def cell_losses(logits: torch.Tensor, targets: torch.Tensor, class_weights: torc
 
 
 # ---------------------------------------------------------------------------------------------------- models
-
-
-def _model_dictionary(model: Path, token_dictionary: str | os.PathLike[str] | None) -> tuple[TokenDictionary, Path]:
-    from genecorpus.vocab import TokenDictionary
-
-    if not (model / "config.json").is_file():
-        msg = f"{model}: not a model folder (no config.json); give a genecorpus model folder or a Geneformer checkpoint"
-        raise InputError(msg)
-    path = Path(token_dictionary) if token_dictionary else model / TOKEN_DICTIONARY
-    if not path.is_file():
-        msg = (f"{model}: has no {TOKEN_DICTIONARY}; pass the model's token dictionary "
-               "(e.g. --token-dictionary token_dictionary_gc30M.pkl for Geneformer V1)")
-        raise InputError(msg)
-    return TokenDictionary.load(path), path
 
 
 def _open_classifier_start(model: Path, classes: tuple[str, ...], tdict: TokenDictionary, seed: int,
@@ -893,7 +879,7 @@ def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: P
     from genecorpus.model.embed import corpus_obs, open_corpus_for_model
     from genecorpus.model.evaluate import join_labels, label_values
 
-    tdict, tdict_path = _model_dictionary(model, token_dictionary)
+    tdict, tdict_path = model_token_dictionary(model, token_dictionary)
     reader = open_corpus_for_model(corpus, tdict, model_dictionary_path=tdict_path, model_name=str(model),
                                    corpus_token_dictionary=corpus_token_dictionary)
     if process.is_main:
@@ -1310,7 +1296,7 @@ def predict_cells(
     from genecorpus.model.embed import corpus_obs, open_corpus_for_model, select_rows
 
     model = Path(model)
-    tdict, tdict_path = _model_dictionary(model, None)
+    tdict, tdict_path = model_token_dictionary(model)
     config = AutoConfig.from_pretrained(model)
     if not any("SequenceClassification" in a for a in (config.architectures or [])):
         kind = ", ".join(config.architectures or ["model of unknown architecture"])
