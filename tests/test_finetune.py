@@ -371,6 +371,49 @@ def test_test_cells_are_cells_pretraining_held_out(kang: dict, pretrained: Path,
         tmp_path / "warned" / "README.md").read_text()
 
 
+def test_guard_with_one_dataset_tests_only_the_cells_pretraining_held_out(kang: dict, tmp_path: Path) -> None:
+    """A corpus of one dataset: pretraining holds out random cells; the guard finds them again (its recorded
+    seed and share) and tests only among them."""
+    from genecorpus.build import build_corpus
+    from genecorpus.config import BuildConfig, DatasetSpec
+    from genecorpus.model.pretrain import pretrain
+
+    corpus = build_corpus(BuildConfig(datasets=(DatasetSpec(path=str(kang["ctrl"]), id="ctrl", gene_id="symbol"),)),
+                          tmp_path / "one-dataset", workers=1, report=False).path
+    model = tmp_path / "pretrained"
+    pretrain(corpus, model, preset="tiny", max_steps=2, batch_size=4, max_length=64, val_cells=8,
+             baseline_cells=50, val_fraction=0.4, seed=7)
+    info = json.loads((model / "genecorpus_model.json").read_text())
+    assert info["split"]["by"] == "cell"
+    reader = CorpusReader.open(corpus)
+    trained = _pretraining_rows(reader, info)
+    assert len(trained) == info["split"]["n_train_cells"]
+    held_out = np.ones(reader.n_cells, dtype=bool)
+    held_out[trained] = False
+    labels = tmp_path / "depth.csv"
+    deep = reader.lengths > np.median(reader.lengths)
+    pd.DataFrame({"cell_id": reader.column("cell_id"), "depth": np.where(deep, "deep", "shallow")}).to_csv(
+        labels, index=False)
+    result = finetune(corpus, tmp_path / "guarded", model=model, label="depth", labels=labels, join="cell_id",
+                      max_steps=2, baseline=False, **FAST)
+    assert result.info["leakage_guard"]["restricted_test_to_pretraining_held_out"]
+    tested = pd.read_csv(tmp_path / "guarded" / "predictions.csv").corpus_row.to_numpy()
+    assert len(tested) > 0 and held_out[tested].all()
+    split = pd.read_csv(tmp_path / "guarded" / "split.csv")
+    np.testing.assert_array_equal(split.pretraining.to_numpy() == "held_out", held_out[split.corpus_row])
+
+
+def _pretraining_rows(reader: CorpusReader, info: dict) -> np.ndarray:
+    """The rows a by-cell pretraining split trained on, drawn by hand as split_cells documents it: a seeded
+    ``rng.choice`` of ceil(val_fraction × n) rows is held out."""
+    import math
+
+    n = reader.n_cells
+    rng = np.random.default_rng([info["settings"]["seed"], 0x5EED])
+    held = rng.choice(n, size=min(math.ceil(info["settings"]["val_fraction"] * n), n - 1), replace=False)
+    return np.setdiff1d(np.arange(n), held)
+
+
 def test_fine_tuning_a_classifier_again_tests_only_cells_it_never_trained_on(stim_run: object, kang: dict,
                                                                             tmp_path: Path) -> None:
     before = pd.read_csv(stim_run.model_path / "split.csv")
