@@ -367,6 +367,18 @@ def test_finetune_with_two_processes_follows_one_with_the_same_global_batch(
     probs = [c for c in pred_one.columns if c.startswith("prob_")]
     np.testing.assert_allclose(pred_two[probs].to_numpy(), pred_one[probs].to_numpy(), rtol=1e-4, atol=1e-6)
     assert not list(tmp_path.glob(".two*"))  # nothing half-written left by either process
+    # predict: each process labels its share, rank 0 writes one table in corpus order
+    from genecorpus.model.finetune import predict_cells
+
+    alone = predict_cells(corpus, tmp_path / "two", batch_size=8)
+    done = torchrun(2, "-m", "genecorpus", "predict", str(corpus), "--model", str(tmp_path / "two"), "--out",
+                    str(tmp_path / "labelled.csv"), "--batch-size", "8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("labelled ") == 1
+    together = pd.read_csv(tmp_path / "labelled.csv")
+    assert together.corpus_row.tolist() == list(range(CorpusReader.open(corpus).n_cells))
+    assert together.predicted.tolist() == alone.predicted.tolist()
+    np.testing.assert_allclose(together[probs].to_numpy(), alone[probs].to_numpy(), rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- failures end the job

@@ -668,11 +668,16 @@ def predict(
         require_torch()
         from genecorpus.model.finetune import predict_cells
 
+        _quiet_other_processes()
         with _Progress() as progress:
             frame = predict_cells(corpus, model, out=out, batch_size=batch_size, max_length=max_length,
                                   device=device, corpus_token_dictionary=corpus_token_dictionary, progress=progress)
     except GenecorpusError as e:
         _fail(e)
+    from genecorpus.model.distributed import launched_process
+
+    if not launched_process().is_main:  # rank 0 reports
+        return
     counts = frame["predicted"].value_counts()
     typer.echo(f"labelled {len(frame)} cells: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     typer.echo(f"wrote {out}")

@@ -58,7 +58,6 @@ from genecorpus.model.bert import (
     autocast,
     model_info,
     model_token_dictionary,
-    pick_device,
     quiet_transformers,
     require_torch,
     resolve_precision,
@@ -1290,10 +1289,9 @@ def predict_cells(
     """
     require_torch()
     quiet_transformers()
-    import pandas as pd
     from transformers import AutoConfig, BertForSequenceClassification
 
-    from genecorpus.model.embed import corpus_obs, open_corpus_for_model, select_rows
+    from genecorpus.model.embed import open_corpus_for_model, select_rows
 
     model = Path(model)
     tdict, tdict_path = model_token_dictionary(model)
@@ -1307,14 +1305,28 @@ def predict_cells(
         raise ConfigError(msg)
     reader = open_corpus_for_model(corpus, tdict, model_dictionary_path=tdict_path, model_name=str(model),
                                    corpus_token_dictionary=corpus_token_dictionary)
-    torch_device = pick_device(device)
-    precision = resolve_precision(precision, torch_device)
-    net = BertForSequenceClassification.from_pretrained(model, attn_implementation=ATTENTION).to(torch_device)
     trained_length = model_info(model).get("settings", {}).get("max_length")
     length = min(max_length or trained_length or config.max_position_embeddings, config.max_position_embeddings)
     rows = select_rows(reader, cells)
-    probs = _probabilities(net, reader, tdict, rows, max_length=length, batch_size=batch_size,
-                           precision=precision, progress=progress)
+    with process_group(device) as (process, torch_device):  # under torchrun: each process scores its share
+        resolved = resolve_precision(precision, torch_device)
+        net = BertForSequenceClassification.from_pretrained(model, attn_implementation=ATTENTION).to(torch_device)
+        probs = _probabilities(net, reader, tdict, rows, max_length=length, batch_size=batch_size,
+                               precision=resolved, process=process, progress=progress)
+        frame = _labelled_cells(reader, rows, probs, config)
+        if out is not None and process.is_main:
+            _write_csv_atomic(frame, Path(out))
+        barrier(process)
+    return frame
+
+
+def _labelled_cells(reader: CorpusReader, rows: np.ndarray, probs: np.ndarray, config: Any) -> pd.DataFrame:
+    """``predict_cells``'s table: the rows, their cell and dataset ids, the predicted class, each class's
+    probability."""
+    import pandas as pd
+
+    from genecorpus.model.embed import corpus_obs
+
     classes = [config.id2label[i] for i in range(config.num_labels)]
     obs = corpus_obs(reader, rows)
     frame = pd.DataFrame({"corpus_row": rows})
@@ -1324,13 +1336,15 @@ def predict_cells(
     frame["predicted"] = np.array(classes, dtype=object)[probs.argmax(axis=1)] if len(rows) else []
     for i, c in enumerate(classes):
         frame[f"{PROBABILITY_PREFIX}{c}"] = probs[:, i]
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.incomplete")
-        try:
-            frame.to_csv(tmp, index=False)
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
     return frame
+
+
+def _write_csv_atomic(frame: pd.DataFrame, out: Path) -> None:
+    """``frame`` to ``out`` through a temporary sibling renamed when complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.incomplete")
+    try:
+        frame.to_csv(tmp, index=False)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
