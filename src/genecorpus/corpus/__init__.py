@@ -30,7 +30,7 @@ from genecorpus.corpus.folder import (
 from genecorpus.corpus.manifest import DROP_REASONS, DatasetRecord, DepthSource, Manifest
 from genecorpus.corpus.qc_sample import QCSample
 from genecorpus.corpus.reader import CorpusReader
-from genecorpus.corpus.shards import publish_folder
+from genecorpus.corpus.shards import publish_file, publish_folder
 
 __all__ = [
     "DROP_REASONS",
@@ -45,6 +45,7 @@ __all__ = [
     "Manifest",
     "QCSample",
     "is_corpus_folder",
+    "publish_file",
     "publish_folder",
     "read_lengths",
     "sha256_of_path",

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 __all__ = [
-    "ROWS_PER_BATCH", "ColumnSpec", "ShardWriter", "corpus_schema", "publish_folder", "publish_shards",
+    "ROWS_PER_BATCH", "ColumnSpec", "ShardWriter", "corpus_schema", "publish_file", "publish_folder", "publish_shards",
 ]
 
 ROWS_PER_BATCH = 1000
@@ -160,6 +160,33 @@ def publish_shards(
     info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
     (folder / DATASET_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return names
+
+
+def publish_file(final: Path, write: Callable[[Path], object], *, suffix: str = "") -> Path:
+    """Write a file through ``write(tmp)`` into a hidden sibling of ``final``, then rename it into place: readers
+    see the old file or the whole new one, and a failed write leaves nothing behind.
+
+    Parameters
+    ----------
+    final
+        The file to write (its folder is created).
+    write
+        Writes the file's content to the path it is given.
+    suffix
+        Ending of the temporary name, for writers that require one (``".h5ad"`` for anndata).
+
+    Returns
+    -------
+    ``final``.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.incomplete{suffix}")
+    try:
+        write(tmp)
+        tmp.replace(final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
 
 
 def publish_folder(tmp: Path, final: Path) -> None:

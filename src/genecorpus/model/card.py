@@ -353,11 +353,10 @@ def write_model_card(folder: str | os.PathLike[str], info: dict[str, Any], *, na
 
     ``name`` (default: the folder's name) titles the card and its loading examples.
     """
-    path = Path(folder) / CARD
-    tmp = path.with_name(f".{CARD}.incomplete")
-    tmp.write_text(model_card(info, name=name or Path(folder).name))
-    tmp.replace(path)
-    return path
+    from genecorpus.corpus import publish_file
+
+    text = model_card(info, name=name or Path(folder).name)
+    return publish_file(Path(folder) / CARD, lambda tmp: tmp.write_text(text))
 
 
 def model_card(info: dict[str, Any], *, name: str = "model") -> str:

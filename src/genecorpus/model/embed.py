@@ -446,10 +446,6 @@ def corpus_obs(reader: CorpusReader, rows: np.ndarray) -> pd.DataFrame:
 
 def write_h5ad_atomic(adata: ad.AnnData, out: Path) -> None:
     """Write ``adata`` to a temporary sibling of ``out`` and rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.incomplete.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from genecorpus.corpus import publish_file
+
+    publish_file(out, adata.write_h5ad, suffix=".h5ad")

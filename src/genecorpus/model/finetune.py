@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from genecorpus.corpus import publish_file, publish_folder
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.bert import (
     ATTENTION,
@@ -1040,9 +1041,7 @@ def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: P
         _write_folder(tmp, best_net, tdict, info, name=out.name, predictions=predictions, runs=runs, classes=classes,
                       y=y, test=test_cells, probs=probs_all, base=base, const=const_all, obs=obs, rows=rows,
                       split=split, pre=pre, label=label)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish_folder(tmp, out)  # a previous classifier (--overwrite) is replaced, never seen half-gone
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1315,7 +1314,7 @@ def predict_cells(
                                precision=resolved, process=process, progress=progress)
         frame = _labelled_cells(reader, rows, probs, config)
         if out is not None and process.is_main:
-            _write_csv_atomic(frame, Path(out))
+            publish_file(Path(out), lambda tmp: frame.to_csv(tmp, index=False))
         barrier(process)
     return frame
 
@@ -1338,13 +1337,3 @@ def _labelled_cells(reader: CorpusReader, rows: np.ndarray, probs: np.ndarray, c
         frame[f"{PROBABILITY_PREFIX}{c}"] = probs[:, i]
     return frame
 
-
-def _write_csv_atomic(frame: pd.DataFrame, out: Path) -> None:
-    """``frame`` to ``out`` through a temporary sibling renamed when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.incomplete")
-    try:
-        frame.to_csv(tmp, index=False)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -94,17 +94,13 @@ class PerturbResult:
 
     def write(self, prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
         """Write ``PREFIX_cells.csv`` and ``PREFIX_genes.csv`` (each via a temporary sibling)."""
+        from genecorpus.corpus import publish_file
+
         prefix = Path(prefix)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        paths = (prefix.with_name(f"{prefix.name}_cells.csv"), prefix.with_name(f"{prefix.name}_genes.csv"))
-        for frame, path in zip((self.cells, self.gene_shifts), paths, strict=True):
-            tmp = path.with_name(f".{path.name}.incomplete")
-            try:
-                frame.to_csv(tmp, index=False)
-                tmp.replace(path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        return paths
+        return (publish_file(prefix.with_name(f"{prefix.name}_cells.csv"),
+                             lambda tmp: self.cells.to_csv(tmp, index=False)),
+                publish_file(prefix.with_name(f"{prefix.name}_genes.csv"),
+                             lambda tmp: self.gene_shifts.to_csv(tmp, index=False)))
 
     def to_text(self, top: int = 20) -> str:
         """A summary: the genes, the cell shifts, and the ``top`` genes that moved most."""
