@@ -19,16 +19,14 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
+from kang_corpus import kang_corpus
 
 from genecorpus.corpus import CorpusReader
 from genecorpus.errors import ConfigError
 from genecorpus.model.distributed import Process, shard_rows
 from genecorpus.model.pretrain import pretrain
 from genecorpus.model.sampling import split_batch, split_cells
-from genecorpus.public_data import fetch_public_file
-from genecorpus.testing import write_h5ad
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,21 +46,7 @@ LAUNCH_TIMEOUT = 120
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Kang 2018 PBMC cells as two datasets: 203 control (201 after QC: training) and 100
     IFN-β-stimulated cells (held out)."""
-    from genecorpus.build import build_corpus
-    from genecorpus.config import BuildConfig, DatasetSpec
-
-    folder = tmp_path_factory.mktemp("ddp-corpus")
-    paths = []
-    for name, n in (("kang_pbmc_ctrl", 203), ("kang_pbmc_stim", 100)):
-        adata = ad.read_h5ad(fetch_public_file(name))
-        rows = np.sort(np.random.default_rng(1).choice(adata.n_obs, n, replace=False))
-        paths.append(write_h5ad(folder / f"{name}.h5ad", sp.csr_matrix(adata.X[rows]),
-                                cell_ids=adata.obs_names[rows].to_numpy(dtype=object),
-                                gene_ids=adata.var_names.to_numpy(dtype=object)))
-    config = BuildConfig(datasets=tuple(DatasetSpec(path=str(p), id=p.stem, gene_id="symbol") for p in paths))
-    out = folder / "corpus"
-    build_corpus(config, out, workers=1, report=False)
-    return out
+    return kang_corpus(tmp_path_factory.mktemp("ddp-corpus"), 203, 100, seed=1)
 
 
 def free_port() -> int:

@@ -9,21 +9,17 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
-import anndata as ad
 import numpy as np
 import pyarrow as pa
 import pytest
-import scipy.sparse as sp
 import yaml
+from kang_corpus import kang_corpus
 from typer.testing import CliRunner
 
 from genecorpus.cli import app
-from genecorpus.config import BuildConfig, DatasetSpec
 from genecorpus.errors import InputError
 from genecorpus.model.card import CARD, model_card, write_model_card
 from genecorpus.model.pretrain import pretrain
-from genecorpus.public_data import fetch_public_file
-from genecorpus.testing import write_h5ad
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -35,19 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
     """(corpus, model folder, its genecorpus_model.json): tiny, 6 steps, on real Kang cells as two datasets
     (200 control, 100 stimulated), so one dataset is held out."""
-    from genecorpus.build import build_corpus
-
     folder = tmp_path_factory.mktemp("card")
-    paths = []
-    for name, n in (("kang_pbmc_ctrl", 200), ("kang_pbmc_stim", 100)):
-        adata = ad.read_h5ad(fetch_public_file(name))
-        rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, n, replace=False))
-        paths.append(write_h5ad(folder / f"{name}.h5ad", sp.csr_matrix(adata.X[rows]),
-                                cell_ids=adata.obs_names[rows].to_numpy(dtype=object),
-                                gene_ids=adata.var_names.to_numpy(dtype=object)))
-    config = BuildConfig(datasets=tuple(DatasetSpec(path=str(p), id=p.stem, gene_id="symbol") for p in paths))
-    corpus = folder / "corpus"
-    build_corpus(config, corpus, workers=1, report=False)
+    corpus = kang_corpus(folder, 200, 100, seed=0)
     model = folder / "pbmc-tiny"
     pretrain(corpus, model, preset="tiny", max_steps=6, batch_size=4, max_length=64, val_cells=24,
              baseline_cells=200)

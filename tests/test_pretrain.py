@@ -14,14 +14,12 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch  # the train extra: make test installs it, so a missing one fails here
 import transformers
+from kang_corpus import kang_corpus
 
-from genecorpus.config import BuildConfig, DatasetSpec
 from genecorpus.corpus import CorpusReader
 from genecorpus.errors import ConfigError, InputError
 from genecorpus.model.masking import IGNORE_INDEX, mask_genes, pad_cells
@@ -38,8 +36,6 @@ from genecorpus.model.schedule import (
     plan_validation,
     replan_steps,
 )
-from genecorpus.public_data import fetch_public_file
-from genecorpus.testing import write_h5ad
 from genecorpus.vocab import TokenDictionary
 
 if TYPE_CHECKING:
@@ -58,20 +54,7 @@ FAST_AUTO_VAL = {k: v for k, v in FAST.items() if k != "val_cells"}
 @pytest.fixture(scope="module")
 def real_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Kang 2018 PBMC cells as two datasets: 300 control and 150 IFN-β-stimulated cells."""
-    from genecorpus.build import build_corpus
-
-    folder = tmp_path_factory.mktemp("pretrain-corpus")
-    paths = []
-    for name, n in (("kang_pbmc_ctrl", 300), ("kang_pbmc_stim", 150)):
-        adata = ad.read_h5ad(fetch_public_file(name))
-        rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, n, replace=False))
-        paths.append(write_h5ad(folder / f"{name}.h5ad", sp.csr_matrix(adata.X[rows]),
-                                cell_ids=adata.obs_names[rows].to_numpy(dtype=object),
-                                gene_ids=adata.var_names.to_numpy(dtype=object)))
-    config = BuildConfig(datasets=tuple(DatasetSpec(path=str(p), id=p.stem, gene_id="symbol") for p in paths))
-    out = folder / "corpus"
-    build_corpus(config, out, workers=1, report=False)
-    return out
+    return kang_corpus(tmp_path_factory.mktemp("pretrain-corpus"), 300, 150, seed=0)
 
 
 @pytest.fixture

@@ -277,28 +277,24 @@ def shard_rows(rows: np.ndarray, process: Process) -> np.ndarray:
 
 def all_reduce_sums(values: np.ndarray | list[float], process: Process) -> np.ndarray:
     """Element-wise sums of ``values`` over all processes (float64; ``values`` itself for one process)."""
-    local = np.asarray(values, dtype=np.float64)
-    if not process.is_distributed or process.world_size == 1:
-        return local.copy()
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.from_numpy(local.copy()).to(_device(process))
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.cpu().numpy()
+    return _all_reduce(np.asarray(values, dtype=np.float64), "SUM", process)
 
 
 def all_reduce_max(values: np.ndarray | list[int], process: Process) -> np.ndarray:
     """Element-wise maxima of integer ``values`` over all processes (int64): any process's flag, or rank
     0's decision when the others send 0."""
-    local = np.asarray(values, dtype=np.int64)
+    return _all_reduce(np.asarray(values, dtype=np.int64), "MAX", process)
+
+
+def _all_reduce(local: np.ndarray, op: str, process: Process) -> np.ndarray:
+    """``local`` reduced element-wise over all processes with ``torch.distributed.ReduceOp.<op>`` (a copy)."""
     if not process.is_distributed or process.world_size == 1:
         return local.copy()
     import torch
     import torch.distributed as dist
 
     tensor = torch.from_numpy(local.copy()).to(_device(process))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor.cpu().numpy()
 
 
