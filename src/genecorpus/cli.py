@@ -68,10 +68,7 @@ class _Progress:
     """Driver-side progress bars, one per stage (under torchrun: rank 0's only)."""
 
     def __init__(self) -> None:
-        from genecorpus.model.distributed import launched_process
-
-        self.enabled = (_err.is_terminal and not os.environ.get("GENECORPUS_NO_PROGRESS")
-                        and launched_process().is_main)
+        self.enabled = _err.is_terminal and not os.environ.get("GENECORPUS_NO_PROGRESS") and _reports()
         self._progress = None
         self._tasks: dict[str, int] = {}
 
@@ -524,9 +521,7 @@ def pretrain(
                 progress=progress)
     except GenecorpusError as e:
         _fail(e)
-    from genecorpus.model.distributed import launched_process
-
-    if not launched_process().is_main:  # rank 0 reports
+    if not _reports():
         return
     m, training, plan = result.metrics, result.info["training"], result.info["plan"]
     typer.echo(f"model: {result.model_path} ({result.steps} steps, {training['tokens_seen']:,} tokens, "
@@ -626,9 +621,7 @@ def finetune(
                 overwrite=overwrite, progress=progress)
     except GenecorpusError as e:
         _fail(e)
-    from genecorpus.model.distributed import launched_process
-
-    if not launched_process().is_main:  # rank 0 reports
+    if not _reports():
         return
     info = result.info
     split = info["split"]
@@ -674,20 +667,23 @@ def predict(
                                   device=device, corpus_token_dictionary=corpus_token_dictionary, progress=progress)
     except GenecorpusError as e:
         _fail(e)
-    from genecorpus.model.distributed import launched_process
-
-    if not launched_process().is_main:  # rank 0 reports
+    if not _reports():
         return
     counts = frame["predicted"].value_counts()
     typer.echo(f"labelled {len(frame)} cells: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     typer.echo(f"wrote {out}")
 
 
-def _quiet_other_processes() -> None:
-    """Under torchrun, only rank 0 logs what a run does; the other processes warnings and errors only."""
+def _reports() -> bool:
+    """This process prints what a command did: a plain process, or rank 0 under torchrun."""
     from genecorpus.model.distributed import launched_process
 
-    if not launched_process().is_main:
+    return launched_process().is_main
+
+
+def _quiet_other_processes() -> None:
+    """Under torchrun, only rank 0 logs what a run does; the other processes warnings and errors only."""
+    if not _reports():
         logging.getLogger("genecorpus").setLevel(logging.WARNING)
         for name in ("genecorpus.model.pretrain", "genecorpus.model.embed", "genecorpus.model.finetune",
                      "genecorpus.model.distributed"):

@@ -326,14 +326,14 @@ def _same_corpus(mine: dict[str, Any], theirs: dict[str, Any]) -> bool:
             or (theirs.get("n_cells") == mine["n_cells"] and theirs.get("n_tokens") == mine["n_tokens"]))
 
 
-def _pretraining_cells(model: Path, reader: CorpusReader) -> _PretrainingCells:
+def _pretraining_cells(model: Path, reader: CorpusReader, mine: dict[str, Any]) -> _PretrainingCells:
     """The cells the starting model trained on: its pretraining's training cells (recomputed from its recorded
-    split), and — for a classifier fine-tuned on this corpus — the cells it was fine-tuned and validated on."""
+    split), and — for a classifier fine-tuned on this corpus — the cells it was fine-tuned and validated on.
+    ``mine`` is this corpus's :func:`~genecorpus.model.card.corpus_record`."""
     from genecorpus.model.sampling import split_cells
 
     info = model_info(model)
     record = _pretraining_record(info)
-    mine = corpus_record(reader)
     earlier = _finetuning_cells(model, info, reader, mine)
     if record is None:
         if earlier is not None:
@@ -892,7 +892,8 @@ def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: P
         source = f"{source} + {labels}"
     values = label_values(obs, label, source)
     _check_hold_out(obs, settings.hold_out_datasets, source)
-    pre = _pretraining_cells(model, reader)
+    corpus_of_run = corpus_record(reader)  # hashes the manifest and dictionary: once per run
+    pre = _pretraining_cells(model, reader, corpus_of_run)
     testable_rows = _testable_rows(pre, settings.pretraining_cells, model)
 
     # classes and the split
@@ -1024,9 +1025,10 @@ def _finetune(settings: FinetuneSettings, corpus: str | os.PathLike[str], out: P
                "train_seconds": round(sum(r["train_seconds"] for r in runs), 2),
                "eval_seconds": round(sum(r["eval_seconds"] for r in runs), 2),
                "test_seconds": round(sum(r["test_seconds"] for r in runs), 2), "wall_seconds": round(wall, 1)}
-    info = _info(settings, reader, model, pre, classes=classes, dropped=dropped, label=label, labels=labels,
-                 source=source, split=split, y=y, runs=runs, metrics=metrics, saved_run=saved_run, n_seen=n_seen,
-                 n_test=len(test_cells), n_unlabeled=int((~labeled).sum()), baseline_source=baseline_source,
+    info = _info(settings, model, pre, corpus=corpus_of_run, classes=classes, dropped=dropped, label=label,
+                 labels=labels, source=source, split=split, y=y, runs=runs, metrics=metrics, saved_run=saved_run,
+                 n_seen=n_seen, n_test=len(test_cells), n_unlabeled=int((~labeled).sum()),
+                 baseline_source=baseline_source,
                  n_genes=n_genes, timings=timings, device=torch_device,
                  precision=resolve_precision(settings.precision, torch_device),
                  config=best_net.config, processes={**process.to_dict(), "global_batch": trainer.global_batch,
@@ -1087,12 +1089,12 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return metrics
 
 
-def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _PretrainingCells, *,
+def _info(settings: FinetuneSettings, model: Path, pre: _PretrainingCells, *,
           classes: tuple[str, ...], dropped: dict[str, int], label: str, labels: Any, source: str,
           split: LabeledSplit, y: np.ndarray, runs: list[dict[str, Any]],
           metrics: dict[str, Any], saved_run: int, n_seen: int | None, n_test: int, n_unlabeled: int,
           baseline_source: str | None, n_genes: int, timings: dict[str, float], device: torch.device,
-          precision: str, config: Any, processes: dict[str, Any]) -> dict[str, Any]:
+          precision: str, config: Any, processes: dict[str, Any], corpus: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -1118,7 +1120,7 @@ def _info(settings: FinetuneSettings, reader: CorpusReader, model: Path, pre: _P
         "classes": list(classes), "id2label": dict(enumerate(classes)),
         "class_counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
         "dropped_classes": dropped, "n_unlabeled": n_unlabeled,
-        "corpus": corpus_record(reader),
+        "corpus": corpus,
         "architecture": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
                          "heads": config.num_attention_heads, "intermediate": config.intermediate_size,
                          "vocab_size": config.vocab_size, "max_positions": config.max_position_embeddings},
