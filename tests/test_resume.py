@@ -15,15 +15,18 @@ disk at the moment of the kill.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -463,6 +466,34 @@ def test_a_lost_worker_is_replaced_and_its_task_rerun(tmp_path: Path, caplog: py
     finally:
         executor.close()
     assert results == [i * 10 for i in range(8)]
+    assert "a worker process died during t" in caplog.text
+
+
+def _die_halfway_through_its_result(marker: str, value: int) -> int:
+    """The first time: write the length header and a few bytes of a 1 MiB result into the worker's pipe, then
+    die (a worker killed while sending what it returns)."""
+    path = Path(marker)
+    if value == 3 and not path.exists():
+        path.write_text("died")
+        pipe = next(o for o in gc.get_objects() if isinstance(o, Connection) and o.writable)
+        os.write(pipe.fileno(), struct.pack("!i", 1 << 20) + b"\x80\x05 a few bytes")
+        os._exit(9)
+    return value * 10
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_while_sending_its_result_is_replaced(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A result cut short is not waited for: the worker is seen dead, replaced, and its task rerun (a pool
+    whose workers share one result pipe waits for the rest of the message forever)."""
+    executor = LocalExecutor(2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="genecorpus"):
+            results = executor.map("t", _die_halfway_through_its_result,
+                                   [(str(tmp_path / "marker"), i) for i in range(8)])
+    finally:
+        executor.close()
+    assert (tmp_path / "marker").exists() and results == [i * 10 for i in range(8)]
     assert "a worker process died during t" in caplog.text
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import heapq
 import importlib
 import logging
 import multiprocessing
@@ -16,9 +17,10 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -27,6 +29,8 @@ from genecorpus.errors import ConfigError, WorkerLostError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
 logger = logging.getLogger(__name__)
 
@@ -113,33 +117,113 @@ def require_guarded_main() -> None:
     raise ConfigError(msg)
 
 
+class _RemoteTracebackError(Exception):
+    """The traceback of an error raised in a worker process, chained to it as its ``__cause__``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _serve(conn: Connection) -> None:
+    """A worker process: run each ``(fn, args)`` received on ``conn`` and send its outcome back.
+
+    The outcome is ``(True, result, None)`` or ``(False, error, traceback text)``. The worker stops when
+    it receives None or when the driver's end of the pipe is gone (the driver died).
+    """
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        except BaseException as e:  # noqa: BLE001  (the task could not be unpickled here)
+            conn.send((False, e, traceback.format_exc()))
+            continue
+        if message is None:
+            return
+        fn, args = message
+        try:
+            outcome = (True, fn(*args), None)
+        except BaseException as e:  # noqa: BLE001  (raised again in the driver)
+            outcome = (False, e, traceback.format_exc())
+        try:
+            conn.send(outcome)
+        except Exception as e:  # noqa: BLE001  (pickling failed before anything was written: say so instead)
+            error = RuntimeError(f"{getattr(fn, '__name__', fn)}: what it returned or raised cannot be sent "
+                                 f"to the driver ({type(e).__name__}: {e})")
+            conn.send((False, error, traceback.format_exc()))
+
+
+@dataclass(eq=False)
+class _Worker:
+    """A worker process, the driver's end of its pipe, and what it is running."""
+
+    process: BaseProcess
+    conn: Connection
+    busy: bool = False
+    """A task (or the warm-up) was sent and its outcome not received yet."""
+    task: int | None = None
+    """Index of the task it runs; None for the warm-up."""
+
+
+class _WorkerDiedError(Exception):
+    """A worker process died: its pipe ended or broke (internal to :class:`LocalExecutor`)."""
+
+
 class LocalExecutor:
     """Runs tasks in this process (``workers=1``) or in ``workers`` spawned processes.
 
-    A worker process that dies (killed, or out of memory) breaks the pool; the pool is then started
-    again and the unfinished tasks rerun, up to ``restarts`` times per stage.
+    Each worker has a pipe of its own and runs one task at a time, so a worker that dies (killed, or out
+    of memory) — even halfway through sending a result — is seen at once by its pipe's end and its
+    process sentinel, and harms no other worker. It is replaced and its task rerun, up to ``restarts``
+    times per stage; one more death stops the stage with :class:`~genecorpus.errors.WorkerLostError`.
+    (``concurrent.futures.ProcessPoolExecutor`` shares one result pipe between its workers: a worker
+    killed while writing to it leaves the pool waiting forever.)
     """
 
     def __init__(self, workers: int = 1, *, progress: ProgressCallback | None = None, restarts: int = 2) -> None:
         self.workers = max(1, int(workers))
         self.progress = progress
         self.restarts = restarts
-        self._pool: ProcessPoolExecutor | None = None
+        self._workers: list[_Worker] = []
 
-    def _get_pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
+    def _spawn(self) -> _Worker:
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(theirs,), name="genecorpus-worker", daemon=True)
+        with _children_ignore_sigint():
+            process.start()
+        theirs.close()  # the worker's end lives in the worker only: its death ends the pipe
+        return _Worker(process, ours)
+
+    def _fill(self) -> None:
+        """As many live workers as asked for (one that died while idle is replaced: no task was lost)."""
+        if not self._workers:
             require_guarded_main()
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
-        return self._pool
+        for worker in [w for w in self._workers if not w.busy and not w.process.is_alive()]:
+            self._discard(worker)
+        while len(self._workers) < self.workers:
+            self._workers.append(self._spawn())
+
+    def _discard(self, worker: _Worker) -> None:
+        self._workers.remove(worker)
+        worker.conn.close()
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(timeout=10)
 
     def start(self, modules: Sequence[str]) -> None:
         """Spawn the workers now and let them import ``modules`` (no-op for one worker)."""
         if self.workers > 1:
-            pool = self._get_pool()
-            with _children_ignore_sigint():
-                for _ in range(self.workers):
-                    pool.submit(_import_modules, list(modules))
+            self._fill()
+            for worker in self._workers:
+                if not worker.busy:
+                    with contextlib.suppress(OSError):  # one that died is replaced by the first stage
+                        worker.conn.send((_import_modules, (list(modules),)))
+                        worker.busy, worker.task = True, None
 
     def map(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Run every task; results come back in task order."""
@@ -149,8 +233,9 @@ class LocalExecutor:
              combine: Callable[[A, Any], A], initial: A) -> A:
         """``combine(acc, result)`` over the results in task order, each dropped once combined.
 
-        At most ``2 * workers`` tasks are submitted and not yet combined, so memory holds the
-        accumulator and a few results, whatever the number of tasks.
+        At most ``2 * workers`` results wait to be combined, so memory holds the accumulator and a few
+        results, whatever the number of tasks. A task's error is raised once the tasks under way have
+        finished (nothing writes to the build afterwards), with the worker's traceback as its cause.
         """
         total = len(tasks)
         if self.progress:
@@ -163,88 +248,99 @@ class LocalExecutor:
                     self.progress(stage, i + 1, total)
             return acc
         try:
-            return self._fold_in_pool(stage, fn, tasks, combine, initial)
-        except KeyboardInterrupt:
-            self._terminate()
+            return self._fold_in_workers(stage, fn, tasks, combine, initial)
+        except BaseException:
+            if any(w.busy for w in self._workers):  # Ctrl-C, or the driver failed: stop them now
+                self._terminate()
             raise
 
-    def _fold_in_pool(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
-                      combine: Callable[[A, Any], A], acc: A) -> A:
-        total = len(tasks)
-        pool = self._get_pool()
-        window = 2 * self.workers
-        futures: dict[int, Future[Any]] = {}
-        running: set[Future[Any]] = set()
-        submitted = combined = done_count = restarts = 0
+    def _fold_in_workers(self, stage: str, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
+                         combine: Callable[[A, Any], A], acc: A) -> A:
+        total, window = len(tasks), 2 * self.workers
+        self._fill()
+        todo = list(range(total))  # a heap: the earliest task not run yet comes first
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        lost: WorkerLostError | None = None
+        combined = done = deaths = 0
         while combined < total:
-            while submitted < total and submitted - combined < window:
-                fut = _submit(pool, fn, tasks[submitted])
-                futures[submitted] = fut
-                running.add(fut)
-                submitted += 1
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            errors = [f.exception() for f in done if f.exception() is not None]
-            if errors and all(isinstance(e, BrokenProcessPool) for e in errors) and restarts < self.restarts:
-                restarts += 1
-                logger.warning("a worker process died during %s (killed, or out of memory); starting the "
-                               "workers again and rerunning its unfinished tasks (restart %d of %d)",
-                               stage, restarts, self.restarts)
-                self._pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
-                self._pool = None
-                pool = self._get_pool()
-                for i, fut in futures.items():
-                    if not fut.done() or fut.exception() is not None:
-                        futures[i] = _submit(pool, fn, tasks[i])
-                # what the next wait watches: every task not combined yet and not finished well, so that a
-                # task whose new pool broke at once is seen failed again, not skipped forever
-                running = {f for f in futures.values() if not f.done() or f.exception() is not None}
-                continue
-            if errors:
-                for other in running:
-                    other.cancel()
-                wait(running)  # tasks already under way finish: nothing writes to the build after we raise
-                if isinstance(errors[0], BrokenProcessPool):
-                    msg = (f"worker processes died {restarts + 1} times during {stage} (killed, or out of "
-                           "memory); use fewer --workers or a smaller block_size")
-                    raise WorkerLostError(msg) from errors[0]
-                raise errors[0]
-            done_count += len(done)
-            if self.progress and done:
-                self.progress(stage, done_count, total)
-            # a future that failed after the wait above (a worker died meanwhile) is left to the next wait
-            while combined in futures and futures[combined].done() and futures[combined].exception() is None:
-                acc = combine(acc, futures.pop(combined).result())
+            if not errors and lost is None:
+                for worker in [w for w in self._workers if not w.busy]:
+                    if not todo or todo[0] - combined >= window:
+                        break
+                    worker.busy, worker.task = True, heapq.heappop(todo)
+                    with contextlib.suppress(OSError):  # it died while idle: the wait below sees it, and the
+                        worker.conn.send((fn, tasks[worker.task]))  # task goes back to the heap
+            busy = [w for w in self._workers if w.busy]
+            if not busy:
+                break
+            ready = set(mp_connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
+            for worker in busy:
+                if worker.conn not in ready and worker.process.sentinel not in ready:
+                    continue
+                try:
+                    ok, value, trace = self._receive(worker)
+                except _WorkerDiedError:
+                    deaths += 1
+                    if worker.task is not None and worker.task not in todo:
+                        heapq.heappush(todo, worker.task)
+                    self._discard(worker)
+                    if deaths > self.restarts:
+                        msg = (f"worker processes died {deaths} times during {stage} (killed, or out of "
+                               "memory); use fewer --workers or a smaller block_size")
+                        lost = lost or WorkerLostError(msg)
+                    elif lost is None and not errors:
+                        logger.warning("a worker process died during %s (killed, or out of memory); starting "
+                                       "another and rerunning its task (restart %d of %d)",
+                                       stage, deaths, self.restarts)
+                        self._workers.append(self._spawn())
+                    continue
+                if worker.task is None:  # the warm-up: a failed import shows again in the first task
+                    continue
+                if ok:
+                    results[worker.task] = value
+                    done += 1
+                    if self.progress:
+                        self.progress(stage, done, total)
+                else:
+                    value.__cause__ = _RemoteTracebackError(f'\n"""\n{trace}"""')
+                    errors[worker.task] = value
+            while combined in results:
+                acc = combine(acc, results.pop(combined))
                 combined += 1
+        if errors:
+            raise errors[min(errors)]
+        if lost is not None:
+            raise lost
         return acc
 
+    @staticmethod
+    def _receive(worker: _Worker) -> tuple[bool, Any, str | None]:
+        """The outcome a busy worker sent; raises :class:`_WorkerDiedError` if it died instead."""
+        try:
+            if worker.conn.poll():
+                outcome = worker.conn.recv()
+                worker.busy = False
+                return outcome
+        except (EOFError, OSError):  # it died, perhaps halfway through a message
+            raise _WorkerDiedError from None
+        raise _WorkerDiedError  # its sentinel: the process ended without a word
+
     def close(self) -> None:
-        """Shut the worker pool down."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Stop the worker processes (each finishes what it runs)."""
+        for worker in self._workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+        for worker in list(self._workers):
+            worker.process.join(timeout=30)
+            self._discard(worker)
 
     def _terminate(self) -> None:
         """Stop the workers at once (Ctrl-C): tasks under way write by rename, so nothing is left half-done."""
-        if self._pool is None:
-            return
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.join(timeout=10)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = None
-
-
-def _submit(pool: ProcessPoolExecutor, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
-    """``pool.submit`` with workers started SIGINT-free; a pool broken meanwhile gives a failed future."""
-    try:
-        with _children_ignore_sigint():
-            return pool.submit(fn, *args)
-    except BrokenProcessPool as e:  # a worker died since the last wait: handled like a task that saw it
-        failed: Future[Any] = Future()
-        failed.set_exception(e)
-        return failed
+        for worker in self._workers:
+            worker.process.terminate()
+        for worker in list(self._workers):
+            self._discard(worker)
 
 
 class DaskExecutor:
