@@ -8,11 +8,13 @@ What it records, without replacing any part of the run:
 - ``rows``: the corpus rows of each micro-batch this process trained on, per step (the loop's DEBUG log);
 - ``writes``: every file this process opened for writing, renamed, replaced, created or removed under
   ``out`` (Python's audit events, which ``open``, ``torch.save``, ``os.rename``… raise);
-- ``metrics``, ``steps``, ``info``: what ``pretrain`` returned in this process.
+- ``metrics``, ``steps``, ``info``: what ``pretrain`` returned in this process;
+- ``ddp_alive``: ``DistributedDataParallel`` objects still in memory after it returned.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -71,7 +73,10 @@ def main() -> None:
             raise SystemExit(3)
 
     result = pretrain(spec["corpus"], spec["out"], progress=progress, **spec["settings"])
-    record.update({"metrics": result.metrics, "steps": result.steps, "info": result.info})
+    # a DistributedDataParallel wrapper still alive would hold the (destroyed) process group until the
+    # interpreter's exit, whose teardown of gloo's threads then aborts the process now and then
+    ddp = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+    record.update({"metrics": result.metrics, "steps": result.steps, "info": result.info, "ddp_alive": ddp})
     Path(f"{spec['out']}.rank{rank}.json").write_text(json.dumps(record))
 
 

@@ -201,6 +201,7 @@ def test_only_rank_0_writes_the_checkpoints_and_the_model(two_process_run: tuple
     out, records = two_process_run
     rank0, rank1 = records[0]["writes"], records[1]["writes"]
     assert rank1 == []  # process 1 created, opened for writing, renamed and removed nothing in the model folder
+    assert [r["ddp_alive"] for r in records] == [0, 0]  # released before the process group was left
     renames = [w for w in rank0 if w[0] == "os.rename" and w[1] == ".checkpoint.incomplete"]
     assert len(renames) == 3  # steps 4 and 8, and the end: each checkpoint written once
     assert ["open", "genecorpus_model.json"] in rank0 or any(w[1].endswith("genecorpus_model.json") for w in rank0)

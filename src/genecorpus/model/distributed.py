@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -186,8 +187,11 @@ def process_group(device: str | None = None) -> Iterator[tuple[Process, torch.de
     process, chosen = start_process_group(device)
     try:
         yield process, chosen
-    finally:
-        stop_process_group(process)
+    except BaseException:
+        stop_process_group(process)  # no barrier: the other processes may never get there
+        raise
+    barrier(process)  # every process is done with the group before any leaves it
+    stop_process_group(process)
 
 
 def _existing_process() -> tuple[Process, torch.device] | None:
@@ -236,11 +240,17 @@ def _native_stderr_kept_back() -> Iterator[_KeptBack]:
 
 
 def stop_process_group(process: Process) -> None:
-    """Leave the process group (if this process joined one); safe to call twice."""
+    """Leave the process group (if this process joined one); safe to call twice.
+
+    Objects that hold the group and are no longer referenced (a ``DistributedDataParallel`` wrapper sits
+    in reference cycles) are collected first: left to the interpreter's exit, gloo's threads would be torn
+    down with the interpreter half gone, which aborts the process (SIGABRT) after a run that went well.
+    """
     if not process.is_distributed:
         return
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 

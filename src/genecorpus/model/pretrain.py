@@ -349,7 +349,10 @@ def pretrain(
         with _deterministic_torch(enabled=torch_device.type == "cuda"):
             run = _Run(reader, out, settings, device=torch_device, process=process, resume=resume,
                        progress=progress, started=started)
-            return run.train()
+            try:
+                return run.train()
+            finally:  # DistributedDataParallel holds the process group: it goes first (stop_process_group)
+                del run.loss_module
 
 
 def _check_settings(s: PretrainSettings) -> None:
