@@ -36,8 +36,11 @@ def test_fold_combines_in_task_order(workers: int) -> None:
         assert got == [i**3 for i in range(11)]
         assert seen[0] == (0, 11) and seen[-1] == (11, 11)
         assert fold(ex, "t", pow, [], _append, initial=[]) == []
-        with pytest.raises(ZeroDivisionError):
+        with pytest.raises(ZeroDivisionError) as raised:
             fold(ex, "t", operator.truediv, [(1, 1), (1, 0), (2, 1)], _append, initial=[])
+        if workers > 1:  # the worker's traceback comes along as the cause
+            assert "ZeroDivisionError" in str(raised.value.__cause__)
+        assert fold(ex, "t", pow, tasks, _append, initial=[]) == [i**3 for i in range(11)]  # workers still serve
     finally:
         ex.close()
     assert fold(_MapOnly(), "t", pow, tasks, _append, initial=[]) == [i**3 for i in range(11)]
