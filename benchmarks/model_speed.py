@@ -42,11 +42,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from genecorpus.corpus import CorpusReader
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache"
@@ -124,25 +126,41 @@ def plain_pretrain(corpus: Path, args: argparse.Namespace, *, max_length: int) -
     model = BertForMaskedLM(bert_config(args.preset, tdict, max_positions=MAX_POSITIONS[tdict.layout().name]))
     model.set_attn_implementation("eager")
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.001)
-    rng = np.random.default_rng(0)
-    order = rng.permutation(reader.n_cells)
-    cells = tokens = 0
-    started = time.perf_counter()
-    for step in range(args.steps):
+    order = np.random.default_rng(0).permutation(reader.n_cells)
+
+    def batch_at(step: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         rows = order[step * args.batch_size:(step + 1) * args.batch_size]
         batch = mask_genes(pad_cells(reader.batch(rows), tdict, max_length=max_length), tdict,
                            np.random.default_rng([0, 1, step]))
-        out = model(input_ids=torch.from_numpy(batch.input_ids).to(device),
-                    attention_mask=torch.from_numpy(batch.attention_mask).to(device),
-                    labels=torch.from_numpy(batch.labels).to(device))
+        return len(rows), batch.input_ids, batch.attention_mask, batch.labels
+
+    return _plain_steps(model, batch_at, steps=args.steps, lr=1e-3, device=device)
+
+
+def _plain_steps(model: Any, batch_at: Callable[[int], tuple[int, np.ndarray, np.ndarray, np.ndarray]], *,
+                 steps: int, lr: float, device: Any) -> Rate:
+    """The plain loop's ``steps`` training steps: AdamW, clipping at 1, one batch per step.
+
+    ``batch_at(step)`` gives the step's cell count, ``input_ids``, ``attention_mask`` and ``labels``
+    (NumPy arrays); its reading and padding are timed with the step, as they are in ours.
+    """
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.001)
+    cells = tokens = 0
+    started = time.perf_counter()
+    for step in range(steps):
+        n_cells, input_ids, attention_mask, labels = batch_at(step)
+        out = model(input_ids=torch.from_numpy(input_ids).to(device),
+                    attention_mask=torch.from_numpy(attention_mask).to(device),
+                    labels=torch.from_numpy(labels).to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         float(out.loss.detach())  # waits for the device
-        cells += len(rows)
-        tokens += int(batch.attention_mask.sum())
+        cells += n_cells
+        tokens += int(attention_mask.sum())
     return Rate(cells, tokens, time.perf_counter() - started)
 
 
@@ -258,24 +276,14 @@ def plain_finetune(reader: CorpusReader, model_path: Path, rows: np.ndarray, y: 
     torch.manual_seed(0)
     model = BertForSequenceClassification.from_pretrained(model_path, num_labels=2, attn_implementation="eager")
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.001)
     order = np.random.default_rng(0).permutation(len(rows))
-    cells = tokens = 0
-    started = time.perf_counter()
-    for step in range(args.steps):
+
+    def batch_at(step: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         pick = order[(step * args.batch_size) % len(rows):][:args.batch_size]
         batch = pad_cells(reader.batch(rows[pick]), tdict, max_length=max_length)
-        out = model(input_ids=torch.from_numpy(batch.input_ids).to(device),
-                    attention_mask=torch.from_numpy(batch.attention_mask).to(device),
-                    labels=torch.from_numpy(y[pick]).to(device))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        float(out.loss.detach())  # waits for the device
-        cells += len(pick)
-        tokens += int(batch.attention_mask.sum())
-    return Rate(cells, tokens, time.perf_counter() - started)
+        return len(pick), batch.input_ids, batch.attention_mask, y[pick]
+
+    return _plain_steps(model, batch_at, steps=args.steps, lr=1e-4, device=device)
 
 
 MEASUREMENTS = {"pretrain": measure_pretrain, "embed": measure_embed, "finetune": measure_finetune}
