@@ -164,23 +164,30 @@ def _plain_steps(model: Any, batch_at: Callable[[int], tuple[int, np.ndarray, np
     return Rate(cells, tokens, time.perf_counter() - started)
 
 
-# ---------------------------------------------------------------- embed
-
-def measure_embed(corpus: Path, work: Path, args: argparse.Namespace) -> Comparison:
+def _random_model_folder(preset: str, tdict: Any, folder: Path) -> Path:
+    """A model folder of ``preset`` with seeded random weights (speed does not depend on the weights)."""
     import torch
     from transformers import BertForMaskedLM
 
-    from genecorpus.corpus import CorpusReader
     from genecorpus.model.bert import bert_config, save_model
+    from genecorpus.model.pretrain import MAX_POSITIONS
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(bert_config(preset, tdict, max_positions=MAX_POSITIONS[tdict.layout().name]))
+    return save_model(model, folder, tdict)
+
+
+# ---------------------------------------------------------------- embed
+
+def measure_embed(corpus: Path, work: Path, args: argparse.Namespace) -> Comparison:
+
+    from genecorpus.corpus import CorpusReader
     from genecorpus.model.embed import embed_corpus
     from genecorpus.model.pretrain import MAX_POSITIONS
 
     reader = CorpusReader.open(corpus)
     tdict = reader.token_dictionary
-    torch.manual_seed(0)
-    model_path = save_model(BertForMaskedLM(bert_config(args.preset, tdict,
-                                                        max_positions=MAX_POSITIONS[tdict.layout().name])),
-                            work / "embed-model", tdict)
+    model_path = _random_model_folder(args.preset, tdict, work / "embed-model")
     rows = np.sort(np.random.default_rng(0).choice(reader.n_cells, min(args.embed_cells, reader.n_cells),
                                                    replace=False))
     max_length = args.max_length or MAX_POSITIONS[tdict.layout().name]
@@ -226,20 +233,13 @@ def plain_embed(reader: CorpusReader, model_path: Path, rows: np.ndarray, args: 
 
 def measure_finetune(corpus: Path, work: Path, args: argparse.Namespace) -> Comparison:
     import pandas as pd
-    import torch
-    from transformers import BertForMaskedLM
 
     from genecorpus.corpus import CorpusReader
-    from genecorpus.model.bert import bert_config, save_model
     from genecorpus.model.finetune import finetune
-    from genecorpus.model.pretrain import MAX_POSITIONS
 
     reader = CorpusReader.open(corpus)
     tdict = reader.token_dictionary
-    torch.manual_seed(0)
-    start = save_model(BertForMaskedLM(bert_config(args.preset, tdict,
-                                                   max_positions=MAX_POSITIONS[tdict.layout().name])),
-                       work / "finetune-start", tdict)
+    start = _random_model_folder(args.preset, tdict, work / "finetune-start")
     # a two-class label every corpus has (speed does not depend on what is learnt): deeper or shallower cells
     labels = work / "depth-labels.csv"
     deep = reader.lengths > np.median(reader.lengths)
